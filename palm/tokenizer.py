@@ -199,7 +199,7 @@ def train(source: Source, vocab_size: int, path: str | os.PathLike, *,
                              f"needs at least {too_low[1]} (4 reserved ids, 256 byte pieces "
                              "and one piece per frequent character)") from e
         raise
-    _write_atomically(Path(path), model.getvalue())
+    write_atomically(path, model.getvalue())
     return Tokenizer(model.getvalue())
 
 
@@ -219,15 +219,16 @@ def _check_unicode(text: str) -> None:
                          f"index {e.start}") from None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     """Writes via a temporary file in the same directory, so readers never see half a file."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); the model is meant to be shared.
+        # mkstemp makes the file private (0600); models and shards are shared across users.
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
