@@ -10,15 +10,17 @@ The pipeline, one stage per section below:
    through a temporary file and `os.replace`, so an interrupted run never leaves a
    half-written shard under a valid name.
 2. `TokenStream`: a source's shards read back, lazily and memory-mapped, as one token
-   sequence: doc_0 EOS doc_1 EOS ... (PaLM section 3: "sequences are concatenated with a
-   special [eod] token", and examples never need padding).
+   sequence: doc_0 EOS doc_1 EOS ... As in PaLM (section 5, sequence length), examples are
+   concatenated with an end-of-document token between them and split into fixed-length
+   sequences, so there is no padding but a document may straddle two sequences.
 3. Packing: the stream is cut into consecutive, non-overlapping windows of seq_len + 1
    tokens (inputs are window[:-1], targets window[1:]), so every token lands in exactly one
    window, in order. The ragged tail (fewer than seq_len + 1 tokens) is dropped. The last
    `val_fraction` of each source's windows are the validation split, the rest train.
 4. `Loader`: each batch draws, per row, a source with the mixture weights from a
    counter-based RNG `default_rng([seed, step])`, then that source's next window in a
-   per-epoch shuffled order. Its state is just (step, windows consumed per source).
+   per-epoch shuffled order. Its state is just (step, windows consumed per source). The
+   shuffle materialises one permutation of each source's windows (8 bytes per window).
 """
 
 from __future__ import annotations
@@ -479,11 +481,12 @@ class Loader:
         mine = {"version": _STATE_VERSION, "seed": s.seed, "seq_len": s.seq_len,
                 "batch_size": s.batch_size}
         theirs = {k: state.get(k) for k in mine}
-        if theirs != mine or sorted(state["consumed"]) != sorted(s.names):
-            raise ValueError(f"state {theirs} with sources {sorted(state['consumed'])} does not "
-                             f"match this loader: {mine} with sources {sorted(s.names)}")
+        consumed = state.get("consumed", {})
+        if theirs != mine or sorted(consumed) != sorted(s.names):
+            raise ValueError(f"state {theirs} with sources {sorted(consumed)} does not match "
+                             f"this loader: {mine} with sources {sorted(s.names)}")
         self._stop()
-        self._cursor = (int(state["step"]), tuple(int(state["consumed"][n]) for n in s.names))
+        self._cursor = (int(state["step"]), tuple(int(consumed[n]) for n in s.names))
 
     def skip(self, n_batches: int) -> None:
         """Moves past the next n_batches without reading them (e.g. after a loss spike)."""

@@ -1,7 +1,8 @@
 """PaLM's lossless SentencePiece vocabulary (Chowdhery et al. 2022, section 2).
 
-The paper's vocabulary "preserves whitespace, splits out-of-vocabulary Unicode characters
-into UTF-8 bytes, and splits numbers into individual digit tokens". Here that means:
+The paper's vocabulary is lossless: it keeps whitespace (vital for code), splits Unicode
+characters outside the vocabulary into UTF-8 bytes, and splits numbers into one token per
+digit. Here that means:
 identity normalisation with no whitespace collapsing and no dummy prefix, whitespace-only
 pieces (so indentation gets its own tokens), `byte_fallback` (no unknown token is ever
 produced) and `split_digits`. The result is that `decode(encode(s)) == s` for every string.

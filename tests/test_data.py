@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from palm import data, tokenizer
@@ -81,7 +81,6 @@ def test_stdlib_corpus():
     assert data.stdlib_corpus(limit=5) == paths[:5]
 
 
-@settings(max_examples=15, deadline=None)
 @given(docs=st.lists(st.text(alphabet="ab cXY\n\t1😀", max_size=40), min_size=1, max_size=6),
        seq_len=st.integers(1, 12))
 def test_packing_puts_every_token_in_one_window_in_order(tok, docs, seq_len):
@@ -177,7 +176,6 @@ def test_mixture_weights_hold(tok, corpus):
     assert abs(counts["lower"] - 0.25 * n) < 5 * np.sqrt(n * 0.25 * 0.75)
 
 
-@settings(max_examples=8, deadline=None)
 @given(before=st.integers(0, 5), skip=st.integers(0, 30), prefetch=st.sampled_from([0, 1, 3]))
 def test_restore_and_skip_reproduce_the_stream(corpus, before, skip, prefetch):
     kwargs = dict(seq_len=8, batch_size=6, seed=11)
