@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import queue
 import sysconfig
@@ -297,9 +298,9 @@ def split_windows(n_tokens: int, seq_len: int, val_fraction: float) -> tuple[int
 
 
 def _check_batching(seq_len, batch_size, process_index, process_count):
-    if not (isinstance(seq_len, int) and seq_len >= 1):
+    if not (isinstance(seq_len, numbers.Integral) and seq_len >= 1):
         raise ValueError(f"{seq_len=} must be an integer >= 1")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
+    if not (isinstance(batch_size, numbers.Integral) and batch_size >= 1):
         raise ValueError(f"{batch_size=} must be an integer >= 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"{process_index=} must be in [0, {process_count=})")
@@ -425,6 +426,9 @@ class Loader:
     def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2):
         _check_batching(seq_len, batch_size, process_index, process_count)
+        if not (isinstance(seed, numbers.Integral) and seed >= 0):
+            # NumPy seed sequences take non-negative integers only.
+            raise ValueError(f"{seed=} must be an integer >= 0")
         names = tuple(corpus.streams)
         n_train = []
         for name in names:
@@ -442,9 +446,9 @@ class Loader:
             streams=tuple(corpus.streams[n] for n in names),
             probabilities=np.array([corpus.probabilities[n] for n in names], np.float64),
             n_train=tuple(n_train),
-            seq_len=seq_len,
-            batch_size=batch_size,
-            seed=seed,
+            seq_len=int(seq_len),
+            batch_size=int(batch_size),
+            seed=int(seed),
             rows=slice(process_index * rows, (process_index + 1) * rows),
         )
         self._cursor = (0, (0,) * len(names))

@@ -154,6 +154,9 @@ def train(source: Source, vocab_size: int, path: str | os.PathLike, *,
         FileNotFoundError: a path is missing or a glob matches nothing.
         ValueError: no paths, no text at all, or vocab_size outside what the corpus supports.
     """
+    if max_sentences < 1:
+        # SentencePiece reads 0 as "no limit"; a caller asking for 0 means something else.
+        raise ValueError(f"{max_sentences=} must be >= 1")
     counts = {"documents": 0}
 
     def sentences() -> Iterator[str]:

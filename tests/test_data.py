@@ -260,6 +260,8 @@ def test_bad_loader_arguments(corpus):
         data.Loader(corpus, seq_len=8, batch_size=8, process_count=3)
     with pytest.raises(ValueError, match="seq_len=0"):
         data.Loader(corpus, seq_len=0, batch_size=8)
+    with pytest.raises(ValueError, match="seed=-1"):
+        data.Loader(corpus, seq_len=8, batch_size=8, seed=-1)
     with pytest.raises(ValueError, match="process_index=2"):
         data.Loader(corpus, seq_len=8, batch_size=8, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="source 'lower' has .* fewer than one training window"):
