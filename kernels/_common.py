@@ -1,0 +1,75 @@
+"""What every kernel module shares: the `impl`/`interpret` front door and the f32 LayerNorm.
+
+Dimension key used across `kernels/` and `palm/`: B batch, T query positions, S key positions,
+D model width, H query heads, K head dim, F MLP hidden width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps `impl` to a concrete implementation name.
+
+    `auto` is `pallas_tpu` on TPU and `xla` everywhere else: the Pallas kernels only pay off
+    where they compile natively, and interpret mode on CPU is a correctness tool, not a path to
+    speed.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+
+
+def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:
+    """Looks a resolved Pallas `impl` up in a kernel's table, with an error naming what exists.
+
+    The `xla` reference twins are called directly by each front door: they take no `interpret`
+    or block sizes, which every Pallas entry in `table` does.
+    """
+    if impl not in table:
+        have = ", ".join(["xla", *sorted(table)])
+        raise NotImplementedError(f"{name}: impl={impl!r} is not implemented yet (have: {have})")
+    return table[impl]
+
+
+def resolve_interpret(interpret: Any, native_backend: str) -> Any:
+    """`None` means native where the backend can compile the kernel and interpret elsewhere.
+
+    Returns what `pl.pallas_call(interpret=...)` takes: False, True, or interpret params.
+    """
+    if interpret is None:
+        return jax.default_backend() != native_backend
+    return interpret
+
+
+def matmul_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, a, b)` accumulated in float32.
+
+    XLA:CPU has no bf16 x bf16 -> f32 dot ("Unsupported element type for DotThunk"), so on CPU
+    the operands are widened first. That changes no value: a product of two bf16 numbers is
+    exact in float32, so only the summation order can differ from the accelerator's result.
+    """
+    if jax.default_backend() == "cpu" and jnp.float32 not in (a.dtype, b.dtype):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def layer_norm_f32(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis without bias (PaLM section 2), in float32.
+
+    Statistics in float32 whatever the input dtype: bf16 has 8 mantissa bits, too few for a
+    variance over thousands of features.
+    """
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    return centered * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
