@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
@@ -40,13 +41,18 @@ def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -
     return table[impl]
 
 
-def resolve_interpret(interpret: Any, native_backend: str) -> Any:
-    """`None` means native where the backend can compile the kernel and interpret elsewhere.
+def tpu_interpret(interpret: Any) -> Any:
+    """What `pl.pallas_call(interpret=...)` gets for a Mosaic TPU kernel.
 
-    Returns what `pl.pallas_call(interpret=...)` takes: False, True, or interpret params.
+    None: native on TPU, interpreted elsewhere. True: always interpreted. False: always native
+    (e.g. to export for TPU from a CPU machine). Interpretation uses the TPU interpreter
+    (`pltpu.InterpretParams`), which simulates VMEM, DMAs and semaphores and so catches more
+    than the generic one; pass an `InterpretParams(detect_races=True)` to also check races.
     """
     if interpret is None:
-        return jax.default_backend() != native_backend
+        interpret = jax.default_backend() != "tpu"
+    if interpret is True:
+        return pltpu.InterpretParams()
     return interpret
 
 
