@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--impl", default="auto")
     fwd.add_argument("--seed", type=int, default=0)
     fwd.set_defaults(run=_forward)
+
+    from palm import train
+    trn = commands.add_parser("train", help="train a model (default: the demo on the standard library)")
+    train.add_arguments(trn)
+    trn.set_defaults(run=train.run)
     return parser
 
 

@@ -1,0 +1,72 @@
+"""Training checkpoints with orbax: the train state as arrays plus a JSON record beside it.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash
+mid-write never leaves a checkpoint that looks valid; the manager keeps the last few.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or does not match the run trying to use it."""
+
+
+class Checkpointer:
+    """Saves and restores {"state": pytree of arrays, "meta": JSON dict} by step."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Starts an asynchronous save; the training step goes on while it writes."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores step `step` into the structure, shapes and dtypes of `abstract_state`."""
+        self.wait()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 -- orbax raises many types for damaged files
+            raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: "
+                                  f"{type(e).__name__}: {e}") from e
+        return restored["state"], dict(restored["meta"])
+
+    def read_meta(self, step: int) -> dict:
+        self.wait()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read checkpoint step {step} in {self.directory}: "
+                                  f"{type(e).__name__}: {e}") from e
+        return dict(restored["meta"])
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs for a pytree of arrays, as restore wants them."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
