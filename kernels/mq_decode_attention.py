@@ -6,7 +6,8 @@ cheap (Pope et al. 2022).
 
 The Pallas TPU kernel (`mq_decode_attention_pallas_tpu`, kernel name `palm_mq_decode_fwd`)
 is inference only: there is no gradient (decoding never differentiates through the cache) and
-so no `custom_vjp`; `jax.grad` through it fails loudly rather than silently.
+so no `custom_vjp`. `jax.grad` through it raises NotImplementedError (pallas_call has no JVP for
+kernels with scalar-prefetch operands) rather than silently returning a wrong gradient.
 
 How it works
   * Grid (B, P, J): sequence b, split p of the cache ("flash decoding": the cache positions of
@@ -180,6 +181,21 @@ def _dot_f32(a: jax.Array, b: jax.Array, contract_b: int, interpreting: bool) ->
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _schedule(p, j, valid_tiles, per_split):
+    """What grid step (p, j) of a sequence does, given its valid_tiles and per_split counts.
+
+    Split p owns tiles [p * per_split, (p + 1) * per_split) of the valid ones, so the splits
+    share the work evenly whatever the length. Returns (tile, computes, fetched): the tile the
+    step works on, whether it works at all, and the block its index_map asks for. A step that
+    does not work asks for the block of the previous step (the split's last tile, or the last
+    valid tile), so the pipeline sees an unchanged block index and issues no DMA.
+    """
+    tile = p * per_split + j
+    computes = (j < per_split) & (tile < valid_tiles)
+    fetched = jnp.minimum(p * per_split + jnp.minimum(j, per_split - 1), valid_tiles - 1)
+    return tile, computes, fetched
+
+
 def _decode_kernel(lengths_ref, valid_tiles_ref, per_split_ref,  # scalar prefetch (SMEM) [B]
                    q_ref, k_ref, v_ref,  # [H, K], [bs, K], [bs, K]
                    *refs, block_s: int, scale: float, split: bool, interpreting: bool):
@@ -188,8 +204,8 @@ def _decode_kernel(lengths_ref, valid_tiles_ref, per_split_ref,  # scalar prefet
     else:
         o_ref, m_scratch, l_scratch, acc_scratch = refs
     b, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length, per_split = lengths_ref[b], per_split_ref[b]
-    tile = p * per_split + j
+    length = lengths_ref[b]
+    tile, computes, _ = _schedule(p, j, valid_tiles_ref[b], per_split_ref[b])
 
     @pl.when(j == 0)
     def _init():
@@ -199,7 +215,7 @@ def _decode_kernel(lengths_ref, valid_tiles_ref, per_split_ref,  # scalar prefet
 
     # Tiles past this split's share or past the last valid one: no work (and, via the index_map,
     # no DMA either).
-    @pl.when((j < per_split) & (tile < valid_tiles_ref[b]))
+    @pl.when(computes)
     def _step():
         start = tile * block_s
         s = _dot_f32(q_ref[...], k_ref[...], 1, interpreting) * scale  # [H, bs]
@@ -264,11 +280,7 @@ def mq_decode_attention_pallas_tpu(
     per_split = pl.cdiv(valid_tiles, splits)
 
     def cache_index(b, p, j, lengths_ref, valid_tiles_ref, per_split_ref):
-        # Past this split's share, repeat its last tile; past the last valid tile, repeat that
-        # one: an unchanged block index means the pipeline skips the copy.
-        per = per_split_ref[b]
-        tile = jnp.minimum(p * per + jnp.minimum(j, per - 1), valid_tiles_ref[b] - 1)
-        return b, tile, 0
+        return b, _schedule(p, j, valid_tiles_ref[b], per_split_ref[b])[2], 0
 
     split = splits > 1
     out_dtype = jnp.float32 if split else q.dtype

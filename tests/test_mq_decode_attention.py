@@ -1,0 +1,202 @@
+"""Pallas TPU multi-query decode attention against its reference, in TPU interpret mode.
+
+The kernel has no gradient (inference only), so there is no backward to check; jax.grad must
+refuse rather than return something.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+
+from conftest import assert_close
+from kernels.mq_decode_attention import (
+    BlockSizes,
+    _PALLAS,
+    _schedule,
+    mq_decode_attention,
+    mq_decode_attention_reference,
+    vmem_bytes,
+)
+from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
+
+pallas_tpu = _PALLAS["pallas_tpu"]
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _inputs(seed, batch, heads, seq_len, head_dim, dtype):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (batch, heads, head_dim), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (batch, seq_len, head_dim), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (batch, seq_len, head_dim), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def _races_found() -> bool:
+    """The TPU interpreter's race flag (private in jax 0.10; False if it moved)."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+    races = getattr(ipc, "races", None)
+    return bool(races is not None and races.races_found)
+
+
+@st.composite
+def _cases(draw):
+    seq_len = draw(st.integers(1, 70))
+    batch = draw(st.integers(1, 3))
+    edge = st.sampled_from([1, seq_len])
+    lengths = draw(st.lists(st.one_of(edge, st.integers(1, seq_len)), min_size=batch, max_size=batch))
+    return dict(
+        batch=batch,
+        heads=draw(st.integers(1, 5)),
+        seq_len=seq_len,
+        head_dim=draw(st.sampled_from([2, 4, 8, 16])),
+        dtype=draw(st.sampled_from(DTYPES)),
+        lengths=lengths,
+        # Small tiles (8..32 rows, rarely dividing S) so several tiles and splits happen.
+        block_sizes=BlockSizes(block_s=draw(st.sampled_from([8, 16, 24, 32])),
+                               num_splits=draw(st.integers(1, 3))),
+        sm_scale=draw(st.sampled_from([None, 0.3])),
+        races=draw(st.booleans()) and draw(st.booleans()),  # about a quarter of the cases
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@given(_cases())
+def test_matches_reference(case):
+    q, k, v = _inputs(case["seed"], case["batch"], case["heads"], case["seq_len"], case["head_dim"],
+                      case["dtype"])
+    lengths = jnp.asarray(case["lengths"], jnp.int32)
+    if case["races"]:
+        # Two simulated TensorCores share the parallel (B, split) points in random order.
+        interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2,
+                                          random_seed=case["seed"])
+    else:
+        interpret = True
+    out = pallas_tpu(q, k, v, lengths, sm_scale=case["sm_scale"], interpret=interpret,
+                     block_sizes=case["block_sizes"])
+    expected = mq_decode_attention_reference(q, k, v, lengths, sm_scale=case["sm_scale"])
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_close(out, expected, case["dtype"], what="decode attention")
+    if case["races"]:
+        assert not _races_found(), "the TPU interpreter found a data race"
+
+
+@given(st.integers(1, 200), st.sampled_from([8, 16, 128]), st.integers(1, 5), st.data())
+def test_schedule_fetches_and_computes_each_valid_tile_once(seq_len, block_s, splits, data):
+    """The index_map/compute schedule: every valid tile exactly once, no copy of anything else.
+
+    The pipeline copies a block when its index differs from the previous grid step's, so the
+    number of index changes is the number of DMAs. Checked for one sequence in grid order.
+    """
+    length = data.draw(st.integers(1, seq_len))
+    num_tiles = -(-seq_len // block_s)
+    splits = min(splits, num_tiles)
+    steps = -(-num_tiles // splits)
+    valid = -(-length // block_s)
+    per_split = -(-valid // splits)
+    computed, copies, previous, work = [], 0, None, [0] * splits
+    for p in range(splits):
+        for j in range(steps):
+            tile, computes, fetched = (int(x) for x in _schedule(p, j, valid, per_split))
+            assert 0 <= fetched < num_tiles
+            if fetched != previous:
+                copies += 1
+                assert computes, f"step ({p}, {j}) copies tile {fetched} but does no work"
+            if computes:
+                assert fetched == tile
+                computed.append(tile)
+                work[p] += 1
+            previous = fetched
+    assert sorted(computed) == list(range(valid))
+    assert copies == valid
+    assert max(work) == per_split  # the busiest split does no more than its even share
+
+
+def test_front_door_jit_and_garbage_beyond_length():
+    """Slots at or past a length may hold anything (here NaN): never read into the result."""
+    batch, heads, seq_len, head_dim = 3, 4, 40, 8
+    q, k, v = _inputs(1, batch, heads, seq_len, head_dim, jnp.float32)
+    lengths = jnp.array([1, 17, 40], jnp.int32)
+    expected = mq_decode_attention_reference(q, k, v, lengths)
+    beyond = jnp.arange(seq_len)[None, :, None] >= lengths[:, None, None]
+    k_bad, v_bad = jnp.where(beyond, jnp.nan, k), jnp.where(beyond, jnp.nan, v)
+    blocks = BlockSizes(block_s=16, num_splits=2)
+    fn = jax.jit(lambda q, k, v, n: mq_decode_attention(q, k, v, n, impl="pallas_tpu", interpret=True,
+                                                        block_sizes=blocks))
+    assert_close(fn(q, k_bad, v_bad, lengths), expected, jnp.float32, what="jit, NaN beyond length")
+    # Default tiles (one tile, one split at this size) through the front door, outside jit.
+    out = mq_decode_attention(q, k_bad, v_bad, lengths, impl="pallas_tpu", interpret=True)
+    assert_close(out, expected, jnp.float32, what="default blocks")
+
+
+def test_no_gradient():
+    q, k, v = _inputs(2, 1, 2, 16, 4, jnp.float32)
+    lengths = jnp.array([9], jnp.int32)
+    with pytest.raises(NotImplementedError):
+        jax.grad(lambda q: pallas_tpu(q, k, v, lengths, interpret=True).sum())(q)
+
+
+def test_bad_input():
+    q, k, v = _inputs(3, 2, 4, 16, 8, jnp.float32)
+    lengths = jnp.array([3, 16], jnp.int32)
+    for impl in ("xla", "pallas_tpu"):
+        call = lambda *a, **kw: mq_decode_attention(*a, impl=impl, interpret=True, **kw)  # noqa: E731
+        with pytest.raises(ValueError, match="q must be"):
+            call(q[0], k, v, lengths)
+        with pytest.raises(ValueError, match="k_cache must be"):
+            call(q, k[:, :, :4], v, lengths)
+        with pytest.raises(ValueError, match="v_cache must match"):
+            call(q, k, v[:, :8], lengths)
+        with pytest.raises(ValueError, match="lengths must be int"):
+            call(q, k, v, lengths.astype(jnp.float32))
+        with pytest.raises(ValueError, match="lengths must be int"):
+            call(q, k, v, lengths[:1])
+        with pytest.raises(ValueError, match=r"lengths must lie in \[1, S=16\]"):
+            call(q, k, v, jnp.array([0, 5], jnp.int32))
+        with pytest.raises(ValueError, match=r"lengths must lie in \[1, S=16\]"):
+            call(q, k, v, jnp.array([5, 17], jnp.int32))
+    with pytest.raises(ValueError, match="share a dtype"):
+        pallas_tpu(q.astype(jnp.bfloat16), k, v, lengths, interpret=True)
+    with pytest.raises(ValueError, match="block_sizes must be a BlockSizes"):
+        pallas_tpu(q, k, v, lengths, interpret=True, block_sizes=(8, 1))
+    for bad in (dict(block_s=0), dict(block_s=12), dict(block_s=8.0), dict(block_s=8, num_splits=0)):
+        with pytest.raises(ValueError, match="BlockSizes"):
+            BlockSizes(**bad)
+
+
+def test_defaults():
+    for heads in (16, 48):  # PaLM-8B, PaLM-540B
+        blocks = BlockSizes.get_default(2048, heads, 256, dtype=jnp.bfloat16, batch=8)
+        assert blocks == BlockSizes(block_s=1024, num_splits=1)
+        assert vmem_bytes(blocks, heads, 256, jnp.bfloat16) < 4 << 20
+        odd = BlockSizes.get_default(2048, heads, 256, dtype=jnp.bfloat16, batch=1)
+        assert odd.num_splits == 2 and vmem_bytes(odd, heads, 256, jnp.bfloat16) < 4 << 20
+    assert BlockSizes.get_default(2048, 16, 256, dtype=jnp.float32).block_s == 512
+    assert BlockSizes.get_default(20, 16, 256) == BlockSizes(block_s=24, num_splits=1)
+    assert hash(BlockSizes(128)) == hash(BlockSizes(128, 1))
+
+
+@pytest.mark.parametrize("heads", [16, 48], ids=["palm8b", "palm540b"])
+def test_export_for_tpu(heads):
+    """Real Mosaic lowering at PaLM shapes (B=8, S=2048, K=256, bf16) for every generation."""
+    batch, seq_len, head_dim = 8, 2048, 256
+
+    def args(b):
+        cache = jax.ShapeDtypeStruct((b, seq_len, head_dim), jnp.bfloat16)
+        return (jax.ShapeDtypeStruct((b, heads, head_dim), jnp.bfloat16), cache, cache,
+                jax.ShapeDtypeStruct((b,), jnp.int32))
+
+    def fn(q, k, v, lengths):
+        return mq_decode_attention(q, k, v, lengths, impl="pallas_tpu", interpret=False)
+
+    for generation in TPU_GENERATIONS:
+        text = export_for_tpu(fn, *args(batch), device_kind=generation)
+        assert mosaic_kernel_names(text) == ["palm_mq_decode_fwd"], generation
+    # Batch 1 defaults to two splits (the combine path) and lowers too.
+    text = export_for_tpu(fn, *args(1), device_kind="TPU v5p")
+    assert mosaic_kernel_names(text) == ["palm_mq_decode_fwd"]
