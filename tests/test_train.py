@@ -137,8 +137,8 @@ def test_non_finite_loss_is_a_spike():
 
 # --- Bad input through the command line: exit code 2 and a message. ---
 
-def cli(args, capsys):
-    code = main(["train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+def cli(args, capsys, preset="tiny"):
+    code = main(["train", "--preset", preset, "--steps", "2", "--batch-size", "2", "--seq-len", "16",
                  "--no-progress", *args])
     return code, capsys.readouterr().err
 
@@ -156,8 +156,9 @@ def test_empty_data_file(tmp_path, capsys):
 
 def test_vocabulary_larger_than_corpus(tmp_path, capsys):
     (tmp_path / "small.txt").write_text("just a few words\n" * 5)
-    code, err = cli(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "small.txt")], capsys)
-    assert code == 2 and "larger than this corpus supports" in err
+    code, err = cli(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "small.txt")], capsys,
+                    preset="demo")
+    assert code == 2 and "vocab_size=4096 is larger than this corpus supports" in err
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):
