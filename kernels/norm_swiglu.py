@@ -2,14 +2,35 @@
 
 PaLM (section 2) uses SwiGLU, `silu(h·w_gate) * (h·w_up)`; fused, the [.., 2F] pre-activations
 never reach HBM.
+
+Pallas TPU forward (`palm_norm_swiglu_fwd`). Rows are the flattened B*T axis (M). The grid is
+(M / bt, F / bf, D / bd) with D, the contraction, innermost: each step normalises an x tile
+[bt, bd] on the fly and adds its products with the w_gate and w_up tiles [bd, bf] into two
+float32 accumulators [bt, bf]; the last D step applies `silu(gate) * up` and writes h once.
+
+LayerNorm statistics: the wrapper computes each row's mean and 1/std in float32 (8 bytes per
+row, one XLA reduction over x) and the kernel normalises every D tile from them. The
+alternative, a full-D x row tile in VMEM, does not fit at PaLM-540B: D = 18432 bf16 rows cost
+36 KiB each, so even bt = 256 needs 9 MiB per buffer (18 MiB double-buffered) before any
+weight tile. Tiling D keeps VMEM independent of D, and re-normalising a tile is a few VPU ops
+per element against 2 * 2 * bf MXU flops, so recomputing it for every F tile is free.
+Statistics are computed exactly as `layer_norm_f32` does (mean, then the mean of squared
+deviations), so the kernel sees the reference's values.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import layer_norm_f32, matmul_f32, pallas_impl, resolve_impl
+from kernels import _tpu_matmul as tm
+from kernels._common import layer_norm_f32, matmul_f32, pallas_impl, resolve_impl, tpu_interpret
 
 
 def norm_swiglu_reference(
@@ -28,6 +49,53 @@ def norm_swiglu_reference(
     return (jax.nn.silu(gate) * up).astype(x.dtype)
 
 
+def norm_swiglu_reference_bwd(
+    x: jax.Array,  # [B, T, D]
+    norm_scale: jax.Array,  # [D]
+    w_gate: jax.Array,  # [D, F]
+    w_up: jax.Array,  # [D, F]
+    dh: jax.Array,  # [B, T, F]
+    *,
+    eps: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Hand-written backward of `norm_swiglu_reference` in plain jnp, step for step what the
+    Pallas backward does tile by tile; returns (dx, d_norm_scale, d_w_gate, d_w_up)."""
+    _check(x, norm_scale, w_gate, w_up)
+    b, t, d = x.shape
+    x2 = x.reshape(b * t, d)  # [M, D]
+    stats = _row_stats(x2, eps)  # [M, 2]
+    xn = ((x2.astype(jnp.float32) - stats[:, 0:1]) * stats[:, 1:2]
+          * norm_scale.astype(jnp.float32)).astype(x.dtype)  # [M, D]
+    gate = matmul_f32("MD,DF->MF", xn, w_gate)
+    up = matmul_f32("MD,DF->MF", xn, w_up)
+    d_gate, d_up = _swiglu_bwd(gate, up, dh.reshape(b * t, -1), x.dtype)  # [M, F] each
+    dxn = matmul_f32("MF,DF->MD", d_gate, w_gate) + matmul_f32("MF,DF->MD", d_up, w_up)
+    dw_gate = matmul_f32("MD,MF->DF", xn, d_gate).astype(w_gate.dtype)
+    dw_up = matmul_f32("MD,MF->DF", xn, d_up).astype(w_up.dtype)
+    dx, dscale = _layer_norm_bwd(x2, stats, norm_scale, dxn)
+    return dx.reshape(x.shape), dscale, dw_gate, dw_up
+
+
+def _swiglu_bwd(gate, up, dh, dtype):
+    """Cotangents of the float32 pre-activations of h = silu(gate) * up, rounded to `dtype` for
+    the matmuls that consume them. silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))."""
+    dh = dh.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate)
+    d_gate = dh * up * (sig * (1.0 + gate * (1.0 - sig)))
+    d_up = dh * (gate * sig)
+    return d_gate.astype(dtype), d_up.astype(dtype)
+
+
+def _layer_norm_bwd(x2, stats, norm_scale, dxn):
+    """dx [M, D] and d_norm_scale [D] from dxn, the float32 cotangent of LN(x) [M, D]."""
+    xhat = (x2.astype(jnp.float32) - stats[:, 0:1]) * stats[:, 1:2]
+    dscale = jnp.sum(dxn * xhat, axis=0)
+    g = dxn * norm_scale.astype(jnp.float32)  # cotangent of xhat
+    dx = stats[:, 1:2] * (g - jnp.mean(g, axis=-1, keepdims=True)
+                          - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    return dx.astype(x2.dtype), dscale.astype(norm_scale.dtype)
+
+
 def _check(x, norm_scale, w_gate, w_up) -> None:
     if x.ndim != 3:
         raise ValueError(f"norm_swiglu: x must be [B, T, D], got {x.shape=}")
@@ -38,8 +106,369 @@ def _check(x, norm_scale, w_gate, w_up) -> None:
         raise ValueError(f"norm_swiglu: norm_scale must be [D={d}], got {norm_scale.shape=}")
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the Pallas TPU kernels; rows are the flattened B*T axis.
+
+    Forward (`palm_norm_swiglu_fwd`): block_t rows x block_f hidden units per output tile,
+    block_d model features per contraction step. Backward: the three kernels share one tiling
+    (so operands are padded once): block_t_bwd rows, block_f_bwd hidden units, block_d_bwd
+    model features; each kernel contracts over a different one of them.
+    """
+
+    block_t: int = 512
+    block_f: int = 512
+    block_d: int = 512
+    block_t_bwd: int = 512
+    block_f_bwd: int = 512
+    block_d_bwd: int = 512
+
+    def __post_init__(self):
+        for name in ("block_t", "block_t_bwd"):
+            tm.check_multiple("BlockSizes", name, getattr(self, name), 8)
+        for name in ("block_f", "block_d", "block_f_bwd", "block_d_bwd"):
+            tm.check_multiple("BlockSizes", name, getattr(self, name), tm.LANE)
+
+    @classmethod
+    def get_default(cls, rows: int, d_model: int, d_ff: int, dtype=jnp.bfloat16) -> "BlockSizes":
+        """512-wide tiles (they divide every PaLM shape), shrunk to fit small shapes.
+
+        VMEM at the default (bf16): forward 6.5 MiB, backward kernels at most 8 MiB; see
+        `vmem_bytes`. Independent of D and F, so the same at PaLM-8B and PaLM-540B.
+        """
+        bt = tm.pick_block(rows, 512, tm.sublane(dtype))
+        bf = tm.pick_block(d_ff, 512, tm.LANE)
+        bd = tm.pick_block(d_model, 512, tm.LANE)
+        return cls(bt, bf, bd, bt, bf, bd)
+
+
+def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
+    """VMEM each kernel needs: double-buffered input and output tiles plus scratch.
+
+    Stats [bt, 2] and scale [1, bd] tiles are counted at their padded (8, 128) layout.
+    """
+    s = jnp.dtype(dtype).itemsize
+    bs = block_sizes
+
+    def stats(bt):  # [bt, 2] f32 pads to 128 lanes
+        return bt * tm.LANE * 4
+
+    def scale(bd):  # [1, bd] f32 pads to 8 sublanes
+        return 8 * bd * 4
+
+    bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
+    fwd = 2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + bt * bf * s) + 2 * bt * bf * 4
+    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
+    gates = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + bt * bf * s + 2 * bt * bf * s)
+             + 2 * bt * bf * 4)
+    dx = 2 * (2 * bt * bf * s + 2 * bd * bf * s + bt * bd * 4)
+    dw = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bt * bf * s + 2 * bd * bf * s)
+          + 2 * bd * bf * 4)
+    return {"fwd": fwd, "bwd_gates": gates, "bwd_dx": dx, "bwd_dw": dw}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The non-differentiable arguments of the custom_vjp, hashable as one static value."""
+
+    eps: float
+    block_sizes: BlockSizes
+    interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
+
+
+def _row_stats(x2: jax.Array, eps: float) -> jax.Array:
+    """float32 [M, 2]: each row's mean and 1/sqrt(var + eps), as `layer_norm_f32` computes them."""
+    xf = x2.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    centered = xf - mean
+    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    return jnp.concatenate([mean, jax.lax.rsqrt(var + eps)], axis=-1)
+
+
+def _normalised(x_ref, stats_ref, scale_ref):
+    """LN(x) for one [bt, bd] tile in float32: (x - mean) * rstd * scale, the reference's order."""
+    x = x_ref[...].astype(jnp.float32)
+    return (x - stats_ref[:, 0:1]) * stats_ref[:, 1:2] * scale_ref[...]
+
+
+def _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc):
+    """One contraction step: gate_acc += LN(x)·w_gate and up_acc += LN(x)·w_up over a D tile."""
+
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        gate_acc[...] = jnp.zeros_like(gate_acc)
+        up_acc[...] = jnp.zeros_like(up_acc)
+
+    # The reference rounds LN(x) to x's dtype before the matmuls; so does the kernel (and bf16
+    # operands are what the MXU runs at full rate).
+    xn = _normalised(x_ref, stats_ref, scale_ref).astype(wg_ref.dtype)
+    gate_acc[...] += jnp.dot(xn, wg_ref[...], preferred_element_type=jnp.float32)
+    up_acc[...] += jnp.dot(xn, wu_ref[...], preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, h_ref, gate_acc, up_acc):
+    _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc)
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _epilogue():
+        gate = gate_acc[...]
+        h_ref[...] = (gate * jax.nn.sigmoid(gate) * up_acc[...]).astype(h_ref.dtype)
+
+
+def _gate_up_in_specs(bt, bf, bd):
+    """BlockSpecs of (x, stats, scale, w_gate, w_up) on the grid (row tile, F tile, D tile)."""
+    return [
+        pl.BlockSpec((bt, bd), lambda i, j, k: (i, k)),  # x [M, D]
+        pl.BlockSpec((bt, 2), lambda i, j, k: (i, 0)),  # stats [M, 2]
+        pl.BlockSpec((1, bd), lambda i, j, k: (0, k)),  # scale [1, D]
+        pl.BlockSpec((bd, bf), lambda i, j, k: (k, j)),  # w_gate [D, F]
+        pl.BlockSpec((bd, bf), lambda i, j, k: (k, j)),  # w_up [D, F]
+    ]
+
+
+def _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd):
+    """Zero-pads rows to bt, D to bd and F to bf. Padded rows and features normalise to 0
+    (x, mean, rstd and scale are 0 there) and padded weights are 0, so nothing leaks."""
+    m, d = x2.shape
+    f = w_gate.shape[1]
+    mp, dp, fp = tm.round_up(m, bt), tm.round_up(d, bd), tm.round_up(f, bf)
+    scale = tm.pad2(norm_scale.astype(jnp.float32)[None, :], 1, dp)
+    return (tm.pad2(x2, mp, dp), tm.pad2(stats, mp, 2), scale,
+            tm.pad2(w_gate, dp, fp), tm.pad2(w_up, dp, fp))
+
+
+def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.Array:
+    """h [M, F] = silu(LN(x)·w_gate) * (LN(x)·w_up) by the forward kernel."""
+    bs = settings.block_sizes
+    bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
+    m, f = x2.shape[0], w_gate.shape[1]
+    xp, sp, scp, wgp, wup = _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd)
+    mp, dp = xp.shape
+    fp = wgp.shape[1]
+    nt, nf, nd = mp // bt, fp // bf, dp // bd
+    s = x2.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=4 * mp * dp * fp + 4 * mp * fp,
+        transcendentals=mp * fp,
+        # x, stats and scale are re-read for every F tile, the weights for every row tile.
+        bytes_accessed=(mp * dp * s + mp * 8 + dp * 4 * nt) * nf + 2 * dp * fp * s * nt + mp * fp * s)
+    with jax.named_scope(f"palm_norm_swiglu_fwd bt={bt} bf={bf} bd={bd}"):
+        h = pl.pallas_call(
+            _fwd_kernel,
+            out_shape=jax.ShapeDtypeStruct((mp, fp), x2.dtype),
+            grid=(nt, nf, nd),
+            in_specs=_gate_up_in_specs(bt, bf, bd),
+            out_specs=pl.BlockSpec((bt, bf), lambda i, j, k: (i, j)),
+            scratch_shapes=[pltpu.VMEM((bt, bf), jnp.float32), pltpu.VMEM((bt, bf), jnp.float32)],
+            compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+            cost_estimate=cost,
+            interpret=settings.interpret,
+            name="palm_norm_swiglu_fwd",
+        )(xp, sp, scp, wgp, wup)
+    return h[:m, :f]
+
+
+def _bwd_gates_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, dh_ref, dgate_ref, dup_ref,
+                      gate_acc, up_acc):
+    """Recomputes gate and up for one [bt, bf] tile (as the forward does) and turns dh into
+    their cotangents in the epilogue, so the pre-activations never exist in HBM."""
+    _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc)
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _epilogue():
+        d_gate, d_up = _swiglu_bwd(gate_acc[...], up_acc[...], dh_ref[...], dgate_ref.dtype)
+        dgate_ref[...] = d_gate
+        dup_ref[...] = d_up
+
+
+def _bwd_dx_kernel(dgate_ref, dup_ref, wg_ref, wu_ref, dxn_ref):
+    """dxn [bt, bd] += d_gate·w_gateᵀ + d_up·w_upᵀ over F tiles, straight into the f32 output."""
+
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        dxn_ref[...] = jnp.zeros_like(dxn_ref)
+
+    dxn_ref[...] += (
+        jax.lax.dot_general(dgate_ref[...], wg_ref[...], tm.NT_DIMS, preferred_element_type=jnp.float32)
+        + jax.lax.dot_general(dup_ref[...], wu_ref[...], tm.NT_DIMS, preferred_element_type=jnp.float32))
+
+
+def _bwd_dw_kernel(x_ref, stats_ref, scale_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_acc):
+    """d_w_gate and d_w_up [bd, bf] += LN(x)ᵀ·d_gate and LN(x)ᵀ·d_up over row tiles; LN(x) is
+    rebuilt from x and the statistics, read once for both weights."""
+
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        dwg_acc[...] = jnp.zeros_like(dwg_acc)
+        dwu_acc[...] = jnp.zeros_like(dwu_acc)
+
+    # Transposed in float32 (the 32-bit transpose is Mosaic's best-supported case), then rounded
+    # to the operand dtype as in the forward.
+    xn_t = _normalised(x_ref, stats_ref, scale_ref).T.astype(dgate_ref.dtype)  # [bd, bt]
+    dwg_acc[...] += jnp.dot(xn_t, dgate_ref[...], preferred_element_type=jnp.float32)
+    dwu_acc[...] += jnp.dot(xn_t, dup_ref[...], preferred_element_type=jnp.float32)
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _epilogue():
+        dwg_ref[...] = dwg_acc[...].astype(dwg_ref.dtype)
+        dwu_ref[...] = dwu_acc[...].astype(dwu_ref.dtype)
+
+
+def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: _Settings):
+    """d_gate, d_up [Mp, Fp] in x's dtype; grid (row tile, F tile, D tile) as the forward."""
+    bs = settings.block_sizes
+    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
+    (mp, dp), fp, s = xp.shape, wgp.shape[1], xp.dtype.itemsize
+    nt, nf, nd = mp // bt, fp // bf, dp // bd
+    cost = pl.CostEstimate(
+        flops=4 * mp * dp * fp + 10 * mp * fp,
+        transcendentals=mp * fp,
+        bytes_accessed=((mp * dp * s + mp * 8 + dp * 4 * nt) * nf + 2 * dp * fp * s * nt
+                        + 3 * mp * fp * s))
+    tile = pl.BlockSpec((bt, bf), lambda i, j, k: (i, j))
+    return pl.pallas_call(
+        _bwd_gates_kernel,
+        out_shape=[jax.ShapeDtypeStruct((mp, fp), xp.dtype)] * 2,
+        grid=(nt, nf, nd),
+        in_specs=[*_gate_up_in_specs(bt, bf, bd), tile],
+        out_specs=[tile, tile],
+        scratch_shapes=[pltpu.VMEM((bt, bf), jnp.float32), pltpu.VMEM((bt, bf), jnp.float32)],
+        compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+        cost_estimate=cost,
+        interpret=settings.interpret,
+        name="palm_norm_swiglu_bwd_gates",
+    )(xp, sp, scp, wgp, wup, dhp)
+
+
+def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: _Settings):
+    """dxn float32 [Mp, Dp], the cotangent of LN(x); grid (row tile, D tile, F tile)."""
+    bs = settings.block_sizes
+    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
+    (mp, fp), dp, s = d_gate.shape, wgp.shape[0], d_gate.dtype.itemsize
+    nt, nd, nf = mp // bt, dp // bd, fp // bf
+    cost = pl.CostEstimate(
+        flops=4 * mp * dp * fp,
+        transcendentals=0,
+        bytes_accessed=2 * mp * fp * s * nd + 2 * dp * fp * s * nt + mp * dp * 4)
+    act = pl.BlockSpec((bt, bf), lambda i, j, k: (i, k))
+    weight = pl.BlockSpec((bd, bf), lambda i, j, k: (j, k))
+    return pl.pallas_call(
+        _bwd_dx_kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, dp), jnp.float32),
+        grid=(nt, nd, nf),
+        in_specs=[act, act, weight, weight],
+        out_specs=pl.BlockSpec((bt, bd), lambda i, j, k: (i, j)),
+        compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+        cost_estimate=cost,
+        interpret=settings.interpret,
+        name="palm_norm_swiglu_bwd_dx",
+    )(d_gate, d_up, wgp, wup)
+
+
+def _bwd_dw_call(xp, sp, scp, d_gate, d_up, settings: _Settings):
+    """d_w_gate, d_w_up [Dp, Fp] in the weights' dtype; grid (D tile, F tile, row tile)."""
+    bs = settings.block_sizes
+    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
+    (mp, dp), fp, s = xp.shape, d_gate.shape[1], xp.dtype.itemsize
+    nd, nf, nt = dp // bd, fp // bf, mp // bt
+    cost = pl.CostEstimate(
+        flops=4 * mp * dp * fp,
+        transcendentals=0,
+        bytes_accessed=((mp * dp * s + mp * 8) * nf + dp * 4 * nf + 2 * mp * fp * s * nd
+                        + 2 * dp * fp * s))
+    act = pl.BlockSpec((bt, bf), lambda i, j, k: (k, j))
+    out = pl.BlockSpec((bd, bf), lambda i, j, k: (i, j))
+    return pl.pallas_call(
+        _bwd_dw_kernel,
+        out_shape=[jax.ShapeDtypeStruct((dp, fp), xp.dtype)] * 2,
+        grid=(nd, nf, nt),
+        in_specs=[
+            pl.BlockSpec((bt, bd), lambda i, j, k: (k, i)),  # x [Mp, Dp]
+            pl.BlockSpec((bt, 2), lambda i, j, k: (k, 0)),  # stats [Mp, 2]
+            pl.BlockSpec((1, bd), lambda i, j, k: (0, i)),  # scale [1, Dp]
+            act, act],
+        out_specs=[out, out],
+        scratch_shapes=[pltpu.VMEM((bd, bf), jnp.float32), pltpu.VMEM((bd, bf), jnp.float32)],
+        compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+        cost_estimate=cost,
+        interpret=settings.interpret,
+        name="palm_norm_swiglu_bwd_dw",
+    )(xp, sp, scp, d_gate, d_up)
+
+
+def _check_pallas(x, norm_scale, w_gate, w_up, block_sizes) -> BlockSizes:
+    """The reference's shape checks plus what the kernels need; returns the block sizes."""
+    _check(x, norm_scale, w_gate, w_up)
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"norm_swiglu: x must be float32 or bfloat16, got {x.dtype=}")
+    if w_gate.dtype != x.dtype or w_up.dtype != x.dtype:
+        raise ValueError(f"norm_swiglu: weights must have x's dtype {x.dtype}, got "
+                         f"{w_gate.dtype=} {w_up.dtype=}")
+    if not jnp.issubdtype(norm_scale.dtype, jnp.floating):
+        raise ValueError(f"norm_swiglu: norm_scale must be floating, got {norm_scale.dtype=}")
+    b, t, d = x.shape
+    if block_sizes is None:
+        return BlockSizes.get_default(b * t, d, w_gate.shape[1], x.dtype)
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"norm_swiglu: block_sizes must be a norm_swiglu.BlockSizes, got {block_sizes!r}")
+    rows = tm.sublane(x.dtype)
+    if block_sizes.block_t % rows or block_sizes.block_t_bwd % rows:
+        raise ValueError(f"norm_swiglu: {x.dtype} row tiles must be multiples of {rows}, got {block_sizes}")
+    return block_sizes
+
+
+def norm_swiglu_pallas_tpu(
+    x: jax.Array,  # [B, T, D]
+    norm_scale: jax.Array,  # [D]
+    w_gate: jax.Array,  # [D, F]
+    w_up: jax.Array,  # [D, F]
+    *,
+    eps: float,
+    interpret=None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """The Pallas TPU implementation of `norm_swiglu` (see the module docstring)."""
+    block_sizes = _check_pallas(x, norm_scale, w_gate, w_up, block_sizes)
+    settings = _Settings(float(eps), block_sizes, tpu_interpret(interpret))
+    return _norm_swiglu(x, norm_scale, w_gate, w_up, settings)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _norm_swiglu(x, norm_scale, w_gate, w_up, settings: _Settings):
+    return _norm_swiglu_fwd(x, norm_scale, w_gate, w_up, settings)[0]
+
+
+def _norm_swiglu_fwd(x, norm_scale, w_gate, w_up, settings: _Settings):
+    """Saves the inputs and 8 bytes of LayerNorm statistics per row, never gate or up."""
+    b, t, d = x.shape
+    x2 = x.reshape(b * t, d)  # [M, D]
+    stats = _row_stats(x2, settings.eps)  # [M, 2]
+    h = _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings)
+    return h.reshape(b, t, -1), (x, norm_scale, w_gate, w_up, stats)  # h [B, T, F]
+
+
+def _norm_swiglu_bwd(settings: _Settings, residuals, dh):
+    x, norm_scale, w_gate, w_up, stats = residuals
+    b, t, d = x.shape
+    m, f = b * t, w_gate.shape[1]
+    bs = settings.block_sizes
+    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
+    xp, sp, scp, wgp, wup = _padded_operands(x.reshape(m, d), stats, norm_scale, w_gate, w_up,
+                                             bt, bf, bd)
+    dhp = tm.pad2(dh.reshape(m, f).astype(x.dtype), xp.shape[0], wgp.shape[1])
+    with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
+        d_gate, d_up = _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings)  # [Mp, Fp] each
+        dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
+        dw_gate, dw_up = _bwd_dw_call(xp, sp, scp, d_gate, d_up, settings)  # [Dp, Fp] each
+        dx, dscale = _layer_norm_bwd(x.reshape(m, d), stats, norm_scale, dxn)
+    return dx.reshape(x.shape), dscale, dw_gate[:d, :f], dw_up[:d, :f]
+
+
+_norm_swiglu.defvjp(_norm_swiglu_fwd, _norm_swiglu_bwd)
+
+
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {}
+_PALLAS = {"pallas_tpu": norm_swiglu_pallas_tpu}
 
 
 def norm_swiglu(
