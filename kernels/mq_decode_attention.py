@@ -50,8 +50,10 @@ plus scratch and the [H, bs] float32 logits/probabilities)
     the per-grid-step overhead (~0.35 us) below the tile's DMA time on all generations.
   * PaLM-8B (H=16, K=256, bf16, bs=1024): k, v 2 x 2 x 512 KiB = 2 MiB; q, o 2 x 2 x 8 KiB;
     acc 16 KiB; m, l 2 x 8 KiB (lane-padded); logits, probabilities 2 x 64 KiB: ~2.2 MiB.
+    (Estimates from `vmem_bytes`; Mosaic's own temporaries are not modelled.)
   * PaLM-540B (H=48, K=256, bf16, bs=1024): 2 MiB + q, o 2 x 2 x 24 KiB (o float32 when split:
-    +48 KiB) + acc 48 KiB + m, l 2 x 24 KiB + logits, probabilities 2 x 192 KiB: ~2.7 MiB.
+    +48 KiB) + acc 48 KiB + m, l 2 x 24 KiB + logits, probabilities 2 x 192 KiB: ~2.6 MiB
+    (2.7 MiB split).
   Both far inside the 16 MiB default scoped VMEM of v4/v5e; `vmem_bytes` computes it.
 """
 

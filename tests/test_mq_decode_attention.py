@@ -117,21 +117,28 @@ def test_schedule_fetches_and_computes_each_valid_tile_once(seq_len, block_s, sp
     assert max(work) == per_split  # the busiest split does no more than its even share
 
 
+def _poison_beyond(cache, lengths):
+    beyond = jnp.arange(cache.shape[1])[None, :, None] >= lengths[:, None, None]
+    return jnp.where(beyond, jnp.nan, cache)
+
+
 def test_front_door_jit_and_garbage_beyond_length():
     """Slots at or past a length may hold anything (here NaN): never read into the result."""
-    batch, heads, seq_len, head_dim = 3, 4, 40, 8
-    q, k, v = _inputs(1, batch, heads, seq_len, head_dim, jnp.float32)
+    q, k, v = _inputs(1, 3, 4, 40, 8, jnp.float32)
     lengths = jnp.array([1, 17, 40], jnp.int32)
     expected = mq_decode_attention_reference(q, k, v, lengths)
-    beyond = jnp.arange(seq_len)[None, :, None] >= lengths[:, None, None]
-    k_bad, v_bad = jnp.where(beyond, jnp.nan, k), jnp.where(beyond, jnp.nan, v)
     blocks = BlockSizes(block_s=16, num_splits=2)
     fn = jax.jit(lambda q, k, v, n: mq_decode_attention(q, k, v, n, impl="pallas_tpu", interpret=True,
                                                         block_sizes=blocks))
-    assert_close(fn(q, k_bad, v_bad, lengths), expected, jnp.float32, what="jit, NaN beyond length")
-    # Default tiles (one tile, one split at this size) through the front door, outside jit.
-    out = mq_decode_attention(q, k_bad, v_bad, lengths, impl="pallas_tpu", interpret=True)
-    assert_close(out, expected, jnp.float32, what="default blocks")
+    out = fn(q, _poison_beyond(k, lengths), _poison_beyond(v, lengths), lengths)
+    assert_close(out, expected, jnp.float32, what="jit, NaN beyond length")
+    # Default tiles (one tile of S rows at this size) through the front door, outside jit, bf16.
+    q, k, v = _inputs(2, 3, 16, 300, 128, jnp.bfloat16)
+    lengths = jnp.array([300, 1, 129], jnp.int32)
+    expected = mq_decode_attention_reference(q, k, v, lengths)
+    out = mq_decode_attention(q, _poison_beyond(k, lengths), _poison_beyond(v, lengths), lengths,
+                              impl="pallas_tpu", interpret=True)
+    assert_close(out, expected, jnp.bfloat16, what="default blocks, bf16")
 
 
 def test_no_gradient():
