@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k rope -x"`.
+# Extra arguments, e.g. `make test PYTEST_ARGS="-k rope -x"`, `make train TRAIN_ARGS="--steps 50"`.
 PYTEST_ARGS ?=
+TRAIN_ARGS ?=
 
 .PHONY: test train bench venv clean
 
@@ -19,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The demo: ~5M parameters on the standard library's source, a few minutes on 2 CPU cores.
+# Each run gets a fresh directory; the tokenizer and token shards are reused across runs.
 train: venv
-	$(PY) -m palm forward --preset demo
+	$(PY) -m palm train --preset demo --out runs/demo-$$(date +%Y%m%d-%H%M%S) \
+	  --tokenizer runs/demo-tokenizer.model --cache-dir runs/cache --warmup-steps 20 $(TRAIN_ARGS)
 
 bench: venv
 	$(PY) -m pytest bench --benchmark-only
