@@ -4,7 +4,7 @@ Every public kernel takes `impl="auto" | "xla" | "pallas_tpu" | "pallas_gpu"` an
 `interpret=None | False | True | params`; see `kernels._common.resolve_impl`.
 """
 
-from kernels._common import IMPLS, resolve_impl
+from kernels._common import IMPLS, resolve_impl, target_backend
 from kernels.block_out import block_out, block_out_reference
 from kernels.mq_decode_attention import mq_decode_attention, mq_decode_attention_reference
 from kernels.mq_flash_attention import mq_flash_attention, mq_flash_attention_reference
@@ -15,6 +15,7 @@ from kernels.rope import rope, rope_reference
 __all__ = [
     "IMPLS",
     "resolve_impl",
+    "target_backend",
     "block_out",
     "block_out_reference",
     "mq_decode_attention",

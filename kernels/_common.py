@@ -6,6 +6,8 @@ D model width, H query heads, K head dim, F MLP hidden width, V vocabulary, L la
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Callable, Mapping
 
 import jax
@@ -13,6 +15,29 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+_target = threading.local()
+
+
+@contextlib.contextmanager
+def target_backend(backend: str):
+    """Resolves `impl="auto"` and `interpret=None` as if running on `backend` ("tpu", "gpu").
+
+    For ahead-of-time export from another host: `jax.export.export(..., platforms=["tpu"])`
+    on a CPU machine inside `with target_backend("tpu"):` lowers the Mosaic kernels natively
+    instead of tracing them in interpret mode.
+    """
+    previous = getattr(_target, "backend", None)
+    _target.backend = backend
+    try:
+        yield
+    finally:
+        _target.backend = previous
+
+
+def current_backend() -> str:
+    """The backend kernels are traced for: `target_backend`'s, else JAX's default."""
+    return getattr(_target, "backend", None) or jax.default_backend()
 
 
 def resolve_impl(impl: str) -> str:
@@ -26,7 +51,7 @@ def resolve_impl(impl: str) -> str:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
-    return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+    return "pallas_tpu" if current_backend() == "tpu" else "xla"
 
 
 def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:
@@ -50,7 +75,7 @@ def tpu_interpret(interpret: Any) -> Any:
     than the generic one; pass an `InterpretParams(detect_races=True)` to also check races.
     """
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = current_backend() != "tpu"
     if interpret is True:
         return pltpu.InterpretParams()
     return interpret
@@ -63,7 +88,7 @@ def matmul_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     the operands are widened first. That changes no value: a product of two bf16 numbers is
     exact in float32, so only the summation order can differ from the accelerator's result.
     """
-    if jax.default_backend() == "cpu" and jnp.float32 not in (a.dtype, b.dtype):
+    if current_backend() == "cpu" and jnp.float32 not in (a.dtype, b.dtype):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
