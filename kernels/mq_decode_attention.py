@@ -105,9 +105,10 @@ def _check(q, k_cache, v_cache, lengths) -> None:
 
 def _check_lengths(lengths: jax.Array, seq_len: int) -> None:
     """1 <= lengths <= S where the values are known (outside jit); traced lengths can't be checked."""
-    if isinstance(lengths, jax.core.Tracer):
+    try:
+        values = np.asarray(lengths)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return
-    values = np.asarray(lengths)
     if values.size and (values.min() < 1 or values.max() > seq_len):
         raise ValueError(
             f"mq_decode_attention: lengths must lie in [1, S={seq_len}], got min {values.min()} "
@@ -364,8 +365,8 @@ def mq_decode_attention(
     """
     impl = resolve_impl(impl)
     if impl == "xla":
-        if hasattr(lengths, "shape") and k_cache.ndim == 3:
-            _check_lengths(lengths, k_cache.shape[1])
+        _check(q, k_cache, v_cache, lengths)
+        _check_lengths(lengths, k_cache.shape[1])
         return mq_decode_attention_reference(q, k_cache, v_cache, lengths, sm_scale=sm_scale)
     fn = pallas_impl("mq_decode_attention", impl, _PALLAS)
     return fn(q, k_cache, v_cache, lengths, sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)
