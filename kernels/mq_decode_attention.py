@@ -257,8 +257,9 @@ def mq_decode_attention_pallas_tpu(
 ) -> jax.Array:
     """Pallas TPU decode attention; same arguments and result as the reference. No gradient.
 
-    Under jit the lengths cannot be checked; they are clipped to [0, S] for the tile indices so
-    that no DMA leaves the cache (a length of 0 gives NaN, like the reference).
+    Under jit the lengths cannot be checked; they are clipped to [0, S] so that no DMA leaves the
+    cache and no row past S enters the softmax. A length above S then means S and a length of 0
+    gives NaN, both as in the reference.
     """
     _check(q, k_cache, v_cache, lengths)
     if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
@@ -278,8 +279,8 @@ def mq_decode_attention_pallas_tpu(
     num_tiles = pl.cdiv(seq_len, block_s)
     splits = min(block_sizes.num_splits, num_tiles)
     steps = pl.cdiv(num_tiles, splits)  # static extent; each sequence uses per_split[b] <= steps
-    lengths = lengths.astype(jnp.int32)
-    valid_tiles = jnp.clip(pl.cdiv(jnp.clip(lengths, 0, seq_len), block_s), 1, num_tiles)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, seq_len)
+    valid_tiles = jnp.clip(pl.cdiv(lengths, block_s), 1, num_tiles)
     per_split = pl.cdiv(valid_tiles, splits)
 
     def cache_index(b, p, j, lengths_ref, valid_tiles_ref, per_split_ref):
