@@ -1,0 +1,169 @@
+"""kernels.rope: the Pallas TPU kernel (TPU interpret mode) against rope_reference.
+
+Each hypothesis example compiles one jitted program holding the kernel's forward through
+jax.vjp, its backward and the reference: compiling dominates interpret-mode cost, so the plain
+forward (the custom_vjp's primal path) is checked once, in the two-core test.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+
+from conftest import assert_close
+from kernels.rope import BlockSizes, rope, rope_reference, vmem_bytes
+from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
+
+# PaLM-8B and PaLM-540B per-chip shapes: queries [B, T, H, K] and the shared key head [B, T, K].
+PALM_SHAPES = {
+    "8b_q": (1, 2048, 16, 256),
+    "8b_k": (1, 2048, 256),
+    "540b_q": (1, 2048, 48, 256),
+    "540b_k": (1, 2048, 256),
+}
+
+
+def _races_found() -> bool:
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+    return bool(ipc.races is not None and ipc.races.races_found)
+
+
+@st.composite
+def rope_cases(draw):
+    b = draw(st.integers(1, 3))
+    t = draw(st.integers(1, 40))
+    k = 2 * draw(st.integers(1, 32))  # every even K from 2 to 64
+    four_d = draw(st.booleans())
+    shape = (b, t, draw(st.integers(1, 5)), k) if four_d else (b, t, k)
+    blocks = BlockSizes(
+        block_t=draw(st.sampled_from([8, 16, 24])), block_h=draw(st.integers(1, 4)),
+        block_t_bwd=draw(st.sampled_from([8, 16, 24])), block_h_bwd=draw(st.integers(1, 4)))
+    return dict(
+        shape=shape,
+        dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
+        blocks=draw(st.sampled_from([None, blocks, blocks])),  # mostly several grid steps
+        max_pos=draw(st.sampled_from([8, 2048, 40000])),
+        base=draw(st.sampled_from([10000.0, 500.0])),
+        races=draw(st.sampled_from([False, False, True])),  # race detection for a third
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@given(rope_cases())
+def test_rope_matches_reference(case):
+    shape, dtype = case["shape"], case["dtype"]
+    kx, kp, kg = jax.random.split(jax.random.key(case["seed"]), 3)
+    x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+    positions = jax.random.randint(kp, shape[:2], 0, case["max_pos"], jnp.int32)
+    cotangent = jax.random.normal(kg, shape, jnp.float32).astype(dtype)
+    interpret = pltpu.InterpretParams(detect_races=True) if case["races"] else True
+    base = case["base"]
+
+    def kernel(x):
+        return rope(x, positions, base=base, impl="pallas_tpu", interpret=interpret,
+                    block_sizes=case["blocks"])
+
+    def weighted(x, g):  # the reference's gradient target: a cotangent-weighted sum
+        out = rope_reference(x, positions, base=base)
+        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32))
+
+    @jax.jit  # one compile for kernel and reference: compiling dominates the test's time
+    def run(x, g):
+        out, vjp = jax.vjp(kernel, x)
+        return out, vjp(g)[0], rope_reference(x, positions, base=base), jax.grad(weighted)(x, g)
+
+    out, dx, expected, expected_dx = run(x, cotangent)
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert_close(out, expected, dtype, what="forward through vjp")
+    assert_close(dx, expected_dx, dtype, what="dx")
+    if case["races"]:
+        assert not _races_found(), "TPU interpreter reported a data race"
+
+
+def test_forward_on_two_cores_without_races():
+    """The plain forward (custom_vjp primal path) with the "parallel" grid axes split over two
+    simulated TensorCores: the cos/sin scratch must not leak between cores or head blocks."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 5, 16), jnp.bfloat16)
+    positions = jnp.arange(18, dtype=jnp.int32).reshape(2, 9) * 97
+    blocks = BlockSizes(block_t=8, block_h=2, block_t_bwd=8, block_h_bwd=2)
+    out = rope(x, positions, impl="pallas_tpu", block_sizes=blocks,
+               interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2))
+    assert_close(out, rope_reference(x, positions), jnp.bfloat16, what="forward")
+    assert not _races_found(), "TPU interpreter reported a data race"
+
+
+def test_block_sizes_default_and_validation():
+    q8 = BlockSizes.get_default(PALM_SHAPES["8b_q"], jnp.bfloat16)
+    assert (q8.block_t, q8.block_h) == (128, 16)
+    q540 = BlockSizes.get_default(PALM_SHAPES["540b_q"], jnp.bfloat16)
+    assert (q540.block_t, q540.block_h) == (32, 48)
+    assert BlockSizes.get_default((3, 1, 5, 4), jnp.float32).block_t == 8  # T=1 (decoding)
+    hash(q8)  # static argument
+    for name, shape in PALM_SHAPES.items():
+        blocks = BlockSizes.get_default(shape, jnp.bfloat16)
+        assert vmem_bytes(shape, jnp.bfloat16, blocks) <= 16 * 2**20, name
+    with pytest.raises(ValueError, match="multiple of 8"):
+        BlockSizes(block_t=12, block_h=1, block_t_bwd=8, block_h_bwd=1)
+    with pytest.raises(ValueError, match="positive int"):
+        BlockSizes(block_t=8, block_h=0, block_t_bwd=8, block_h_bwd=1)
+    with pytest.raises(ValueError, match="positive int"):
+        BlockSizes(block_t=8, block_h=True, block_t_bwd=8, block_h_bwd=1)
+
+
+def test_bad_inputs_raise():
+    x = jnp.zeros((1, 8, 2, 6), jnp.float32)
+    pos = jnp.zeros((1, 8), jnp.int32)
+    call = lambda x, p, **kw: rope(x, p, impl="pallas_tpu", interpret=True, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="even"):
+        call(jnp.zeros((1, 8, 2, 5)), pos)
+    with pytest.raises(ValueError, match="positions"):
+        call(x, jnp.zeros((1, 7), jnp.int32))
+    with pytest.raises(ValueError, match="integers"):
+        call(x, pos.astype(jnp.float32))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        call(x.astype(jnp.float16), pos)
+    with pytest.raises(ValueError, match=r"\[B, T, H, K\]"):
+        call(jnp.zeros((8, 6)), pos)
+    with pytest.raises(ValueError, match="rope.BlockSizes"):
+        call(x, pos, block_sizes=(8, 8, 8, 8))
+    # Native lowering needs whole (8, 128) tiles: 3 of 16 heads is not one.
+    bad = BlockSizes(block_t=8, block_h=3, block_t_bwd=8, block_h_bwd=3)
+    with pytest.raises(ValueError, match="block_h=3"):
+        rope(jnp.zeros((1, 8, 16, 128)), pos, impl="pallas_tpu", interpret=False, block_sizes=bad)
+
+
+def _export(shape, *, grad: bool, device_kind: str = "TPU v5p") -> list[str]:
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    positions = jax.ShapeDtypeStruct(shape[:2], jnp.int32)
+
+    def forward(x, positions):
+        return rope(x, positions, impl="pallas_tpu", interpret=False)
+
+    def gradient(x, positions):  # a square, so the backward needs the forward's output
+        return jax.grad(lambda x: jnp.sum(jnp.square(forward(x, positions).astype(jnp.float32))))(x)
+
+    return mosaic_kernel_names(
+        export_for_tpu(gradient if grad else forward, x, positions, device_kind=device_kind))
+
+
+@pytest.mark.parametrize("name", sorted(PALM_SHAPES))
+def test_exports_for_tpu_at_palm_shapes(name):
+    shape = PALM_SHAPES[name]
+    assert _export(shape, grad=False) == ["palm_rope_fwd"]
+    assert sorted(_export(shape, grad=True)) == ["palm_rope_bwd", "palm_rope_fwd"]
+
+
+@pytest.mark.parametrize("device_kind", TPU_GENERATIONS)
+def test_exports_for_every_tpu_generation(device_kind):
+    assert _export(PALM_SHAPES["8b_q"], grad=False, device_kind=device_kind) == ["palm_rope_fwd"]
+
+
+def test_decode_shape_exports():
+    """T = 1 (one new token per sequence) lowers natively: the block then covers all of T."""
+    assert _export((8, 1, 16, 256), grad=False) == ["palm_rope_fwd"]
+    np.testing.assert_equal(BlockSizes.get_default((8, 1, 16, 256), jnp.bfloat16).block_t, 8)
