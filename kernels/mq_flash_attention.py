@@ -3,16 +3,91 @@
 Causal masking is top-left aligned, as in JAX's TPU `flash_attention`: query row t sees key
 columns s <= t. With T == S (training, prefill) that is the usual causal mask; every row sees
 at least column 0, so no row is ever empty.
+
+The Pallas TPU kernels (flash attention, Dao et al. 2022, forward and backward)
+---------------------------------------------------------------------------------
+Heads are folded into the query rows: q [B, T, H, K] is viewed as [B, T*H, K], row r = t*H + h
+holding head h of position t. With one shared key/value head every row attends to the same
+keys, so a tile of `block_q` rows (block_q/H positions x H heads; it need not start or end on a
+position) is one [block_q, K] matrix against each [block_k, K] key tile: each K/V tile is read
+once per query tile and used by all H heads, and K/V are never repeated H times in memory. The
+causal test for row r and column s is `r >= s*H` (i.e. r // H >= s), so no division is needed.
+
+Layout. The fold is a reshape, not a transpose: q [B, T, H, K] -> [B, T*H, K] and back for the
+output. On TPU the HBM tiles of the two minor dims are (16, 128) for bf16 (8 for f32), so the
+reshape is a bitcast when H is a multiple of 16 (PaLM: H = 16, 32, 48) and one relayout copy
+otherwise. Transposing to [B, H, T, K] instead would cost a read and a write of q, and of o
+and the gradients, per call: 4 x 16 MiB at PaLM-8B per layer forward, for nothing.
+
+Tiling. Forward grid (B, T*H/block_q, S/block_k), keys innermost; online softmax in float32
+(running max m and sum l in lane-replicated [block_q, 128] scratch, accumulator [block_q, K]
+f32), one division and one store per query tile. With `causal`, key tiles entirely above the
+diagonal are skipped: no compute (pl.when), and no DMA either because the key index_map clamps
+to the query tile's last visible key tile, so the pipeline sees an unchanged block index and
+does not refetch. The mask is only built for tiles that cross the diagonal or hold padded keys.
+The forward also writes the logsumexp lse = m + log(l), f32, lane-dense as [B, 1, T*H] (one
+transpose of a [block_q, 128] tile per query tile; 4 bytes per row, where a lane-replicated
+[.., 128] layout would cost 512).
+
+Backward, two kernels, using the residuals q, k, v, o, lse and delta = rowsum(do * o) (f32,
+one fused XLA pass over do and o; a kernel of its own would save nothing):
+  * dk/dv: grid (B, S/block_k_dkv, T*H/block_q_dkv), query tiles innermost, f32 accumulators
+    [block_k_dkv, K] summing over all heads and all query tiles. Scores are built transposed,
+    s^T = k q^T [block_k, block_q], so lse and delta broadcast as rows; all four matmuls are
+    plain or rhs-transposed (dv += p^T do, dp^T = v do^T, dk += ds^T q). Query tiles entirely
+    before the key tile's diagonal are skipped the same way (clamped index_map + pl.when).
+  * dq: grid (B, T*H/block_q_dq, S/block_k_dq), key tiles innermost, f32 accumulator
+    [block_q, K]; lse and delta are turned into columns once per query tile (one transpose).
+    Same causal skipping as the forward.
+
+Shapes. Any B, H >= 1, T, S >= 1 (T != S allowed), any K. The wrapper pads the folded rows
+T*H, the key length S and the head dim K to the tiles (K to a multiple of 128, the lane
+width: K = 64, 128, 256 and small test sizes 8..32 all work). Padded keys are masked out of
+the softmax, padded head-dim entries are zero, so they contribute nothing; padded query rows
+are computed (q = 0, finite lse) and sliced off, and their zero cotangent adds nothing to
+dk/dv. At PaLM shapes nothing is padded (T*H and S divide the tiles, K = 256).
+
+HBM traffic at PaLM-8B (B=1 per chip, T = S = 2048, H = 16, K = 256, bf16, causal), per layer:
+  unfused XLA (the reference): scores [B, H, T, S] f32 = 256 MiB written, read by the softmax,
+    probabilities written (256 MiB f32, or 128 MiB bf16 for the PV matmul) and read again;
+    about 4 x 256 MiB ~ 1 GiB forward, and the backward re-reads p and writes dp and ds of the
+    same size (~1.5 GiB more), plus q, k, v, o (~34 MiB).
+  this kernel, forward: q 16 MiB + o 16 MiB + lse 0.125 MiB + K/V tiles re-read once per
+    query tile: 32 query tiles (block_q = 1024 rows = 64 positions) x on average 2.5 of the
+    4 key tiles x 2 x 256 KiB = 40 MiB; ~72 MiB in all, about 14x less.
+  backward: dk/dv kernel reads q and do once per visited key tile (average 2.5 of 4 key
+    tiles: 2.5 x 32 MiB = 80 MiB) plus k, v, dk, dv (8 MiB); dq kernel reads q, do, writes dq
+    (48 MiB) and re-reads K/V per query tile (32 tiles x ~4.5 of 8 key tiles x 2 x 128 KiB =
+    36 MiB); delta reads do and o (32 MiB): ~205 MiB against ~2.5 GiB unfused.
+Every pallas_call passes a pl.CostEstimate with these counts (visited tiles counted exactly).
+
+VMEM (`vmem_estimate`; double-buffered in/out blocks + scratch + an allowance for the f32
+[block_q, block_k] temporaries the compiler keeps in VMEM), default tiles, bf16, K = 256:
+  forward  block_q=1024, block_k=512:        ~11.1 MiB
+  dk/dv    block_q_dkv=512, block_k_dkv=512:  ~8.1 MiB
+  dq       block_q_dq=1024, block_k_dq=256:   ~9.6 MiB
+The tiles are rows of the folded matrix, so these numbers are the same for PaLM-8B (H=16)
+and PaLM-540B (H=48); all fit the 16 MiB default scoped VMEM of v4/v5e (32 MiB on v5p/v6e),
+and `BlockSizes.get_default` halves tiles until every kernel is under 12 MiB (f32 inputs,
+K > 256). Arithmetic intensity against the re-read operand is block_q flops/byte forward
+(1024), 2*block_k_dkv for dk/dv (1024) and 1.5*block_q_dq for dq (1536): above the
+compute/bandwidth ridge of v4 (~230), v5e (~250), v5p (~165) and v6e (~575).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import matmul_f32, pallas_impl, resolve_impl
+from kernels._common import matmul_f32, pallas_impl, resolve_impl, tpu_interpret
 
 
 def mq_flash_attention_reference(
@@ -36,6 +111,56 @@ def mq_flash_attention_reference(
     return o.astype(q.dtype)
 
 
+def mq_flash_attention_reference_lse(
+    q: jax.Array,  # [B, T, H, K]
+    k: jax.Array,  # [B, S, K]
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """The softmax's logsumexp per query row, float32 [B, T, H]: what the forward saves."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    s = matmul_f32("BTHK,BSK->BTHS", q, k) * scale
+    if causal:
+        visible = jnp.arange(q.shape[1])[:, None] >= jnp.arange(k.shape[1])[None, :]  # [T, S]
+        s = jnp.where(visible[:, None, :], s, -jnp.inf)
+    return jax.nn.logsumexp(s, axis=-1)
+
+
+def mq_flash_attention_reference_bwd(
+    q: jax.Array,  # [B, T, H, K]
+    k: jax.Array,  # [B, S, K]
+    v: jax.Array,  # [B, S, K]
+    o: jax.Array,  # [B, T, H, K]
+    lse: jax.Array,  # f32 [B, T, H]
+    do: jax.Array,  # [B, T, H, K]
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Hand-written backward of the reference from the saved logsumexp: (dq, dk, dv).
+
+    The math the Pallas backward tiles: p = exp(s - lse), dv = p^T do, dp = do v^T,
+    ds = p (dp - delta) with delta = rowsum(do * o) (= rowsum(p * dp), the softmax's Jacobian
+    in one number per row), dq = ds k * scale, dk = ds^T q * scale. dk and dv sum over heads:
+    every head read the same key/value head.
+    """
+    _check(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    s = matmul_f32("BTHK,BSK->BTHS", q, k) * scale
+    p = jnp.exp(s - lse[..., None])  # [B, T, H, S]
+    if causal:
+        visible = jnp.arange(q.shape[1])[:, None] >= jnp.arange(k.shape[1])[None, :]  # [T, S]
+        p = jnp.where(visible[:, None, :], p, 0.0)
+    dv = matmul_f32("BTHS,BTHK->BSK", p.astype(do.dtype), do)
+    dp = matmul_f32("BTHK,BSK->BTHS", do, v)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, T, H]
+    ds = p * (dp - delta[..., None])
+    dq = matmul_f32("BTHS,BSK->BTHK", ds, k) * scale
+    dk = matmul_f32("BTHS,BTHK->BSK", ds, q) * scale
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 def _check(q, k, v) -> None:
     if q.ndim != 4:
         raise ValueError(f"mq_flash_attention: q must be [B, T, H, K], got {q.shape=}")
@@ -46,8 +171,500 @@ def _check(q, k, v) -> None:
         raise ValueError(f"mq_flash_attention: v must match k's shape {k.shape}, got {v.shape=}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Pallas TPU
+# ----------------------------------------------------------------------------------------------
+
+LANES = 128  # TPU vector lane width: tiles are multiples of it, head dims are padded to it
+# A large finite negative logit for masked entries: exp(MASK - m) underflows to exactly 0, and
+# unlike -inf it cannot make (-inf) - (-inf) = NaN in the running-max correction.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+VMEM_BUDGET = 12 * 2**20  # what get_default aims under: 16 MiB scoped default, less headroom
+NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _fit(block: int, n: int) -> int:
+    """A tile no larger than needed for n rows: the next power of two >= n, at least 128."""
+    return min(block, max(LANES, 1 << max(n - 1, 0).bit_length()))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the three kernels. `*_q` count rows of the folded query matrix [T*H, K]
+    (row t*H + h, so block_q rows are block_q/H positions x H heads); `*_k` count key
+    positions. All must be multiples of 128 (lanes: the logsumexp row and the transposed
+    scores put the query tile on lanes). Tiles larger than the problem are shrunk per call.
+
+    Attributes:
+      block_q, block_k: forward tiles.
+      block_q_dkv, block_k_dkv: the dk/dv kernel's tiles (key tile fixed, query tiles swept).
+      block_q_dq, block_k_dq: the dq kernel's tiles (query tile fixed, key tiles swept).
+    """
+
+    block_q: int = 1024
+    block_k: int = 512
+    block_q_dkv: int = 512
+    block_k_dkv: int = 512
+    block_q_dq: int = 1024
+    block_k_dq: int = 256
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % LANES:
+                raise ValueError(
+                    f"BlockSizes.{field.name} must be a positive multiple of {LANES}, got {value!r}")
+
+    @classmethod
+    def get_default(
+        cls, *, q_len: int, kv_len: int, num_heads: int, head_dim: int, dtype: Any
+    ) -> BlockSizes:
+        """Tiles for one shape: the defaults above (sized for PaLM, bf16, K = 256), shrunk to
+        the problem, then halved (largest tile first) while a kernel's `vmem_estimate`
+        exceeds 12 MiB, as for f32 inputs or K > 256."""
+        blocks = cls().fit(q_len * num_heads, kv_len)
+        while True:
+            over = [name for name, size in vmem_estimate(blocks, head_dim, dtype).items()
+                    if size > VMEM_BUDGET]
+            if not over:
+                return blocks
+            names = {"forward": ("block_q", "block_k"), "dkv": ("block_q_dkv", "block_k_dkv"),
+                     "dq": ("block_q_dq", "block_k_dq")}[over[0]]
+            name = max(names, key=lambda n: getattr(blocks, n))
+            if getattr(blocks, name) == LANES:
+                return blocks  # as small as tiles go; the kernel still runs, with less headroom
+            blocks = dataclasses.replace(blocks, **{name: getattr(blocks, name) // 2})
+
+    def fit(self, rows: int, kv_len: int) -> BlockSizes:
+        """These tiles shrunk for `rows` folded query rows and `kv_len` keys."""
+        return BlockSizes(
+            block_q=_fit(self.block_q, rows), block_k=_fit(self.block_k, kv_len),
+            block_q_dkv=_fit(self.block_q_dkv, rows), block_k_dkv=_fit(self.block_k_dkv, kv_len),
+            block_q_dq=_fit(self.block_q_dq, rows), block_k_dq=_fit(self.block_k_dq, kv_len))
+
+
+def vmem_estimate(blocks: BlockSizes, head_dim: int, dtype: Any) -> dict[str, int]:
+    """Bytes of VMEM each kernel needs with these tiles: double-buffered input and output
+    blocks, scratch, and the f32 [block_q, block_k] temporaries (3 forward: logits, p and its
+    cast; 4 backward: s, p, dp, ds), which Mosaic also keeps in VMEM."""
+    kp = _round_up(head_dim, LANES)
+    item = jnp.dtype(dtype).itemsize
+    f32 = 4
+
+    def tile(rows, cols, size):  # VMEM tiles pad to 8 sublanes and 128 lanes
+        return _round_up(rows, 8) * _round_up(cols, LANES) * size
+
+    bq, bk = blocks.block_q, blocks.block_k
+    forward = (2 * (tile(bq, kp, item) + 2 * tile(bk, kp, item))  # q, k, v in
+               + 2 * (tile(bq, kp, item) + tile(1, bq, f32))  # o, lse out
+               + tile(bq, kp, f32) + 2 * tile(bq, LANES, f32)  # acc, m, l
+               + 3 * tile(bq, bk, f32))
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    dkv = (2 * (2 * tile(bq, kp, item) + 2 * tile(bk, kp, item) + 2 * tile(1, bq, f32))
+           + 2 * 2 * tile(bk, kp, item)  # dk, dv out
+           + 2 * tile(bk, kp, f32)  # dk, dv accumulators
+           + 4 * tile(bk, bq, f32))
+    bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    dq = (2 * (2 * tile(bq, kp, item) + 2 * tile(bk, kp, item) + 2 * tile(1, bq, f32))
+          + 2 * tile(bq, kp, item)  # dq out
+          + tile(bq, kp, f32) + 2 * tile(bq, LANES, f32)  # dq accumulator, lse/delta columns
+          + 4 * tile(bq, bk, f32))
+    return {"forward": forward, "dkv": dkv, "dq": dq}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about one call: hashable, passed to the custom_vjp as one argument."""
+
+    causal: bool
+    sm_scale: float
+    num_heads: int  # H: rows per position in the folded query matrix
+    kv_len: int  # S before padding: keys at or past it are masked
+    blocks: BlockSizes  # already fitted to the shape
+    interpret: Any  # what pallas_call(interpret=...) gets
+
+
+def _last_kv_tile(i, block_q: int, block_k: int, num_heads: int):
+    """Index of the last key tile a query tile i sees under the causal mask (may exceed the
+    grid, callers clamp with min). Its last row is i*block_q + block_q - 1, at position
+    row // H; integer division of non-negative scalars (lax.div truncates, = floor here)."""
+    return lax.div(i * block_q + (block_q - 1), num_heads * block_k)
+
+
+def _first_q_tile(j, block_q: int, block_k: int, num_heads: int):
+    """Index of the first query tile that sees key tile j: its first key j*block_k is first
+    seen by row j*block_k*H."""
+    return lax.div(j * (block_k * num_heads), block_q)
+
+
+def _needs_mask(cfg: _Config, row0, col0, rows: int, cols: int):
+    """Whether the [rows, cols] tile at (row0, col0) crosses the diagonal or holds padded keys.
+
+    Traced booleans; None when no tile ever needs a mask (not causal, no padded keys)."""
+    cond = None
+    if cfg.causal:  # some row r < some column c * H: the smallest row against the largest key
+        cond = row0 < (col0 + cols - 1) * cfg.num_heads
+    padded = col0 + cols > cfg.kv_len
+    if cfg.kv_len % cols:
+        cond = padded if cond is None else jnp.logical_or(cond, padded)
+    return cond
+
+
+def _visible(cfg: _Config, row0, col0, shape, transposed: bool):
+    """Boolean mask of the visible (row, key) pairs of a tile; [rows, cols] or transposed."""
+    row_axis, col_axis = (1, 0) if transposed else (0, 1)
+    rows = row0 + lax.broadcasted_iota(jnp.int32, shape, row_axis)
+    cols = col0 + lax.broadcasted_iota(jnp.int32, shape, col_axis)
+    ok = cols < cfg.kv_len
+    if cfg.causal:
+        ok = jnp.logical_and(ok, rows >= cols * cfg.num_heads)
+    return ok
+
+
+def _masked_or_not(cfg: _Config, needed, mask_cond, body):
+    """Runs body(masked) under pl.when: the masked variant only on tiles that need it."""
+    if mask_cond is None:
+        if needed is None:
+            body(False)
+        else:
+            pl.when(needed)(lambda: body(False))
+        return
+    with_mask = mask_cond if needed is None else jnp.logical_and(needed, mask_cond)
+    without = jnp.logical_not(mask_cond)
+    without = without if needed is None else jnp.logical_and(needed, without)
+    pl.when(with_mask)(lambda: body(True))
+    pl.when(without)(lambda: body(False))
+
+
+def _visited_tiles(cfg: _Config, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
+    """How many (query tile, key tile) pairs a causal kernel computes (for CostEstimate)."""
+    if not cfg.causal:
+        return n_q * n_k
+    return sum(min(n_k, (i * block_q + block_q - 1) // (cfg.num_heads * block_k) + 1)
+               for i in range(n_q))
+
+
+# ---- forward ---------------------------------------------------------------------------------
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg: _Config):
+    """One (batch, query tile, key tile) step of the online softmax.
+
+    q_ref [bq, K], k_ref/v_ref [bk, K], o_ref [bq, K], lse_ref [1, bq];
+    m_scr/l_scr [bq, 128] (lane-replicated running max and sum), acc_scr [bq, K] f32.
+    """
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    i, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _init():
+        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    def step(masked: bool):
+        v = v_ref[...]
+        s = lax.dot_general(q_ref[...], k_ref[...], NT_DIMS,
+                            preferred_element_type=jnp.float32) * cfg.sm_scale  # [bq, bk]
+        if masked:
+            s = jnp.where(_visible(cfg, i * bq, j * bk, s.shape, transposed=False), s, MASK_VALUE)
+        m_prev = m_scr[...]
+        # Key tile 0 holds column 0, which every row sees, so after the first step m is finite
+        # and a fully masked row of a later tile gets exp(MASK - m) = 0.
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, 128]
+        alpha = jnp.exp(m_prev - m_next)  # rescales what was summed under the old max
+        p = jnp.exp(s - m_next[:, :1])  # [bq, bk]
+        l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
+        m_scr[...] = m_next
+        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [bq, K]
+        acc_scr[...] = acc_scr[...] * alpha[:, :1] + pv
+
+    needed = j <= _last_kv_tile(i, bq, bk, cfg.num_heads) if cfg.causal else None
+    _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        l = l_scr[...]
+        o_ref[...] = (acc_scr[...] / l[:, :1]).astype(o_ref.dtype)
+        lse = m_scr[...] + jnp.log(l)  # [bq, 128], equal lanes
+        lse_ref[...] = jnp.transpose(lse)[:1, :]  # [1, bq]: rows onto lanes
+
+
+def _forward(q, k, v, cfg: _Config):
+    """q [B, R, Kp] (folded, padded), k/v [B, Sp, Kp] -> o [B, R, Kp], lse f32 [B, 1, R]."""
+    batch, rows, kp = q.shape
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    n_q, n_k = rows // bq, pl.cdiv(cfg.kv_len, bk)  # key tiles of padding only: never visited
+    heads = cfg.num_heads
+
+    def kv_map(b, i, j):
+        if cfg.causal:  # past the diagonal keep the last visible tile: no new DMA
+            j = jnp.minimum(j, _last_kv_tile(i, bq, bk, heads))
+        return b, j, 0
+
+    visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
+    item = q.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=int(batch * visited * 4 * bq * bk * kp),
+        transcendentals=int(batch * visited * bq * bk),
+        bytes_accessed=int(batch * (2 * rows * kp * item + rows * 4
+                                    + visited * 2 * bk * kp * item)))
+    with jax.named_scope(f"palm_mq_flash_attention_fwd bq={bq} bk={bk} H={heads} "
+                         f"causal={cfg.causal}"):
+        return pl.pallas_call(
+            functools.partial(_fwd_kernel, cfg=cfg),
+            out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                       jax.ShapeDtypeStruct((batch, 1, rows), jnp.float32)),
+            grid=(batch, n_q, n_k),
+            in_specs=[pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, i, j: (b, i, 0)),
+                      pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map),
+                      pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map)],
+            out_specs=(pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, i, j: (b, i, 0)),
+                       pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, i, j: (b, 0, i))),
+            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, kp), jnp.float32)],
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel", "arbitrary")),
+            cost_estimate=cost,
+            interpret=cfg.interpret,
+            name="palm_mq_flash_attention_fwd",
+        )(q, k, v)
+
+
+# ---- backward: dk and dv ---------------------------------------------------------------------
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr,
+                *, cfg: _Config):
+    """One (batch, key tile, query tile) step: dk, dv of one key tile summed over query tiles.
+
+    q_ref/do_ref [bq, K], k_ref/v_ref [bk, K], lse_ref/delta_ref [1, bq] (rows on lanes),
+    dk_ref/dv_ref [bk, K], dk_scr/dv_scr [bk, K] f32. Scores are transposed, [bk, bq].
+    """
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    j, i = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _init():
+        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+    def step(masked: bool):
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        s_t = lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32) * cfg.sm_scale
+        p_t = jnp.exp(s_t - lse_ref[...])  # [bk, bq], normalised by the saved logsumexp
+        if masked:
+            p_t = jnp.where(_visible(cfg, i * bq, j * bk, p_t.shape, transposed=True), p_t, 0.0)
+        dv_scr[...] += lax.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp_t = lax.dot_general(v, do, NT_DIMS, preferred_element_type=jnp.float32)  # [bk, bq]
+        ds_t = p_t * (dp_t - delta_ref[...])
+        dk_scr[...] += lax.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+
+    needed = j * bk < cfg.kv_len  # key tiles of padding only: their dk, dv are sliced off
+    if cfg.causal:
+        needed = jnp.logical_and(needed, i >= _first_q_tile(j, bq, bk, cfg.num_heads))
+    _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _finish():
+        dk_ref[...] = (dk_scr[...] * cfg.sm_scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
+    batch, rows, kp = q.shape
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    n_q, n_k = rows // bq, k.shape[1] // bk
+    heads = cfg.num_heads
+
+    def q_index(j, i):
+        if cfg.causal:  # before the diagonal stay on the first query tile that sees key tile j
+            first = jnp.minimum(_first_q_tile(j, bq, bk, heads), n_q - 1)
+            i = jnp.maximum(i, first)
+        return i
+
+    q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, j, i: (b, q_index(j, i), 0))
+    row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, j, i: (b, 0, q_index(j, i)))
+    kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp), lambda b, j, i: (b, j, 0))
+    visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
+    item = q.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=int(batch * visited * 8 * bq * bk * kp),
+        transcendentals=int(batch * visited * bq * bk),
+        bytes_accessed=int(batch * (4 * k.shape[1] * kp * item
+                                    + visited * (2 * bq * kp * item + 2 * bq * 4))))
+    with jax.named_scope(f"palm_mq_flash_attention_bwd_dkv bq={bq} bk={bk} H={heads} "
+                         f"causal={cfg.causal}"):
+        return pl.pallas_call(
+            functools.partial(_dkv_kernel, cfg=cfg),
+            out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
+                       jax.ShapeDtypeStruct(v.shape, v.dtype)),
+            grid=(batch, n_k, n_q),
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+            out_specs=(kv_spec, kv_spec),
+            scratch_shapes=[pltpu.VMEM((bk, kp), jnp.float32),
+                            pltpu.VMEM((bk, kp), jnp.float32)],
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel", "arbitrary")),
+            cost_estimate=cost,
+            interpret=cfg.interpret,
+            name="palm_mq_flash_attention_bwd_dkv",
+        )(q, k, v, do, lse, delta)
+
+
+# ---- backward: dq ----------------------------------------------------------------------------
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, lse_scr,
+               delta_scr, *, cfg: _Config):
+    """One (batch, query tile, key tile) step: dq of one query tile summed over key tiles.
+
+    q_ref/do_ref/dq_ref [bq, K], k_ref/v_ref [bk, K], lse_ref/delta_ref [1, bq];
+    dq_scr [bq, K] f32, lse_scr/delta_scr [bq, 128] (the rows turned into columns once).
+    """
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    i, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+        lse_scr[...] = jnp.transpose(jnp.broadcast_to(lse_ref[...], (LANES, bq)))
+        delta_scr[...] = jnp.transpose(jnp.broadcast_to(delta_ref[...], (LANES, bq)))
+
+    def step(masked: bool):
+        k, do = k_ref[...], do_ref[...]
+        s = lax.dot_general(q_ref[...], k, NT_DIMS,
+                            preferred_element_type=jnp.float32) * cfg.sm_scale  # [bq, bk]
+        p = jnp.exp(s - lse_scr[...][:, :1])
+        if masked:
+            p = jnp.where(_visible(cfg, i * bq, j * bk, p.shape, transposed=False), p, 0.0)
+        dp = lax.dot_general(do, v_ref[...], NT_DIMS, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_scr[...][:, :1])
+        dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    needed = j <= _last_kv_tile(i, bq, bk, cfg.num_heads) if cfg.causal else None
+    _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        dq_ref[...] = (dq_scr[...] * cfg.sm_scale).astype(dq_ref.dtype)
+
+
+def _backward_dq(q, k, v, do, lse, delta, cfg: _Config):
+    batch, rows, kp = q.shape
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    n_q, n_k = rows // bq, pl.cdiv(cfg.kv_len, bk)
+    heads = cfg.num_heads
+
+    def kv_map(b, i, j):
+        if cfg.causal:
+            j = jnp.minimum(j, _last_kv_tile(i, bq, bk, heads))
+        return b, j, 0
+
+    q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, i, j: (b, i, 0))
+    row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, i, j: (b, 0, i))
+    kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map)
+    visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
+    item = q.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=int(batch * visited * 6 * bq * bk * kp),
+        transcendentals=int(batch * visited * bq * bk),
+        bytes_accessed=int(batch * (3 * rows * kp * item + 2 * rows * 4
+                                    + visited * 2 * bk * kp * item)))
+    with jax.named_scope(f"palm_mq_flash_attention_bwd_dq bq={bq} bk={bk} H={heads} "
+                         f"causal={cfg.causal}"):
+        return pl.pallas_call(
+            functools.partial(_dq_kernel, cfg=cfg),
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            grid=(batch, n_q, n_k),
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((bq, kp), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32)],
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel", "arbitrary")),
+            cost_estimate=cost,
+            interpret=cfg.interpret,
+            name="palm_mq_flash_attention_bwd_dq",
+        )(q, k, v, do, lse, delta)
+
+
+# ---- custom_vjp on the folded, padded arrays ---------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mq_flash(q, k, v, cfg: _Config):
+    """q [B, R, Kp] folded and padded, k/v [B, Sp, Kp] -> o [B, R, Kp]."""
+    return _forward(q, k, v, cfg)[0]
+
+
+def _mq_flash_fwd(q, k, v, cfg: _Config):
+    o, lse = _forward(q, k, v, cfg)
+    return o, (q, k, v, o, lse)
+
+
+def _mq_flash_bwd(cfg: _Config, residuals, do):
+    q, k, v, o, lse = residuals
+    # delta = rowsum(do * o), f32 [B, 1, R]: one fused elementwise-and-reduce pass.
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, None, :]
+    dk, dv = _backward_dkv(q, k, v, do, lse, delta, cfg)
+    dq = _backward_dq(q, k, v, do, lse, delta, cfg)
+    return dq, dk, dv
+
+
+_mq_flash.defvjp(_mq_flash_fwd, _mq_flash_bwd)
+
+
+def _pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    if x.shape == shape:
+        return x  # PaLM shapes: no copy
+    return jnp.pad(x, [(0, want - have) for have, want in zip(x.shape, shape)])
+
+
+def mq_flash_attention_pallas_tpu(
+    q: jax.Array,  # [B, T, H, K]
+    k: jax.Array,  # [B, S, K]
+    v: jax.Array,  # [B, S, K]
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    interpret: Any = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """The Pallas TPU flash attention (see the module docstring), differentiable; [B, T, H, K]."""
+    _check(q, k, v)
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"mq_flash_attention: q, k, v must share one float dtype, got "
+                         f"{q.dtype=}, {k.dtype=}, {v.dtype=}")
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    if min(batch, q_len, heads, head_dim, kv_len) == 0:
+        raise ValueError(f"mq_flash_attention: empty dimension in {q.shape=} or {k.shape=}")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"mq_flash_attention: block_sizes must be a BlockSizes, got {block_sizes!r}")
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    rows = q_len * heads
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default(q_len=q_len, kv_len=kv_len, num_heads=heads,
+                                             head_dim=head_dim, dtype=q.dtype)
+    blocks = block_sizes.fit(rows, kv_len)
+    # One padded length serves all three kernels' tiles (all powers of two in practice).
+    rows_p = _round_up(rows, math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
+    kv_p = _round_up(kv_len, math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
+    kp = _round_up(head_dim, LANES)
+    cfg = _Config(causal=bool(causal), sm_scale=scale, num_heads=heads, kv_len=kv_len,
+                  blocks=blocks, interpret=tpu_interpret(interpret))
+    qr = _pad_to(q.reshape(batch, rows, head_dim), (batch, rows_p, kp))  # [B, T*H, Kp]
+    kr = _pad_to(k, (batch, kv_p, kp))
+    vr = _pad_to(v, (batch, kv_p, kp))
+    o = _mq_flash(qr, kr, vr, cfg)  # [B, Rp, Kp]
+    return o[:, :rows, :head_dim].reshape(batch, q_len, heads, head_dim)
+
+
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {}
+_PALLAS = {"pallas_tpu": mq_flash_attention_pallas_tpu}
 
 
 def mq_flash_attention(
@@ -68,7 +685,7 @@ def mq_flash_attention(
       k, v: [B, S, K] the single shared key/value head.
       causal: mask key columns after each query row (top-left aligned, see module docstring).
       sm_scale: logit scale; None means 1/sqrt(K).
-      impl, interpret, block_sizes: see `kernels.rope.rope`.
+      impl, interpret, block_sizes: see `kernels.rope.rope`; block_sizes is a `BlockSizes`.
 
     Returns:
       [B, T, H, K] in q's dtype.

@@ -1,0 +1,279 @@
+"""Multi-query flash attention: the Pallas TPU kernels (TPU interpret mode) against the reference.
+
+Shapes are drawn small (interpret mode runs every grid step through Python callbacks) but with
+tiles of 128, so T*H and S above 128 give several query and key tiles per kernel, and T, S,
+T*H and K are mostly not multiples of the tiles (padding, masking, causal tile skipping).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from conftest import TOLERANCE, assert_close
+from kernels.mq_flash_attention import BlockSizes
+from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
+
+# The module, not the function of the same name that `kernels` re-exports.
+mfa = importlib.import_module("kernels.mq_flash_attention")
+
+# Interpret mode turns a kernel into a large CPU program whose XLA compile (seconds) dwarfs
+# running it at these sizes. XLA:CPU's cheap settings halve that; they change code
+# generation, not what is computed.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run(fn, *args):
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
+
+
+class _RaceLog:
+    """Records races seen by the TPU interpreter across kernels.
+
+    The interpreter keeps a fresh `races` state per kernel call, so after a forward and two
+    backward kernels only the last one's would be left to inspect; recording every state
+    the interpreter creates keeps them all. Private API: skipped if it moved.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.states = []
+        try:
+            from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+        except ImportError:
+            self.available = False
+            return
+        self.available = hasattr(ipc, "RaceDetectionState")
+        if self.available:
+            original = ipc.RaceDetectionState
+
+            def recording(*args, **kwargs):
+                state = original(*args, **kwargs)
+                self.states.append(state)
+                return state
+
+            monkeypatch.setattr(ipc, "RaceDetectionState", recording)
+
+    def assert_none(self):
+        if self.available:
+            assert self.states, "race detection was asked for but never ran"
+            assert not any(s.races_found for s in self.states), "the TPU interpreter found races"
+
+
+@st.composite
+def attention_cases(draw, max_rows: int = 320, max_kv: int = 300):
+    dtype = draw(st.sampled_from(["float32", "bfloat16"]))
+    batch = draw(st.integers(1, 2))
+    heads = draw(st.integers(1, 4))
+    q_len = draw(st.integers(1, max_rows // heads))
+    kv_len = draw(st.integers(1, max_kv))
+    head_dim = draw(st.sampled_from([8, 32, 64, 128, 256]))
+    causal = draw(st.booleans())
+    sm_scale = draw(st.one_of(st.none(), st.floats(0.05, 0.5)))
+    tile = st.sampled_from([128, 256])
+    blocks = draw(st.one_of(st.none(), st.builds(BlockSizes, tile, tile, tile, tile, tile, tile)))
+    races = draw(st.integers(0, 3)) == 0  # a quarter of the cases, on two simulated cores
+    seed = draw(st.integers(0, 2**16))
+    return dict(dtype=dtype, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+                head_dim=head_dim, causal=causal, sm_scale=sm_scale, blocks=blocks,
+                races=races, seed=seed)
+
+
+def _inputs(case):
+    # numpy draws: eager jax.random would compile a program per new shape.
+    rng = np.random.default_rng(case["seed"])
+    b, t, h, k, s = (case[n] for n in ("batch", "q_len", "heads", "head_dim", "kv_len"))
+    shapes = ((b, t, h, k), (b, s, k), (b, s, k), (b, t, h, k))  # q, k, v, do
+    return [jnp.asarray(rng.standard_normal(shape, np.float32), case["dtype"]) for shape in shapes]
+
+
+def _pallas(case):
+    interpret = (pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+                 if case["races"] else True)
+    return lambda q, k, v: mfa.mq_flash_attention(
+        q, k, v, causal=case["causal"], sm_scale=case["sm_scale"], impl="pallas_tpu",
+        interpret=interpret, block_sizes=case["blocks"])
+
+
+def _reference(case):
+    return lambda q, k, v: mfa.mq_flash_attention_reference(
+        q, k, v, causal=case["causal"], sm_scale=case["sm_scale"])
+
+
+@hypothesis.given(attention_cases())
+def test_forward_matches_reference(case):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _test_forward_matches_reference(case, _RaceLog(monkeypatch) if case["races"] else None)
+
+
+def _test_forward_matches_reference(case, races):
+    q, k, v, _ = _inputs(case)
+    out = run(_pallas(case), q, k, v)
+    expected = run(_reference(case), q, k, v)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, expected, case["dtype"], what="o")
+    if races:
+        races.assert_none()
+
+
+def assert_grad_close(got, want, dtype, *, factor: float, what: str) -> None:
+    """assert_close, except where the true gradient is exactly zero: dq when every query row
+    sees a single key (S = 1, or causal with T = 1) and the softmax is constant. No relative
+    error exists then; the inputs are O(1), so the tolerance applies absolutely."""
+    if not np.any(np.asarray(want)):
+        err = float(np.abs(np.asarray(got, np.float64)).max())
+        assert err <= TOLERANCE[dtype] * factor, f"{what}: {err:.3g} where 0 is exact"
+        return
+    assert_close(got, want, dtype, factor=factor, what=what)
+
+
+def _vjp(fn):
+    def value_and_grads(q, k, v, do):
+        out, pullback = jax.vjp(fn, q, k, v)
+        return out, pullback(do)
+    return value_and_grads
+
+
+@hypothesis.given(attention_cases())
+def test_vjp_and_gradients_match_reference(case):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _test_vjp_and_gradients_match_reference(case, _RaceLog(monkeypatch) if case["races"] else None)
+
+
+def _test_vjp_and_gradients_match_reference(case, races):
+    q, k, v, do = _inputs(case)
+    out, grads = run(_vjp(_pallas(case)), q, k, v, do)
+    # The truth is the reference in float32 on the same (possibly bf16-rounded) inputs: the
+    # bf16 reference's own gradients round p, dp and ds to bf16 and are no closer to it.
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    expected_out, expected_grads = run(_vjp(_reference(case)), *f32)
+    assert_close(out, expected_out, case["dtype"], what="o through vjp")
+    for name, got, want, x in zip(("dq", "dk", "dv"), grads, expected_grads, (q, k, v)):
+        assert got.dtype == x.dtype and got.shape == x.shape, name
+        # dk and dv sum over every head and query row: in bf16 the p and ds tiles fed to the
+        # MXU are rounded once each, and those roundings add up over the sum (factor 2).
+        assert_grad_close(got, want, case["dtype"], factor=2.0, what=name)
+    if races:
+        races.assert_none()
+
+
+@hypothesis.given(attention_cases(max_rows=64, max_kv=48))
+def test_reference_bwd_matches_autodiff(case):
+    q, k, v, do = _inputs(case)
+    kw = dict(causal=case["causal"], sm_scale=case["sm_scale"])
+
+    def both(q, k, v, do):
+        out, grads = _vjp(_reference(case))(q, k, v, do)
+        lse = mfa.mq_flash_attention_reference_lse(q, k, **kw)
+        return grads, mfa.mq_flash_attention_reference_bwd(q, k, v, out, lse, do, **kw)
+
+    (dq, dk, dv), got = run(both, q, k, v, do)
+    for name, g, want in zip(("dq", "dk", "dv"), got, (dq, dk, dv)):
+        assert g.dtype == want.dtype, name
+        # bf16: autodiff rounds p to bf16 before dv and does not use delta = rowsum(do * o);
+        # the two differ by a few bf16 roundings (factor 2).
+        assert_grad_close(g, want, case["dtype"], factor=2.0, what=name)
+
+
+@hypothesis.given(st.integers(1, 4).map(lambda x: 128 * x), st.integers(1, 4).map(lambda x: 128 * x),
+                  st.integers(1, 7), st.integers(1, 700), st.integers(1, 700))
+def test_causal_tile_skipping_visits_exactly_the_tiles_with_visible_keys(bq, bk, heads, t, s):
+    """The kernels skip (and the index_maps stop fetching) tiles with no visible pair."""
+    rows = t * heads
+    n_q, n_k = -(-rows // bq), -(-s // bk)
+    visible = (np.arange(n_q * bq)[:, None] // heads) >= np.arange(n_k * bk)[None, :]
+    has_visible = visible.reshape(n_q, bq, n_k, bk).any(axis=(1, 3))  # [n_q, n_k]
+    last = np.array([int(mfa._last_kv_tile(i, bq, bk, heads)) for i in range(n_q)])
+    first = np.array([int(mfa._first_q_tile(j, bq, bk, heads)) for j in range(n_k)])
+    np.testing.assert_array_equal(np.arange(n_k)[None, :] <= last[:, None], has_visible)
+    np.testing.assert_array_equal(np.arange(n_q)[:, None] >= first[None, :], has_visible)
+
+
+# ---- block sizes, VMEM, bad input ------------------------------------------------------------
+
+PALM_8B = dict(q_len=2048, kv_len=2048, num_heads=16, head_dim=256, dtype=jnp.bfloat16)
+PALM_540B = dict(q_len=2048, kv_len=2048, num_heads=48, head_dim=256, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [PALM_8B, PALM_540B], ids=["8B", "540B"])
+def test_default_blocks_fit_scoped_vmem_at_palm_shapes(shape):
+    blocks = BlockSizes.get_default(**shape)
+    assert blocks == BlockSizes()  # nothing shrunk at PaLM shapes
+    for kernel, size in mfa.vmem_estimate(blocks, 256, jnp.bfloat16).items():
+        assert size <= 16 * 2**20, (kernel, size)
+
+
+def test_default_blocks_shrink_for_small_and_wide_shapes():
+    small = BlockSizes.get_default(q_len=10, kv_len=100, num_heads=3, head_dim=64, dtype=jnp.float32)
+    assert small == BlockSizes(128, 128, 128, 128, 128, 128)
+    wide = BlockSizes.get_default(**{**PALM_8B, "dtype": jnp.float32, "head_dim": 512})
+    assert all(v <= mfa.VMEM_BUDGET for v in mfa.vmem_estimate(wide, 512, jnp.float32).values())
+
+
+@pytest.mark.parametrize("kwargs", [dict(block_q=100), dict(block_k=0), dict(block_q_dq=64),
+                                    dict(block_k_dkv=128.0)])
+def test_block_sizes_reject_bad_tiles(kwargs):
+    with pytest.raises(ValueError, match="multiple of 128"):
+        BlockSizes(**kwargs)
+
+
+@pytest.mark.parametrize("q_shape, k_shape, v_shape, dtypes, match", [
+    ((2, 8, 4), (2, 8, 4), (2, 8, 4), ("float32",) * 3, "q must be"),
+    ((2, 8, 4, 16), (1, 8, 16), (1, 8, 16), ("float32",) * 3, "k must be"),
+    ((2, 8, 4, 16), (2, 8, 32), (2, 8, 32), ("float32",) * 3, "k must be"),
+    ((2, 8, 4, 16), (2, 8, 16), (2, 9, 16), ("float32",) * 3, "v must match"),
+    ((2, 8, 4, 16), (2, 8, 16), (2, 8, 16), ("float32", "bfloat16", "float32"), "dtype"),
+    ((2, 8, 4, 16), (2, 8, 16), (2, 8, 16), ("int32",) * 3, "dtype"),
+    ((2, 0, 4, 16), (2, 8, 16), (2, 8, 16), ("float32",) * 3, "empty"),
+])
+def test_bad_input_raises(q_shape, k_shape, v_shape, dtypes, match):
+    q, k, v = (jnp.zeros(s, d) for s, d in zip((q_shape, k_shape, v_shape), dtypes))
+    with pytest.raises(ValueError, match=match):
+        mfa.mq_flash_attention(q, k, v, impl="pallas_tpu", interpret=True)
+
+
+def test_block_sizes_must_be_a_block_sizes():
+    q, k = jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 16))
+    with pytest.raises(ValueError, match="BlockSizes"):
+        mfa.mq_flash_attention(q, k, k, impl="pallas_tpu", interpret=True, block_sizes=(128,) * 6)
+
+
+# ---- real-TPU lowering -----------------------------------------------------------------------
+
+FWD = ["palm_mq_flash_attention_fwd"]
+BWD = ["palm_mq_flash_attention_bwd_dkv", "palm_mq_flash_attention_bwd_dq"]
+
+
+def _palm_args(heads):
+    q = jax.ShapeDtypeStruct((1, 2048, heads, 256), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2048, 256), jnp.bfloat16)
+    return q, kv, kv
+
+
+def _native(q, k, v):
+    return mfa.mq_flash_attention(q, k, v, causal=True, impl="pallas_tpu", interpret=False)
+
+
+@pytest.mark.parametrize("generation", TPU_GENERATIONS)
+@pytest.mark.parametrize("heads", [16, 48], ids=["8B", "540B"])
+def test_export_forward_for_tpu(heads, generation):
+    text = export_for_tpu(_native, *_palm_args(heads), device_kind=generation)
+    assert mosaic_kernel_names(text) == FWD
+    assert "stablehlo.pad" not in text  # PaLM shapes divide the tiles: no padding copies
+
+
+@pytest.mark.parametrize("generation", ["TPU v4", "TPU v5p"])
+@pytest.mark.parametrize("heads", [16, 48], ids=["8B", "540B"])
+def test_export_gradient_for_tpu(heads, generation):
+    def loss(q, k, v):
+        return jnp.sum(_native(q, k, v).astype(jnp.float32))
+    text = export_for_tpu(jax.grad(loss, argnums=(0, 1, 2)), *_palm_args(heads),
+                          device_kind=generation)
+    assert mosaic_kernel_names(text) == FWD + BWD
+    assert "stablehlo.pad" not in text
