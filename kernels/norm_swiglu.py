@@ -430,6 +430,13 @@ def norm_swiglu_pallas_tpu(
     """The Pallas TPU implementation of `norm_swiglu` (see the module docstring)."""
     block_sizes = _check_pallas(x, norm_scale, w_gate, w_up, block_sizes)
     settings = _Settings(float(eps), block_sizes, tpu_interpret(interpret))
+    return _norm_swiglu_jit(x, norm_scale, w_gate, w_up, settings)
+
+
+# Jitted so that the wrapper's statistics, padding and slicing compile together with the kernel
+# (op-by-op dispatch would compile each small op separately for every new shape).
+@functools.partial(jax.jit, static_argnums=(4,))
+def _norm_swiglu_jit(x, norm_scale, w_gate, w_up, settings: _Settings):
     return _norm_swiglu(x, norm_scale, w_gate, w_up, settings)
 
 
