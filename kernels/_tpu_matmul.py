@@ -30,15 +30,17 @@ def sublane(dtype) -> int:
 
 
 def pick_block(dim: int, target: int, align: int) -> int:
-    """The default tile for an axis of length `dim`: at most `target`, a multiple of `align`.
+    """The default tile for an axis of length `dim`; see `pick_shared_block`."""
+    return pick_shared_block((dim,), target, align)
 
-    Small axes get one tile (rounded up to `align`); larger ones the multiple of `align` up to
-    `target` that wastes the least padding, the larger one on ties.
-    """
-    if dim <= target:
-        return round_up(dim, align)
-    candidates = range(target, align - 1, -align)
-    return min(candidates, key=lambda b: (round_up(dim, b) - dim, -b))
+
+def pick_shared_block(dims, target: int, align: int) -> int:
+    """One tile for several axes (e.g. H*K and F, which share a contraction tile): a multiple
+    of `align`, at most `target` (or the largest axis rounded up, if smaller), that wastes the
+    least padding over all of them, the larger tile on ties."""
+    top = min(target, round_up(max(dims), align))
+    candidates = range(top, align - 1, -align)
+    return min(candidates, key=lambda b: (sum(round_up(n, b) - n for n in dims), -b))
 
 
 def check_multiple(owner: str, name: str, value, multiple: int) -> None:

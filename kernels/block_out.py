@@ -3,14 +3,29 @@
 PaLM's parallel formulation (section 2) sums the attention and MLP outputs into the residual;
 both output projections contract into one accumulator and the residual joins in the epilogue,
 so the block writes its result once.
+
+Pallas TPU forward (`palm_block_out_fwd`). Rows are the flattened B*T axis (M); o is viewed as
+[M, H*K] and wo as [H*K, D] (free reshapes). The two products share one contraction axis
+C = [H*K | F] without materialising the concatenation: the grid is (M / bt, D / bd, C / bk)
+with C innermost; its first H*K / bk steps read tiles of o and wo, the rest tiles of h and
+w_down, all into one float32 accumulator [bt, bd]. The index maps clamp the idle pair to the
+tile it holds at the phase boundary, so Pallas (which skips a copy when a block index repeats)
+fetches no tile twice. The last step adds the residual x and writes the result once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import matmul_f32, pallas_impl, resolve_impl
+from kernels import _tpu_matmul as tm
+from kernels._common import matmul_f32, pallas_impl, resolve_impl, tpu_interpret
 
 
 def block_out_reference(
@@ -27,6 +42,33 @@ def block_out_reference(
     return (x.astype(jnp.float32) + attn + mlp).astype(x.dtype)
 
 
+def block_out_reference_bwd(
+    x: jax.Array,  # [B, T, D]
+    o: jax.Array,  # [B, T, H, K]
+    wo: jax.Array,  # [H, K, D]
+    h: jax.Array,  # [B, T, F]
+    w_down: jax.Array,  # [F, D]
+    dy: jax.Array,  # [B, T, D]
+) -> tuple[jax.Array, ...]:
+    """Hand-written backward of `block_out_reference` in plain jnp: (dx, do, dwo, dh, dw_down).
+
+    dx = dy (the residual), do = dy·woᵀ, dh = dy·w_downᵀ, dwo = oᵀ·dy, dw_down = hᵀ·dy, each
+    accumulated in float32 and rounded to its primal's dtype.
+    """
+    _check(x, o, wo, h, w_down)
+    do = matmul_f32("BTD,HKD->BTHK", dy, wo).astype(o.dtype)
+    dh = matmul_f32("BTD,FD->BTF", dy, w_down).astype(h.dtype)
+    dwo, dw_down = _weight_grads(o, h, dy, wo.dtype)
+    return dy.astype(x.dtype), do, dwo, dh, dw_down
+
+
+def _weight_grads(o, h, dy, dtype):
+    """dwo = oᵀ·dy [H, K, D] and dw_down = hᵀ·dy [F, D]: plain XLA matmuls (module docstring)."""
+    dwo = matmul_f32("BTHK,BTD->HKD", o, dy).astype(dtype)
+    dw_down = matmul_f32("BTF,BTD->FD", h, dy).astype(dtype)
+    return dwo, dw_down
+
+
 def _check(x, o, wo, h, w_down) -> None:
     if x.ndim != 3:
         raise ValueError(f"block_out: x must be [B, T, D], got {x.shape=}")
@@ -41,8 +83,288 @@ def _check(x, o, wo, h, w_down) -> None:
         raise ValueError(f"block_out: w_down must be [F, D] = {(h.shape[2], d)}, got {w_down.shape=}")
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the Pallas TPU kernels; rows are the flattened B*T axis, C = [H*K | F].
+
+    Forward (`palm_block_out_fwd`): block_t rows x block_d model features per output tile,
+    block_c contraction entries per step. Backward (`palm_block_out_bwd_dact`, do and dh):
+    block_t_bwd rows x block_c_bwd entries of C per output tile, block_d_bwd model features
+    per contraction step; when block_d_bwd covers D, each dy row tile is read from HBM once.
+    """
+
+    block_t: int = 512
+    block_d: int = 512
+    block_c: int = 512
+    block_t_bwd: int = 512
+    block_c_bwd: int = 512
+    block_d_bwd: int = 512
+
+    def __post_init__(self):
+        for name in ("block_t", "block_t_bwd"):
+            tm.check_multiple("BlockSizes", name, getattr(self, name), 8)
+        for name in ("block_d", "block_c", "block_c_bwd", "block_d_bwd"):
+            tm.check_multiple("BlockSizes", name, getattr(self, name), tm.LANE)
+
+    @classmethod
+    def get_default(cls, rows: int, d_model: int, attn_width: int, d_ff: int,
+                    dtype=jnp.bfloat16) -> "BlockSizes":
+        """Tiles for x [rows, d_model], o [rows, attn_width = H*K], h [rows, d_ff].
+
+        Forward: 512-wide tiles (they divide every PaLM shape), shrunk for small shapes.
+        Backward: a full-D dy row tile with bt = 512 and bc = 128 when it fits the VMEM
+        budget (PaLM-8B: 12.8 MiB), so dy is read once instead of once per C tile; otherwise
+        (PaLM-540B, D = 18432) 512-wide tiles throughout.
+        """
+        sub = tm.sublane(dtype)
+        bt = tm.pick_block(rows, 512, sub)
+        bd = tm.pick_block(d_model, 512, tm.LANE)
+        bc = tm.pick_shared_block((attn_width, d_ff), 512, tm.LANE)
+        resident = cls(bt, bd, bc, bt, tm.LANE, tm.round_up(d_model, tm.LANE))
+        if vmem_bytes(resident, dtype)["bwd_dact"] <= 13 * 2**20:
+            return resident
+        return cls(bt, bd, bc, bt, bc, bd)
+
+
+def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
+    """VMEM each kernel needs: double-buffered input and output tiles plus scratch."""
+    s = jnp.dtype(dtype).itemsize
+    bt, bd, bc = block_sizes.block_t, block_sizes.block_d, block_sizes.block_c
+    # x, (o, wo), (h, w_down) and the output double-buffered; the f32 accumulator.
+    fwd = 2 * (bt * bd * s + 2 * (bt * bc * s + bc * bd * s) + bt * bd * s) + bt * bd * 4
+    bt, bc, bd = block_sizes.block_t_bwd, block_sizes.block_c_bwd, block_sizes.block_d_bwd
+    # dy, wo, w_down and the do and dh tiles double-buffered; the f32 accumulator.
+    dact = 2 * (bt * bd * s + 2 * bc * bd * s + 2 * bt * bc * s) + bt * bc * 4
+    return {"fwd": fwd, "bwd_dact": dact}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The non-differentiable arguments of the custom_vjp, hashable as one static value."""
+
+    block_sizes: BlockSizes
+    interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
+
+
+def _fwd_kernel(x_ref, attn_ref, wo_ref, mlp_ref, w_down_ref, out_ref, acc_ref, *, n_attn: int):
+    c = pl.program_id(2)
+
+    @pl.when(c == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(c < n_attn)
+    def _attention():
+        acc_ref[...] += jnp.dot(attn_ref[...], wo_ref[...], preferred_element_type=jnp.float32)
+
+    @pl.when(c >= n_attn)
+    def _mlp():
+        acc_ref[...] += jnp.dot(mlp_ref[...], w_down_ref[...], preferred_element_type=jnp.float32)
+
+    @pl.when(c == pl.num_programs(2) - 1)
+    def _epilogue():
+        out_ref[...] = (x_ref[...].astype(jnp.float32) + acc_ref[...]).astype(out_ref.dtype)
+
+
+def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
+    """x + o·wo + h·w_down on the flattened [M, ...] views; see the module docstring."""
+    bs = settings.block_sizes
+    bt, bd, bc = bs.block_t, bs.block_d, bs.block_c
+    m, d = x2.shape
+    hk, f = o2.shape[1], h2.shape[1]
+    mp, dp = tm.round_up(m, bt), tm.round_up(d, bd)
+    hkp, fp = tm.round_up(hk, bc), tm.round_up(f, bc)
+    # Zero padding: padded contraction entries multiply zeros, padded rows/columns are sliced.
+    xp, op, wop = tm.pad2(x2, mp, dp), tm.pad2(o2, mp, hkp), tm.pad2(wo2, hkp, dp)
+    hp, wdp = tm.pad2(h2, mp, fp), tm.pad2(w_down, fp, dp)
+    nt, nd, na, nm = mp // bt, dp // bd, hkp // bc, fp // bc
+    s = x2.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=2 * mp * dp * (hkp + fp) + mp * dp,
+        transcendentals=0,
+        # o and h are re-read for every D tile, the weights for every row tile.
+        bytes_accessed=mp * (hkp + fp) * s * nd + (hkp + fp) * dp * s * nt + 2 * mp * dp * s)
+
+    def attn_k(c):
+        return jnp.minimum(c, na - 1)
+
+    def mlp_k(c):
+        return jnp.maximum(c - na, 0)
+
+    kernel = functools.partial(_fwd_kernel, n_attn=na)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, dp), x2.dtype),
+        grid=(nt, nd, na + nm),
+        in_specs=[
+            pl.BlockSpec((bt, bd), lambda i, j, c: (i, j)),  # x [M, D]
+            pl.BlockSpec((bt, bc), lambda i, j, c: (i, attn_k(c))),  # o [M, H*K]
+            pl.BlockSpec((bc, bd), lambda i, j, c: (attn_k(c), j)),  # wo [H*K, D]
+            pl.BlockSpec((bt, bc), lambda i, j, c: (i, mlp_k(c))),  # h [M, F]
+            pl.BlockSpec((bc, bd), lambda i, j, c: (mlp_k(c), j)),  # w_down [F, D]
+        ],
+        out_specs=pl.BlockSpec((bt, bd), lambda i, j, c: (i, j)),
+        scratch_shapes=[pltpu.VMEM((bt, bd), jnp.float32)],
+        compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+        cost_estimate=cost,
+        interpret=settings.interpret,
+        name="palm_block_out_fwd",
+    )(xp, op, wop, hp, wdp)
+    return out[:m, :d]
+
+
+def _bwd_dact_kernel(dy_ref, wo_ref, w_down_ref, do_ref, dh_ref, acc_ref, *, n_attn: int):
+    """One [bt, bc] tile of [do | dh] = dy·[wo ; w_down]ᵀ, accumulated over D tiles."""
+    c, k = pl.program_id(1), pl.program_id(2)
+    last = k == pl.num_programs(2) - 1
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(c < n_attn)
+    def _attention():
+        acc_ref[...] += jax.lax.dot_general(dy_ref[...], wo_ref[...], tm.NT_DIMS,
+                                            preferred_element_type=jnp.float32)
+
+    @pl.when(c >= n_attn)
+    def _mlp():
+        acc_ref[...] += jax.lax.dot_general(dy_ref[...], w_down_ref[...], tm.NT_DIMS,
+                                            preferred_element_type=jnp.float32)
+
+    @pl.when(jnp.logical_and(last, c < n_attn))
+    def _write_do():
+        do_ref[...] = acc_ref[...].astype(do_ref.dtype)
+
+    @pl.when(jnp.logical_and(last, c >= n_attn))
+    def _write_dh():
+        dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
+
+
+def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
+    """do [M, H*K] and dh [M, F] in one kernel; grid (row tile, C tile, D tile).
+
+    Output tiles run over C = [H*K | F] like the forward's contraction. Each output's block
+    index is clamped while the other one is being computed, so an idle output block is neither
+    written nor flushed; idle weights are parked on the tile they hold at the phase boundary.
+    """
+    bs = settings.block_sizes
+    bt, bc, bd = bs.block_t_bwd, bs.block_c_bwd, bs.block_d_bwd
+    m, d = dy2.shape
+    hk, f = wo2.shape[0], w_down.shape[0]
+    mp, dp = tm.round_up(m, bt), tm.round_up(d, bd)
+    hkp, fp = tm.round_up(hk, bc), tm.round_up(f, bc)
+    dyp, wop, wdp = tm.pad2(dy2, mp, dp), tm.pad2(wo2, hkp, dp), tm.pad2(w_down, fp, dp)
+    nt, na, nm, nd = mp // bt, hkp // bc, fp // bc, dp // bd
+    s = dy2.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=2 * mp * dp * (hkp + fp),
+        transcendentals=0,
+        # dy is re-read for every C tile unless one tile spans D; weights for every row tile.
+        bytes_accessed=(mp * dp * s * (1 if nd == 1 else na + nm) + (hkp + fp) * dp * s * nt
+                        + mp * (hkp + fp) * s))
+
+    def wo_index(i, c, k):
+        return jnp.where(c < na, c, na - 1), jnp.where(c < na, k, nd - 1)
+
+    def w_down_index(i, c, k):
+        return jnp.where(c < na, 0, c - na), jnp.where(c < na, 0, k)
+
+    kernel = functools.partial(_bwd_dact_kernel, n_attn=na)
+    do, dh = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((mp, hkp), dy2.dtype), jax.ShapeDtypeStruct((mp, fp), dy2.dtype)],
+        grid=(nt, na + nm, nd),
+        in_specs=[
+            pl.BlockSpec((bt, bd), lambda i, c, k: (i, k)),  # dy [M, D]
+            pl.BlockSpec((bc, bd), wo_index),  # wo [H*K, D]
+            pl.BlockSpec((bc, bd), w_down_index),  # w_down [F, D]
+        ],
+        out_specs=[
+            pl.BlockSpec((bt, bc), lambda i, c, k: (i, jnp.minimum(c, na - 1))),  # do [M, H*K]
+            pl.BlockSpec((bt, bc), lambda i, c, k: (i, jnp.maximum(c - na, 0))),  # dh [M, F]
+        ],
+        scratch_shapes=[pltpu.VMEM((bt, bc), jnp.float32)],
+        compiler_params=tm.compiler_params("parallel", "arbitrary", "arbitrary"),
+        cost_estimate=cost,
+        interpret=settings.interpret,
+        name="palm_block_out_bwd_dact",
+    )(dyp, wop, wdp)
+    return do[:m, :hk], dh[:m, :f]
+
+
+def _check_pallas(x, o, wo, h, w_down, block_sizes) -> BlockSizes:
+    """The reference's shape checks plus what the kernels need; returns the block sizes."""
+    _check(x, o, wo, h, w_down)
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"block_out: x must be float32 or bfloat16, got {x.dtype=}")
+    for name, a in (("o", o), ("wo", wo), ("h", h), ("w_down", w_down)):
+        if a.dtype != x.dtype:
+            raise ValueError(f"block_out: {name} must have x's dtype {x.dtype}, got {a.dtype}")
+    b, t, d = x.shape
+    if block_sizes is None:
+        return BlockSizes.get_default(b * t, d, o.shape[2] * o.shape[3], h.shape[2], x.dtype)
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_out: block_sizes must be a block_out.BlockSizes, got {block_sizes!r}")
+    rows = tm.sublane(x.dtype)
+    if block_sizes.block_t % rows or block_sizes.block_t_bwd % rows:
+        raise ValueError(f"block_out: {x.dtype} row tiles must be multiples of {rows}, got {block_sizes}")
+    return block_sizes
+
+
+def block_out_pallas_tpu(
+    x: jax.Array,  # [B, T, D]
+    o: jax.Array,  # [B, T, H, K]
+    wo: jax.Array,  # [H, K, D]
+    h: jax.Array,  # [B, T, F]
+    w_down: jax.Array,  # [F, D]
+    *,
+    interpret=None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """The Pallas TPU implementation of `block_out` (see the module docstring)."""
+    block_sizes = _check_pallas(x, o, wo, h, w_down, block_sizes)
+    return _block_out_jit(x, o, wo, h, w_down, _Settings(block_sizes, tpu_interpret(interpret)))
+
+
+# Jitted so that the wrapper's reshapes, padding and slicing compile together with the kernel.
+@functools.partial(jax.jit, static_argnums=(5,))
+def _block_out_jit(x, o, wo, h, w_down, settings: _Settings):
+    return _block_out(x, o, wo, h, w_down, settings)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _block_out(x, o, wo, h, w_down, settings: _Settings):
+    return _block_out_fwd(x, o, wo, h, w_down, settings)[0]
+
+
+def _block_out_fwd(x, o, wo, h, w_down, settings: _Settings):
+    b, t, d = x.shape
+    m, hk = b * t, o.shape[2] * o.shape[3]
+    with jax.named_scope(f"palm_block_out_fwd bt={settings.block_sizes.block_t} "
+                         f"bd={settings.block_sizes.block_d} bc={settings.block_sizes.block_c}"):
+        out = _fwd_call(x.reshape(m, d), o.reshape(m, hk), wo.reshape(hk, d), h.reshape(m, -1),
+                        w_down, settings)
+    return out.reshape(b, t, d), (o, wo, h, w_down)
+
+
+def _block_out_bwd(settings: _Settings, residuals, dy):
+    o, wo, h, w_down = residuals
+    b, t, hh, kk = o.shape
+    m, d = b * t, dy.shape[-1]
+    bs = settings.block_sizes
+    with jax.named_scope(f"palm_block_out_bwd bt={bs.block_t_bwd} bc={bs.block_c_bwd} "
+                         f"bd={bs.block_d_bwd}"):
+        do, dh = _bwd_dact_call(dy.reshape(m, d), wo.reshape(hh * kk, d), w_down, settings)
+        dwo, dw_down = _weight_grads(o, h, dy, wo.dtype)
+    return dy, do.reshape(o.shape), dwo, dh.reshape(h.shape), dw_down
+
+
+_block_out.defvjp(_block_out_fwd, _block_out_bwd)
+
+
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {}
+_PALLAS = {"pallas_tpu": block_out_pallas_tpu}
 
 
 def block_out(
