@@ -6,11 +6,18 @@ multi-query attention (section 2) projects to H query heads but a single shared 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import layer_norm_f32, matmul_f32, pallas_impl, resolve_impl
-from kernels.rope import rope_reference
+from kernels._common import layer_norm_f32, matmul_f32, pallas_impl, resolve_impl, tpu_interpret
+from kernels.rope import frequency_row, rope_reference, rotate_half
 
 
 def norm_qkv_rope_reference(
@@ -89,3 +96,348 @@ def norm_qkv_rope(
     fn = pallas_impl("norm_qkv_rope", impl, _PALLAS)
     return fn(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base,
               interpret=interpret, block_sizes=block_sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas TPU implementation.
+#
+# Shape of the work. Rows are the M = B*T positions; columns are the (H + 2) * K outputs of one
+# matmul LN(x) · [wq | wk | wv] ([D, (H+2)*K]). The weights stay three arrays (no per-call
+# concatenation): the column grid axis j runs over nq = ceil(H / block_heads) tiles of query
+# heads, then one tile holding k and v together, and each weight's index_map parks on its last
+# block while another weight is in use, so the pipeline (which skips a copy whose block index
+# did not change) fetches nothing for the idle ones.
+#
+# LayerNorm. At PaLM-540B (D = 18432) a row tile holding all of D does not fit VMEM next to its
+# weight tile (512 rows x 18432 x 2 bytes = 18 MiB), so the contraction over D is tiled and the
+# per-row mean and rstd come from a cheap first pass in the wrapper (XLA, one read of x, 8 bytes
+# per row written); each [rows, block_d] tile of x is normalised on the fly in the kernel
+# prologue, exactly as `layer_norm_f32` does it, and rounded to x's dtype before the MXU, as
+# the reference rounds h. The normalisation is repeated for each column tile; it costs ~4 VPU
+# operations per x element against 2 * block_heads * K MXU flops.
+#
+# RoPE. A column tile holds whole heads, so the rotate-half partner of every lane is in the
+# tile: the epilogue rotates each head's [rows, K] slice of the float32 accumulator
+# (`kernels.rope.rotate_half`) and rounds once. cos/sin depend on the rows only: computed at the
+# first step of each row tile into VMEM scratch (the column and D axes are "arbitrary", so one
+# core walks them in order) and reused by every head and by k.
+#
+# Edges. Rows and heads that overhang the arrays only produce overhanging outputs, which are
+# dropped on write; a D that overhangs block_d would add garbage to the sums, so the last D tile
+# is masked (a static flag: no masking code at all where block_d divides D, as at PaLM shapes).
+# ----------------------------------------------------------------------------------------------
+
+_MiB = 2**20
+# Default tiles keep a kernel's VMEM below this, leaving headroom under the 16 MiB scoped VMEM
+# of v4/v5e for Mosaic's internal scratch.
+_VMEM_TARGET = 12 * _MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles for `norm_qkv_rope`: forward, and backward (both backward kernels).
+
+    block_rows: rows (B*T positions) per tile; a multiple of 8 (16 suits bf16).
+    block_heads: query heads per column tile (k and v form one extra tile); natively
+      block_heads * K must be a multiple of 128 unless it covers all H heads.
+    block_d: model-width tile of the contraction (forward, dW) or of the output (dx);
+      natively a multiple of 128 unless it covers all of D.
+    """
+
+    block_rows: int
+    block_heads: int
+    block_d: int
+    block_rows_bwd: int
+    block_heads_bwd: int
+    block_d_bwd: int
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"norm_qkv_rope.BlockSizes.{field.name} must be a positive int, "
+                                 f"got {value!r}")
+        for name in ("block_rows", "block_rows_bwd"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"norm_qkv_rope.BlockSizes.{name} must be a multiple of 8 "
+                                 f"(TPU sublanes), got {getattr(self, name)}")
+
+    @classmethod
+    def get_default(cls, x_shape: tuple[int, ...], wq_shape: tuple[int, ...],
+                    dtype) -> "BlockSizes":
+        """512-wide tiles where the shape allows (arithmetic intensity 256 flop/byte, enough
+        for v4/v5e/v5p), shrunk for small shapes and until VMEM fits `_VMEM_TARGET`.
+
+        block_d prefers a divisor of D and block_heads a divisor of H (no edge handling at
+        PaLM shapes); block_heads * K aims at 512 lanes and stays a multiple of 128.
+        """
+        b, t, d = x_shape
+        _, h, k = wq_shape
+        sub = _sublane(dtype)
+        rows = min(512, _round_up(b * t, sub))
+        block_d = d if d <= 512 else next((c for c in (512, 384, 256, 128) if d % c == 0), 512)
+        block_heads = _pick_heads(h, k)
+        blocks = cls(rows, block_heads, block_d, rows, block_heads, block_d)
+        while vmem_bytes(x_shape, wq_shape, dtype, blocks)["max"] > _VMEM_TARGET and rows > sub:
+            rows = max(sub, rows // 2)
+            blocks = cls(rows, block_heads, block_d, rows, block_heads, block_d)
+        return blocks
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _sublane(dtype) -> int:
+    """Rows per packed (sublane, 128-lane) tile: 8 for 4-byte types, 16 for bf16."""
+    return 32 // jnp.dtype(dtype).itemsize
+
+
+def _pick_heads(h: int, k: int) -> int:
+    """Query heads per column tile: about 512 lanes, a divisor of H with a 128-multiple width
+    if there is one, else all heads when they are few, else the lane-aligned count."""
+    want = max(1, 512 // k)
+    if want >= h:
+        return h
+    for c in range(want, 0, -1):
+        if h % c == 0 and (c * k) % 128 == 0:
+            return c
+    aligned = max(1, 128 // math.gcd(k, 128))  # fewest heads spanning whole 128-lane tiles
+    return h if h * k <= 2048 else max(aligned, want // aligned * aligned)
+
+
+def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
+               blocks: BlockSizes) -> dict[str, int]:
+    """VMEM each kernel needs at these blocks (double-buffered blocks plus scratch, padded to
+    whole (sublane, 128-lane) tiles); `vmem_bytes(...)["max"]` is the largest."""
+    b, t, d = x_shape
+    _, h, k = wq_shape
+    m = b * t
+    isz = jnp.dtype(dtype).itemsize
+    sub = _sublane(dtype)
+
+    def tile(rows, cols, itemsize=isz):
+        return _round_up(rows, 32 // itemsize) * _round_up(cols, 128) * itemsize
+
+    def sizes(bm, hb, td):
+        bm, hb, td = min(bm, _round_up(m, sub)), min(hb, h), min(td, d)
+        bn = hb * k
+        column = 2 * tile(bm, 1, 4)  # a double-buffered [rows, 1] f32/int32 block
+        forward = (2 * (tile(bm, td) + tile(td, bn) + 2 * tile(td, k) + tile(1, td))
+                   + 3 * column + 2 * (tile(bm, bn) + 2 * tile(bm, k))
+                   + tile(bm, bn, 4) + 2 * tile(bm, k, 4) + 2 * tile(bm, k, 4))
+        return forward
+
+    fwd = sizes(blocks.block_rows, blocks.block_heads, blocks.block_d)
+    return {"forward": fwd, "max": fwd}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The non-array arguments of a call: the custom_vjp's nondiff argument."""
+
+    eps: float
+    base: float
+    interpret: Any
+    block_sizes: BlockSizes
+
+
+def _row_stats(x2: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """mean and rstd [M, 1] float32 of x2 [M, D], computed as `layer_norm_f32` computes them."""
+    xf = x2.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    centered = xf - mean
+    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _normalise(x_ref, mean_ref, rstd_ref, scale_ref, dtype):
+    """The prologue: LN of an x tile with precomputed row statistics, rounded to x's dtype."""
+    x = x_ref[...].astype(jnp.float32)
+    return ((x - mean_ref[...]) * rstd_ref[...] * scale_ref[...].astype(jnp.float32)).astype(dtype)
+
+
+def _mask_tail(a: jax.Array, axis: int, valid) -> jax.Array:
+    """Zeroes a tile's entries at index >= valid along axis (garbage past an array's edge)."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, a.shape, axis)
+    return jnp.where(idx < valid, a, jnp.zeros_like(a))
+
+
+def _dot(a, b, contract_a: int, contract_b: int) -> jax.Array:
+    """a·b contracting the given axes, accumulated in float32 on the MXU."""
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref, wk_ref, wv_ref,
+                q_ref, k_ref, v_ref, acc_q, acc_k, acc_v, cos_ref, sin_ref,
+                *, nq: int, nd: int, d_tail: int, block_heads: int, head_dim: int):
+    # Grid (row tile i, column tile j in [0, nq], D tile dd). Refs: pos/mean/rstd [bm, 1];
+    # scale [1, td]; freq [1, K]; x [bm, td]; wq [td, hb*K]; wk, wv [td, K];
+    # q [bm, hb*K]; k, v [bm, K]. Scratch: f32 accumulators and cos/sin [bm, K].
+    j, dd = pl.program_id(1), pl.program_id(2)
+
+    @pl.when((j == 0) & (dd == 0))
+    def _angles():
+        angles = pos_ref[...].astype(jnp.float32) * freq_ref[...]  # [bm, K]
+        cos_ref[...] = jnp.cos(angles)
+        sin_ref[...] = jnp.sin(angles)
+
+    @pl.when(dd == 0)
+    def _zero():
+        acc_q[...] = jnp.zeros_like(acc_q)
+        acc_k[...] = jnp.zeros_like(acc_k)
+        acc_v[...] = jnp.zeros_like(acc_v)
+
+    h = _normalise(x_ref, mean_ref, rstd_ref, scale_ref, x_ref.dtype)  # [bm, td]
+    if d_tail:  # D overhangs the last tile: zero both sides of the garbage (0 * NaN = NaN)
+        valid_d = jnp.where(dd == nd - 1, d_tail, h.shape[1])
+        h = _mask_tail(h, 1, valid_d)
+
+    def weight(ref):
+        return _mask_tail(ref[...], 0, valid_d) if d_tail else ref[...]
+
+    @pl.when(j < nq)
+    def _q_heads():
+        acc_q[...] += _dot(h, weight(wq_ref), 1, 0)
+
+    @pl.when(j == nq)
+    def _kv():
+        acc_k[...] += _dot(h, weight(wk_ref), 1, 0)
+        acc_v[...] += _dot(h, weight(wv_ref), 1, 0)
+
+    last = dd == nd - 1
+
+    @pl.when(last & (j < nq))
+    def _rope_q():
+        cos, sin = cos_ref[...], sin_ref[...]
+        for head in range(block_heads):
+            cols = slice(head * head_dim, (head + 1) * head_dim)
+            q_ref[:, cols] = rotate_half(acc_q[:, cols], cos, sin).astype(q_ref.dtype)
+
+    @pl.when(last & (j == nq))
+    def _rope_k():
+        k_ref[...] = rotate_half(acc_k[...], cos_ref[...], sin_ref[...]).astype(k_ref.dtype)
+        v_ref[...] = acc_v[...].astype(v_ref.dtype)
+
+
+def _check_native_blocks(m, d, h, k, bm, hb, td, dtype) -> None:
+    """The (sublane, 128-lane) rule Mosaic imposes on the minor two block dims."""
+    if bm % _sublane(dtype) and bm < m and bm % 8:
+        raise ValueError(f"norm_qkv_rope: block_rows={bm} must be a multiple of 8 or cover "
+                         f"all {m} rows")
+    if td % 128 and td < d:
+        raise ValueError(f"norm_qkv_rope: block_d={td} must be a multiple of 128 or cover "
+                         f"D={d} (TPU lane tiling)")
+    if (hb * k) % 128 and hb < h:
+        raise ValueError(f"norm_qkv_rope: block_heads={hb} x K={k} must be a multiple of 128 "
+                         f"lanes or cover all H={h} heads (TPU lane tiling)")
+
+
+def _forward_call(config: _Config, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: int):
+    """The forward pallas_call on x2 [M, D]; returns q2 [M, H*K], k, v [M, K]."""
+    m, d = x2.shape
+    k = wk.shape[1]
+    bs = config.block_sizes
+    bm, hb, td = min(bs.block_rows, m), min(bs.block_heads, h), min(bs.block_d, d)
+    if config.interpret is False:
+        _check_native_blocks(m, d, h, k, bm, hb, td, x2.dtype)
+    bn = hb * k
+    nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+    last_d = nd - 1
+
+    def wq_map(i, j, dd):  # parked on its last block during the k/v tile
+        return jnp.where(j < nq, dd, last_d), jnp.minimum(j, nq - 1)
+
+    def kv_map(i, j, dd):  # parked on block 0 during the query tiles
+        return jnp.where(j == nq, dd, 0), 0
+
+    row = lambda i, j, dd: (i, 0)  # noqa: E731
+    isz = x2.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=2 * m * d * (h + 2) * k + 4 * m * d * (nq + 1) + 3 * m * (h + 1) * k,
+        transcendentals=2 * m * k,
+        bytes_accessed=(m * d * isz * (nq + 1) + d * (h + 2) * k * isz * nm
+                        + m * (h + 2) * k * isz + 12 * m + d * 4),
+    )
+    kernel = functools.partial(_fwd_kernel, nq=nq, nd=nd, d_tail=d % td, block_heads=hb,
+                               head_dim=k)
+    with jax.named_scope(f"palm_norm_qkv_rope_fwd bm={bm} bh={hb} bd={td}"):
+        return pl.pallas_call(
+            kernel,
+            grid=(nm, nq + 1, nd),
+            in_specs=[
+                pl.BlockSpec((bm, 1), row),  # positions
+                pl.BlockSpec((bm, 1), row),  # mean
+                pl.BlockSpec((bm, 1), row),  # rstd
+                pl.BlockSpec((1, td), lambda i, j, dd: (0, dd)),  # norm_scale
+                pl.BlockSpec((1, k), lambda i, j, dd: (0, 0)),  # frequencies
+                pl.BlockSpec((bm, td), lambda i, j, dd: (i, dd)),  # x
+                pl.BlockSpec((td, bn), wq_map),
+                pl.BlockSpec((td, k), kv_map),
+                pl.BlockSpec((td, k), kv_map),
+            ],
+            out_specs=[
+                pl.BlockSpec((bm, bn), lambda i, j, dd: (i, jnp.minimum(j, nq - 1))),
+                pl.BlockSpec((bm, k), row),
+                pl.BlockSpec((bm, k), row),
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((m, h * k), x2.dtype),
+                jax.ShapeDtypeStruct((m, k), x2.dtype),
+                jax.ShapeDtypeStruct((m, k), x2.dtype),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((bm, bn), jnp.float32),
+                pltpu.VMEM((bm, k), jnp.float32),
+                pltpu.VMEM((bm, k), jnp.float32),
+                pltpu.VMEM((bm, k), jnp.float32),
+                pltpu.VMEM((bm, k), jnp.float32),
+            ],
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            cost_estimate=cost,
+            interpret=config.interpret,
+            name="palm_norm_qkv_rope_fwd",
+        )(pos2, mean, rstd, scale.reshape(1, d), frequency_row(k, config.base, -1.0, 1.0),
+          x2, wq2, wk, wv)
+
+
+def _forward(config: _Config, x, norm_scale, wq, wk, wv, positions):
+    """Forward on the caller's shapes; also returns the row statistics for the backward."""
+    b, t, d = x.shape
+    _, h, k = wq.shape
+    x2 = x.reshape(b * t, d)  # [M, D]
+    mean, rstd = _row_stats(x2, config.eps)  # [M, 1] each
+    pos2 = positions.astype(jnp.int32).reshape(b * t, 1)
+    q2, k2, v2 = _forward_call(config, x2, norm_scale, wq.reshape(d, h * k), wk, wv, pos2,
+                               mean, rstd, h)
+    out = (q2.reshape(b, t, h, k), k2.reshape(b, t, k), v2.reshape(b, t, k))
+    return out, (mean, rstd)
+
+
+def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float,
+                             base: float = 10000.0, interpret: Any = None,
+                             block_sizes: BlockSizes | None = None):
+    """The Pallas TPU `norm_qkv_rope`: the reference's arguments plus interpret, block_sizes."""
+    _check(x, norm_scale, wq, wk, wv, positions)
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"norm_qkv_rope: x must be float32 or bfloat16, got {x.dtype=}")
+    for name, w in (("wq", wq), ("wk", wk), ("wv", wv)):
+        if w.dtype != x.dtype:
+            raise ValueError(f"norm_qkv_rope: {name} must have x's dtype {x.dtype}, got {w.dtype}")
+    if wq.shape[2] % 2:
+        raise ValueError(f"norm_qkv_rope: head dim must be even for RoPE, got {wq.shape=}")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"norm_qkv_rope: positions must be integers, got {positions.dtype=}")
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default(x.shape, wq.shape, x.dtype)
+    elif not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"norm_qkv_rope: block_sizes must be a norm_qkv_rope.BlockSizes, "
+                         f"got {type(block_sizes)}")
+    config = _Config(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
+                     block_sizes=block_sizes)
+    return _forward(config, x, norm_scale, wq, wk, wv, positions)[0]
+
+
+_PALLAS["pallas_tpu"] = norm_qkv_rope_pallas_tpu

@@ -212,6 +212,12 @@ def frequency_row(head_dim: int, base: float, sign_first: float, sign_second: fl
     return jnp.concatenate([sign_first * inv_freq, sign_second * inv_freq])[None, :]  # [1, K]
 
 
+def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """In-kernel rotation of float32 x [..., K] by angles whose cos/sin span all K lanes
+    (sin signed per half as `frequency_row` arranges): x * cos + roll(x, K/2) * sin."""
+    return x * cos + pltpu.roll(x, x.shape[-1] // 2, x.ndim - 1) * sin
+
+
 def _rope_kernel(pos_ref, freq_ref, x_ref, o_ref, cos_ref, sin_ref):
     # pos_ref [bt, 1] int32; freq_ref [1, K] f32; x_ref/o_ref [bt, bh, K] or [bt, K];
     # cos_ref/sin_ref [bt, K] f32 scratch, valid for the current (b, t) block.
@@ -225,8 +231,7 @@ def _rope_kernel(pos_ref, freq_ref, x_ref, o_ref, cos_ref, sin_ref):
     cos, sin = cos_ref[...], sin_ref[...]
     if x.ndim == 3:
         cos, sin = cos[:, None, :], sin[:, None, :]  # [bt, 1, K], shared by the heads
-    rolled = pltpu.roll(x, x.shape[-1] // 2, x.ndim - 1)
-    o_ref[...] = (x * cos + rolled * sin).astype(o_ref.dtype)
+    o_ref[...] = rotate_half(x, cos, sin).astype(o_ref.dtype)
 
 
 def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: Any,

@@ -1,0 +1,146 @@
+"""kernels.norm_qkv_rope: the Pallas TPU kernels (TPU interpret mode) against the reference.
+
+Each hypothesis example compiles one jitted program holding the kernels and the reference:
+compiling dominates interpret-mode cost, so the examples are few and the shapes small.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+
+from conftest import assert_close
+from kernels.norm_qkv_rope import BlockSizes, norm_qkv_rope, norm_qkv_rope_reference, vmem_bytes
+from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
+
+EPS = 1e-6
+# (D, H, K) of PaLM-8B and PaLM-540B; B=1, T=2048 per chip.
+PALM = {"8b": (4096, 16, 256), "540b": (18432, 48, 256)}
+
+
+def _races_found() -> bool:
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+    return bool(ipc.races is not None and ipc.races.races_found)
+
+
+def _inputs(seed, b, t, d, h, k, dtype):
+    """LayerNorm-worthy x (offset and spread per row), fan-in scaled weights, any positions.
+
+    numpy draws them: eager jax.random would compile per shape, as slow as the kernels here.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, t, d)) * rng.uniform(0.5, 3.0, size=(b, t, 1)) + 0.7
+    scale = 1.0 + 0.2 * rng.normal(size=(d,))
+    weights = [rng.normal(size=s) / np.sqrt(d) for s in ((d, h, k), (d, k), (d, k))]
+    positions = jnp.asarray(rng.integers(0, 4096, size=(b, t)), jnp.int32)
+    return [jnp.asarray(a, dtype) for a in (x, scale, *weights)] + [positions]
+
+
+@st.composite
+def cases(draw):
+    blocks = BlockSizes(
+        block_rows=draw(st.sampled_from([8, 16])), block_heads=draw(st.integers(1, 3)),
+        block_d=draw(st.sampled_from([8, 16, 24])),
+        block_rows_bwd=draw(st.sampled_from([8, 16])), block_heads_bwd=draw(st.integers(1, 3)),
+        block_d_bwd=draw(st.sampled_from([8, 16, 24])))
+    return dict(
+        b=draw(st.integers(1, 2)), t=draw(st.integers(1, 20)), d=draw(st.integers(4, 56)),
+        h=draw(st.integers(1, 4)), k=2 * draw(st.integers(1, 32)),  # every even K to 64
+        dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
+        blocks=draw(st.sampled_from([None, blocks, blocks])),  # mostly several grid steps
+        races=draw(st.sampled_from([False, False, True])),  # race detection for a third
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@given(cases())
+def test_forward_matches_reference(case):
+    dtype = case["dtype"]
+    args = _inputs(case["seed"], case["b"], case["t"], case["d"], case["h"], case["k"], dtype)
+    interpret = pltpu.InterpretParams(detect_races=True) if case["races"] else True
+
+    @jax.jit  # one compile for kernel and reference
+    def run(*args):
+        out = norm_qkv_rope(*args, eps=EPS, impl="pallas_tpu", interpret=interpret,
+                            block_sizes=case["blocks"])
+        return out, norm_qkv_rope_reference(*args, eps=EPS)
+
+    out, expected = run(*args)
+    for name, a, e in zip("qkv", out, expected):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        assert_close(a, e, dtype, what=name)
+    if case["races"]:
+        assert not _races_found(), "TPU interpreter reported a data race"
+
+
+def test_block_sizes_default_and_validation():
+    for name, (d, h, k) in PALM.items():
+        blocks = BlockSizes.get_default((1, 2048, d), (d, h, k), jnp.bfloat16)
+        assert (blocks.block_rows, blocks.block_heads, blocks.block_d) == (512, 2, 512), name
+        assert vmem_bytes((1, 2048, d), (d, h, k), jnp.bfloat16, blocks)["max"] <= 16 * 2**20
+    small = BlockSizes.get_default((1, 1, 24), (24, 3, 8), jnp.float32)  # one decoding step
+    assert (small.block_rows, small.block_heads, small.block_d) == (8, 3, 24)
+    hash(small)  # static argument
+    with pytest.raises(ValueError, match="multiple of 8"):
+        BlockSizes(12, 1, 128, 8, 1, 128)
+    with pytest.raises(ValueError, match="positive int"):
+        BlockSizes(8, 0, 128, 8, 1, 128)
+
+
+def test_bad_inputs_raise():
+    x, scale, wq, wk, wv, pos = _inputs(0, 1, 4, 16, 2, 8, jnp.float32)
+    call = lambda *a, **kw: norm_qkv_rope(*a, eps=EPS, impl="pallas_tpu", interpret=True, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="wk must be"):
+        call(x, scale, wq, wk[:, :4], wv, pos)
+    with pytest.raises(ValueError, match="even"):
+        call(x, scale, wq[..., :7], wk[:, :7], wv[:, :7], pos)
+    with pytest.raises(ValueError, match="dtype"):
+        call(x, scale, wq.astype(jnp.bfloat16), wk, wv, pos)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        call(x.astype(jnp.float16), scale, *(w.astype(jnp.float16) for w in (wq, wk, wv)), pos)
+    with pytest.raises(ValueError, match="integers"):
+        call(x, scale, wq, wk, wv, pos.astype(jnp.float32))
+    with pytest.raises(ValueError, match="positions"):
+        call(x, scale, wq, wk, wv, pos[:, :3])
+    with pytest.raises(ValueError, match="BlockSizes"):
+        call(x, scale, wq, wk, wv, pos, block_sizes=(8,) * 6)
+    # Natively, blocks must be whole (8, 128) tiles: 96 of D=256 is not.
+    args = _inputs(0, 1, 8, 256, 2, 128, jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_d=96"):
+        norm_qkv_rope(*args, eps=EPS, impl="pallas_tpu", interpret=False,
+                      block_sizes=BlockSizes(16, 1, 96, 16, 1, 128))
+
+
+def _palm_args(model: str, b: int = 1, t: int = 2048):
+    d, h, k = PALM[model]
+    bf = jnp.bfloat16
+    return [jax.ShapeDtypeStruct(s, dt) for s, dt in (
+        ((b, t, d), bf), ((d,), bf), ((d, h, k), bf), ((d, k), bf), ((d, k), bf),
+        ((b, t), jnp.int32))]
+
+
+def _forward(*args):
+    return norm_qkv_rope(*args, eps=EPS, impl="pallas_tpu", interpret=False)
+
+
+@pytest.mark.parametrize("model", sorted(PALM))
+def test_forward_exports_for_tpu(model):
+    names = mosaic_kernel_names(export_for_tpu(_forward, *_palm_args(model)))
+    assert names == ["palm_norm_qkv_rope_fwd"]
+
+
+@pytest.mark.parametrize("device_kind", TPU_GENERATIONS)
+def test_forward_exports_for_every_tpu_generation(device_kind):
+    text = export_for_tpu(_forward, *_palm_args("8b"), device_kind=device_kind)
+    assert mosaic_kernel_names(text) == ["palm_norm_qkv_rope_fwd"]
+
+
+def test_decode_step_exports():
+    """T = 1: the row block covers the B rows; no padding, no partial tile at the edge."""
+    names = mosaic_kernel_names(export_for_tpu(_forward, *_palm_args("8b", b=8, t=1)))
+    assert names == ["palm_norm_qkv_rope_fwd"]
