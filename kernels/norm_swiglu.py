@@ -64,8 +64,7 @@ def norm_swiglu_reference_bwd(
     b, t, d = x.shape
     x2 = x.reshape(b * t, d)  # [M, D]
     stats = _row_stats(x2, eps)  # [M, 2]
-    xn = ((x2.astype(jnp.float32) - stats[:, 0:1]) * stats[:, 1:2]
-          * norm_scale.astype(jnp.float32)).astype(x.dtype)  # [M, D]
+    xn = _normalise_rows(x2, stats, norm_scale)  # [M, D]
     gate = matmul_f32("MD,DF->MF", xn, w_gate)
     up = matmul_f32("MD,DF->MF", xn, w_up)
     d_gate, d_up = _swiglu_bwd(gate, up, dh.reshape(b * t, -1), x.dtype)  # [M, F] each
@@ -84,6 +83,12 @@ def _swiglu_bwd(gate, up, dh, dtype):
     d_gate = dh * up * (sig * (1.0 + gate * (1.0 - sig)))
     d_up = dh * (gate * sig)
     return d_gate.astype(dtype), d_up.astype(dtype)
+
+
+def _normalise_rows(x2, stats, norm_scale):
+    """LN(x) [M, D] in x's dtype from the [M, 2] statistics, as `layer_norm_f32` computes it."""
+    xf = x2.astype(jnp.float32)
+    return ((xf - stats[:, 0:1]) * stats[:, 1:2] * norm_scale.astype(jnp.float32)).astype(x2.dtype)
 
 
 def _layer_norm_bwd(x2, stats, norm_scale, dxn):
@@ -145,13 +150,13 @@ class BlockSizes:
 def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
     """VMEM each kernel needs: double-buffered input and output tiles plus scratch.
 
-    Stats [bt, 2] and scale [1, bd] tiles are counted at their padded (8, 128) layout.
+    Scale [1, bd] tiles are counted at their padded (8, 128) layout.
     """
     s = jnp.dtype(dtype).itemsize
     bs = block_sizes
 
-    def stats(bt):  # [bt, 2] f32 pads to 128 lanes
-        return bt * tm.LANE * 4
+    def stats(bt):  # [bt, 256] f32: mean and rstd, each replicated across 128 lanes
+        return bt * 2 * tm.LANE * 4
 
     def scale(bd):  # [1, bd] f32 pads to 8 sublanes
         return 8 * bd * 4
@@ -162,8 +167,7 @@ def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
     gates = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + bt * bf * s + 2 * bt * bf * s)
              + 2 * bt * bf * 4)
     dx = 2 * (2 * bt * bf * s + 2 * bd * bf * s + bt * bd * 4)
-    dw = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bt * bf * s + 2 * bd * bf * s)
-          + 2 * bd * bf * 4)
+    dw = 2 * (bt * bd * s + 2 * bt * bf * s + 2 * bd * bf * s) + 2 * bd * bf * 4
     return {"fwd": fwd, "bwd_gates": gates, "bwd_dx": dx, "bwd_dw": dw}
 
 
@@ -185,10 +189,23 @@ def _row_stats(x2: jax.Array, eps: float) -> jax.Array:
     return jnp.concatenate([mean, jax.lax.rsqrt(var + eps)], axis=-1)
 
 
+def _lane_stats(stats: jax.Array, rows: int) -> jax.Array:
+    """float32 [rows, 256] for the kernels: mean in lanes 0-127, rstd in 128-255, each copied
+    across its 128 lanes (TPU vectors are 128 lanes wide: a [bt, 1] column would need lane
+    slicing and broadcasts in-kernel; this is the layout JAX's TPU flash attention uses for its
+    row statistics). Padded rows get 0 and normalise to 0. 1 KiB per row, fetched once per row
+    tile (its block index does not change along the F and D grid axes)."""
+    lanes = jnp.repeat(stats, tm.LANE, axis=1)  # [M, 256]
+    return tm.pad2(lanes, rows, 2 * tm.LANE)
+
+
 def _normalised(x_ref, stats_ref, scale_ref):
     """LN(x) for one [bt, bd] tile in float32: (x - mean) * rstd * scale, the reference's order."""
     x = x_ref[...].astype(jnp.float32)
-    return (x - stats_ref[:, 0:1]) * stats_ref[:, 1:2] * scale_ref[...]
+    reps = x.shape[1] // tm.LANE
+    mean = jnp.tile(stats_ref[:, :tm.LANE], (1, reps))
+    rstd = jnp.tile(stats_ref[:, tm.LANE:], (1, reps))
+    return (x - mean) * rstd * scale_ref[...]
 
 
 def _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc):
@@ -219,7 +236,7 @@ def _gate_up_in_specs(bt, bf, bd):
     """BlockSpecs of (x, stats, scale, w_gate, w_up) on the grid (row tile, F tile, D tile)."""
     return [
         pl.BlockSpec((bt, bd), lambda i, j, k: (i, k)),  # x [M, D]
-        pl.BlockSpec((bt, 2), lambda i, j, k: (i, 0)),  # stats [M, 2]
+        pl.BlockSpec((bt, 2 * tm.LANE), lambda i, j, k: (i, 0)),  # lane stats [M, 256]
         pl.BlockSpec((1, bd), lambda i, j, k: (0, k)),  # scale [1, D]
         pl.BlockSpec((bd, bf), lambda i, j, k: (k, j)),  # w_gate [D, F]
         pl.BlockSpec((bd, bf), lambda i, j, k: (k, j)),  # w_up [D, F]
@@ -233,7 +250,7 @@ def _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd):
     f = w_gate.shape[1]
     mp, dp, fp = tm.round_up(m, bt), tm.round_up(d, bd), tm.round_up(f, bf)
     scale = tm.pad2(norm_scale.astype(jnp.float32)[None, :], 1, dp)
-    return (tm.pad2(x2, mp, dp), tm.pad2(stats, mp, 2), scale,
+    return (tm.pad2(x2, mp, dp), _lane_stats(stats, mp), scale,
             tm.pad2(w_gate, dp, fp), tm.pad2(w_up, dp, fp))
 
 
@@ -250,8 +267,10 @@ def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.A
     cost = pl.CostEstimate(
         flops=4 * mp * dp * fp + 4 * mp * fp,
         transcendentals=mp * fp,
-        # x, stats and scale are re-read for every F tile, the weights for every row tile.
-        bytes_accessed=(mp * dp * s + mp * 8 + dp * 4 * nt) * nf + 2 * dp * fp * s * nt + mp * fp * s)
+        # x and scale are re-read for every F tile, the weights for every row tile; the lane
+        # stats once per row tile.
+        bytes_accessed=((mp * dp * s + dp * 4 * nt) * nf + mp * 1024 + 2 * dp * fp * s * nt
+                        + mp * fp * s))
     with jax.named_scope(f"palm_norm_swiglu_fwd bt={bt} bf={bf} bd={bd}"):
         h = pl.pallas_call(
             _fwd_kernel,
@@ -293,18 +312,17 @@ def _bwd_dx_kernel(dgate_ref, dup_ref, wg_ref, wu_ref, dxn_ref):
         + jax.lax.dot_general(dup_ref[...], wu_ref[...], tm.NT_DIMS, preferred_element_type=jnp.float32))
 
 
-def _bwd_dw_kernel(x_ref, stats_ref, scale_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_acc):
-    """d_w_gate and d_w_up [bd, bf] += LN(x)ᵀ·d_gate and LN(x)ᵀ·d_up over row tiles; LN(x) is
-    rebuilt from x and the statistics, read once for both weights."""
+def _bwd_dw_kernel(xn_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_acc):
+    """d_w_gate and d_w_up [bd, bf] += LN(x)ᵀ·d_gate and LN(x)ᵀ·d_up over row tiles, reading
+    each LN(x) tile once for both weights."""
 
     @pl.when(pl.program_id(2) == 0)
     def _init():
         dwg_acc[...] = jnp.zeros_like(dwg_acc)
         dwu_acc[...] = jnp.zeros_like(dwu_acc)
 
-    # Transposed in float32 (the 32-bit transpose is Mosaic's best-supported case), then rounded
-    # to the operand dtype as in the forward.
-    xn_t = _normalised(x_ref, stats_ref, scale_ref).T.astype(dgate_ref.dtype)  # [bd, bt]
+    # Transposed in float32 (the 32-bit transpose is Mosaic's best-supported case; exact).
+    xn_t = xn_ref[...].astype(jnp.float32).T.astype(xn_ref.dtype)  # [bd, bt]
     dwg_acc[...] += jnp.dot(xn_t, dgate_ref[...], preferred_element_type=jnp.float32)
     dwu_acc[...] += jnp.dot(xn_t, dup_ref[...], preferred_element_type=jnp.float32)
 
@@ -323,7 +341,7 @@ def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: _Settings):
     cost = pl.CostEstimate(
         flops=4 * mp * dp * fp + 10 * mp * fp,
         transcendentals=mp * fp,
-        bytes_accessed=((mp * dp * s + mp * 8 + dp * 4 * nt) * nf + 2 * dp * fp * s * nt
+        bytes_accessed=((mp * dp * s + dp * 4 * nt) * nf + mp * 1024 + 2 * dp * fp * s * nt
                         + 3 * mp * fp * s))
     tile = pl.BlockSpec((bt, bf), lambda i, j, k: (i, j))
     return pl.pallas_call(
@@ -365,35 +383,30 @@ def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: _Settings):
     )(d_gate, d_up, wgp, wup)
 
 
-def _bwd_dw_call(xp, sp, scp, d_gate, d_up, settings: _Settings):
+def _bwd_dw_call(xnp, d_gate, d_up, settings: _Settings):
     """d_w_gate, d_w_up [Dp, Fp] in the weights' dtype; grid (D tile, F tile, row tile)."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    (mp, dp), fp, s = xp.shape, d_gate.shape[1], xp.dtype.itemsize
+    (mp, dp), fp, s = xnp.shape, d_gate.shape[1], xnp.dtype.itemsize
     nd, nf, nt = dp // bd, fp // bf, mp // bt
     cost = pl.CostEstimate(
         flops=4 * mp * dp * fp,
         transcendentals=0,
-        bytes_accessed=((mp * dp * s + mp * 8) * nf + dp * 4 * nf + 2 * mp * fp * s * nd
-                        + 2 * dp * fp * s))
+        bytes_accessed=mp * dp * s * nf + 2 * mp * fp * s * nd + 2 * dp * fp * s)
     act = pl.BlockSpec((bt, bf), lambda i, j, k: (k, j))
     out = pl.BlockSpec((bd, bf), lambda i, j, k: (i, j))
     return pl.pallas_call(
         _bwd_dw_kernel,
-        out_shape=[jax.ShapeDtypeStruct((dp, fp), xp.dtype)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((dp, fp), xnp.dtype)] * 2,
         grid=(nd, nf, nt),
-        in_specs=[
-            pl.BlockSpec((bt, bd), lambda i, j, k: (k, i)),  # x [Mp, Dp]
-            pl.BlockSpec((bt, 2), lambda i, j, k: (k, 0)),  # stats [Mp, 2]
-            pl.BlockSpec((1, bd), lambda i, j, k: (0, i)),  # scale [1, Dp]
-            act, act],
+        in_specs=[pl.BlockSpec((bt, bd), lambda i, j, k: (k, i)), act, act],  # LN(x), d_gate, d_up
         out_specs=[out, out],
         scratch_shapes=[pltpu.VMEM((bd, bf), jnp.float32), pltpu.VMEM((bd, bf), jnp.float32)],
         compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_norm_swiglu_bwd_dw",
-    )(xp, sp, scp, d_gate, d_up)
+    )(xnp, d_gate, d_up)
 
 
 def _check_pallas(x, norm_scale, w_gate, w_up, block_sizes) -> BlockSizes:
@@ -460,14 +473,17 @@ def _norm_swiglu_bwd(settings: _Settings, residuals, dh):
     m, f = b * t, w_gate.shape[1]
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    xp, sp, scp, wgp, wup = _padded_operands(x.reshape(m, d), stats, norm_scale, w_gate, w_up,
-                                             bt, bf, bd)
+    x2 = x.reshape(m, d)  # [M, D]
+    xp, sp, scp, wgp, wup = _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd)
     dhp = tm.pad2(dh.reshape(m, f).astype(x.dtype), xp.shape[0], wgp.shape[1])
     with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
         d_gate, d_up = _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings)  # [Mp, Fp] each
         dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
-        dw_gate, dw_up = _bwd_dw_call(xp, sp, scp, d_gate, d_up, settings)  # [Dp, Fp] each
-        dx, dscale = _layer_norm_bwd(x.reshape(m, d), stats, norm_scale, dxn)
+        # LN(x) materialised once (one fused XLA pass): the dw kernel contracts over rows, so
+        # normalising in-kernel would re-read the per-row statistics for every (D, F) tile.
+        xnp = tm.pad2(_normalise_rows(x2, stats, norm_scale), *xp.shape)
+        dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
+        dx, dscale = _layer_norm_bwd(x2, stats, norm_scale, dxn)
     return dx.reshape(x.shape), dscale, dw_gate[:d, :f], dw_up[:d, :f]
 
 
