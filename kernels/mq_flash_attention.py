@@ -40,6 +40,10 @@ one fused XLA pass over do and o; a kernel of its own would save nothing):
     [block_q, K]; lse and delta are turned into columns once per query tile (one transpose).
     Same causal skipping as the forward.
 
+Causal tiles do unequal work; the parallel tile axis is walked 0, n-1, 1, n-2, ... so that the
+two TensorCores of a v4/v5p megacore, which take contiguous halves of a parallel axis, get
+equal work (`_balanced`).
+
 Shapes. Any B, H >= 1, T, S >= 1 (T != S allowed), any K. The wrapper pads the folded rows
 T*H, the key length S and the head dim K to the tiles (K to a multiple of 128, the lane
 width: K = 64, 128, 256 and small test sizes 8..32 all work). Padded keys are masked out of
@@ -48,17 +52,17 @@ are computed (q = 0, finite lse) and sliced off, and their zero cotangent adds n
 dk/dv. At PaLM shapes nothing is padded (T*H and S divide the tiles, K = 256).
 
 HBM traffic at PaLM-8B (B=1 per chip, T = S = 2048, H = 16, K = 256, bf16, causal), per layer:
-  unfused XLA (the reference): scores [B, H, T, S] f32 = 256 MiB written, read by the softmax,
-    probabilities written (256 MiB f32, or 128 MiB bf16 for the PV matmul) and read again;
-    about 4 x 256 MiB ~ 1 GiB forward, and the backward re-reads p and writes dp and ds of the
-    same size (~1.5 GiB more), plus q, k, v, o (~34 MiB).
+  unfused XLA (the reference): the scores [B, H, T, S] f32 (256 MiB) are written, read by the
+    max and the sum of the softmax and by its normalisation (3 x 256 MiB), and the bf16
+    probabilities are written and read by the PV matmul (2 x 128 MiB): ~1.25 GiB forward. Its
+    backward reads p and writes and reads dp and ds of the same [B, H, T, S] size: ~1.5 GiB.
   this kernel, forward: q 16 MiB + o 16 MiB + lse 0.125 MiB + K/V tiles re-read once per
     query tile: 32 query tiles (block_q = 1024 rows = 64 positions) x on average 2.5 of the
-    4 key tiles x 2 x 256 KiB = 40 MiB; ~72 MiB in all, about 14x less.
-  backward: dk/dv kernel reads q and do once per visited key tile (average 2.5 of 4 key
-    tiles: 2.5 x 32 MiB = 80 MiB) plus k, v, dk, dv (8 MiB); dq kernel reads q, do, writes dq
-    (48 MiB) and re-reads K/V per query tile (32 tiles x ~4.5 of 8 key tiles x 2 x 128 KiB =
-    36 MiB); delta reads do and o (32 MiB): ~205 MiB against ~2.5 GiB unfused.
+    4 key tiles x 2 x 256 KiB = 40 MiB; ~72 MiB in all, about 17x less.
+  backward: the dk/dv kernel reads q and do once per visited key tile (on average 2.5 of 4:
+    2.5 x 32 MiB = 80 MiB) plus k, v, dk, dv (4 MiB); the dq kernel reads q, do and writes dq
+    (48 MiB) and re-reads K/V per query tile (32 tiles x on average 4.5 of 8 key tiles x
+    2 x 128 KiB = 36 MiB); delta reads do and o (32 MiB): ~200 MiB, about 7x less.
 Every pallas_call passes a pl.CostEstimate with these counts (visited tiles counted exactly).
 
 VMEM (`vmem_estimate`; double-buffered in/out blocks + scratch + an allowance for the f32
@@ -216,8 +220,8 @@ class BlockSizes:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % LANES:
-                raise ValueError(
-                    f"BlockSizes.{field.name} must be a positive multiple of {LANES}, got {value!r}")
+                raise ValueError(f"BlockSizes.{field.name} must be a positive multiple of "
+                                 f"{LANES}, got {value!r}")
 
     @classmethod
     def get_default(
@@ -301,6 +305,27 @@ def _first_q_tile(j, block_q: int, block_k: int, num_heads: int):
     return lax.div(j * (block_k * num_heads), block_q)
 
 
+def _tile_visible(i, j, block_q: int, block_k: int, num_heads: int):
+    """Whether query tile i and key tile j share a visible pair under the causal mask: the
+    tile's last row sees the key tile's first key. Equivalent to j <= _last_kv_tile(i) and to
+    i >= _first_q_tile(j), with a multiplication instead of a division."""
+    return i * block_q + (block_q - 1) >= j * (block_k * num_heads)
+
+
+def _balanced(g, n, causal: bool):
+    """Grid index -> tile index along the parallel tile axis.
+
+    Causal tiles do unequal work (query tile i sees about i+1 key tiles, key tile j is seen by
+    about n-j query tiles), and a chip with two TensorCores (v4, v5p megacore) splits a
+    parallel grid axis into contiguous halves. Ordering the tiles 0, n-1, 1, n-2, ... gives
+    each half an equal mix of long and short tiles. A permutation for any n.
+    """
+    if not causal:
+        return g
+    half = lax.div(g, 2)
+    return jnp.where(lax.rem(g, 2) == 0, half, n - 1 - half)
+
+
 def _needs_mask(cfg: _Config, row0, col0, rows: int, cols: int):
     """Whether the [rows, cols] tile at (row0, col0) crosses the diagonal or holds padded keys.
 
@@ -357,7 +382,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, c
     m_scr/l_scr [bq, 128] (lane-replicated running max and sum), acc_scr [bq, K] f32.
     """
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-    i, j = pl.program_id(1), pl.program_id(2)
+    i = _balanced(pl.program_id(1), pl.num_programs(1), cfg.causal)
+    j = pl.program_id(2)
 
     @pl.when(j == 0)
     def _init():
@@ -382,7 +408,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, c
         pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [bq, K]
         acc_scr[...] = acc_scr[...] * alpha[:, :1] + pv
 
-    needed = j <= _last_kv_tile(i, bq, bk, cfg.num_heads) if cfg.causal else None
+    needed = _tile_visible(i, j, bq, bk, cfg.num_heads) if cfg.causal else None
     _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
 
     @pl.when(j == pl.num_programs(2) - 1)
@@ -400,10 +426,16 @@ def _forward(q, k, v, cfg: _Config):
     n_q, n_k = rows // bq, pl.cdiv(cfg.kv_len, bk)  # key tiles of padding only: never visited
     heads = cfg.num_heads
 
-    def kv_map(b, i, j):
+    def q_map(b, g, j):
+        return b, _balanced(g, n_q, cfg.causal), 0
+
+    def kv_map(b, g, j):
         if cfg.causal:  # past the diagonal keep the last visible tile: no new DMA
-            j = jnp.minimum(j, _last_kv_tile(i, bq, bk, heads))
+            j = jnp.minimum(j, _last_kv_tile(_balanced(g, n_q, True), bq, bk, heads))
         return b, j, 0
+
+    def lse_map(b, g, j):
+        return b, 0, _balanced(g, n_q, cfg.causal)
 
     visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
     item = q.dtype.itemsize
@@ -419,11 +451,11 @@ def _forward(q, k, v, cfg: _Config):
             out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                        jax.ShapeDtypeStruct((batch, 1, rows), jnp.float32)),
             grid=(batch, n_q, n_k),
-            in_specs=[pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, i, j: (b, i, 0)),
+            in_specs=[pl.BlockSpec((pl.Squeezed(), bq, kp), q_map),
                       pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map),
                       pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map)],
-            out_specs=(pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, i, j: (b, i, 0)),
-                       pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, i, j: (b, 0, i))),
+            out_specs=(pl.BlockSpec((pl.Squeezed(), bq, kp), q_map),
+                       pl.BlockSpec((pl.Squeezed(), 1, bq), lse_map)),
             scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, kp), jnp.float32)],
@@ -445,7 +477,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dk_ref/dv_ref [bk, K], dk_scr/dv_scr [bk, K] f32. Scores are transposed, [bk, bq].
     """
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
-    j, i = pl.program_id(1), pl.program_id(2)
+    j = _balanced(pl.program_id(1), pl.num_programs(1), cfg.causal)
+    i = pl.program_id(2)
 
     @pl.when(i == 0)
     def _init():
@@ -465,7 +498,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
     needed = j * bk < cfg.kv_len  # key tiles of padding only: their dk, dv are sliced off
     if cfg.causal:
-        needed = jnp.logical_and(needed, i >= _first_q_tile(j, bq, bk, cfg.num_heads))
+        needed = jnp.logical_and(needed, _tile_visible(i, j, bq, bk, cfg.num_heads))
     _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
 
     @pl.when(i == pl.num_programs(2) - 1)
@@ -480,15 +513,16 @@ def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
     n_q, n_k = rows // bq, k.shape[1] // bk
     heads = cfg.num_heads
 
-    def q_index(j, i):
+    def q_index(g, i):
         if cfg.causal:  # before the diagonal stay on the first query tile that sees key tile j
-            first = jnp.minimum(_first_q_tile(j, bq, bk, heads), n_q - 1)
-            i = jnp.maximum(i, first)
+            first = _first_q_tile(_balanced(g, n_k, True), bq, bk, heads)
+            i = jnp.maximum(i, jnp.minimum(first, n_q - 1))
         return i
 
-    q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, j, i: (b, q_index(j, i), 0))
-    row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, j, i: (b, 0, q_index(j, i)))
-    kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp), lambda b, j, i: (b, j, 0))
+    q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, g, i: (b, q_index(g, i), 0))
+    row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, g, i: (b, 0, q_index(g, i)))
+    kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp),
+                           lambda b, g, i: (b, _balanced(g, n_k, cfg.causal), 0))
     visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
     item = q.dtype.itemsize
     cost = pl.CostEstimate(
@@ -525,7 +559,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, 
     dq_scr [bq, K] f32, lse_scr/delta_scr [bq, 128] (the rows turned into columns once).
     """
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-    i, j = pl.program_id(1), pl.program_id(2)
+    i = _balanced(pl.program_id(1), pl.num_programs(1), cfg.causal)
+    j = pl.program_id(2)
 
     @pl.when(j == 0)
     def _init():
@@ -544,7 +579,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, 
         ds = p * (dp - delta_scr[...][:, :1])
         dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    needed = j <= _last_kv_tile(i, bq, bk, cfg.num_heads) if cfg.causal else None
+    needed = _tile_visible(i, j, bq, bk, cfg.num_heads) if cfg.causal else None
     _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
 
     @pl.when(j == pl.num_programs(2) - 1)
@@ -558,13 +593,19 @@ def _backward_dq(q, k, v, do, lse, delta, cfg: _Config):
     n_q, n_k = rows // bq, pl.cdiv(cfg.kv_len, bk)
     heads = cfg.num_heads
 
-    def kv_map(b, i, j):
+    def kv_map(b, g, j):
         if cfg.causal:
-            j = jnp.minimum(j, _last_kv_tile(i, bq, bk, heads))
+            j = jnp.minimum(j, _last_kv_tile(_balanced(g, n_q, True), bq, bk, heads))
         return b, j, 0
 
-    q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, i, j: (b, i, 0))
-    row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, i, j: (b, 0, i))
+    def q_map(b, g, j):
+        return b, _balanced(g, n_q, cfg.causal), 0
+
+    def row_map(b, g, j):
+        return b, 0, _balanced(g, n_q, cfg.causal)
+
+    q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), q_map)
+    row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), row_map)
     kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map)
     visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
     item = q.dtype.itemsize
@@ -643,7 +684,8 @@ def mq_flash_attention_pallas_tpu(
     if min(batch, q_len, heads, head_dim, kv_len) == 0:
         raise ValueError(f"mq_flash_attention: empty dimension in {q.shape=} or {k.shape=}")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"mq_flash_attention: block_sizes must be a BlockSizes, got {block_sizes!r}")
+        raise ValueError(
+            f"mq_flash_attention: block_sizes must be a BlockSizes, got {block_sizes!r}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     rows = q_len * heads
     if block_sizes is None:
