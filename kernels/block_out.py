@@ -11,6 +11,34 @@ with C innermost; its first H*K / bk steps read tiles of o and wo, the rest tile
 w_down, all into one float32 accumulator [bt, bd]. The index maps clamp the idle pair to the
 tile it holds at the phase boundary, so Pallas (which skips a copy when a block index repeats)
 fetches no tile twice. The last step adds the residual x and writes the result once.
+
+Backward: dx = dy (the residual path), do = dy·woᵀ, dh = dy·w_downᵀ, dwo = oᵀ·dy,
+dw_down = hᵀ·dy, all plain matmuls; none has a large intermediate to keep out of HBM, so
+Pallas is used only where it saves bytes:
+- `palm_block_out_bwd_dact` (Pallas): do and dh in one kernel over the output axis
+  C = [H*K | F] (the forward's trick, on the output side), contracting over D. When one D
+  tile spans all of D (the PaLM-8B default, block_d_bwd = 4096), the dy row tile's block
+  index is the same for every C tile, so each dy row is read from HBM once; two separate
+  512-tiled matmuls re-read it once per output column tile (40 times at PaLM-8B).
+- jnp (XLA): dwo and dw_down, contractions over the rows M = B*T. They read o, h and dy once
+  per output tile whatever runs them and write nothing intermediate, so a Pallas kernel would
+  move the same bytes as XLA's matmul emitter.
+
+VMEM (bf16, `vmem_bytes`: double-buffered blocks plus the float32 accumulator): forward
+7.0 MiB at both PaLM-8B and 540B; backward 12.75 MiB at PaLM-8B (a [512, 4096] dy row tile,
+[128, 4096] weight tiles) and 6.0 MiB at PaLM-540B (512 tiles: a full D = 18432 row tile
+would need 36 MiB); temporaries are small (the [bt, bc] dot result). All inside the 16 MiB
+default scoped VMEM of v4/v5e.
+
+HBM bytes at PaLM-8B (B=1, T=2048, D=4096, H*K=4096, F=16384, bf16), each tensor counted once:
+- forward: reads x 16 + o 16 + h 64 + wo 32 + w_down 128, writes 16: 272 MiB. The unfused
+  XLA sequence of the reference writes the float32 o·wo and h·w_down (2 x 32 MiB) and reads
+  them back with x: 400 MiB (336 MiB with bf16 intermediates). Saved: 128 MiB (64 MiB).
+- backward: do/dh kernel 16 (dy once) + 160 (weights) + 80 (do, dh) = 256 MiB, weight
+  gradients 272 MiB: 528 MiB against 544 MiB for separate XLA matmuls (one dy read fewer).
+  The tiled traffic is where it pays: 736 MiB for the kernel (the CostEstimate: weights
+  re-read per 512-row tile) against 1360 MiB for two 512-tiled matmuls, whose dy re-reads
+  alone are 640 MiB.
 """
 
 from __future__ import annotations

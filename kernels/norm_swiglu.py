@@ -3,7 +3,7 @@
 PaLM (section 2) uses SwiGLU, `silu(h·w_gate) * (h·w_up)`; fused, the [.., 2F] pre-activations
 never reach HBM.
 
-Pallas TPU forward (`palm_norm_swiglu_fwd`). Rows are the flattened B*T axis (M). The grid is
+Forward, `palm_norm_swiglu_fwd` (Pallas TPU). Rows are the flattened B*T axis (M). The grid is
 (M / bt, F / bf, D / bd) with D, the contraction, innermost: each step normalises an x tile
 [bt, bd] on the fly and adds its products with the w_gate and w_up tiles [bd, bf] into two
 float32 accumulators [bt, bf]; the last D step applies `silu(gate) * up` and writes h once.
@@ -15,7 +15,40 @@ alternative, a full-D x row tile in VMEM, does not fit at PaLM-540B: D = 18432 b
 weight tile. Tiling D keeps VMEM independent of D, and re-normalising a tile is a few VPU ops
 per element against 2 * 2 * bf MXU flops, so recomputing it for every F tile is free.
 Statistics are computed exactly as `layer_norm_f32` does (mean, then the mean of squared
-deviations), so the kernel sees the reference's values.
+deviations), so the kernel sees the reference's values. The kernels get them lane-replicated
+(`_lane_stats`), fetched once per row tile.
+
+Backward. The forward saves x and the statistics only (not LN(x), gate or up). Then:
+- `palm_norm_swiglu_bwd_gates` (Pallas): the forward's grid, recomputing gate and up tile by
+  tile; its epilogue turns dh into d_gate = dh * up * silu'(gate) and d_up = dh * silu(gate)
+  (rounded to x's dtype for the MXU). The pre-activations exist only in VMEM.
+- `palm_norm_swiglu_bwd_dx` (Pallas): dLN = d_gate·w_gateᵀ + d_up·w_upᵀ, both products into
+  one float32 tile, grid (M, D, F) contracting over F.
+- `palm_norm_swiglu_bwd_dw` (Pallas): d_w_gate = LN(x)ᵀ·d_gate and d_w_up = LN(x)ᵀ·d_up
+  from one read of each LN(x) tile, grid (D, F, M) contracting over rows. LN(x) is
+  materialised once by XLA for it (M*D elements, 16 MiB at PaLM-8B): normalising in-kernel
+  would re-read the per-row statistics for every (D, F) tile (512 MiB at PaLM-8B).
+- jnp (XLA): the LayerNorm backward (dx, d_norm_scale). It needs row reductions over all of
+  D, which no D-tiled kernel sees; it is one elementwise-and-reduce pass over [M, D] (about
+  64 MiB at PaLM-8B against the kernels' gigabytes), which XLA fuses well.
+Recomputing gate and up costs 4*M*D*F extra FLOPs (the backward does 12*M*D*F instead of
+8*M*D*F) and buys 2*M*F fewer activations kept alive per layer (128 MiB bf16 at PaLM-8B,
+B=1), and the forward's HBM savings below.
+
+VMEM (bf16, `vmem_bytes`: double-buffered blocks plus scratch; the same at PaLM-8B and 540B,
+as no tile depends on D or F): forward 7.0 MiB, bwd_gates 9.0 MiB, bwd_dx 6.0 MiB, bwd_dw
+7.0 MiB, plus in-kernel temporaries (the float32 LN(x) tile and dot results, up to ~4 MiB);
+inside the 16 MiB default scoped VMEM of v4/v5e.
+
+HBM bytes at PaLM-8B (B=1, T=2048, D=4096, F=16384, bf16), counting each tensor once
+(compulsory traffic; tile re-reads, which any tiled matmul has, are in the CostEstimates):
+- forward: stats pass 16 MiB (read x) + kernel 16 (x) + 256 (w_gate, w_up) + 64 (write h)
+  + 4 (stats) = 356 MiB. The unfused XLA sequence of the reference writes LN(x) (16 MiB) and
+  float32 gate and up (2 x 128 MiB), and reads them back: 896 MiB (640 MiB with bf16
+  pre-activations). Saved: 540 MiB (284 MiB).
+- backward: 466 (gates) + 416 (dx) + 400 (dw) + 32 (LN(x)) + 64 (LayerNorm backward)
+  = 1378 MiB, against about 1760 MiB for XLA's autodiff of the reference (it reads the saved
+  float32 gate and up and writes float32 d_gate and d_up; 1248 MiB in bf16).
 """
 
 from __future__ import annotations
@@ -138,13 +171,15 @@ class BlockSizes:
     def get_default(cls, rows: int, d_model: int, d_ff: int, dtype=jnp.bfloat16) -> "BlockSizes":
         """512-wide tiles (they divide every PaLM shape), shrunk to fit small shapes.
 
-        VMEM at the default (bf16): forward 6.5 MiB, backward kernels at most 8 MiB; see
-        `vmem_bytes`. Independent of D and F, so the same at PaLM-8B and PaLM-540B.
+        VMEM at the default (bf16): at most 9 MiB per kernel (module docstring, `vmem_bytes`),
+        independent of D and F, so the same at PaLM-8B and PaLM-540B. The backward row tile is
+        a multiple of 128 even for short inputs: the dw kernel transposes a [block_t_bwd,
+        block_d_bwd] tile, and Mosaic transposes lane-aligned tiles best.
         """
         bt = tm.pick_block(rows, 512, tm.sublane(dtype))
         bf = tm.pick_block(d_ff, 512, tm.LANE)
         bd = tm.pick_block(d_model, 512, tm.LANE)
-        return cls(bt, bf, bd, bt, bf, bd)
+        return cls(bt, bf, bd, tm.pick_block(rows, 512, tm.LANE), bf, bd)
 
 
 def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:

@@ -168,5 +168,7 @@ def test_export_grad(model):
     def loss(*args):
         return jnp.sum(_native(*args).astype(jnp.float32))
 
-    text = export_for_tpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), *_structs(*PALM[model]))
-    assert mosaic_kernel_names(text) == ["palm_block_out_fwd", "palm_block_out_bwd_dact"]
+    for kind in TPU_GENERATIONS:
+        text = export_for_tpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)),
+                              *_structs(*PALM[model]), device_kind=kind)
+        assert mosaic_kernel_names(text) == ["palm_block_out_fwd", "palm_block_out_bwd_dact"]

@@ -121,7 +121,7 @@ def test_default_block_sizes():
         assert max(ns.vmem_bytes(bs, jnp.bfloat16).values()) <= 16 * 2**20
     # Small shapes shrink to one aligned tile.
     bs = ns.BlockSizes.get_default(20, 40, 200, jnp.bfloat16)
-    assert (bs.block_t, bs.block_d, bs.block_f) == (32, 128, 256)
+    assert (bs.block_t, bs.block_d, bs.block_f, bs.block_t_bwd) == (32, 128, 256, 128)
     # Awkward large axes pick the tile that pads least.
     assert ns.BlockSizes.get_default(2048, 640, 1000).block_d == 128
     assert ns.BlockSizes.get_default(2048, 640, 1000).block_f == 512
@@ -174,9 +174,11 @@ def test_export_grad(model):
 
     # value_and_grad: jax.grad alone drops the forward kernel, whose output it never needs
     # (the backward recomputes gate and up from x and the statistics).
-    text = export_for_tpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), *_structs(*PALM[model]))
-    assert mosaic_kernel_names(text) == ["palm_norm_swiglu_fwd", "palm_norm_swiglu_bwd_gates",
-                                         "palm_norm_swiglu_bwd_dx", "palm_norm_swiglu_bwd_dw"]
+    for kind in TPU_GENERATIONS:
+        text = export_for_tpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)),
+                              *_structs(*PALM[model]), device_kind=kind)
+        assert mosaic_kernel_names(text) == ["palm_norm_swiglu_fwd", "palm_norm_swiglu_bwd_gates",
+                                             "palm_norm_swiglu_bwd_dx", "palm_norm_swiglu_bwd_dw"]
     text = export_for_tpu(jax.grad(loss, argnums=(0, 1, 2, 3)), *_structs(*PALM[model]))
     assert mosaic_kernel_names(text) == ["palm_norm_swiglu_bwd_gates", "palm_norm_swiglu_bwd_dx",
                                          "palm_norm_swiglu_bwd_dw"]
