@@ -1,0 +1,207 @@
+"""tools/profile.py and tools/bench_report.py: run as users run them, on CPU."""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _load_profile_module():
+    """tools/profile.py as a module; not as `profile`, which is the standard library's."""
+    spec = importlib.util.spec_from_file_location("palm_tools_profile", TOOLS / "profile.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------
+# profile.py
+
+def test_profile_train_tiny_writes_trace_and_summary(tmp_path):
+    out = tmp_path / "trace"
+    result = _run(str(TOOLS / "profile.py"), "--preset", "tiny", "--what", "train", "--steps", "2",
+                  "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    traces = list(out.glob("plugins/profile/*/*.trace.json.gz"))
+    assert traces, f"no trace under {out}"
+    with gzip.open(traces[0], "rt") as f:
+        assert json.load(f)["traceEvents"]
+    assert list(out.glob("plugins/profile/*/perfetto_trace.json.gz"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ops"] and summary["ops"][0]["ms_per_step"] > 0
+    assert summary["ops"][0]["op"] in result.stdout
+    assert summary["step_ms"] > 0 and summary["mfu"] is None  # CPU: no known peak
+    assert f"tensorboard --logdir {out}" in result.stdout
+    assert "MFU n/a" in result.stdout
+
+
+def test_profile_rejects_bad_input(tmp_path):
+    result = _run(str(TOOLS / "profile.py"), "--preset", "tiny", "--seq-len", "65", "--out", str(tmp_path))
+    assert result.returncode == 2 and "max_seq_len" in result.stderr
+
+
+def _has_impl(kernel: str, impl: str) -> bool:
+    return impl in importlib.import_module(f"kernels.{kernel}")._PALLAS
+
+
+def _block_kernels_missing(impl: str) -> list[str]:
+    """The kernels palm.forward calls that lack impl."""
+    return [k for k in ("norm_qkv_rope", "mq_flash_attention", "norm_swiglu", "block_out") if not _has_impl(k, impl)]
+
+
+def test_profile_names_our_kernels_with_pallas_tpu(tmp_path):
+    """The whole model in TPU interpret mode: the summary must name palm_* kernels."""
+    missing = _block_kernels_missing("pallas_tpu")
+    if missing:
+        pytest.skip(f"pallas_tpu not implemented yet in {', '.join(missing)}")
+    out = tmp_path / "trace"
+    result = _run(str(TOOLS / "profile.py"), "--preset", "tiny", "--what", "forward", "--impl", "pallas_tpu",
+                  "--steps", "1", "--warmup", "1", "--batch-size", "1", "--seq-len", "16", "--out", str(out),
+                  timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kernels"], result.stdout
+    assert any(k["kernel"].startswith("palm_") for k in summary["kernels"])
+    assert "palm_" in result.stdout
+
+
+def test_profile_summary_names_a_pallas_kernel(tmp_path):
+    """One kernel, forward and backward, in interpret mode: each pallas_call is recognisable."""
+    if not _has_impl("norm_swiglu", "pallas_tpu"):
+        pytest.skip("norm_swiglu has no pallas_tpu implementation")
+    profile = _load_profile_module()
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (1, 16, 128))
+    scale = jnp.ones((128,))
+    w = jax.random.normal(keys[1], (128, 128)) * 0.1
+    fn = jax.jit(jax.grad(lambda x, w: kernels.norm_swiglu(x, scale, w, w, eps=1e-6, impl="pallas_tpu").sum(),
+                          argnums=(0, 1)))
+    jax.block_until_ready(fn(x, w))
+    run_dir = profile.capture(fn, lambda i: (x, w), 1, tmp_path)
+    summary = profile.summarize(run_dir, [fn.lower(x, w).compile().as_text()], 1)
+    names = {k["kernel"] for k in summary["kernels"]}
+    assert "palm_norm_swiglu_fwd" in names, names
+    assert any(name.startswith("palm_norm_swiglu_bwd") for name in names), names
+    assert "palm_norm_swiglu_fwd" in profile.format_summary(summary)
+
+
+def test_self_times_charge_nested_ops_to_themselves():
+    profile = _load_profile_module()
+    events = [
+        {"pid": 1, "tid": 1, "ts": 0.0, "dur": 10.0, "name": "while"},
+        {"pid": 1, "tid": 1, "ts": 1.0, "dur": 3.0, "name": "a"},
+        {"pid": 1, "tid": 1, "ts": 5.0, "dur": 4.0, "name": "b"},
+        {"pid": 1, "tid": 1, "ts": 6.0, "dur": 1.0, "name": "c"},
+        {"pid": 1, "tid": 2, "ts": 2.0, "dur": 5.0, "name": "other thread"},
+    ]
+    self_time = {e["name"]: t for e, t in profile._self_times(events)}
+    assert self_time == {"while": 3.0, "a": 3.0, "b": 3.0, "c": 1.0, "other thread": 5.0}
+
+
+def test_hlo_ops_resolve_names_scopes_and_source_lines():
+    profile = _load_profile_module()
+    hlo = "\n".join([
+        "HloModule jit_step, is_scheduled=true",
+        "",
+        "FileNames",
+        '1 "/work/palm/model.py"',
+        '2 "/work/kernels/_common.py"',
+        "",
+        "FunctionNames",
+        '1 "_block"',
+        '2 "matmul_f32"',
+        "",
+        "FileLocations",
+        "1 {file_name_id=1 function_name_id=1 line=87 end_line=87 column=1 end_column=2}",
+        "2 {file_name_id=2 function_name_id=2 line=93 end_line=93 column=1 end_column=2}",
+        "",
+        "StackFrames",
+        "1 {file_location_id=1 parent_frame_id=1}",
+        "2 {file_location_id=2 parent_frame_id=2}",
+        "",
+        "ENTRY %main (p: f32[4]) -> f32[4] {",
+        '  %fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/palm_rope_fwd bt=8/'
+        'palm_rope_fwd/mul" stack_frame_id=2}',
+        '  ROOT %dot.1 = f32[4]{0} dot(%fusion.3), metadata={op_name="jit(step)/dot_general"}',
+        "}",
+    ])
+    ops = profile.hlo_ops([hlo])
+    fusion = ops[("jit_step", "fusion.3")]
+    assert profile.kernel_of(fusion.op_name) == "palm_rope_fwd"
+    assert fusion.location == "model.py:87 _block"  # past the _common.py helper to its caller
+    assert ops[("jit_step", "dot.1")].op_name == "jit(step)/dot_general"
+    assert profile.kernel_of(ops[("jit_step", "dot.1")].op_name) is None
+
+
+# ------------------------------------------------------------------------------------------
+# bench_report.py
+
+def _benchmark(name, median, **extra_info):
+    return {"name": name, "stats": {"median": median}, "extra_info": extra_info}
+
+
+def _results(path: Path, benchmarks: list[dict]) -> Path:
+    path.write_text(json.dumps({"datetime": "2026-01-01T00:00:00", "benchmarks": benchmarks}))
+    return path
+
+
+def test_bench_report_table(tmp_path):
+    results = _results(tmp_path / "a.json", [
+        _benchmark("test_mq_flash_attention[xla-fwd-B1-T2048-H16-K256-bfloat16]", 0.002,
+                   device_kind="NVIDIA H100 80GB HBM3", jax_version="0.11.2", flops=2.2e11, bytes=3.4e7,
+                   tflops=110.0, gbps=17.0, roofline_fraction=0.28),
+        _benchmark("test_train_step[demo-xla-B4-T128-float32]", 0.5, device_kind="NVIDIA H100 80GB HBM3",
+                   flops=1e10, bytes=1e8, roofline_fraction=None, tokens_per_s=1024.0, mfu=None),
+        _benchmark("test_mq_decode_attention[xla-B8-S2048-H16-K256-bfloat16]", 0.0001, ms_per_token=0.1),
+    ])
+    result = _run(str(TOOLS / "bench_report.py"), str(results))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "NVIDIA H100 80GB HBM3" in lines[0] and "0.11.2" in lines[0]
+    row = next(line for line in lines if "mq_flash_attention" in line).split()
+    assert row[1:5] == ["2", "110", "17", "28.0%"]
+    train = next(line for line in lines if "train_step" in line)
+    assert "n/a" in train and "1,024 tok/s" in train and "MFU n/a" in train
+    assert train.split()[1:4] == ["500", "0.02", "0.2"]  # TFLOP/s, GB/s computed from flops / median when not stored
+    assert "0.1 ms/token" in next(line for line in lines if "decode" in line)
+
+
+def test_bench_report_compares_two_runs(tmp_path):
+    a = _results(tmp_path / "a.json", [_benchmark("test_x[xla]", 0.004, tflops=1.0, roofline_fraction=0.1),
+                                       _benchmark("test_only_a", 0.001)])
+    b = _results(tmp_path / "b.json", [_benchmark("test_x[xla]", 0.002, tflops=2.0, roofline_fraction=0.2),
+                                       _benchmark("test_only_b", 0.003)])
+    result = _run(str(TOOLS / "bench_report.py"), str(a), str(b))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("A = ") and lines[1].startswith("B = ")
+    both = next(line for line in lines if line.startswith("test_x[xla]")).split()
+    assert both[1:] == ["4", "2", "2.00x", "1", "2", "10.0%", "20.0%"]
+    assert next(line for line in lines if line.startswith("test_only_a")).split()[2] == "-"
+    assert next(line for line in lines if line.startswith("test_only_b")).split()[1] == "-"
+
+
+def test_bench_report_rejects_other_json(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    result = _run(str(TOOLS / "bench_report.py"), str(path))
+    assert result.returncode != 0 and "not pytest-benchmark JSON" in result.stderr
