@@ -219,17 +219,31 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
     def tile(rows, cols, itemsize=isz):
         return _round_up(rows, 32 // itemsize) * _round_up(cols, 128) * itemsize
 
-    def sizes(bm, hb, td):
-        bm, hb, td = min(bm, _round_up(m, sub)), min(hb, h), min(td, d)
-        bn = hb * k
-        column = 2 * tile(bm, 1, 4)  # a double-buffered [rows, 1] f32/int32 block
-        forward = (2 * (tile(bm, td) + tile(td, bn) + 2 * tile(td, k) + tile(1, td))
-                   + 3 * column + 2 * (tile(bm, bn) + 2 * tile(bm, k))
-                   + tile(bm, bn, 4) + 2 * tile(bm, k, 4) + 2 * tile(bm, k, 4))
-        return forward
+    def clip(bm, hb, td):
+        return min(bm, _round_up(m, sub)), min(hb, h), min(td, d)
 
-    fwd = sizes(blocks.block_rows, blocks.block_heads, blocks.block_d)
-    return {"forward": fwd, "max": fwd}
+    column = 2 * tile(8, 1, 4) // 8  # per row: a double-buffered [rows, 1] f32/int32 block
+    freq = 2 * tile(1, k, 4)
+
+    bm, hb, td = clip(blocks.block_rows, blocks.block_heads, blocks.block_d)
+    bn = hb * k
+    forward = (3 * column * bm + freq
+               + 2 * (tile(bm, td) + tile(1, td) + tile(td, bn) + 2 * tile(td, k))  # inputs
+               + 2 * (tile(bm, bn) + 2 * tile(bm, k))  # q, k, v blocks
+               + tile(bm, bn, 4) + 4 * tile(bm, k, 4))  # accumulators, cos/sin
+
+    bm, hb, td = clip(blocks.block_rows_bwd, blocks.block_heads_bwd, blocks.block_d_bwd)
+    bn = hb * k
+    bwd_dx = (column * bm + freq
+              + 2 * (tile(bm, bn) + 2 * tile(bm, k) + tile(td, bn) + 2 * tile(td, k))  # inputs
+              + 2 * (tile(bm, td) + tile(bm, bn) + tile(bm, k))  # dh, rotated dq and dk
+              + tile(bm, td, 4) + tile(bm, bn) + 2 * tile(bm, k, 4))  # acc, dq tile, cos/sin
+    bwd_dw = (2 * column * bm
+              + 2 * (tile(1, td) + tile(bm, td) + tile(bm, bn) + 2 * tile(bm, k))  # inputs
+              + 2 * (tile(td, bn) + 2 * tile(td, k))  # dwq, dwk, dwv blocks
+              + tile(td, bn, 4) + 2 * tile(td, k, 4))  # accumulators
+    return {"forward": forward, "bwd_dx": bwd_dx, "bwd_dw": bwd_dw,
+            "max": max(forward, bwd_dx, bwd_dw)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,6 +430,290 @@ def _forward(config: _Config, x, norm_scale, wq, wk, wv, positions):
     return out, (mean, rstd)
 
 
+# ----------------------------------------------------------------------------------------------
+# Backward. With g = [R^-1 dq | R^-1 dk | dv] (R^-1: RoPE by -angle, the transpose of R):
+#   dh = g · [wq | wk | wv]^T        [M, D]    kernel palm_norm_qkv_rope_bwd_dx
+#   dW = h^T · g                     [D, (H+2)K] kernel palm_norm_qkv_rope_bwd_dw
+#   dx, dscale = LayerNorm backward of dh           jnp (XLA)
+#
+# bwd_dx applies R^-1 to each dq/dk tile in its prologue (cos/sin once per row tile, cached as
+# in the forward) and, on its first pass over D, also writes the rotated tiles out. bwd_dw
+# reads those instead of rotating again: its grid walks the rows innermost, so it would need
+# cos/sin for a new row tile at every step (sin and cos are VPU polynomials, tens of operations
+# per lane: more vector work per step than the MXU's), while writing the rotated cotangents
+# costs one extra M x (H+1)K write (17 MiB at PaLM-8B). bwd_dw recomputes h = LN(x) from x and
+# the saved row statistics, so h never reaches HBM in either direction.
+#
+# The rotated cotangents are rounded to x's dtype: they feed the MXU in that dtype, as bf16 x
+# bf16 products; dh is rounded to x's dtype once (the reference, whose h is in x's dtype, gets
+# its cotangent in that dtype too, rounded per projection).
+#
+# The LayerNorm backward stays in jnp: it needs full-row reductions over D (mean of dxhat and of
+# dxhat * xhat) that a D-tiled kernel cannot finish in its epilogue, plus a column reduction
+# for dscale; it is memory-bound elementwise work that XLA fuses into a couple of passes over
+# dh and x (~4 x 16 MiB at PaLM-8B), small next to the two matmul kernels.
+# ----------------------------------------------------------------------------------------------
+
+
+def _bwd_dx_kernel(pos_ref, freq_ref, dq_ref, dk_ref, dv_ref, wq_ref, wk_ref, wv_ref,
+                   dh_ref, dqr_ref, dkr_ref, acc_ref, gq_ref, cos_ref, sin_ref,
+                   *, nq: int, h_tail: int, block_heads: int, head_dim: int):
+    # Grid (row tile i, D tile e, column tile j in [0, nq]: the contraction). Refs:
+    # pos [bm, 1]; freq [1, K] (inverse); dq [bm, hb*K]; dk, dv [bm, K]; wq [td, hb*K];
+    # wk, wv [td, K]; dh [bm, td]; dqr [bm, hb*K] and dkr [bm, K], the rotated cotangents.
+    # Scratch: acc [bm, td] f32, gq [bm, hb*K] (rotated dq tile), cos/sin [bm, K] f32.
+    e, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when((e == 0) & (j == 0))
+    def _angles():
+        angles = pos_ref[...].astype(jnp.float32) * freq_ref[...]
+        cos_ref[...] = jnp.cos(angles)
+        sin_ref[...] = jnp.sin(angles)
+
+    @pl.when(j == 0)
+    def _zero():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(j < nq)
+    def _q_heads():
+        cos, sin = cos_ref[...], sin_ref[...]
+        for head in range(block_heads):
+            cols = slice(head * head_dim, (head + 1) * head_dim)
+            g = rotate_half(dq_ref[:, cols].astype(jnp.float32), cos, sin)
+            gq_ref[:, cols] = g.astype(gq_ref.dtype)
+        gq, wq = gq_ref[...], wq_ref[...]
+        if h_tail:  # heads past H in the last tile: garbage on both sides of the contraction
+            valid = jnp.where(j == nq - 1, h_tail * head_dim, gq.shape[1])
+            gq, wq = _mask_tail(gq, 1, valid), _mask_tail(wq, 1, valid)
+        acc_ref[...] += _dot(gq, wq, 1, 1)
+
+        @pl.when(e == 0)
+        def _emit():
+            dqr_ref[...] = gq_ref[...]
+
+    @pl.when(j == nq)
+    def _kv():
+        gk = rotate_half(dk_ref[...].astype(jnp.float32), cos_ref[...], sin_ref[...])
+        gk = gk.astype(dk_ref.dtype)
+        acc = acc_ref[...] + _dot(gk, wk_ref[...], 1, 1) + _dot(dv_ref[...], wv_ref[...], 1, 1)
+        dh_ref[...] = acc.astype(dh_ref.dtype)
+
+        @pl.when(e == 0)
+        def _emit():
+            dkr_ref[...] = gk
+
+
+def _bwd_dw_kernel(mean_ref, rstd_ref, scale_ref, x_ref, gq_ref, gk_ref, gv_ref,
+                   dwq_ref, dwk_ref, dwv_ref, acc_q, acc_k, acc_v, *, nq: int, nm: int,
+                   m_tail: int):
+    # Grid (D tile e, column tile j in [0, nq], row tile r: the contraction). Refs:
+    # mean/rstd [bm, 1]; scale [1, td]; x [bm, td]; gq [bm, hb*K] and gk, gv [bm, K] (the
+    # rotated cotangents and dv); dwq [td, hb*K]; dwk, dwv [td, K]. Scratch: f32 accumulators.
+    j, r = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(r == 0)
+    def _zero():
+        acc_q[...] = jnp.zeros_like(acc_q)
+        acc_k[...] = jnp.zeros_like(acc_k)
+        acc_v[...] = jnp.zeros_like(acc_v)
+
+    h = _normalise(x_ref, mean_ref, rstd_ref, scale_ref, x_ref.dtype)  # [bm, td]
+    if m_tail:  # rows past M in the last tile: garbage on both sides of the contraction
+        valid_rows = jnp.where(r == nm - 1, m_tail, h.shape[0])
+        h = _mask_tail(h, 0, valid_rows)
+
+    def cotangent(ref):
+        return _mask_tail(ref[...], 0, valid_rows) if m_tail else ref[...]
+
+    @pl.when(j < nq)
+    def _q_heads():
+        acc_q[...] += _dot(h, cotangent(gq_ref), 0, 0)  # h^T g: [td, hb*K]
+
+    @pl.when(j == nq)
+    def _kv():
+        acc_k[...] += _dot(h, cotangent(gk_ref), 0, 0)
+        acc_v[...] += _dot(h, cotangent(gv_ref), 0, 0)
+
+    last = r == nm - 1
+
+    @pl.when(last & (j < nq))
+    def _write_q():
+        dwq_ref[...] = acc_q[...].astype(dwq_ref.dtype)
+
+    @pl.when(last & (j == nq))
+    def _write_kv():
+        dwk_ref[...] = acc_k[...].astype(dwk_ref.dtype)
+        dwv_ref[...] = acc_v[...].astype(dwv_ref.dtype)
+
+
+def _bwd_dx_call(config: _Config, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
+    """dh [M, D] = g · W^T, and the rotated cotangents R^-1 dq [M, H*K], R^-1 dk [M, K]."""
+    m, k = dk2.shape
+    d = wk.shape[0]
+    bs = config.block_sizes
+    bm, hb, td = min(bs.block_rows_bwd, m), min(bs.block_heads_bwd, h), min(bs.block_d_bwd, d)
+    if config.interpret is False:
+        _check_native_blocks(m, d, h, k, bm, hb, td, dq2.dtype)
+    bn = hb * k
+    nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+
+    def q_cols(i, e, j):  # parked on its last block during the k/v step
+        return i, jnp.minimum(j, nq - 1)
+
+    def rotated_q(i, e, j):  # written on the first pass over D only, parked afterwards
+        return i, jnp.where(e == 0, jnp.minimum(j, nq - 1), nq - 1)
+
+    row = lambda i, e, j: (i, 0)  # noqa: E731
+    isz = dq2.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=2 * m * d * (h + 2) * k + 3 * m * (h + 1) * k * nd,
+        transcendentals=2 * m * k,
+        bytes_accessed=(m * h * k * isz * nd + 2 * m * k * isz + d * (h + 2) * k * isz * nm
+                        + m * d * isz + m * (h + 1) * k * isz + 4 * m),
+    )
+    kernel = functools.partial(_bwd_dx_kernel, nq=nq, h_tail=h % hb, block_heads=hb,
+                               head_dim=k)
+    with jax.named_scope(f"palm_norm_qkv_rope_bwd_dx bm={bm} bh={hb} bd={td}"):
+        return pl.pallas_call(
+            kernel,
+            grid=(nm, nd, nq + 1),
+            in_specs=[
+                pl.BlockSpec((bm, 1), row),  # positions
+                pl.BlockSpec((1, k), lambda i, e, j: (0, 0)),  # inverse frequencies
+                pl.BlockSpec((bm, bn), q_cols),  # dq
+                pl.BlockSpec((bm, k), row),  # dk
+                pl.BlockSpec((bm, k), row),  # dv
+                pl.BlockSpec((td, bn), lambda i, e, j: (e, jnp.minimum(j, nq - 1))),  # wq
+                pl.BlockSpec((td, k), lambda i, e, j: (e, 0)),  # wk
+                pl.BlockSpec((td, k), lambda i, e, j: (e, 0)),  # wv
+            ],
+            out_specs=[
+                pl.BlockSpec((bm, td), lambda i, e, j: (i, e)),  # dh
+                pl.BlockSpec((bm, bn), rotated_q),
+                pl.BlockSpec((bm, k), row),  # rotated dk
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((m, d), dq2.dtype),
+                jax.ShapeDtypeStruct((m, h * k), dq2.dtype),
+                jax.ShapeDtypeStruct((m, k), dq2.dtype),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((bm, td), jnp.float32),
+                pltpu.VMEM((bm, bn), dq2.dtype),
+                pltpu.VMEM((bm, k), jnp.float32),
+                pltpu.VMEM((bm, k), jnp.float32),
+            ],
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            cost_estimate=cost,
+            interpret=config.interpret,
+            name="palm_norm_qkv_rope_bwd_dx",
+        )(pos2, frequency_row(k, config.base, 1.0, -1.0), dq2, dk2, dv2, wq2, wk, wv)
+
+
+def _bwd_dw_call(config: _Config, x2, scale, mean, rstd, gq, gk, gv, h: int, w_dtype):
+    """dwq [D, H*K], dwk, dwv [D, K] = LN(x)^T · (rotated) cotangents."""
+    m, d = x2.shape
+    k = gk.shape[1]
+    bs = config.block_sizes
+    bm, hb, td = min(bs.block_rows_bwd, m), min(bs.block_heads_bwd, h), min(bs.block_d_bwd, d)
+    if config.interpret is False:
+        _check_native_blocks(m, d, h, k, bm, hb, td, x2.dtype)
+    bn = hb * k
+    nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+    last_r = nm - 1
+
+    def q_map(e, j, r):  # parked on its last block during the k/v step
+        return jnp.where(j < nq, r, last_r), jnp.minimum(j, nq - 1)
+
+    def kv_map(e, j, r):  # parked on block 0 during the query steps
+        return jnp.where(j == nq, r, 0), 0
+
+    row = lambda e, j, r: (r, 0)  # noqa: E731
+    isz = x2.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=2 * m * d * (h + 2) * k + 4 * m * d * (nq + 1),
+        transcendentals=0,
+        bytes_accessed=(m * d * isz * (nq + 1) + m * (h + 2) * k * isz * nd
+                        + d * (h + 2) * k * jnp.dtype(w_dtype).itemsize + 8 * m * nd * (nq + 1)),
+    )
+    kernel = functools.partial(_bwd_dw_kernel, nq=nq, nm=nm, m_tail=m % bm)
+    with jax.named_scope(f"palm_norm_qkv_rope_bwd_dw bm={bm} bh={hb} bd={td}"):
+        return pl.pallas_call(
+            kernel,
+            grid=(nd, nq + 1, nm),
+            in_specs=[
+                pl.BlockSpec((bm, 1), row),  # mean
+                pl.BlockSpec((bm, 1), row),  # rstd
+                pl.BlockSpec((1, td), lambda e, j, r: (0, e)),  # norm_scale
+                pl.BlockSpec((bm, td), lambda e, j, r: (r, e)),  # x
+                pl.BlockSpec((bm, bn), q_map),  # rotated dq
+                pl.BlockSpec((bm, k), kv_map),  # rotated dk
+                pl.BlockSpec((bm, k), kv_map),  # dv
+            ],
+            out_specs=[
+                pl.BlockSpec((td, bn), lambda e, j, r: (e, jnp.minimum(j, nq - 1))),
+                pl.BlockSpec((td, k), lambda e, j, r: (e, 0)),
+                pl.BlockSpec((td, k), lambda e, j, r: (e, 0)),
+            ],
+            out_shape=[
+                jax.ShapeDtypeStruct((d, h * k), w_dtype),
+                jax.ShapeDtypeStruct((d, k), w_dtype),
+                jax.ShapeDtypeStruct((d, k), w_dtype),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((td, bn), jnp.float32),
+                pltpu.VMEM((td, k), jnp.float32),
+                pltpu.VMEM((td, k), jnp.float32),
+            ],
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            cost_estimate=cost,
+            interpret=config.interpret,
+            name="palm_norm_qkv_rope_bwd_dw",
+        )(mean, rstd, scale.reshape(1, d), x2, gq, gk, gv)
+
+
+def _layer_norm_bwd(dh2, x2, scale, mean, rstd):
+    """dx [M, D] in x's dtype and dscale [D] in scale's dtype from dh = d LN(x) [M, D]."""
+    dh = dh2.astype(jnp.float32)
+    xhat = (x2.astype(jnp.float32) - mean) * rstd
+    dscale = jnp.sum(dh * xhat, axis=0)
+    dxhat = dh * scale.astype(jnp.float32)
+    dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+    return dx.astype(x2.dtype), dscale.astype(scale.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _norm_qkv_rope(config: _Config, x, norm_scale, wq, wk, wv, positions):
+    return _forward(config, x, norm_scale, wq, wk, wv, positions)[0]
+
+
+def _norm_qkv_rope_fwd(config: _Config, x, norm_scale, wq, wk, wv, positions):
+    out, (mean, rstd) = _forward(config, x, norm_scale, wq, wk, wv, positions)
+    # Saved: the inputs (no copies) and 8 bytes per row; h is recomputed, never stored.
+    return out, (x, norm_scale, wq, wk, wv, positions, mean, rstd)
+
+
+def _norm_qkv_rope_bwd(config: _Config, residuals, cotangents):
+    x, norm_scale, wq, wk, wv, positions, mean, rstd = residuals
+    dq, dk, dv = cotangents  # [B, T, H, K], [B, T, K], [B, T, K]
+    b, t, d = x.shape
+    _, h, k = wq.shape
+    m = b * t
+    x2 = x.reshape(m, d)
+    pos2 = positions.astype(jnp.int32).reshape(m, 1)
+    dq2, dk2, dv2 = (c.astype(x.dtype).reshape(m, -1) for c in (dq, dk, dv))
+    dh2, gq, gk = _bwd_dx_call(config, dq2, dk2, dv2, wq.reshape(d, h * k), wk, wv, pos2, h)
+    dwq2, dwk, dwv = _bwd_dw_call(config, x2, norm_scale, mean, rstd, gq, gk, dv2, h, wq.dtype)
+    dx2, dscale = _layer_norm_bwd(dh2, x2, norm_scale, mean, rstd)
+    return dx2.reshape(b, t, d), dscale, dwq2.reshape(d, h, k), dwk, dwv, None
+
+
+_norm_qkv_rope.defvjp(_norm_qkv_rope_fwd, _norm_qkv_rope_bwd)
+
+
 def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float,
                              base: float = 10000.0, interpret: Any = None,
                              block_sizes: BlockSizes | None = None):
@@ -437,7 +735,7 @@ def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float
                          f"got {type(block_sizes)}")
     config = _Config(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
                      block_sizes=block_sizes)
-    return _forward(config, x, norm_scale, wq, wk, wv, positions)[0]
+    return _norm_qkv_rope(config, x, norm_scale, wq, wk, wv, positions)
 
 
 _PALLAS["pallas_tpu"] = norm_qkv_rope_pallas_tpu

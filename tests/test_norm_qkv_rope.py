@@ -1,11 +1,13 @@
 """kernels.norm_qkv_rope: the Pallas TPU kernels (TPU interpret mode) against the reference.
 
-Each hypothesis example compiles one jitted program holding the kernels and the reference:
-compiling dominates interpret-mode cost, so the examples are few and the shapes small.
+Each hypothesis example compiles one jitted program holding the kernels (forward through
+jax.vjp, both backward kernels) and the reference: compiling dominates interpret-mode cost,
+so the plain forward (the custom_vjp's primal path) is checked once, in the two-core test.
 """
 
 from __future__ import annotations
 
+import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,10 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import assert_close
+from kernels._common import layer_norm_f32
 from kernels.norm_qkv_rope import BlockSizes, norm_qkv_rope, norm_qkv_rope_reference, vmem_bytes
+
+nqr_module = importlib.import_module("kernels.norm_qkv_rope")  # `kernels.norm_qkv_rope` is the function
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -59,23 +64,73 @@ def cases(draw):
 
 
 @given(cases())
-def test_forward_matches_reference(case):
+def test_matches_reference(case):
+    """Forward through jax.vjp and all five gradients against the reference."""
     dtype = case["dtype"]
-    args = _inputs(case["seed"], case["b"], case["t"], case["d"], case["h"], case["k"], dtype)
+    b, t, d, h, k = (case[n] for n in "btdhk")
+    *args, positions = _inputs(case["seed"], b, t, d, h, k, dtype)
+    rng = np.random.default_rng(case["seed"] + 1)
+    cotangents = [jnp.asarray(rng.normal(size=s), dtype) for s in ((b, t, h, k), (b, t, k),
+                                                                     (b, t, k))]
     interpret = pltpu.InterpretParams(detect_races=True) if case["races"] else True
 
-    @jax.jit  # one compile for kernel and reference
-    def run(*args):
-        out = norm_qkv_rope(*args, eps=EPS, impl="pallas_tpu", interpret=interpret,
-                            block_sizes=case["blocks"])
-        return out, norm_qkv_rope_reference(*args, eps=EPS)
+    def kernel(*args):
+        return norm_qkv_rope(*args, positions, eps=EPS, impl="pallas_tpu", interpret=interpret,
+                             block_sizes=case["blocks"])
 
-    out, expected = run(*args)
+    def weighted(*args):  # the reference's gradient target: a cotangent-weighted sum
+        out = norm_qkv_rope_reference(*args, positions, eps=EPS)
+        return sum(jnp.sum(o.astype(jnp.float32) * c.astype(jnp.float32))
+                   for o, c in zip(out, cotangents))
+
+    @jax.jit  # one compile for kernels and reference: compiling dominates the test's time
+    def run(*args):
+        out_vjp, vjp = jax.vjp(kernel, *args)
+        expected = norm_qkv_rope_reference(*args, positions, eps=EPS)
+        expected_grads = jax.grad(weighted, argnums=tuple(range(5)))(*args)
+        return out_vjp, vjp(tuple(cotangents)), expected, expected_grads
+
+    out, grads, expected, expected_grads = run(*args)
     for name, a, e in zip("qkv", out, expected):
         assert a.dtype == dtype and a.shape == e.shape, name
-        assert_close(a, e, dtype, what=name)
+        assert_close(a, e, dtype, what=f"{name} through vjp")
+    for name, g, e, arg in zip(("dx", "dscale", "dwq", "dwk", "dwv"), grads, expected_grads, args):
+        assert g.dtype == arg.dtype and g.shape == arg.shape, name
+        assert_close(g, e, dtype, what=name)
     if case["races"]:
         assert not _races_found(), "TPU interpreter reported a data race"
+
+
+def test_forward_on_two_cores_without_races():
+    """The plain forward (custom_vjp primal path), with the "parallel" row axis split over two
+    simulated TensorCores: the cos/sin scratch must stay valid per core and row tile. 21 rows
+    in tiles of 16, so the second core's tile overhangs the array (few grid steps: two
+    simulated cores are slow to interpret)."""
+    *args, positions = _inputs(3, 3, 7, 40, 3, 8, jnp.bfloat16)
+    interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+    out = norm_qkv_rope(*args, positions, eps=EPS, impl="pallas_tpu", interpret=interpret,
+                        block_sizes=BlockSizes(16, 3, 40, 16, 3, 40))
+    for name, a, e in zip("qkv", out, norm_qkv_rope_reference(*args, positions, eps=EPS)):
+        assert_close(a, e, jnp.bfloat16, what=name)
+    assert not _races_found(), "TPU interpreter reported a data race"
+
+
+def test_layer_norm_backward_matches_autodiff():
+    """The hand-written jnp LayerNorm backward the kernels' VJP ends with, against jax.vjp."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(37, 96)) * 3 + 1, jnp.float32)
+    scale = jnp.asarray(1 + 0.3 * rng.normal(size=(96,)), jnp.float32)
+    dh = jnp.asarray(rng.normal(size=(37, 96)), jnp.float32)
+
+    @jax.jit
+    def run(x, scale, dh):
+        mean, rstd = nqr_module._row_stats(x, EPS)
+        _, vjp = jax.vjp(lambda x, s: layer_norm_f32(x, s, EPS), x, scale)
+        return nqr_module._layer_norm_bwd(dh, x, scale, mean, rstd), vjp(dh)
+
+    (dx, dscale), (expected_dx, expected_dscale) = run(x, scale, dh)
+    assert_close(dx, expected_dx, jnp.float32, what="dx")
+    assert_close(dscale, expected_dscale, jnp.float32, what="dscale")
 
 
 def test_block_sizes_default_and_validation():
@@ -134,10 +189,25 @@ def test_forward_exports_for_tpu(model):
     assert names == ["palm_norm_qkv_rope_fwd"]
 
 
+def _gradient(x, norm_scale, wq, wk, wv, positions):
+    def loss(*params):  # squares, so the backward needs the forward's outputs
+        return sum(jnp.sum(jnp.square(o.astype(jnp.float32))) for o in _forward(*params, positions))
+    return jax.grad(loss, argnums=tuple(range(5)))(x, norm_scale, wq, wk, wv)
+
+
+@pytest.mark.parametrize("model", sorted(PALM))
+def test_gradient_exports_for_tpu(model):
+    names = mosaic_kernel_names(export_for_tpu(_gradient, *_palm_args(model)))
+    assert names == ["palm_norm_qkv_rope_fwd", "palm_norm_qkv_rope_bwd_dx",
+                     "palm_norm_qkv_rope_bwd_dw"]
+
+
 @pytest.mark.parametrize("device_kind", TPU_GENERATIONS)
-def test_forward_exports_for_every_tpu_generation(device_kind):
+def test_exports_for_every_tpu_generation(device_kind):
     text = export_for_tpu(_forward, *_palm_args("8b"), device_kind=device_kind)
     assert mosaic_kernel_names(text) == ["palm_norm_qkv_rope_fwd"]
+    text = export_for_tpu(_gradient, *_palm_args("8b"), device_kind=device_kind)
+    assert len(mosaic_kernel_names(text)) == 3
 
 
 def test_decode_step_exports():
