@@ -87,6 +87,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -686,6 +687,9 @@ def mq_flash_attention_pallas_tpu(
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(
             f"mq_flash_attention: block_sizes must be a BlockSizes, got {block_sizes!r}")
+    if sm_scale is not None and not isinstance(sm_scale, (int, float, np.integer, np.floating)):
+        raise ValueError(f"mq_flash_attention: sm_scale must be a Python number (it is compiled "
+                         f"into the kernels), got {type(sm_scale).__name__}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     rows = q_len * heads
     if block_sizes is None:
