@@ -20,8 +20,9 @@ pre-scaled); every baseline here is given 1/sqrt(K) explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import jax
 import jax.numpy as jnp
@@ -44,19 +45,26 @@ class AttentionBaseline:
     attend: Callable[..., jax.Array]
     restore: Callable[[jax.Array], jax.Array]  # o, theirs -> ours [B, T, H, K]
     restore_grads: Callable[[tuple], tuple]  # (dq, dk, dv), theirs -> ours
+    # Entered around every call of the jitted function (lowering happens at the first call).
+    context: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 def _bhtk(x):  # [B, T, H, K] <-> [B, H, T, K]
     return jnp.swapaxes(x, 1, 2)
 
 
+def _interpret(backend: str, interpret: bool | None) -> bool:
+    """None: interpret exactly when not on the kernel's own backend (as our kernels do)."""
+    return jax.default_backend() != backend if interpret is None else interpret
+
+
 def attention(name: str, *, heads: int, causal: bool, sm_scale: float,
-              interpret: bool = False, cudnn_implementation: str = "cudnn") -> AttentionBaseline:
+              interpret: bool | None = None, cudnn_implementation: str = "cudnn") -> AttentionBaseline:
     """The named baseline for q [B, T, H, K], k, v [B, S, K].
 
-    `interpret` runs the Pallas baselines in interpret mode and `cudnn_implementation="xla"`
-    swaps cuDNN for XLA behind the same call: both let a CPU machine check the wiring (layouts,
-    scale, masking) that the accelerators then time.
+    The Pallas baselines run in interpret mode off their own backend (`interpret=None`), and
+    `cudnn_implementation="xla"` swaps cuDNN for XLA behind the same call: both let a CPU
+    machine check the wiring (layouts, scale, masking) that the accelerators then time.
     """
     if name == "splash_mqa":
         from jax.experimental.pallas.ops.tpu import splash_attention as splash
@@ -72,7 +80,8 @@ def attention(name: str, *, heads: int, causal: bool, sm_scale: float,
             blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                                        block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
                                        block_kv_dq=bkv)
-            kernel = splash.make_splash_mqa_single_device(mask=mask, block_sizes=blocks, interpret=interpret)
+            kernel = splash.make_splash_mqa_single_device(mask=mask, block_sizes=blocks,
+                                                          interpret=_interpret("tpu", interpret))
             return jax.vmap(kernel)(q, k, v)
 
         return AttentionBaseline(layout, _bhtk, attend, _bhtk,
@@ -92,8 +101,13 @@ def attention(name: str, *, heads: int, causal: bool, sm_scale: float,
                                    block_k_dq=bk, block_q_dq=bq)
             return fa.flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, block_sizes=blocks)
 
+        context = contextlib.nullcontext
+        if _interpret("tpu", interpret):  # flash_attention takes no interpret argument
+            from jax.experimental.pallas import tpu as pltpu
+
+            context = pltpu.force_tpu_interpret_mode
         return AttentionBaseline(layout, _bhtk, attend, _bhtk,
-                                 lambda g: (_bhtk(g[0]), g[1].sum(axis=1), g[2].sum(axis=1)))
+                                 lambda g: (_bhtk(g[0]), g[1].sum(axis=1), g[2].sum(axis=1)), context)
 
     if name == "cudnn":
         def layout(q, k, v):  # BTNH with N = 1 key/value head
@@ -119,7 +133,7 @@ def attention(name: str, *, heads: int, causal: bool, sm_scale: float,
             blocks = gpu_attention.BlockSizes(block_q=64 if big else 128, block_k=64 if big else 128,
                                               block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32)
             return gpu_attention.mha(q, k, v, None, sm_scale=sm_scale, causal=causal, block_sizes=blocks,
-                                     interpret=interpret)
+                                     interpret=_interpret("gpu", interpret))
 
         same = lambda x: x  # noqa: E731
         return AttentionBaseline(layout, same, attend, same, lambda g: (g[0], g[1].sum(axis=2), g[2].sum(axis=2)))
@@ -127,14 +141,14 @@ def attention(name: str, *, heads: int, causal: bool, sm_scale: float,
     raise ValueError(f"unknown attention baseline {name!r}; valid: {', '.join(sorted(ALL))}")
 
 
-def decode(name: str, *, sm_scale: float, interpret: bool = False) -> Callable[..., Any]:
+def decode(name: str, *, sm_scale: float, interpret: bool | None = None) -> Callable[..., Any]:
     """The named decode baseline: fn(q [B, H, K], k_cache, v_cache [B, S, K], lengths [B])."""
     if name == "pallas_gpu_decode":
         from jax.experimental.pallas.ops.gpu import decode_attention
 
         def attend(q, k_cache, v_cache, lengths):
             return decode_attention.mqa(q, k_cache, v_cache, kv_seq_len=lengths, sm_scale=sm_scale,
-                                        interpret=interpret)
+                                        interpret=_interpret("gpu", interpret))
 
         return attend
     raise ValueError(f"unknown decode baseline {name!r}; valid: {', '.join(sorted(DECODE['gpu']))}")

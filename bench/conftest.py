@@ -72,8 +72,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "bench_cases(passes=..., baselines={backend: names}, id=fn(case)): parametrize "
-                   "`case` with the backend's implementations, these passes and baselines")
+        "markers", "bench_cases(passes=..., baselines={backend: names}, dims='BTHK', id=fn(case)): "
+                   "parametrize `case` with the backend's implementations, these passes and baselines")
 
 
 # ------------------------------------------------------------------------------------------
@@ -97,8 +97,9 @@ class Sizes:
     model_b: int
     model_t: int
 
-    def kernel_id(self) -> str:
-        return f"B{self.b}-T{self.t}-D{self.d}-H{self.h}-K{self.k}-F{self.f}-{self.dtype}"
+    def kernel_id(self, dims: str = "BTDHKF") -> str:
+        """The shape part of a test id, e.g. "B1-T2048-H16-K256-bfloat16" for dims "BTHK"."""
+        return "-".join([*(f"{dim}{getattr(self, dim.lower())}" for dim in dims), self.dtype])
 
 
 SIZES = {
@@ -161,7 +162,8 @@ def pytest_generate_tests(metafunc):
     options = marker.kwargs if marker else {}
     passes = options.get("passes", (None,))
     baselines = options.get("baselines", {})
-    name = options.get("id", lambda c: "-".join(p for p in (c.impl, c.pass_, c.sizes.kernel_id()) if p))
+    dims = options.get("dims", "BTDHKF")
+    name = options.get("id", lambda c: "-".join(p for p in (c.impl, c.pass_, c.sizes.kernel_id(dims)) if p))
     s = bench_sizes(metafunc.config)
     cases = [Case(impl, pass_, s) for impl in _impls_for(metafunc.config, baselines) for pass_ in passes]
     ids = [name(c) for c in cases]

@@ -62,7 +62,7 @@ def _shapes(names, args):
     return {name: x.shape for name, x in zip(names, args)}
 
 
-@pytest.mark.bench_cases(passes=costs.PASSES)
+@pytest.mark.bench_cases(passes=costs.PASSES, dims="BTHK")
 def test_rope(case, bench):
     s, dtype = case.sizes, case.sizes.dtype
 
@@ -79,7 +79,7 @@ def test_rope(case, bench):
           tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
 
-@pytest.mark.bench_cases(passes=costs.PASSES)
+@pytest.mark.bench_cases(passes=costs.PASSES, dims="BTDHK")
 def test_norm_qkv_rope(case, bench):
     s, dtype = case.sizes, case.sizes.dtype
 
@@ -102,7 +102,7 @@ def test_norm_qkv_rope(case, bench):
           extra={"pass": case.pass_}, tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
 
-@pytest.mark.bench_cases(passes=costs.PASSES)
+@pytest.mark.bench_cases(passes=costs.PASSES, dims="BTDF")
 def test_norm_swiglu(case, bench):
     s, dtype = case.sizes, case.sizes.dtype
 
@@ -121,7 +121,7 @@ def test_norm_swiglu(case, bench):
           tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
 
-@pytest.mark.bench_cases(passes=costs.PASSES)
+@pytest.mark.bench_cases(passes=costs.PASSES, dims="BTDHKF")
 def test_block_out(case, bench):
     s, dtype = case.sizes, case.sizes.dtype
 
@@ -141,7 +141,7 @@ def test_block_out(case, bench):
           tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
 
-@pytest.mark.bench_cases(passes=costs.PASSES, baselines=baselines.ATTENTION)
+@pytest.mark.bench_cases(passes=costs.PASSES, baselines=baselines.ATTENTION, dims="BTHK")
 def test_mq_flash_attention(case, bench):
     s, dtype = case.sizes, case.sizes.dtype
     scale = 1.0 / math.sqrt(s.k)
@@ -158,7 +158,12 @@ def test_mq_flash_attention(case, bench):
     select, skip_on, make = (lambda out: out), (), make_ours
     if case.baseline:
         base = baselines.attention(case.impl, heads=s.h, causal=True, sm_scale=scale)
-        fn = jax.jit(_vjp_pass(base.attend, (0, 1, 2)) if fwdbwd else base.attend)
+        jitted = jax.jit(_vjp_pass(base.attend, (0, 1, 2)) if fwdbwd else base.attend)
+
+        def fn(*args):
+            with base.context():
+                return jitted(*args)
+
         if fwdbwd:
             def select(out):
                 return base.restore(out[0]), base.restore_grads(out[1])
