@@ -165,22 +165,34 @@ class BlockSizes:
     @classmethod
     def get_default(cls, x_shape: tuple[int, ...], wq_shape: tuple[int, ...],
                     dtype) -> "BlockSizes":
-        """512-wide tiles where the shape allows (arithmetic intensity 256 flop/byte, enough
-        for v4/v5e/v5p), shrunk for small shapes and until VMEM fits `_VMEM_TARGET`.
+        """512 rows and 512 of D per tile, 1024 query lanes (forward) or 512 (backward), rows
+        halved for as long as a kernel's VMEM exceeds `_VMEM_TARGET`; small shapes get one
+        tile per axis.
 
-        block_d prefers a divisor of D and block_heads a divisor of H (no edge handling at
-        PaLM shapes); block_heads * K aims at 512 lanes and stays a multiple of 128.
+        At PaLM shapes in bf16 this gives the forward an arithmetic intensity of ~270 flop per
+        HBM byte (module docstring), above v4's, v5e's and v5p's ridge points (229, 246, 164).
+        block_d prefers a divisor of D and block_heads a divisor of H (no edge handling at PaLM
+        shapes), with block_heads * K a multiple of 128 lanes.
         """
         b, t, d = x_shape
         _, h, k = wq_shape
         sub = _sublane(dtype)
-        rows = min(512, _round_up(b * t, sub))
         block_d = d if d <= 512 else next((c for c in (512, 384, 256, 128) if d % c == 0), 512)
-        block_heads = _pick_heads(h, k)
-        blocks = cls(rows, block_heads, block_d, rows, block_heads, block_d)
-        while vmem_bytes(x_shape, wq_shape, dtype, blocks)["max"] > _VMEM_TARGET and rows > sub:
-            rows = max(sub, rows // 2)
-            blocks = cls(rows, block_heads, block_d, rows, block_heads, block_d)
+
+        def fit(make, kernels):
+            rows = min(512, _round_up(b * t, sub))
+            while True:
+                blocks = make(rows)
+                used = vmem_bytes(x_shape, wq_shape, dtype, blocks)
+                if max(used[name] for name in kernels) <= _VMEM_TARGET or rows <= sub:
+                    return blocks, rows
+                rows = max(sub, rows // 2)
+
+        fwd_heads, bwd_heads = _pick_heads(h, k, 1024), _pick_heads(h, k, 512)
+        _, fwd_rows = fit(lambda r: cls(r, fwd_heads, block_d, sub, bwd_heads, block_d),
+                          ("forward",))
+        blocks, _ = fit(lambda r: cls(fwd_rows, fwd_heads, block_d, r, bwd_heads, block_d),
+                        ("bwd_dx", "bwd_dw"))
         return blocks
 
 
@@ -193,16 +205,16 @@ def _sublane(dtype) -> int:
     return 32 // jnp.dtype(dtype).itemsize
 
 
-def _pick_heads(h: int, k: int) -> int:
-    """Query heads per column tile: about 512 lanes, a divisor of H with a 128-multiple width
-    if there is one, else all heads when they are few, else the lane-aligned count."""
-    want = max(1, 512 // k)
+def _pick_heads(h: int, k: int, lanes: int) -> int:
+    """Query heads per column tile: about `lanes` lanes, a divisor of H with a 128-multiple
+    width if there is one, else all heads when they are few, else a lane-aligned count."""
+    want = max(1, lanes // k)
     if want >= h:
         return h
     for c in range(want, 0, -1):
         if h % c == 0 and (c * k) % 128 == 0:
             return c
-    aligned = max(1, 128 // math.gcd(k, 128))  # fewest heads spanning whole 128-lane tiles
+    aligned = 128 // math.gcd(k, 128)  # fewest heads spanning whole 128-lane tiles
     return h if h * k <= 2048 else max(aligned, want // aligned * aligned)
 
 
@@ -230,7 +242,7 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
     forward = (3 * column * bm + freq
                + 2 * (tile(bm, td) + tile(1, td) + tile(td, bn) + 2 * tile(td, k))  # inputs
                + 2 * (tile(bm, bn) + 2 * tile(bm, k))  # q, k, v blocks
-               + tile(bm, bn, 4) + 4 * tile(bm, k, 4))  # accumulators, cos/sin
+               + tile(bm, max(bn, 2 * k), 4) + 2 * tile(bm, k, 4))  # accumulator, cos/sin
 
     bm, hb, td = clip(blocks.block_rows_bwd, blocks.block_heads_bwd, blocks.block_d_bwd)
     bn = hb * k
@@ -241,7 +253,7 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
     bwd_dw = (2 * column * bm
               + 2 * (tile(1, td) + tile(bm, td) + tile(bm, bn) + 2 * tile(bm, k))  # inputs
               + 2 * (tile(td, bn) + 2 * tile(td, k))  # dwq, dwk, dwv blocks
-              + tile(td, bn, 4) + 2 * tile(td, k, 4))  # accumulators
+              + tile(td, max(bn, 2 * k), 4))  # accumulator
     return {"forward": forward, "bwd_dx": bwd_dx, "bwd_dw": bwd_dw,
             "max": max(forward, bwd_dx, bwd_dw)}
 
@@ -284,11 +296,12 @@ def _dot(a, b, contract_a: int, contract_b: int) -> jax.Array:
 
 
 def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref, wk_ref, wv_ref,
-                q_ref, k_ref, v_ref, acc_q, acc_k, acc_v, cos_ref, sin_ref,
+                q_ref, k_ref, v_ref, acc_ref, cos_ref, sin_ref,
                 *, nq: int, nd: int, d_tail: int, block_heads: int, head_dim: int):
     # Grid (row tile i, column tile j in [0, nq], D tile dd). Refs: pos/mean/rstd [bm, 1];
     # scale [1, td]; freq [1, K]; x [bm, td]; wq [td, hb*K]; wk, wv [td, K];
-    # q [bm, hb*K]; k, v [bm, K]. Scratch: f32 accumulators and cos/sin [bm, K].
+    # q [bm, hb*K]; k, v [bm, K]. Scratch: the f32 accumulator [bm, max(hb*K, 2K)] (query
+    # heads, or k then v) and cos/sin [bm, K].
     j, dd = pl.program_id(1), pl.program_id(2)
 
     @pl.when((j == 0) & (dd == 0))
@@ -299,10 +312,9 @@ def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref,
 
     @pl.when(dd == 0)
     def _zero():
-        acc_q[...] = jnp.zeros_like(acc_q)
-        acc_k[...] = jnp.zeros_like(acc_k)
-        acc_v[...] = jnp.zeros_like(acc_v)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
 
+    bn, k = block_heads * head_dim, head_dim
     h = _normalise(x_ref, mean_ref, rstd_ref, scale_ref, x_ref.dtype)  # [bm, td]
     if d_tail:  # D overhangs the last tile: zero both sides of the garbage (0 * NaN = NaN)
         valid_d = jnp.where(dd == nd - 1, d_tail, h.shape[1])
@@ -313,12 +325,12 @@ def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref,
 
     @pl.when(j < nq)
     def _q_heads():
-        acc_q[...] += _dot(h, weight(wq_ref), 1, 0)
+        acc_ref[:, :bn] += _dot(h, weight(wq_ref), 1, 0)
 
     @pl.when(j == nq)
     def _kv():
-        acc_k[...] += _dot(h, weight(wk_ref), 1, 0)
-        acc_v[...] += _dot(h, weight(wv_ref), 1, 0)
+        acc_ref[:, :k] += _dot(h, weight(wk_ref), 1, 0)
+        acc_ref[:, k:2 * k] += _dot(h, weight(wv_ref), 1, 0)
 
     last = dd == nd - 1
 
@@ -327,19 +339,16 @@ def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref,
         cos, sin = cos_ref[...], sin_ref[...]
         for head in range(block_heads):
             cols = slice(head * head_dim, (head + 1) * head_dim)
-            q_ref[:, cols] = rotate_half(acc_q[:, cols], cos, sin).astype(q_ref.dtype)
+            q_ref[:, cols] = rotate_half(acc_ref[:, cols], cos, sin).astype(q_ref.dtype)
 
     @pl.when(last & (j == nq))
     def _rope_k():
-        k_ref[...] = rotate_half(acc_k[...], cos_ref[...], sin_ref[...]).astype(k_ref.dtype)
-        v_ref[...] = acc_v[...].astype(v_ref.dtype)
+        k_ref[...] = rotate_half(acc_ref[:, :k], cos_ref[...], sin_ref[...]).astype(k_ref.dtype)
+        v_ref[...] = acc_ref[:, k:2 * k].astype(v_ref.dtype)
 
 
-def _check_native_blocks(m, d, h, k, bm, hb, td, dtype) -> None:
+def _check_native_blocks(d: int, h: int, k: int, hb: int, td: int) -> None:
     """The (sublane, 128-lane) rule Mosaic imposes on the minor two block dims."""
-    if bm % _sublane(dtype) and bm < m and bm % 8:
-        raise ValueError(f"norm_qkv_rope: block_rows={bm} must be a multiple of 8 or cover "
-                         f"all {m} rows")
     if td % 128 and td < d:
         raise ValueError(f"norm_qkv_rope: block_d={td} must be a multiple of 128 or cover "
                          f"D={d} (TPU lane tiling)")
@@ -355,7 +364,7 @@ def _forward_call(config: _Config, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: 
     bs = config.block_sizes
     bm, hb, td = min(bs.block_rows, m), min(bs.block_heads, h), min(bs.block_d, d)
     if config.interpret is False:
-        _check_native_blocks(m, d, h, k, bm, hb, td, x2.dtype)
+        _check_native_blocks(d, h, k, hb, td)
     bn = hb * k
     nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
     last_d = nd - 1
@@ -402,9 +411,7 @@ def _forward_call(config: _Config, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: 
                 jax.ShapeDtypeStruct((m, k), x2.dtype),
             ],
             scratch_shapes=[
-                pltpu.VMEM((bm, bn), jnp.float32),
-                pltpu.VMEM((bm, k), jnp.float32),
-                pltpu.VMEM((bm, k), jnp.float32),
+                pltpu.VMEM((bm, max(bn, 2 * k)), jnp.float32),
                 pltpu.VMEM((bm, k), jnp.float32),
                 pltpu.VMEM((bm, k), jnp.float32),
             ],
@@ -504,18 +511,18 @@ def _bwd_dx_kernel(pos_ref, freq_ref, dq_ref, dk_ref, dv_ref, wq_ref, wk_ref, wv
 
 
 def _bwd_dw_kernel(mean_ref, rstd_ref, scale_ref, x_ref, gq_ref, gk_ref, gv_ref,
-                   dwq_ref, dwk_ref, dwv_ref, acc_q, acc_k, acc_v, *, nq: int, nm: int,
-                   m_tail: int):
+                   dwq_ref, dwk_ref, dwv_ref, acc_ref, *, nq: int, nm: int, m_tail: int):
     # Grid (D tile e, column tile j in [0, nq], row tile r: the contraction). Refs:
     # mean/rstd [bm, 1]; scale [1, td]; x [bm, td]; gq [bm, hb*K] and gk, gv [bm, K] (the
-    # rotated cotangents and dv); dwq [td, hb*K]; dwk, dwv [td, K]. Scratch: f32 accumulators.
+    # rotated cotangents and dv); dwq [td, hb*K]; dwk, dwv [td, K]. Scratch: the f32
+    # accumulator [td, max(hb*K, 2K)] (query heads, or dwk then dwv).
     j, r = pl.program_id(1), pl.program_id(2)
 
     @pl.when(r == 0)
     def _zero():
-        acc_q[...] = jnp.zeros_like(acc_q)
-        acc_k[...] = jnp.zeros_like(acc_k)
-        acc_v[...] = jnp.zeros_like(acc_v)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    bn, k = gq_ref.shape[1], gk_ref.shape[1]
 
     h = _normalise(x_ref, mean_ref, rstd_ref, scale_ref, x_ref.dtype)  # [bm, td]
     if m_tail:  # rows past M in the last tile: garbage on both sides of the contraction
@@ -527,23 +534,23 @@ def _bwd_dw_kernel(mean_ref, rstd_ref, scale_ref, x_ref, gq_ref, gk_ref, gv_ref,
 
     @pl.when(j < nq)
     def _q_heads():
-        acc_q[...] += _dot(h, cotangent(gq_ref), 0, 0)  # h^T g: [td, hb*K]
+        acc_ref[:, :bn] += _dot(h, cotangent(gq_ref), 0, 0)  # h^T g: [td, hb*K]
 
     @pl.when(j == nq)
     def _kv():
-        acc_k[...] += _dot(h, cotangent(gk_ref), 0, 0)
-        acc_v[...] += _dot(h, cotangent(gv_ref), 0, 0)
+        acc_ref[:, :k] += _dot(h, cotangent(gk_ref), 0, 0)
+        acc_ref[:, k:2 * k] += _dot(h, cotangent(gv_ref), 0, 0)
 
     last = r == nm - 1
 
     @pl.when(last & (j < nq))
     def _write_q():
-        dwq_ref[...] = acc_q[...].astype(dwq_ref.dtype)
+        dwq_ref[...] = acc_ref[:, :bn].astype(dwq_ref.dtype)
 
     @pl.when(last & (j == nq))
     def _write_kv():
-        dwk_ref[...] = acc_k[...].astype(dwk_ref.dtype)
-        dwv_ref[...] = acc_v[...].astype(dwv_ref.dtype)
+        dwk_ref[...] = acc_ref[:, :k].astype(dwk_ref.dtype)
+        dwv_ref[...] = acc_ref[:, k:2 * k].astype(dwv_ref.dtype)
 
 
 def _bwd_dx_call(config: _Config, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
@@ -553,7 +560,7 @@ def _bwd_dx_call(config: _Config, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
     bs = config.block_sizes
     bm, hb, td = min(bs.block_rows_bwd, m), min(bs.block_heads_bwd, h), min(bs.block_d_bwd, d)
     if config.interpret is False:
-        _check_native_blocks(m, d, h, k, bm, hb, td, dq2.dtype)
+        _check_native_blocks(d, h, k, hb, td)
     bn = hb * k
     nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
 
@@ -618,7 +625,7 @@ def _bwd_dw_call(config: _Config, x2, scale, mean, rstd, gq, gk, gv, h: int, w_d
     bs = config.block_sizes
     bm, hb, td = min(bs.block_rows_bwd, m), min(bs.block_heads_bwd, h), min(bs.block_d_bwd, d)
     if config.interpret is False:
-        _check_native_blocks(m, d, h, k, bm, hb, td, x2.dtype)
+        _check_native_blocks(d, h, k, hb, td)
     bn = hb * k
     nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
     last_r = nm - 1
@@ -661,11 +668,7 @@ def _bwd_dw_call(config: _Config, x2, scale, mean, rstd, gq, gk, gv, h: int, w_d
                 jax.ShapeDtypeStruct((d, k), w_dtype),
                 jax.ShapeDtypeStruct((d, k), w_dtype),
             ],
-            scratch_shapes=[
-                pltpu.VMEM((td, bn), jnp.float32),
-                pltpu.VMEM((td, k), jnp.float32),
-                pltpu.VMEM((td, k), jnp.float32),
-            ],
+            scratch_shapes=[pltpu.VMEM((td, max(bn, 2 * k)), jnp.float32)],
             compiler_params=pltpu.CompilerParams(
                 dimension_semantics=("parallel", "arbitrary", "arbitrary")),
             cost_estimate=cost,
