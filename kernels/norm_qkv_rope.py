@@ -2,6 +2,49 @@
 
 PaLM's parallel block (section 2) normalises x once and feeds both the attention and the MLP;
 multi-query attention (section 2) projects to H query heads but a single shared key/value head.
+
+`norm_qkv_rope_pallas_tpu` (impl "pallas_tpu") is three Mosaic kernels and a little XLA:
+  forward   palm_norm_qkv_rope_fwd     LN prologue, LN(x)·[wq | wk | wv], RoPE epilogue on q, k
+  backward  palm_norm_qkv_rope_bwd_dx  inverse-RoPE prologue, dh = g·[wq | wk | wv]^T
+            palm_norm_qkv_rope_bwd_dw  LN-recompute prologue, dW = LN(x)^T·g
+  XLA       the LayerNorm row statistics (mean, rstd: 8 bytes per row) before the forward, and
+            the LayerNorm backward (row/column reductions of dh) after bwd_dx.
+Design notes sit above the kernels; in short: the contraction over D is tiled (a full-D row
+tile does not fit VMEM at PaLM-540B), so LN is applied per D tile from precomputed row
+statistics; column tiles hold whole heads so RoPE's rotate-half partner is always in the tile.
+
+HBM traffic at PaLM-8B (B=1, T=2048: M=2048 rows, D=4096, H=16, K=256, bf16), in MiB.
+"once" counts each operand read once and each result written once (how the XLA sequence is
+counted too, its elementwise chains fused); "tiled" adds the re-reads our default tiles cause.
+  forward, ours: x 16, weights 36, q|k|v 18, LN statistics pass 32 (x read twice by XLA)
+    once 102, tiled 274 (x read once per column tile: 5x; weights once per row tile: 4x).
+  forward, XLA running the reference: LN 64 (x read 3x, h written), three matmuls 120 (h read
+    3x, weights, f32 q|k|v written), RoPE and casts 54 (f32 read, bf16 written): ~238.
+  backward, ours: bwd_dx 87 (dq|dk|dv 18, weights 36, dh 16, rotated dq|dk 17), bwd_dw 70
+    (x 16, rotated cotangents 18, dW 36), LayerNorm backward in XLA ~110: once ~267;
+    tiled ~741 (bwd_dx 307: dq once per D tile, weights once per row tile; bwd_dw 324: x once
+    per column tile, cotangents once per D tile).
+  backward, XLA running jax.grad of the reference: f32 rotated cotangents 54, three dh
+    partials 120 and their sum 64, dW with h read 3x 120, LayerNorm backward ~110: ~470.
+So fusion saves ~136 MiB (57%) of compulsory forward traffic and ~200 MiB (43%) backward: h,
+the f32 projections and the f32 rotated cotangents never reach HBM. Our tiles' re-reads cost
+more than that (XLA's matmuls re-read too, uncounted here); they are the price of a D-tiled
+LayerNorm and are paid from bandwidth the MXU leaves spare: the forward does 77.3 GFLOP at
+~270 flop per tiled byte, above the ridge points of v4 (229), v5e (~240) and v5p (~166); not
+v6e's (~560), where its 32 MiB scoped VMEM allows the larger tiles that would get there. The
+backward kernels do 77.3 GFLOP each at ~240 (bwd_dx) and ~227 (bwd_dw) flop per byte:
+borderline on v4/v5e.
+Layout caveat: wq [D,H,K] -> [D,H*K] and q [M,H*K] -> [B,T,H,K] are free reshapes logically,
+but TPU HBM tiles the two minor dims, so XLA may copy at each (~32 MiB read + write for wq,
+the same for q, per call at PaLM-8B). Storing wq as [D, H*K] in the model would avoid the first.
+
+VMEM of the default blocks (`vmem_bytes`: double-buffered blocks, [rows, 1] blocks padded to
+128 lanes, scratch), bf16, identical at PaLM-8B and PaLM-540B (the tiles divide both):
+  forward  rows 512, 4 heads (1024 lanes), D tile 512:  11.6 MiB
+  bwd_dx   rows 512, 2 heads (512 lanes),  D tile 512:   9.5 MiB
+  bwd_dw   the same tiles:                               7.0 MiB
+all inside the 16 MiB default scoped VMEM of v4/v5e (no vmem_limit_bytes). float32 inputs get
+fewer rows (`BlockSizes.get_default` halves them until each kernel is under 12 MiB).
 """
 
 from __future__ import annotations
@@ -104,14 +147,14 @@ def norm_qkv_rope(
 # Shape of the work. Rows are the M = B*T positions; columns are the (H + 2) * K outputs of one
 # matmul LN(x) · [wq | wk | wv] ([D, (H+2)*K]). The weights stay three arrays (no per-call
 # concatenation): the column grid axis j runs over nq = ceil(H / block_heads) tiles of query
-# heads, then one tile holding k and v together, and each weight's index_map parks on its last
-# block while another weight is in use, so the pipeline (which skips a copy whose block index
-# did not change) fetches nothing for the idle ones.
+# heads, then one tile holding k and v together. While one weight is in use the others' index
+# maps stay on a fixed block (wq on the block it used last, wk/wv on their first), so the
+# pipeline, which skips a copy whose block index did not change, fetches nothing for them.
 #
 # LayerNorm. At PaLM-540B (D = 18432) a row tile holding all of D does not fit VMEM next to its
 # weight tile (512 rows x 18432 x 2 bytes = 18 MiB), so the contraction over D is tiled and the
-# per-row mean and rstd come from a cheap first pass in the wrapper (XLA, one read of x, 8 bytes
-# per row written); each [rows, block_d] tile of x is normalised on the fly in the kernel
+# per-row mean and rstd come from a cheap first pass in the wrapper (XLA reductions over x,
+# 8 bytes per row written); each [rows, block_d] tile of x is normalised on the fly in the kernel
 # prologue, exactly as `layer_norm_f32` does it, and rounded to x's dtype before the MXU, as
 # the reference rounds h. The normalisation is repeated for each column tile; it costs ~4 VPU
 # operations per x element against 2 * block_heads * K MXU flops.
@@ -140,8 +183,8 @@ class BlockSizes:
     block_rows: rows (B*T positions) per tile; a multiple of 8 (16 suits bf16).
     block_heads: query heads per column tile (k and v form one extra tile); natively
       block_heads * K must be a multiple of 128 unless it covers all H heads.
-    block_d: model-width tile of the contraction (forward, dW) or of the output (dx);
-      natively a multiple of 128 unless it covers all of D.
+    block_d: tile of the model width D: the forward's contraction, the output's D axis in
+      both backward kernels; natively a multiple of 128 unless it covers all of D.
     """
 
     block_rows: int
