@@ -211,6 +211,15 @@ def test_exports_for_every_tpu_generation(device_kind):
     assert len(mosaic_kernel_names(text)) == 3
 
 
+def test_head_dim_128_exports():
+    """K = 128 (H = 32 at D = 4096): four or eight heads per column tile, forward and grad."""
+    bf = jnp.bfloat16
+    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
+        ((1, 2048, 4096), bf), ((4096,), bf), ((4096, 32, 128), bf), ((4096, 128), bf),
+        ((4096, 128), bf), ((1, 2048), jnp.int32))]
+    assert len(mosaic_kernel_names(export_for_tpu(_gradient, *args))) == 3
+
+
 def test_decode_step_exports():
     """T = 1: the row block covers the B rows; no padding, no partial tile at the edge."""
     names = mosaic_kernel_names(export_for_tpu(_forward, *_palm_args("8b", b=8, t=1)))

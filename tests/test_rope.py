@@ -163,6 +163,11 @@ def test_exports_for_every_tpu_generation(device_kind):
     assert _export(PALM_SHAPES["8b_q"], grad=False, device_kind=device_kind) == ["palm_rope_fwd"]
 
 
+def test_head_dim_128_exports():
+    """K = 128: the rotate-half roll by 64 lanes stays inside one vector register."""
+    assert sorted(_export((1, 2048, 32, 128), grad=True)) == ["palm_rope_bwd", "palm_rope_fwd"]
+
+
 def test_decode_shape_exports():
     """T = 1 (one new token per sequence) lowers natively: the block then covers all of T."""
     assert _export((8, 1, 16, 256), grad=False) == ["palm_rope_fwd"]
