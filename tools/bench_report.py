@@ -86,7 +86,7 @@ def format_table(header: list[str], rows: list[list[str]], align: str) -> str:
 
 
 def single(run: dict, rows: list[dict]) -> str:
-    header = ["benchmark", "median ms", "TFLOP/s", "GB/s", "roofline", "extra"]
+    header = ["benchmark", "median ms", "TFLOP/s", "GB/s", "of roofline", "extra"]
     body = [[r["name"], _ms(r["median"]), _num(r["tflops"]), _num(r["gbps"]), _pct(r["roofline"]),
              _extras(r["info"])] for r in rows]
     title = f"{run['path']}: {run['device']}, jax {run['jax']}, {run['datetime']}"
