@@ -273,7 +273,7 @@ class Bench:
                  reference: Callable[..., Any] | None = None,
                  select: Callable[[Any], Any] = lambda out: out,
                  tolerance_factor: float = 1.0,
-                 flops: float, bytes: float, dtype: str, impl: str,
+                 flops: float, nbytes: float, dtype: str, impl: str,
                  shapes: dict[str, Sequence[int]], skip_on: tuple[type[BaseException], ...] = (),
                  extra: dict[str, Any] | None = None,
                  derived: Callable[[float], dict[str, Any]] | None = None) -> Any:
@@ -296,7 +296,7 @@ class Bench:
         info.update(device_kind=self.device.kind, backend=self.device.backend,
                     jax_version=self.device.jax_version, impl=impl, dtype=dtype,
                     shapes={name: list(shape) for name, shape in shapes.items()},
-                    flops=flops, bytes=bytes, peak_flops=self.device.peak_flops,
+                    flops=flops, bytes=nbytes, peak_flops=self.device.peak_flops,
                     hbm_bandwidth=self.device.hbm_bandwidth, input_sets=len(inputs))
         info.update(extra or {})
 
@@ -360,9 +360,9 @@ class Bench:
             _block(pending)
         info.update(iterations=iterations)
         median = self._benchmark.stats.stats.median
-        bound = self.device.roofline_seconds(flops, bytes, dtype)
+        bound = self.device.roofline_seconds(flops, nbytes, dtype)
         info.update(median_s=median, rounds=rounds, tflops=flops / median / 1e12,
-                    gbps=bytes / median / 1e9, roofline_s=bound,
+                    gbps=nbytes / median / 1e9, roofline_s=bound,
                     roofline_fraction=None if bound is None else bound / median)
         if derived is not None:
             info.update(derived(median))

@@ -74,7 +74,7 @@ def test_rope(case, bench):
     fn, ref = _kernel_pair(kernels.rope, kernels.rope_reference, case.impl, case.pass_, (0,))
     inputs = bench.inputs(make)
     cost = costs.rope(s.b, s.t, s.h, s.k, jnp.dtype(dtype).itemsize, case.pass_)
-    bench(fn, inputs, reference=ref, flops=cost.flops, bytes=cost.bytes, dtype=dtype, impl=case.impl,
+    bench(fn, inputs, reference=ref, flops=cost.flops, nbytes=cost.bytes, dtype=dtype, impl=case.impl,
           shapes=_shapes(("x", "positions"), inputs[0]), extra={"pass": case.pass_},
           tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
@@ -97,7 +97,7 @@ def test_norm_qkv_rope(case, bench):
                            (0, 1, 2, 3, 4), eps=EPS)
     inputs = bench.inputs(make)
     cost = costs.norm_qkv_rope(s.b, s.t, s.d, s.h, s.k, jnp.dtype(dtype).itemsize, case.pass_)
-    bench(fn, inputs, reference=ref, flops=cost.flops, bytes=cost.bytes, dtype=dtype, impl=case.impl,
+    bench(fn, inputs, reference=ref, flops=cost.flops, nbytes=cost.bytes, dtype=dtype, impl=case.impl,
           shapes=_shapes(("x", "norm_scale", "wq", "wk", "wv", "positions"), inputs[0]),
           extra={"pass": case.pass_}, tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
@@ -116,7 +116,7 @@ def test_norm_swiglu(case, bench):
                            (0, 1, 2, 3), eps=EPS)
     inputs = bench.inputs(make)
     cost = costs.norm_swiglu(s.b, s.t, s.d, s.f, jnp.dtype(dtype).itemsize, case.pass_)
-    bench(fn, inputs, reference=ref, flops=cost.flops, bytes=cost.bytes, dtype=dtype, impl=case.impl,
+    bench(fn, inputs, reference=ref, flops=cost.flops, nbytes=cost.bytes, dtype=dtype, impl=case.impl,
           shapes=_shapes(("x", "norm_scale", "w_gate", "w_up"), inputs[0]), extra={"pass": case.pass_},
           tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
@@ -136,7 +136,7 @@ def test_block_out(case, bench):
                            (0, 1, 2, 3, 4))
     inputs = bench.inputs(make)
     cost = costs.block_out(s.b, s.t, s.d, s.h, s.k, s.f, jnp.dtype(dtype).itemsize, case.pass_)
-    bench(fn, inputs, reference=ref, flops=cost.flops, bytes=cost.bytes, dtype=dtype, impl=case.impl,
+    bench(fn, inputs, reference=ref, flops=cost.flops, nbytes=cost.bytes, dtype=dtype, impl=case.impl,
           shapes=_shapes(("x", "o", "wo", "h", "w_down"), inputs[0]), extra={"pass": case.pass_},
           tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
@@ -153,8 +153,9 @@ def test_mq_flash_attention(case, bench):
                 _normal(key[2], (s.b, s.t, s.k), dtype))
         return args + ((_normal(key[3], (s.b, s.t, s.h, s.k), dtype),) if fwdbwd else ())
 
-    fn, ref = _kernel_pair(kernels.mq_flash_attention, kernels.mq_flash_attention_reference, case.impl,
-                           case.pass_, (0, 1, 2), causal=True)
+    # A baseline is checked against our reference too; it is timed in its own layout.
+    fn, ref = _kernel_pair(kernels.mq_flash_attention, kernels.mq_flash_attention_reference,
+                           "xla" if case.baseline else case.impl, case.pass_, (0, 1, 2), causal=True)
     select, skip_on, make = (lambda out: out), (), make_ours
     if case.baseline:
         base = baselines.attention(case.impl, heads=s.h, causal=True, sm_scale=scale)
@@ -171,8 +172,8 @@ def test_mq_flash_attention(case, bench):
             select = base.restore
 
         def make(i):  # the baseline's own layout, converted outside the timed region
-            ours = make_ours(i)
-            return base.layout(*ours[:3]) + ((base.layout_out(ours[3]),) if fwdbwd else ())
+            q, k, v, *do = make_ours(i)
+            return base.layout(q, k, v) + tuple(base.layout_out(g) for g in do)
 
         ref_ours, originals = ref, make_ours(0)
 
@@ -184,7 +185,7 @@ def test_mq_flash_attention(case, bench):
     inputs = bench.inputs(make)
     cost = costs.mq_flash_attention(s.b, s.t, s.t, s.h, s.k, jnp.dtype(dtype).itemsize, causal=True,
                                     pass_=case.pass_)
-    bench(fn, inputs, reference=ref, select=select, flops=cost.flops, bytes=cost.bytes, dtype=dtype,
+    bench(fn, inputs, reference=ref, select=select, flops=cost.flops, nbytes=cost.bytes, dtype=dtype,
           impl=case.impl, shapes={"q": (s.b, s.t, s.h, s.k), "k": (s.b, s.t, s.k), "v": (s.b, s.t, s.k)},
           extra={"pass": case.pass_, "causal": True}, skip_on=skip_on,
           tolerance_factor=GRAD_TOLERANCE if fwdbwd else 1.0)
@@ -215,6 +216,6 @@ def test_mq_decode_attention(case, bench):
     inputs = bench.inputs(make)
     cost = costs.mq_decode_attention(b, cache, s.h, s.k, jnp.dtype(dtype).itemsize)
     bench(fn, inputs, reference=jax.jit(kernels.mq_decode_attention_reference), flops=cost.flops,
-          bytes=cost.bytes, dtype=dtype, impl=case.impl, skip_on=skip_on,
+          nbytes=cost.bytes, dtype=dtype, impl=case.impl, skip_on=skip_on,
           shapes=_shapes(("q", "k_cache", "v_cache", "lengths"), inputs[0]),
           derived=lambda median: {"ms_per_token": median * 1e3, "tokens_per_s": b / median})

@@ -59,7 +59,7 @@ def test_forward(case, bench):
     tokens = s.model_b * s.model_t
     per_token = palm.flops_per_token(config, s.model_t)
     cost = costs.forward(tokens, per_token, _nbytes(params), tokens * config.vocab_size * 4)
-    bench(fn, inputs, reference=ref, flops=cost.flops, bytes=cost.bytes, dtype=config.dtype, impl=case.impl,
+    bench(fn, inputs, reference=ref, flops=cost.flops, nbytes=cost.bytes, dtype=config.dtype, impl=case.impl,
           shapes={"tokens": (s.model_b, s.model_t)}, tolerance_factor=2.0,
           extra={"model": s.model, "num_params": palm.num_params(config)},
           derived=lambda median: {"tokens_per_s": tokens / median,
@@ -94,7 +94,7 @@ def test_train_step(case, bench):
     cost = costs.train_step(tokens, palm.flops_per_token(config, s.model_t), state_bytes,
                             _nbytes(inputs[0]))
     bench(train_step, inputs, reference=lambda batch: loss(carry["state"]["params"], batch),
-          select=lambda out: out[1]["loss"], tolerance_factor=2.0, flops=cost.flops, bytes=cost.bytes,
+          select=lambda out: out[1]["loss"], tolerance_factor=2.0, flops=cost.flops, nbytes=cost.bytes,
           dtype=config.dtype, impl=case.impl, shapes={"batch": (s.model_b, s.model_t + 1)},
           extra={"model": s.model, "num_params": palm.num_params(config), "state_bytes": state_bytes},
           derived=lambda median: {"tokens_per_s": tokens / median,

@@ -58,7 +58,8 @@ def capture(fn: Callable[..., Any], inputs: Callable[[int], tuple], steps: int, 
     profile_root = out_dir / "plugins" / "profile"
     before = set(profile_root.iterdir()) if profile_root.exists() else set()
     options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0  # Python frames would dwarf the ops in interpret mode
+    if hasattr(options, "python_tracer_level"):
+        options.python_tracer_level = 0  # Python frames would dwarf the ops in interpret mode
     with jax.profiler.trace(str(out_dir), create_perfetto_trace=True, profiler_options=options):
         for i in range(steps):
             with jax.profiler.StepTraceAnnotation("step", step_num=i):
@@ -297,14 +298,12 @@ def format_summary(summary: dict) -> str:
 
 def _build(args):
     """(fn, inputs(i), hlo_text(), tokens per step, model FLOPs per step, config)."""
-    import dataclasses as dc
-
     import palm
     from palm.train import TrainConfig, init_state, make_train_step
 
     config = palm.preset(args.preset)
     if args.n_layers:
-        config = dc.replace(config, n_layers=args.n_layers)
+        config = dataclasses.replace(config, n_layers=args.n_layers)
     if args.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds max_seq_len={config.max_seq_len} of {args.preset}")
     b, t = args.batch_size, args.seq_len
