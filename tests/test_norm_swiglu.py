@@ -20,6 +20,9 @@ from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 ns = importlib.import_module("kernels.norm_swiglu")
 
 EPS = 1e-6
+# LayerNorm over D <= 2 features is constant (0 or +-scale), so its true dx is 0 and a computed
+# one is pure rounding noise, which a relative error cannot judge.
+MIN_D = 3
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -43,14 +46,12 @@ _reference = jax.jit(functools.partial(ns.norm_swiglu_reference, eps=EPS))
 
 
 @st.composite
-def cases(draw):
+def cases(draw, max_t=24, max_width=280):
     """Small shapes (often not multiples of the tiles) with small tiles: several grid steps."""
     dtype = draw(st.sampled_from(DTYPES))
     rows = 8 if dtype == jnp.float32 else 16
-    b = draw(st.integers(1, 2))
-    t = draw(st.integers(1, 24))
-    d = draw(st.integers(1, 280))
-    f = draw(st.integers(1, 280))
+    b, t = draw(st.integers(1, 2)), draw(st.integers(1, max_t))
+    d, f = draw(st.integers(MIN_D, max_width)), draw(st.integers(1, max_width))
     # Up to 3 tiles per axis: the TPU interpreter costs ~0.1 s per grid step.
     bt, bt2 = draw(st.sampled_from([rows, 2 * rows])), draw(st.sampled_from([rows, 2 * rows]))
     bf, bd, bf2, bd2 = (draw(st.sampled_from([128, 256])) for _ in range(4))
@@ -75,7 +76,7 @@ def test_forward_matches_reference(case):
 # The gradient cases run four kernels each (forward and three backward), so they get half the
 # profile's examples to keep the file inside the CI budget; the dev profile still runs 50.
 @settings(max_examples=max(2, settings().max_examples // 2))
-@given(cases())
+@given(cases(max_t=16, max_width=200))  # smaller than the forward test: fewer grid steps
 def test_vjp_forward_and_grads_match_reference(case):
     (b, t, d, f), dtype, block_sizes, interpret, seed = case
     args = _inputs(seed, b, t, d, f, dtype)
@@ -94,13 +95,11 @@ def test_vjp_forward_and_grads_match_reference(case):
     assert_close(h, ref_h, dtype, what="h through vjp")
     for name, g, r in zip(("dx", "d_norm_scale", "d_w_gate", "d_w_up"), grads, ref_grads):
         assert g.shape == r.shape and g.dtype == r.dtype, name
-        # Gradients sum over rows or features in low precision: bf16 cotangents of gate and up
-        # (as the kernel rounds them for the MXU) add roundings the reference does not make.
-        assert_close(g, r, dtype, factor=2.0, what=name)
+        assert_close(g, r, dtype, what=name)
 
 
 @settings(max_examples=max(2, settings().max_examples // 2))  # an XLA compile (~1 s) each
-@given(st.sampled_from(DTYPES), st.integers(1, 2), st.integers(1, 24), st.integers(1, 96),
+@given(st.sampled_from(DTYPES), st.integers(1, 2), st.integers(1, 24), st.integers(MIN_D, 96),
        st.integers(1, 96), st.integers(0, 2**16))
 def test_reference_bwd_matches_autodiff(dtype, b, t, d, f, seed):
     args = _inputs(seed, b, t, d, f, dtype)
@@ -110,7 +109,7 @@ def test_reference_bwd_matches_autodiff(dtype, b, t, d, f, seed):
     got, expected = both(args, dh)
     for name, g, r in zip(("dx", "d_norm_scale", "d_w_gate", "d_w_up"), got, expected):
         assert g.shape == r.shape and g.dtype == r.dtype, name
-        assert_close(g, r, dtype, factor=2.0, what=name)
+        assert_close(g, r, dtype, what=name)
 
 
 def test_default_block_sizes():
