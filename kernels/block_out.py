@@ -301,7 +301,8 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
     kernel = functools.partial(_bwd_dact_kernel, n_attn=na)
     do, dh = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((mp, hkp), dy2.dtype), jax.ShapeDtypeStruct((mp, fp), dy2.dtype)],
+        out_shape=[jax.ShapeDtypeStruct((mp, hkp), dy2.dtype),
+                   jax.ShapeDtypeStruct((mp, fp), dy2.dtype)],
         grid=(nt, na + nm, nd),
         in_specs=[
             pl.BlockSpec((bt, bd), lambda i, c, k: (i, k)),  # dy [M, D]

@@ -197,9 +197,12 @@ def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
         return 8 * bd * 4
 
     bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
-    fwd = 2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + bt * bf * s) + 2 * bt * bf * 4
+    # x, stats, scale, w_gate, w_up and h double-buffered; gate and up f32 accumulators.
+    fwd = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + bt * bf * s)
+           + 2 * bt * bf * 4)
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    gates = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + bt * bf * s + 2 * bt * bf * s)
+    # The forward's blocks plus dh in and d_gate, d_up out.
+    gates = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + 3 * bt * bf * s)
              + 2 * bt * bf * 4)
     dx = 2 * (2 * bt * bf * s + 2 * bd * bf * s + bt * bd * 4)
     dw = 2 * (bt * bd * s + 2 * bt * bf * s + 2 * bd * bf * s) + 2 * bd * bf * 4
@@ -342,9 +345,10 @@ def _bwd_dx_kernel(dgate_ref, dup_ref, wg_ref, wu_ref, dxn_ref):
     def _init():
         dxn_ref[...] = jnp.zeros_like(dxn_ref)
 
+    f32 = jnp.float32
     dxn_ref[...] += (
-        jax.lax.dot_general(dgate_ref[...], wg_ref[...], tm.NT_DIMS, preferred_element_type=jnp.float32)
-        + jax.lax.dot_general(dup_ref[...], wu_ref[...], tm.NT_DIMS, preferred_element_type=jnp.float32))
+        jax.lax.dot_general(dgate_ref[...], wg_ref[...], tm.NT_DIMS, preferred_element_type=f32)
+        + jax.lax.dot_general(dup_ref[...], wu_ref[...], tm.NT_DIMS, preferred_element_type=f32))
 
 
 def _bwd_dw_kernel(xn_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_acc):
