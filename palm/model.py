@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels
-from kernels._common import layer_norm_f32, matmul_f32
+from kernels._common import current_backend, layer_norm_f32, matmul_f32
 from palm.config import Config
 
 
@@ -104,6 +104,12 @@ def _logits(params: dict, tokens: jax.Array, config: Config, impl: str) -> jax.A
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
     block = functools.partial(_block, positions=positions, config=config, impl=impl)
+    if config.remat != "none" and impl == "pallas_tpu" and current_backend() != "tpu":
+        # JAX's TPU interpreter runs kernels through ordered io_callbacks, and jax.checkpoint
+        # cannot partially evaluate effects; fail here rather than deep inside autodiff.
+        raise ValueError(f"remat={config.remat!r} needs natively compiled kernels: impl='pallas_tpu' "
+                         f"on {current_backend()} runs in the TPU interpreter, which jax.checkpoint "
+                         "does not support; use remat='none' there")
     if config.remat != "none":
         block = jax.checkpoint(block, policy=_REMAT[config.remat])
     x, _ = jax.lax.scan(lambda carry, p: (block(carry, p), None), x, params["blocks"])

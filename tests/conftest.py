@@ -46,6 +46,21 @@ def assert_close(actual, expected, dtype, *, factor: float = 1.0, what: str = ""
     assert err <= tol, f"{what} relative error {err:.3g} > {tol:.3g} ({name})"
 
 
+def races_found() -> bool:
+    """Whether the TPU interpreter's race detector flagged the last kernel run with
+    `pltpu.InterpretParams(detect_races=True)`.
+
+    The flag lives in a private module (jax 0.10/0.11); if it moves, this returns False and the
+    race cases degrade to plain interpret-mode checks rather than failing spuriously.
+    """
+    try:
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+    except ImportError:
+        return False
+    races = getattr(ipc, "races", None)
+    return bool(races is not None and races.races_found)
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 

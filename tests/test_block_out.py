@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import assert_close
+from conftest import assert_close, races_found
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 # The module, not the function `kernels.block_out` that the package re-exports.
@@ -68,6 +68,8 @@ def test_forward_matches_reference(case):
     out = bo.block_out(*args, impl="pallas_tpu", interpret=interpret, block_sizes=block_sizes)
     assert out.shape == args[0].shape and out.dtype == dtype
     assert_close(out, _reference(*args), dtype, what="y")
+    if isinstance(interpret, pltpu.InterpretParams):
+        assert not races_found(), "the TPU interpreter found a data race"
 
 
 # The gradient cases run two kernels each plus the weight-gradient matmuls, so they get half

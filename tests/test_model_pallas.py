@@ -45,6 +45,12 @@ def test_loss_gradients_pallas_tpu_equal_xla(params):
         assert_close(a, b, "float32", factor=20, what=jax.tree_util.keystr(path))
 
 
+def test_remat_with_interpreted_kernels_says_why(params):
+    config = dataclasses.replace(CONFIG, remat="full")
+    with pytest.raises(ValueError, match="remat='full' needs natively compiled kernels"):
+        palm.loss(params, jnp.zeros((1, 9), jnp.int32), config, impl="pallas_tpu")
+
+
 LAYER_SHAPES = {"8b": palm.preset("8b"), "540b": palm.preset("540b")}
 KERNELS = ("palm_norm_qkv_rope", "palm_mq_flash_attention", "palm_norm_swiglu", "palm_block_out")
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import assert_close
+from conftest import assert_close, races_found
 from kernels.mq_decode_attention import (
     BlockSizes,
     _PALLAS,
@@ -36,12 +36,6 @@ def _inputs(seed, batch, heads, seq_len, head_dim, dtype):
     v = jax.random.normal(kv, (batch, seq_len, head_dim), jnp.float32).astype(dtype)
     return q, k, v
 
-
-def _races_found() -> bool:
-    """The TPU interpreter's race flag (private in jax 0.10; False if it moved)."""
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    races = getattr(ipc, "races", None)
-    return bool(races is not None and races.races_found)
 
 
 @st.composite
@@ -83,7 +77,7 @@ def test_matches_reference(case):
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert_close(out, expected, case["dtype"], what="decode attention")
     if case["races"]:
-        assert not _races_found(), "the TPU interpreter found a data race"
+        assert not races_found(), "the TPU interpreter found a data race"
 
 
 @given(st.integers(1, 200), st.sampled_from([8, 16, 128]), st.integers(1, 5), st.data())

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import assert_close
+from conftest import assert_close, races_found
 from kernels._common import layer_norm_f32
 from kernels.norm_qkv_rope import BlockSizes, norm_qkv_rope, norm_qkv_rope_reference, vmem_bytes
 
@@ -27,10 +27,6 @@ EPS = 1e-6
 # (D, H, K) of PaLM-8B and PaLM-540B; B=1, T=2048 per chip.
 PALM = {"8b": (4096, 16, 256), "540b": (18432, 48, 256)}
 
-
-def _races_found() -> bool:
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    return bool(ipc.races is not None and ipc.races.races_found)
 
 
 def _inputs(seed, b, t, d, h, k, dtype):
@@ -98,7 +94,7 @@ def test_matches_reference(case):
         assert g.dtype == arg.dtype and g.shape == arg.shape, name
         assert_close(g, e, dtype, what=name)
     if case["races"]:
-        assert not _races_found(), "TPU interpreter reported a data race"
+        assert not races_found(), "TPU interpreter reported a data race"
 
 
 def test_forward_on_two_cores_without_races():
@@ -112,7 +108,7 @@ def test_forward_on_two_cores_without_races():
                         block_sizes=BlockSizes(16, 3, 40, 16, 3, 40))
     for name, a, e in zip("qkv", out, norm_qkv_rope_reference(*args, positions, eps=EPS)):
         assert_close(a, e, jnp.bfloat16, what=name)
-    assert not _races_found(), "TPU interpreter reported a data race"
+    assert not races_found(), "TPU interpreter reported a data race"
 
 
 def test_layer_norm_backward_matches_autodiff():

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import assert_close
+from conftest import assert_close, races_found
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 # The module, not the function `kernels.norm_swiglu` that the package re-exports.
 ns = importlib.import_module("kernels.norm_swiglu")
@@ -71,6 +71,8 @@ def test_forward_matches_reference(case):
                          block_sizes=block_sizes)
     assert out.shape == (b, t, f) and out.dtype == dtype
     assert_close(out, _reference(*args), dtype, what="h")
+    if isinstance(interpret, pltpu.InterpretParams):
+        assert not races_found(), "the TPU interpreter found a data race"
 
 
 # The gradient cases run four kernels each (forward and three backward), so they get half the

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import assert_close
+from conftest import assert_close, races_found
 from kernels.rope import BlockSizes, rope, rope_reference, vmem_bytes
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
@@ -27,10 +27,6 @@ PALM_SHAPES = {
     "540b_k": (1, 2048, 256),
 }
 
-
-def _races_found() -> bool:
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    return bool(ipc.races is not None and ipc.races.races_found)
 
 
 @st.composite
@@ -82,7 +78,7 @@ def test_rope_matches_reference(case):
     assert_close(out, expected, dtype, what="forward through vjp")
     assert_close(dx, expected_dx, dtype, what="dx")
     if case["races"]:
-        assert not _races_found(), "TPU interpreter reported a data race"
+        assert not races_found(), "TPU interpreter reported a data race"
 
 
 def test_forward_on_two_cores_without_races():
@@ -94,7 +90,7 @@ def test_forward_on_two_cores_without_races():
     out = rope(x, positions, impl="pallas_tpu", block_sizes=blocks,
                interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2))
     assert_close(out, rope_reference(x, positions), jnp.bfloat16, what="forward")
-    assert not _races_found(), "TPU interpreter reported a data race"
+    assert not races_found(), "TPU interpreter reported a data race"
 
 
 def test_block_sizes_default_and_validation():
