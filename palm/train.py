@@ -64,7 +64,7 @@ class TrainConfig:
     # Peak FLOP/s of one device for MFU; None looks the device up (palm.flops.PEAK_FLOPS).
     peak_flops: float | None = None
     # Greedy sample printed at the end.
-    sample_prompt: str = "def "
+    sample_prompt: str = "def __init__(self"
     sample_tokens: int = 48
 
     def __post_init__(self):
