@@ -400,16 +400,23 @@ def _check_native_blocks(d: int, h: int, k: int, hb: int, td: int) -> None:
                          f"lanes or cover all H={h} heads (TPU lane tiling)")
 
 
+def _tiles(config: _Config, m: int, d: int, h: int, k: int, *, backward: bool):
+    """The forward or backward tiles clipped to the problem, and the grid they make:
+    (rows bm, heads hb, D tile td, q columns bn = hb*K, row tiles, head tiles, D tiles)."""
+    bs = config.block_sizes
+    rows, heads, depth = ((bs.block_rows_bwd, bs.block_heads_bwd, bs.block_d_bwd) if backward
+                          else (bs.block_rows, bs.block_heads, bs.block_d))
+    bm, hb, td = min(rows, m), min(heads, h), min(depth, d)
+    if config.interpret is False:
+        _check_native_blocks(d, h, k, hb, td)
+    return bm, hb, td, hb * k, pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+
+
 def _forward_call(config: _Config, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: int):
     """The forward pallas_call on x2 [M, D]; returns q2 [M, H*K], k, v [M, K]."""
     m, d = x2.shape
     k = wk.shape[1]
-    bs = config.block_sizes
-    bm, hb, td = min(bs.block_rows, m), min(bs.block_heads, h), min(bs.block_d, d)
-    if config.interpret is False:
-        _check_native_blocks(d, h, k, hb, td)
-    bn = hb * k
-    nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+    bm, hb, td, bn, nm, nq, nd = _tiles(config, m, d, h, k, backward=False)
     last_d = nd - 1
 
     def wq_map(i, j, dd):  # parked on its last block during the k/v tile
@@ -600,12 +607,7 @@ def _bwd_dx_call(config: _Config, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
     """dh [M, D] = g · W^T, and the rotated cotangents R^-1 dq [M, H*K], R^-1 dk [M, K]."""
     m, k = dk2.shape
     d = wk.shape[0]
-    bs = config.block_sizes
-    bm, hb, td = min(bs.block_rows_bwd, m), min(bs.block_heads_bwd, h), min(bs.block_d_bwd, d)
-    if config.interpret is False:
-        _check_native_blocks(d, h, k, hb, td)
-    bn = hb * k
-    nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+    bm, hb, td, bn, nm, nq, nd = _tiles(config, m, d, h, k, backward=True)
 
     def q_cols(i, e, j):  # parked on its last block during the k/v step
         return i, jnp.minimum(j, nq - 1)
@@ -665,12 +667,7 @@ def _bwd_dw_call(config: _Config, x2, scale, mean, rstd, gq, gk, gv, h: int, w_d
     """dwq [D, H*K], dwk, dwv [D, K] = LN(x)^T · (rotated) cotangents."""
     m, d = x2.shape
     k = gk.shape[1]
-    bs = config.block_sizes
-    bm, hb, td = min(bs.block_rows_bwd, m), min(bs.block_heads_bwd, h), min(bs.block_d_bwd, d)
-    if config.interpret is False:
-        _check_native_blocks(d, h, k, hb, td)
-    bn = hb * k
-    nm, nq, nd = pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+    bm, hb, td, bn, nm, nq, nd = _tiles(config, m, d, h, k, backward=True)
     last_r = nm - 1
 
     def q_map(e, j, r):  # parked on its last block during the k/v step
