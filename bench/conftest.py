@@ -19,7 +19,7 @@ import pytest
 
 import kernels
 from bench import baselines as baselines_lib
-from palm.flops import device_peak_flops
+from palm.flops import device_peak_flops, lookup_device_kind
 
 # HBM bandwidth per chip from the datasheets (../shared/ANCHORS.md), matched like
 # palm.flops.PEAK_FLOPS: substrings of `device.device_kind`, first match wins.
@@ -192,11 +192,7 @@ class Device:
 
 def hbm_bandwidth(device: jax.Device | None = None) -> float | None:
     """Datasheet HBM bytes/s of one chip, or None when the device kind is not in the table."""
-    device = device or jax.devices()[0]
-    for name, bandwidth in HBM_BANDWIDTH:
-        if name in device.device_kind:
-            return bandwidth
-    return None
+    return lookup_device_kind(HBM_BANDWIDTH, device)
 
 
 @pytest.fixture(scope="session")

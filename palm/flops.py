@@ -44,13 +44,19 @@ def flops_per_token(config: Config, seq_len: int) -> float:
     return 6.0 * num_params(config) + attention
 
 
+def lookup_device_kind(table, device: jax.Device | None = None) -> float | None:
+    """The value of the first (substring, value) row of `table` whose substring is in the
+    device's `device_kind` (the local device by default), or None when no row matches."""
+    device = device or jax.devices()[0]
+    for name, value in table:
+        if name in device.device_kind:
+            return value
+    return None
+
+
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
     """Dense bf16 peak FLOP/s of one chip, or None when the device kind is not in the table."""
-    device = device or jax.devices()[0]
-    for name, peak in PEAK_FLOPS:
-        if name in device.device_kind:
-            return peak
-    return None
+    return lookup_device_kind(PEAK_FLOPS, device)
 
 
 def mfu(tokens_per_second: float, config: Config, seq_len: int, peak_flops: float | None = None,
