@@ -2,6 +2,14 @@
 
 Dimension key used across `kernels/` and `palm/`: B batch, T query positions, S key positions,
 D model width, H query heads, K head dim, F MLP hidden width, V vocabulary, L layers.
+
+One rule every Pallas kernel body here follows: grid extents reach it as static keyword
+arguments (`functools.partial(kernel, n_steps=...)`), never through `pl.num_programs`. With a
+static grid, `pl.num_programs` is a Python int baked into the kernel's jaxpr at trace time, and
+jax 0.11 caches that trace by kernel function and block shapes but not by grid: a second call
+with the same tiles and a longer or shorter grid reused the first call's extent, so epilogues
+keyed on "last step" never ran and outputs stayed uninitialised (NaN in the TPU interpreter).
+`tests/test_kernel_rules.py` runs every kernel at two grids with one tiling to keep it so.
 """
 
 from __future__ import annotations

@@ -174,7 +174,8 @@ class _Settings:
     interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
 
 
-def _fwd_kernel(x_ref, attn_ref, wo_ref, mlp_ref, w_down_ref, out_ref, acc_ref, *, n_attn: int):
+def _fwd_kernel(x_ref, attn_ref, wo_ref, mlp_ref, w_down_ref, out_ref, acc_ref, *, n_attn: int,
+                n_steps: int):
     c = pl.program_id(2)
 
     @pl.when(c == 0)
@@ -189,7 +190,7 @@ def _fwd_kernel(x_ref, attn_ref, wo_ref, mlp_ref, w_down_ref, out_ref, acc_ref, 
     def _mlp():
         acc_ref[...] += jnp.dot(mlp_ref[...], w_down_ref[...], preferred_element_type=jnp.float32)
 
-    @pl.when(c == pl.num_programs(2) - 1)
+    @pl.when(c == n_steps - 1)
     def _epilogue():
         out_ref[...] = (x_ref[...].astype(jnp.float32) + acc_ref[...]).astype(out_ref.dtype)
 
@@ -219,7 +220,7 @@ def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
     def mlp_k(c):
         return jnp.maximum(c - na, 0)
 
-    kernel = functools.partial(_fwd_kernel, n_attn=na)
+    kernel = functools.partial(_fwd_kernel, n_attn=na, n_steps=na + nm)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, dp), x2.dtype),
@@ -241,10 +242,11 @@ def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
     return out[:m, :d]
 
 
-def _bwd_dact_kernel(dy_ref, wo_ref, w_down_ref, do_ref, dh_ref, acc_ref, *, n_attn: int):
+def _bwd_dact_kernel(dy_ref, wo_ref, w_down_ref, do_ref, dh_ref, acc_ref, *, n_attn: int,
+                     n_steps: int):
     """One [bt, bc] tile of [do | dh] = dy·[wo ; w_down]ᵀ, accumulated over D tiles."""
     c, k = pl.program_id(1), pl.program_id(2)
-    last = k == pl.num_programs(2) - 1
+    last = k == n_steps - 1
 
     @pl.when(k == 0)
     def _init():
@@ -298,7 +300,7 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
     def w_down_index(i, c, k):
         return jnp.where(c < na, 0, c - na), jnp.where(c < na, 0, k)
 
-    kernel = functools.partial(_bwd_dact_kernel, n_attn=na)
+    kernel = functools.partial(_bwd_dact_kernel, n_attn=na, n_steps=nd)
     do, dh = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((mp, hkp), dy2.dtype),

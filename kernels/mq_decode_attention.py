@@ -201,7 +201,8 @@ def _schedule(p, j, valid_tiles, per_split):
 
 def _decode_kernel(lengths_ref, valid_tiles_ref, per_split_ref,  # scalar prefetch (SMEM) [B]
                    q_ref, k_ref, v_ref,  # [H, K], [bs, K], [bs, K]
-                   *refs, block_s: int, scale: float, split: bool, interpreting: bool):
+                   *refs, block_s: int, steps: int, scale: float, split: bool,
+                   interpreting: bool):
     if split:
         o_ref, lse_ref, m_scratch, l_scratch, acc_scratch = refs  # [H, K], [H, 1]
     else:
@@ -236,7 +237,7 @@ def _decode_kernel(lengths_ref, valid_tiles_ref, per_split_ref,  # scalar prefet
         acc_scratch[...] = alpha * acc_scratch[...] + pv
         m_scratch[...] = m_next
 
-    @pl.when(j == pl.num_programs(2) - 1)
+    @pl.when(j == steps - 1)
     def _finish():
         l = l_scratch[...]
         empty = l == 0.0  # a split that got no tile (P > valid tiles): weight 0 in the combine
@@ -301,8 +302,8 @@ def mq_decode_attention_pallas_tpu(
         transcendentals=batch * heads * seq_len,
         bytes_accessed=2 * batch * seq_len * head_dim * itemsize + q.size * itemsize + out_bytes)
 
-    kernel = functools.partial(_decode_kernel, block_s=block_s, scale=scale, split=split,
-                               interpreting=interpret is not False)
+    kernel = functools.partial(_decode_kernel, block_s=block_s, steps=steps, scale=scale,
+                               split=split, interpreting=interpret is not False)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(batch, splits, steps),

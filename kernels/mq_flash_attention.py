@@ -376,14 +376,15 @@ def _visited_tiles(cfg: _Config, n_q: int, n_k: int, block_q: int, block_k: int)
 
 # ---- forward ---------------------------------------------------------------------------------
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg: _Config):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg: _Config,
+                n_tiles: int, n_steps: int):
     """One (batch, query tile, key tile) step of the online softmax.
 
     q_ref [bq, K], k_ref/v_ref [bk, K], o_ref [bq, K], lse_ref [1, bq];
     m_scr/l_scr [bq, 128] (lane-replicated running max and sum), acc_scr [bq, K] f32.
     """
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-    i = _balanced(pl.program_id(1), pl.num_programs(1), cfg.causal)
+    i = _balanced(pl.program_id(1), n_tiles, cfg.causal)
     j = pl.program_id(2)
 
     @pl.when(j == 0)
@@ -412,7 +413,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, c
     needed = _tile_visible(i, j, bq, bk, cfg.num_heads) if cfg.causal else None
     _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
 
-    @pl.when(j == pl.num_programs(2) - 1)
+    @pl.when(j == n_steps - 1)
     def _finish():
         l = l_scr[...]
         o_ref[...] = (acc_scr[...] / l[:, :1]).astype(o_ref.dtype)
@@ -448,7 +449,7 @@ def _forward(q, k, v, cfg: _Config):
     with jax.named_scope(f"palm_mq_flash_attention_fwd bq={bq} bk={bk} H={heads} "
                          f"causal={cfg.causal}"):
         return pl.pallas_call(
-            functools.partial(_fwd_kernel, cfg=cfg),
+            functools.partial(_fwd_kernel, cfg=cfg, n_tiles=n_q, n_steps=n_k),
             out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                        jax.ShapeDtypeStruct((batch, 1, rows), jnp.float32)),
             grid=(batch, n_q, n_k),
@@ -471,14 +472,14 @@ def _forward(q, k, v, cfg: _Config):
 # ---- backward: dk and dv ---------------------------------------------------------------------
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr,
-                *, cfg: _Config):
+                *, cfg: _Config, n_tiles: int, n_steps: int):
     """One (batch, key tile, query tile) step: dk, dv of one key tile summed over query tiles.
 
     q_ref/do_ref [bq, K], k_ref/v_ref [bk, K], lse_ref/delta_ref [1, bq] (rows on lanes),
     dk_ref/dv_ref [bk, K], dk_scr/dv_scr [bk, K] f32. Scores are transposed, [bk, bq].
     """
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
-    j = _balanced(pl.program_id(1), pl.num_programs(1), cfg.causal)
+    j = _balanced(pl.program_id(1), n_tiles, cfg.causal)
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -502,7 +503,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         needed = jnp.logical_and(needed, _tile_visible(i, j, bq, bk, cfg.num_heads))
     _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
 
-    @pl.when(i == pl.num_programs(2) - 1)
+    @pl.when(i == n_steps - 1)
     def _finish():
         dk_ref[...] = (dk_scr[...] * cfg.sm_scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
@@ -534,7 +535,7 @@ def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dkv bq={bq} bk={bk} H={heads} "
                          f"causal={cfg.causal}"):
         return pl.pallas_call(
-            functools.partial(_dkv_kernel, cfg=cfg),
+            functools.partial(_dkv_kernel, cfg=cfg, n_tiles=n_k, n_steps=n_q),
             out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                        jax.ShapeDtypeStruct(v.shape, v.dtype)),
             grid=(batch, n_k, n_q),
@@ -553,14 +554,14 @@ def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
 # ---- backward: dq ----------------------------------------------------------------------------
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, lse_scr,
-               delta_scr, *, cfg: _Config):
+               delta_scr, *, cfg: _Config, n_tiles: int, n_steps: int):
     """One (batch, query tile, key tile) step: dq of one query tile summed over key tiles.
 
     q_ref/do_ref/dq_ref [bq, K], k_ref/v_ref [bk, K], lse_ref/delta_ref [1, bq];
     dq_scr [bq, K] f32, lse_scr/delta_scr [bq, 128] (the rows turned into columns once).
     """
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-    i = _balanced(pl.program_id(1), pl.num_programs(1), cfg.causal)
+    i = _balanced(pl.program_id(1), n_tiles, cfg.causal)
     j = pl.program_id(2)
 
     @pl.when(j == 0)
@@ -583,7 +584,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, 
     needed = _tile_visible(i, j, bq, bk, cfg.num_heads) if cfg.causal else None
     _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
 
-    @pl.when(j == pl.num_programs(2) - 1)
+    @pl.when(j == n_steps - 1)
     def _finish():
         dq_ref[...] = (dq_scr[...] * cfg.sm_scale).astype(dq_ref.dtype)
 
@@ -618,7 +619,7 @@ def _backward_dq(q, k, v, do, lse, delta, cfg: _Config):
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dq bq={bq} bk={bk} H={heads} "
                          f"causal={cfg.causal}"):
         return pl.pallas_call(
-            functools.partial(_dq_kernel, cfg=cfg),
+            functools.partial(_dq_kernel, cfg=cfg, n_tiles=n_q, n_steps=n_k),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             grid=(batch, n_q, n_k),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],

@@ -261,10 +261,11 @@ def _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, u
     up_acc[...] += jnp.dot(xn, wu_ref[...], preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, h_ref, gate_acc, up_acc):
+def _fwd_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, h_ref, gate_acc, up_acc, *,
+                n_steps: int):
     _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc)
 
-    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    @pl.when(pl.program_id(2) == n_steps - 1)
     def _epilogue():
         gate = gate_acc[...]
         h_ref[...] = (gate * jax.nn.sigmoid(gate) * up_acc[...]).astype(h_ref.dtype)
@@ -311,7 +312,7 @@ def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.A
                         + mp * fp * s))
     with jax.named_scope(f"palm_norm_swiglu_fwd bt={bt} bf={bf} bd={bd}"):
         h = pl.pallas_call(
-            _fwd_kernel,
+            functools.partial(_fwd_kernel, n_steps=nd),
             out_shape=jax.ShapeDtypeStruct((mp, fp), x2.dtype),
             grid=(nt, nf, nd),
             in_specs=_gate_up_in_specs(bt, bf, bd),
@@ -326,12 +327,12 @@ def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.A
 
 
 def _bwd_gates_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, dh_ref, dgate_ref, dup_ref,
-                      gate_acc, up_acc):
+                      gate_acc, up_acc, *, n_steps: int):
     """Recomputes gate and up for one [bt, bf] tile (as the forward does) and turns dh into
     their cotangents in the epilogue, so the pre-activations never exist in HBM."""
     _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc)
 
-    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    @pl.when(pl.program_id(2) == n_steps - 1)
     def _epilogue():
         d_gate, d_up = _swiglu_bwd(gate_acc[...], up_acc[...], dh_ref[...], dgate_ref.dtype)
         dgate_ref[...] = d_gate
@@ -351,7 +352,8 @@ def _bwd_dx_kernel(dgate_ref, dup_ref, wg_ref, wu_ref, dxn_ref):
         + jax.lax.dot_general(dup_ref[...], wu_ref[...], tm.NT_DIMS, preferred_element_type=f32))
 
 
-def _bwd_dw_kernel(xn_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_acc):
+def _bwd_dw_kernel(xn_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_acc, *,
+                   n_steps: int):
     """d_w_gate and d_w_up [bd, bf] += LN(x)ᵀ·d_gate and LN(x)ᵀ·d_up over row tiles, reading
     each LN(x) tile once for both weights."""
 
@@ -365,7 +367,7 @@ def _bwd_dw_kernel(xn_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_ac
     dwg_acc[...] += jnp.dot(xn_t, dgate_ref[...], preferred_element_type=jnp.float32)
     dwu_acc[...] += jnp.dot(xn_t, dup_ref[...], preferred_element_type=jnp.float32)
 
-    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    @pl.when(pl.program_id(2) == n_steps - 1)
     def _epilogue():
         dwg_ref[...] = dwg_acc[...].astype(dwg_ref.dtype)
         dwu_ref[...] = dwu_acc[...].astype(dwu_ref.dtype)
@@ -384,7 +386,7 @@ def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: _Settings):
                         + 3 * mp * fp * s))
     tile = pl.BlockSpec((bt, bf), lambda i, j, k: (i, j))
     return pl.pallas_call(
-        _bwd_gates_kernel,
+        functools.partial(_bwd_gates_kernel, n_steps=nd),
         out_shape=[jax.ShapeDtypeStruct((mp, fp), xp.dtype)] * 2,
         grid=(nt, nf, nd),
         in_specs=[*_gate_up_in_specs(bt, bf, bd), tile],
@@ -435,7 +437,7 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: _Settings):
     act = pl.BlockSpec((bt, bf), lambda i, j, k: (k, j))
     out = pl.BlockSpec((bd, bf), lambda i, j, k: (i, j))
     return pl.pallas_call(
-        _bwd_dw_kernel,
+        functools.partial(_bwd_dw_kernel, n_steps=nt),
         out_shape=[jax.ShapeDtypeStruct((dp, fp), xnp.dtype)] * 2,
         grid=(nd, nf, nt),
         in_specs=[pl.BlockSpec((bt, bd), lambda i, j, k: (k, i)), act, act],  # LN(x), d_gate, d_up

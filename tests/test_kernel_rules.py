@@ -1,0 +1,137 @@
+"""Rules every Pallas kernel must keep whatever its shape, checked across all six kernels.
+
+- One tiling, several grids: a kernel called with the same block sizes at a shape with several
+  grid steps per axis and then at a shape with one step (B*T = 1, a single tile) gives the
+  reference's values both times, forward and gradient. jax 0.11 caches a kernel's trace by
+  function and block shapes, not by grid, so a kernel body that read its grid extent through
+  `pl.num_programs` kept the first call's value and left the second call's outputs unwritten
+  (NaN); see kernels/_common.py.
+- Edge blocks: the TPU interpreter fills the part of a partial edge block that lies past an
+  array's end with NaN, as undefined as real TPU memory there, so the ragged shapes the
+  kernels' property tests draw check that nothing from past the end reaches a result.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from conftest import assert_close
+
+F32 = jnp.float32
+
+
+def _module(name):
+    # The module, not the function of the same name that `kernels` re-exports.
+    return importlib.import_module(f"kernels.{name}")
+
+
+def _normal(rng, shape, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale, F32)
+
+
+def _positions(rng, b, t):
+    return jnp.asarray(rng.integers(0, 4096, size=(b, t)), jnp.int32)
+
+
+def _rope_args(rng, b, t):
+    return (_normal(rng, (b, t, 2, 16)), _positions(rng, b, t))
+
+
+def _norm_qkv_rope_args(rng, b, t):
+    d, h, k = (200, 2, 16) if t > 1 else (5, 1, 4)
+    return (_normal(rng, (b, t, d)), 1.0 + _normal(rng, (d,), 0.2),
+            _normal(rng, (d, h, k), d ** -0.5), _normal(rng, (d, k), d ** -0.5),
+            _normal(rng, (d, k), d ** -0.5), _positions(rng, b, t))
+
+
+def _norm_swiglu_args(rng, b, t):
+    d, f = (200, 200) if t > 1 else (3, 1)
+    return (_normal(rng, (b, t, d)), 1.0 + _normal(rng, (d,), 0.2),
+            _normal(rng, (d, f), d ** -0.5), _normal(rng, (d, f), d ** -0.5))
+
+
+def _block_out_args(rng, b, t):
+    d, h, k, f = (200, 2, 80, 200) if t > 1 else (3, 1, 2, 1)
+    return (_normal(rng, (b, t, d)), _normal(rng, (b, t, h, k)),
+            _normal(rng, (h, k, d), (h * k) ** -0.5), _normal(rng, (b, t, f)),
+            _normal(rng, (f, d), f ** -0.5))
+
+
+def _flash_args(rng, b, t):
+    # S >= 2 in both: over a single key the softmax is constant and dq is exactly 0.
+    h, k, s = (2, 16, 140) if t > 1 else (1, 8, 3)
+    return (_normal(rng, (b, t, h, k)), _normal(rng, (b, s, k)), _normal(rng, (b, s, k)))
+
+
+def _decode_args(rng, b, t):
+    s = 40 if t > 1 else 8  # t only picks the size here: decoding has one query position
+    lengths = jnp.asarray([s - 3, s][:b], jnp.int32)
+    return (_normal(rng, (b, 2, 16)), _normal(rng, (b, s, 16)), _normal(rng, (b, s, 16)), lengths)
+
+
+# name: (inputs, block sizes, keyword arguments, how many leading arguments are differentiable).
+# The tiles give the multi-step shape (B*T = 70 rows) at least two steps on every grid axis.
+KERNELS = {
+    "rope": (_rope_args, lambda m: m.BlockSizes(8, 2, 8, 2), {}, 1),
+    "norm_qkv_rope": (_norm_qkv_rope_args, lambda m: m.BlockSizes(8, 1, 128, 8, 1, 128),
+                      {"eps": 1e-6}, 5),
+    "norm_swiglu": (_norm_swiglu_args, lambda m: m.BlockSizes(8, 128, 128, 8, 128, 128),
+                    {"eps": 1e-6}, 4),
+    "block_out": (_block_out_args, lambda m: m.BlockSizes(8, 128, 128, 8, 128, 128), {}, 5),
+    "mq_flash_attention": (_flash_args, lambda m: m.BlockSizes(*[128] * 6), {"causal": False}, 3),
+    "mq_decode_attention": (_decode_args, lambda m: m.BlockSizes(block_s=8, num_splits=2), {}, 0),
+}
+
+
+def _weighted_sum(out):
+    """A scalar whose gradient reaches every output element with a different weight."""
+    leaves = jax.tree.leaves(out)
+    return sum(jnp.sum(x.astype(F32) * jnp.cos(jnp.arange(x.size, dtype=F32).reshape(x.shape)))
+               for x in leaves)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_one_tiling_at_two_grids(name):
+    module = _module(name)
+    make_args, make_blocks, kwargs, n_diff = KERNELS[name]
+    blocks = make_blocks(module)
+    kernel = getattr(module, name)
+    reference = getattr(module, f"{name}_reference")
+    rng = np.random.default_rng(0)
+    # Several grid steps first, then one: the order in which the stale extent did harm.
+    for b, t in [(2, 35), (1, 1)]:
+        args = make_args(rng, b, t)
+        pallas = lambda *a: kernel(*a, impl="pallas_tpu", interpret=True,  # noqa: E731
+                                   block_sizes=blocks, **kwargs)
+        ref = lambda *a: reference(*a, **kwargs)  # noqa: E731
+        for got, want in zip(jax.tree.leaves(pallas(*args)), jax.tree.leaves(ref(*args))):
+            assert_close(got, want, F32, what=f"{name} output at B={b}, T={t}")
+        if n_diff:
+            argnums = tuple(range(n_diff))
+            grads = jax.grad(lambda *a: _weighted_sum(pallas(*a)), argnums)(*args)
+            ref_grads = jax.grad(lambda *a: _weighted_sum(ref(*a)), argnums)(*args)
+            for i, (got, want) in enumerate(zip(grads, ref_grads)):
+                assert_close(got, want, F32, what=f"{name} gradient {i} at B={b}, T={t}")
+
+
+def test_interpreter_fills_edge_blocks_with_nan():
+    """The premise of the ragged-shape property tests: a kernel that sums a partial edge block
+    without masking it gets NaN, so a kernel that forgot a mask would fail them."""
+
+    def row_sum(x_ref, o_ref):
+        o_ref[...] = jnp.sum(x_ref[...], axis=0, keepdims=True)
+
+    x = jnp.ones((12, 128), F32)  # the second 8-row block has 4 rows past the end
+    out = pl.pallas_call(row_sum, grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+                         out_specs=pl.BlockSpec((None, 1, 128), lambda i: (i, 0, 0)),
+                         out_shape=jax.ShapeDtypeStruct((2, 1, 128), F32),
+                         interpret=_module("_common").tpu_interpret(True))(x)
+    out = np.asarray(out)
+    assert np.all(out[0] == 8.0)
+    assert np.all(np.isnan(out[1])), "the interpreter no longer poisons edge blocks"
