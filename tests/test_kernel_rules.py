@@ -96,28 +96,39 @@ def _weighted_sum(out):
                for x in leaves)
 
 
+# Interpreted kernels become large CPU programs whose compile dominates at these sizes; XLA's
+# cheap settings change code generation, not what is computed.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _output_and_grads(fn, n_diff):
+    """One compiled program: fn's outputs and the gradients of their weighted sum."""
+    def both(*args):
+        if not n_diff:
+            return fn(*args), ()
+        return fn(*args), jax.grad(lambda *a: _weighted_sum(fn(*a)), tuple(range(n_diff)))(*args)
+
+    return lambda *args: jax.jit(both).lower(*args).compile(FAST_COMPILE)(*args)
+
+
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_one_tiling_at_two_grids(name):
     module = _module(name)
     make_args, make_blocks, kwargs, n_diff = KERNELS[name]
     blocks = make_blocks(module)
-    kernel = getattr(module, name)
-    reference = getattr(module, f"{name}_reference")
+    kernel, reference = getattr(module, name), getattr(module, f"{name}_reference")
+    pallas = _output_and_grads(lambda *a: kernel(*a, impl="pallas_tpu", interpret=True,
+                                                 block_sizes=blocks, **kwargs), n_diff)
+    ref = _output_and_grads(lambda *a: reference(*a, **kwargs), n_diff)
     rng = np.random.default_rng(0)
-    # Several grid steps first, then one: the order in which the stale extent did harm.
+    # Several grid steps first, then one: the order in which a stale extent did harm.
     for b, t in [(2, 35), (1, 1)]:
         args = make_args(rng, b, t)
-        pallas = lambda *a: kernel(*a, impl="pallas_tpu", interpret=True,  # noqa: E731
-                                   block_sizes=blocks, **kwargs)
-        ref = lambda *a: reference(*a, **kwargs)  # noqa: E731
-        for got, want in zip(jax.tree.leaves(pallas(*args)), jax.tree.leaves(ref(*args))):
+        (out, grads), (ref_out, ref_grads) = pallas(*args), ref(*args)
+        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out)):
             assert_close(got, want, F32, what=f"{name} output at B={b}, T={t}")
-        if n_diff:
-            argnums = tuple(range(n_diff))
-            grads = jax.grad(lambda *a: _weighted_sum(pallas(*a)), argnums)(*args)
-            ref_grads = jax.grad(lambda *a: _weighted_sum(ref(*a)), argnums)(*args)
-            for i, (got, want) in enumerate(zip(grads, ref_grads)):
-                assert_close(got, want, F32, what=f"{name} gradient {i} at B={b}, T={t}")
+        for i, (got, want) in enumerate(zip(grads, ref_grads)):
+            assert_close(got, want, F32, what=f"{name} gradient {i} at B={b}, T={t}")
 
 
 def test_interpreter_fills_edge_blocks_with_nan():
