@@ -27,7 +27,7 @@ train: venv
 	  --tokenizer runs/demo-tokenizer.model --cache-dir runs/cache --warmup-steps 20 $(TRAIN_ARGS)
 
 bench: venv
-	$(PY) -m pytest bench --benchmark-only --benchmark-enable
+	$(PY) -m pytest bench/ --benchmark-only
 
 clean:
 	rm -rf $(VENV)

@@ -1,1 +1,1 @@
-"""Benchmarks that double as tests: `pytest bench/ --benchmark-only` times, `--benchmark-disable` checks."""
+"""Benchmarks that double as tests: `pytest bench/ --benchmark-only` times them, plain `pytest` checks them."""

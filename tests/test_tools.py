@@ -205,3 +205,35 @@ def test_bench_report_rejects_other_json(tmp_path):
     path.write_text("{}")
     result = _run(str(TOOLS / "bench_report.py"), str(path))
     assert result.returncode != 0 and "not pytest-benchmark JSON" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# The benchmark command as BUILD.md documents it.
+
+def test_documented_benchmark_command_collects():
+    # The exact documented line; --collect-only keeps it cheap. Option conflicts (e.g. with
+    # pyproject's addopts) surface here as a usage error, exit 4.
+    result = _run("-m", "pytest", "bench/", "--benchmark-only", "--collect-only", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "test_train_step" in result.stdout
+
+
+def test_documented_benchmark_command_times_and_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    # The documented line, narrowed to one cheap case with few rounds.
+    result = _run("-m", "pytest", "bench/", "--benchmark-only", f"--benchmark-json={out}",
+                  "-k", "test_rope and xla-fwd-", "--benchmark-max-time=0.05", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "benchmark: 1 tests" in result.stdout  # pytest-benchmark's timing table
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert [b["name"] for b in benchmarks] == ["test_rope[xla-fwd-B2-T256-H4-K64-float32]"]
+    stats = benchmarks[0]["stats"]
+    assert stats["rounds"] >= 1 and stats["median"] > 0
+    assert benchmarks[0]["extra_info"]["jax_version"] == jax.__version__
+
+
+def test_plain_pytest_runs_benchmarks_once_as_checks():
+    result = _run("-m", "pytest", "bench/test_kernels.py", "-k", "test_rope and xla-fwd-", "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    assert "benchmark: 1 tests" not in result.stdout  # pytest-benchmark's timing table
