@@ -1,19 +1,35 @@
-"""PaLM in JAX on our own Pallas kernels: `palm.forward(params, tokens, config)` and friends."""
+"""PaLM in JAX on our own Pallas kernels: `palm.forward(params, tokens, config)` and friends.
+
+The names below load on first use (PEP 562), so `python -m palm --help` and `import palm.config`
+do not pay for importing JAX.
+"""
+
+import importlib
 
 from palm.config import PRESETS, Config, preset
-from palm.flops import device_peak_flops, flops_per_token, mfu, num_params
-from palm.model import forward, init, loss, param_shapes
 
-__all__ = [
-    "PRESETS",
-    "Config",
-    "preset",
-    "device_peak_flops",
-    "flops_per_token",
-    "mfu",
-    "num_params",
-    "forward",
-    "init",
-    "loss",
-    "param_shapes",
-]
+_LAZY = {
+    "device_peak_flops": "palm.flops",
+    "flops_per_token": "palm.flops",
+    "mfu": "palm.flops",
+    "num_params": "palm.flops",
+    "forward": "palm.model",
+    "init": "palm.model",
+    "loss": "palm.model",
+    "param_shapes": "palm.model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'palm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["PRESETS", "Config", "preset", *_LAZY]

@@ -18,6 +18,19 @@ class CheckpointError(Exception):
     """A checkpoint is missing, unreadable or does not match the run trying to use it."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint written by a run of another configuration."""
+
+
+def _one_line(e: Exception, limit: int = 160) -> str:
+    """The exception's type and first line, shortened: orbax and TensorStore errors run to
+    dozens of lines of internals that say nothing to the user."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if len(first) > limit:
+        first = first[:limit - 3] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 class Checkpointer:
     """Saves and restores {"state": pytree of arrays, "meta": JSON dict} by step."""
 
@@ -48,7 +61,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 -- orbax raises many types for damaged files
             raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: "
-                                  f"{type(e).__name__}: {e}") from e
+                                  f"{_one_line(e)}") from e
         return restored["state"], dict(restored["meta"])
 
     def read_meta(self, step: int) -> dict:
@@ -57,7 +70,7 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot read checkpoint step {step} in {self.directory}: "
-                                  f"{type(e).__name__}: {e}") from e
+                                  f"{_one_line(e)}") from e
         return dict(restored["meta"])
 
     def wait(self) -> None:

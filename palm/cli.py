@@ -1,51 +1,164 @@
-"""`python -m palm <command>`: the command-line entry point."""
+"""`python -m palm <command>`: the command-line entry point.
+
+Parsing imports no JAX (about 1 s saved on every `--help` and every typo); each command
+imports what it runs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from palm.config import PRESETS
+from palm.config import PRESETS, REMAT_POLICIES
+from palm.settings import OptimizerConfig, TrainConfig
+
+# The flags of `python -m palm train` that shape a run, saved in its config.json: dest ->
+# where its value goes. All default to None on the command line so that a resumed run can tell
+# a flag given again from one left out; the defaults shown in --help are filled in afterwards.
+_TRAIN, _OPTIMIZER = TrainConfig(), OptimizerConfig()
+TRAIN_DEFAULTS = {
+    "preset": "demo", "data": None, "weights": None, "vocab_size": None, "tokenizer": None,
+    "cache_dir": None, "steps": _TRAIN.steps, "batch_size": _TRAIN.batch_size,
+    "seq_len": _TRAIN.seq_len, "seed": _TRAIN.seed, "lr": _OPTIMIZER.learning_rate,
+    "warmup_steps": _OPTIMIZER.warmup_steps, "decay_start": _OPTIMIZER.decay_start,
+    "impl": _TRAIN.impl, "remat": None, "dtype": None, "log_every": _TRAIN.log_every,
+    "eval_every": _TRAIN.eval_every, "eval_batches": _TRAIN.eval_batches,
+    "checkpoint_every": _TRAIN.checkpoint_every, "keep_checkpoints": _TRAIN.keep_checkpoints,
+    "spike_factor": _TRAIN.spike_factor, "spike_skip_batches": _TRAIN.spike_skip_batches,
+    "peak_flops": _TRAIN.peak_flops,
+}
 
 
-def _forward(args: argparse.Namespace) -> int:
+# kernels.IMPLS holds the names; naming them here would import JAX. A wrong one is refused
+# when the command runs, with the list.
+_IMPL_HELP = "kernel implementation (auto: the backend's best; see kernels.IMPLS)"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each flag's default; a train flag's parser default is None (see
+    TRAIN_DEFAULTS), so its default is looked up there."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None:
+            default = TRAIN_DEFAULTS.get(action.dest)
+        shown = default is not None and default is not False and default is not argparse.SUPPRESS
+        if shown and "(default" not in text:
+            text += f" (default: {default})"
+        return text
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    def flag(name, **kwargs):
+        parser.add_argument(name, default=None, **kwargs)
+
+    flag("--preset", choices=sorted(PRESETS), help="model size")
+    flag("--data", nargs="+", metavar="[NAME=]GLOB",
+         help="training text: files or glob patterns, one source each (NAME=GLOB names it); "
+              "default: the Python standard library's own source files")
+    flag("--weights", nargs="+", metavar="NAME=W", help="mixture weights of named sources")
+    flag("--vocab-size", type=int,
+         help="tokenizer pieces; the model's vocabulary follows the tokenizer's (default: the "
+              "preset's, or the nearest size the corpus supports, with a note)")
+    flag("--steps", type=int, help="train until this step (may change on --resume)")
+    flag("--batch-size", type=int, help="global batch in sequences")
+    flag("--seq-len", type=int, help="tokens per sequence")
+    parser.add_argument("--out", default="runs/train", help="run directory (config, tokenizer, "
+                        "metrics, checkpoints)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out with its saved settings (config.json); "
+                             "flags given again must match, except those that may change: "
+                             + ", ".join(f"--{n.replace('_', '-')}" for n in sorted(RESUMABLE)))
+    flag("--tokenizer", help="a .model to use, or where to train one (the run keeps a copy)")
+    flag("--cache-dir", help="token shard cache (default OUT/cache)")
+    flag("--seed", type=int, help="PRNG seed of initialisation and data order")
+    flag("--lr", type=float, help="peak learning rate (Adafactor: relative to each parameter's RMS)")
+    flag("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
+    flag("--decay-start", type=int, help="lr decays as 1/sqrt(step) after this step")
+    flag("--impl", help=_IMPL_HELP)
+    flag("--remat", choices=REMAT_POLICIES, help="activation rematerialisation (default: the preset's)")
+    flag("--dtype", help="compute dtype, e.g. float32, bfloat16 (default: the preset's)")
+    flag("--log-every", type=int, help="steps between metrics lines")
+    flag("--eval-every", type=int, help="steps between validations")
+    flag("--eval-batches", type=int, help="batches per validation")
+    flag("--checkpoint-every", type=int, help="steps between checkpoints")
+    flag("--keep-checkpoints", type=int, help="checkpoints kept (the newest)")
+    flag("--spike-factor", type=float,
+         help="enable the loss-spike remedy: rewind when loss > FACTOR x its recent mean")
+    flag("--spike-skip-batches", type=int, help="batches skipped after a loss-spike rewind")
+    flag("--peak-flops", type=float, help="peak FLOP/s of one device, for MFU")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# Settings a resumed run may change: they steer its end point, logging, checkpointing, caching
+# and which kernels run, not what is learned from which data.
+RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                       "keep_checkpoints", "peak_flops", "impl", "cache_dir", "spike_factor",
+                       "spike_skip_batches"})
+
+
+def forward(args: argparse.Namespace) -> int:
+    """`python -m palm forward`: one forward pass of a preset on random tokens."""
     import jax
     import jax.numpy as jnp
 
+    import kernels
     import palm
 
     config = palm.preset(args.preset)
+    try:
+        impl = kernels.resolve_impl(args.impl)
+        if not 1 <= args.seq_len <= config.max_seq_len:
+            raise ValueError(f"--seq-len {args.seq_len} must be in [1, {config.max_seq_len}], the "
+                             f"{args.preset} preset's max_seq_len")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     params = palm.init(config, jax.random.key(args.seed))
     tokens = jax.random.randint(jax.random.key(args.seed + 1), (args.batch_size, args.seq_len), 0,
                                 config.vocab_size, dtype=jnp.int32)
-    logits = palm.forward(params, tokens, config, impl=args.impl)
+    logits = palm.forward(params, tokens, config, impl=impl)
     print(f"preset {args.preset}: {palm.num_params(config):,} parameters; "
           f"logits {tuple(logits.shape)} {logits.dtype} on {jax.devices()[0].device_kind}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m palm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m palm", formatter_class=_Formatter,
+        description="PaLM in JAX: one forward pass, training, and plots of training runs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    fwd = commands.add_parser("forward", help="run one forward pass on random tokens")
-    fwd.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    fwd.add_argument("--batch-size", type=int, default=2)
-    fwd.add_argument("--seq-len", type=int, default=16)
-    fwd.add_argument("--impl", default="auto")
-    fwd.add_argument("--seed", type=int, default=0)
-    fwd.set_defaults(run=_forward)
+    fwd = commands.add_parser("forward", help="run one forward pass on random tokens",
+                              formatter_class=_Formatter)
+    fwd.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model size")
+    fwd.add_argument("--batch-size", type=int, default=2, help="sequences")
+    fwd.add_argument("--seq-len", type=int, default=16, help="tokens per sequence")
+    fwd.add_argument("--impl", default="auto", help=_IMPL_HELP)
+    fwd.add_argument("--seed", type=int, default=0, help="PRNG seed of parameters and tokens")
+    fwd.set_defaults(run="palm.cli:forward")
 
-    from palm import train
-    trn = commands.add_parser("train", help="train a model (default: the demo on the standard library)")
-    train.add_arguments(trn)
-    trn.set_defaults(run=train.run)
+    trn = commands.add_parser("train", help="train a model (default: the demo on the standard library)",
+                              formatter_class=_Formatter)
+    _add_train_arguments(trn)
+    trn.set_defaults(run="palm.train:run")
+
+    from palm import plot
+    plt = commands.add_parser("plot", help="draw training and validation loss of runs as an image",
+                              formatter_class=_Formatter)
+    plot.add_arguments(plt)
+    plt.set_defaults(run="palm.plot:run")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    module, function = args.run.split(":")
+    return getattr(importlib.import_module(module), function)(args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
+import ml_dtypes  # bfloat16 for NumPy; a dependency of jax, and imported without it
+import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -58,8 +59,10 @@ class Config:
             raise ValueError(f"Config.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         # Canonical dtype names keep the config hashable, comparable and JSON-serialisable.
         for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
             try:
-                canonical = jnp.dtype(getattr(self, name)).name
+                canonical = np.dtype(getattr(ml_dtypes, value, value) if isinstance(value, str)
+                                     else value).name
             except TypeError as e:
                 raise ValueError(f"Config.{name}: not a dtype: {getattr(self, name)!r}") from e
             object.__setattr__(self, name, canonical)

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from palm import tokenizer as tokenizer_lib
 
@@ -126,7 +127,7 @@ def _read_index(root: Path, tokenizer_sha256: str) -> dict:
 
 def tokenize_source(source: str | os.PathLike | Sequence[str | os.PathLike],
                     tokenizer: tokenizer_lib.Tokenizer,
-                    cache_dir: str | os.PathLike) -> TokenStream:
+                    cache_dir: str | os.PathLike, *, progress: str | None = None) -> TokenStream:
     """Tokenises a source's files into cached shards and returns its token stream.
 
     Each file is one document. A file whose size and mtime match the index (and whose shard
@@ -139,6 +140,7 @@ def tokenize_source(source: str | os.PathLike | Sequence[str | os.PathLike],
         source: a path or glob pattern, or a list/tuple of them.
         tokenizer: the vocabulary; shards live under a directory named by its hash.
         cache_dir: where shards are kept (created if missing).
+        progress: a name to show a progress bar under while files are tokenised (None: quiet).
 
     Returns:
         The stream: every document's ids, each followed by EOS, in file order.
@@ -161,8 +163,11 @@ def tokenize_source(source: str | os.PathLike | Sequence[str | os.PathLike],
                 and _shard_is_valid(root / entry["shard"], entry["n_tokens"])):
             stale.append((path, stat))
 
+    bar = tqdm(total=len(stale), desc=f"tokenising {progress}", unit="file",
+               disable=progress is None or not stale, leave=False, dynamic_ncols=True)
     for start in range(0, len(stale), _ENCODE_CHUNK):
         chunk = stale[start:start + _ENCODE_CHUNK]
+        bar.update(len(chunk))
         # The stat is taken before reading: a file edited meanwhile gets a newer mtime and
         # is re-tokenised on the next run rather than cached under the old one.
         texts = [tokenizer_lib.read_text(path) for path, _ in chunk]
@@ -182,6 +187,7 @@ def tokenize_source(source: str | os.PathLike | Sequence[str | os.PathLike],
             tokenizer_lib.write_atomically(root / shard, buffer.getvalue())
             files[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                                 "shard": shard, "n_tokens": len(tokens)}
+    bar.close()
     if stale:
         tokenizer_lib.write_atomically(root / "index.json",
                                        json.dumps(index, indent=1).encode())
@@ -280,9 +286,11 @@ class Corpus:
 
 
 def build_corpus(mixture: Mixture, tokenizer: tokenizer_lib.Tokenizer,
-                 cache_dir: str | os.PathLike) -> Corpus:
-    """Tokenises (or reuses the cached shards of) every source of the mixture."""
-    streams = {name: tokenize_source(source, tokenizer, cache_dir)
+                 cache_dir: str | os.PathLike, *, progress: bool = False) -> Corpus:
+    """Tokenises (or reuses the cached shards of) every source of the mixture; `progress`
+    shows a bar per source while files are tokenised."""
+    streams = {name: tokenize_source(source, tokenizer, cache_dir,
+                                     progress=name if progress else None)
                for name, source in mixture.sources.items()}
     return Corpus(streams, mixture.probabilities(), mixture.val_fraction)
 

@@ -152,7 +152,8 @@ def train(source: Source, vocab_size: int, path: str | os.PathLike, *,
 
     Raises:
         FileNotFoundError: a path is missing or a glob matches nothing.
-        ValueError: no paths, no text at all, or vocab_size outside what the corpus supports.
+        VocabSizeError: vocab_size outside what the corpus supports (a ValueError).
+        ValueError: no paths or no text at all.
     """
     if max_sentences < 1:
         # SentencePiece reads 0 as "no limit"; a caller asking for 0 means something else.
@@ -190,21 +191,33 @@ def train(source: Source, vocab_size: int, path: str | os.PathLike, *,
     except RuntimeError as e:
         message = str(e)
         if "sentences_.empty()" in message:
-            raise ValueError(f"no text to train on in {_describe(source)} "
-                             f"({counts['documents']} documents, all empty or skipped)") from e
+            # Files are counted as given: an unreadable one yields no document at all.
+            n, what = ((len(source), "file") if isinstance(source, list)
+                       else (counts["documents"], "document"))
+            raise ValueError(f"no text to train on in {_describe(source)} ({n} {what}"
+                             f"{'' if n == 1 else 's'}, all empty or skipped)") from e
         too_high = re.search(r"Vocabulary size too high \(\d+\).*<= (\d+)", message)
         if too_high:
-            raise ValueError(f"vocab_size={vocab_size} is larger than this corpus supports: "
-                             f"the trainer can make at most {too_high[1]} pieces from it "
-                             "(use a smaller vocab_size or more text)") from e
+            raise VocabSizeError(f"vocab_size={vocab_size} is larger than this corpus supports: "
+                                 f"the trainer can make at most {too_high[1]} pieces from it "
+                                 "(use a smaller vocab_size or more text)", int(too_high[1])) from e
         too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
         if too_low:
-            raise ValueError(f"vocab_size={vocab_size} is too small for this corpus: it "
-                             f"needs at least {too_low[1]} (4 reserved ids, 256 byte pieces "
-                             "and one piece per frequent character)") from e
+            raise VocabSizeError(f"vocab_size={vocab_size} is too small for this corpus: it "
+                                 f"needs at least {too_low[1]} (4 reserved ids, 256 byte pieces "
+                                 "and one piece per frequent character)", int(too_low[1])) from e
         raise
     write_atomically(path, model.getvalue())
     return Tokenizer(model.getvalue())
+
+
+class VocabSizeError(ValueError):
+    """vocab_size is outside what the corpus supports; `workable` is the nearest size that is
+    inside (the trainer's largest, or its smallest), for callers that may pick it instead."""
+
+    def __init__(self, message: str, workable: int):
+        super().__init__(message)
+        self.workable = workable
 
 
 def _describe(source: Source) -> str:

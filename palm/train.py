@@ -1,9 +1,12 @@
 """PaLM's training recipe on one machine: data, Adafactor, z-loss, checkpoints, resumption.
 
-`python -m palm train` (see `add_arguments`) and `train(...)` for scripts. A run directory
-holds the tokenizer (unless given), the token cache, `metrics.jsonl` and `checkpoints/`.
-Resuming restores parameters, optimizer state, step, RNG key and the data iterator, so a run
-continues exactly as if never stopped (bitwise on the same machine; see tests/test_train.py).
+`python -m palm train` (see `add_arguments`) and `train(...)` for scripts. A run directory is
+self-contained: `config.json` (the model, training and data settings, readable), its own copy
+of `tokenizer.model`, `metrics.jsonl`, `checkpoints/` and, unless another is named, the token
+cache. Resuming restores parameters, optimizer state, step, RNG key and the data iterator, so a
+run continues exactly as if never stopped (bitwise on the same machine; see
+tests/test_train.py). SIGINT or SIGTERM ends a run cleanly: the step in hand finishes and a
+checkpoint is written; a second signal aborts at once.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,52 +32,13 @@ from tqdm import tqdm
 import kernels
 from palm import data as data_lib
 from palm import tokenizer as tokenizer_lib
-from palm.checkpoint import CheckpointError, Checkpointer, abstract
-from palm.config import PRESETS, Config, preset
+from palm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, abstract
+from palm.config import Config, preset
 from palm.flops import flops_per_token, mfu
 from palm.generate import greedy
 from palm.model import init, loss
-from palm.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
-
-
-class TrainError(Exception):
-    """Bad input to a training run, reported to the user with exit code 2."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """One training run's settings (the model's are in `palm.Config`)."""
-
-    steps: int = 300
-    # Global batch in sequences, and tokens per sequence (windows hold seq_len + 1).
-    batch_size: int = 16
-    seq_len: int = 128
-    seed: int = 0
-    optimizer: OptimizerConfig = OptimizerConfig()
-    impl: str = "auto"
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 4
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    # Loss-spike remedy (section 5.1): when the loss is non-finite or above spike_factor times
-    # its mean over the last spike_window steps, go back to the last checkpoint and skip the
-    # next spike_skip_batches batches. None disables it.
-    spike_factor: float | None = None
-    spike_window: int = 50
-    spike_skip_batches: int = 200
-    max_rewinds: int = 5
-    # Peak FLOP/s of one device for MFU; None looks the device up (palm.flops.PEAK_FLOPS).
-    peak_flops: float | None = None
-    # Greedy sample printed at the end.
-    sample_prompt: str = "def __init__(self"
-    sample_tokens: int = 48
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "spike_window"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+from palm.optim import learning_rate_schedule, make_optimizer
+from palm.settings import OptimizerConfig, TrainConfig, TrainError
 
 
 # --- The step functions. ---
@@ -115,24 +82,56 @@ def make_eval_step(config: Config, train_config: TrainConfig):
 
 # --- Data. ---
 
+RUN_CONFIG = "config.json"
+RUN_TOKENIZER = "tokenizer.model"
+
+
 def build_data(sources: dict[str, Any], weights: dict[str, float] | None, config: Config,
                run_dir: Path, tokenizer_path: str | None, cache_dir: str | None,
-               val_fraction: float) -> tuple[tokenizer_lib.Tokenizer, data_lib.Corpus]:
-    """Loads or trains the tokenizer, then tokenises (or reuses) every source."""
+               val_fraction: float, *, fit_vocab: bool = False, progress: bool = False,
+               ) -> tuple[tokenizer_lib.Tokenizer, data_lib.Corpus, Config]:
+    """Loads or trains the tokenizer, keeps a copy in the run directory, then tokenises (or
+    reuses) every source. Returns the config with the model's vocabulary set to the
+    tokenizer's (the embedding has one row per piece).
+
+    The run's own copy wins when it exists (a resumed run keeps its vocabulary); `tokenizer_path`
+    names a model to reuse, or where to train one (e.g. shared by several runs). With
+    `fit_vocab`, a corpus too small (or too varied) for `config.vocab_size` pieces gets the
+    nearest size it supports, with a note, instead of an error.
+    """
     mixture = data_lib.Mixture(sources, weights=weights, val_fraction=val_fraction)
-    path = Path(tokenizer_path) if tokenizer_path else run_dir / "tokenizer.model"
+    own = run_dir / RUN_TOKENIZER
+    path = own if own.exists() else Path(tokenizer_path) if tokenizer_path else own
     if path.exists():
         tokenizer = tokenizer_lib.Tokenizer.load(path)
+        if tokenizer_path and path == own and Path(tokenizer_path).exists():
+            other = tokenizer_lib.Tokenizer.load(tokenizer_path)
+            if other.sha256 != tokenizer.sha256:
+                raise TrainError(f"--tokenizer {tokenizer_path} differs from the run's own "
+                                 f"{own}; a run keeps one vocabulary")
     else:
-        tqdm.write(f"training a {config.vocab_size}-piece tokenizer -> {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        every_file = [p for source in sources.values() for p in tokenizer_lib.resolve_paths(source)]
-        tokenizer = tokenizer_lib.train(every_file, config.vocab_size, path)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise TrainError(f"tokenizer {path} has {tokenizer.vocab_size} pieces, more than the "
-                         f"model's vocab_size={config.vocab_size}")
-    corpus = data_lib.build_corpus(mixture, tokenizer, cache_dir or run_dir / "cache")
-    return tokenizer, corpus
+        tokenizer = _train_tokenizer(sources, config.vocab_size, path, fit_vocab)
+    if path != own:
+        tokenizer_lib.write_atomically(own, path.read_bytes())
+    if tokenizer.vocab_size != config.vocab_size:
+        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    corpus = data_lib.build_corpus(mixture, tokenizer, cache_dir or run_dir / "cache",
+                                   progress=progress)
+    return tokenizer, corpus, config
+
+
+def _train_tokenizer(sources, vocab_size: int, path: Path, fit_vocab: bool):
+    tqdm.write(f"training a {vocab_size}-piece tokenizer -> {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    every_file = [p for source in sources.values() for p in tokenizer_lib.resolve_paths(source)]
+    try:
+        return tokenizer_lib.train(every_file, vocab_size, path)
+    except tokenizer_lib.VocabSizeError as e:
+        if not fit_vocab:
+            raise TrainError(f"{e}; try --vocab-size {e.workable}") from e
+        tqdm.write(f"note: this corpus supports {e.workable} pieces, not {vocab_size}; training "
+                   f"{e.workable} (--vocab-size sets another size)")
+        return tokenizer_lib.train(every_file, e.workable, path)
 
 
 def unigram_entropy(corpus: data_lib.Corpus, vocab_size: int) -> float:
@@ -145,13 +144,55 @@ def unigram_entropy(corpus: data_lib.Corpus, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _jsonable(value: Any) -> Any:
+    """Sources as config.json records them: paths and globs as strings, anything else by repr."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def write_run_config(run_dir: Path, config: Config, tc: TrainConfig, sources: dict[str, Any],
+                     weights: dict[str, float] | None, val_fraction: float,
+                     command: dict | None = None) -> None:
+    """config.json: everything that defines the run, readable; `command` holds the flags of
+    `python -m palm train` that made it, which `--resume` reuses."""
+    record = {"model": config.to_dict(), "train": dataclasses.asdict(tc),
+              "data": {"sources": _jsonable(sources), "weights": weights,
+                       "val_fraction": val_fraction, "tokenizer": RUN_TOKENIZER}}
+    if command is not None:
+        record["command"] = command
+    tokenizer_lib.write_atomically(run_dir / RUN_CONFIG, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_CONFIG
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainError(f"{path} not found: {run_dir} is not a run directory written by "
+                         "`python -m palm train`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrainError(f"{path} is not readable JSON: {e}") from None
+
+
 # --- The loop. ---
 
 class _MetricsLog:
     """Appends one JSON object per line and flushes, so a crash loses at most the line in hand."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = open(path, "a+", encoding="utf-8")
+        # A process killed mid-line leaves a fragment; the next line must not be glued to it.
+        if self._file.tell() > 0:
+            self._file.seek(self._file.tell() - 1)
+            if self._file.read(1) != "\n":
+                self._file.write("\n")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -161,17 +202,55 @@ class _MetricsLog:
         self._file.close()
 
 
+class _Interrupts:
+    """SIGINT and SIGTERM during training: the first asks the loop to stop after the step in
+    hand (it then writes a checkpoint); a second one aborts at once with KeyboardInterrupt.
+
+    Handlers can only be installed from the main thread; elsewhere (a run started from a
+    worker thread) signals keep their usual meaning.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted")
+        self.received = signal.Signals(signum)
+        tqdm.write(f"{self.received.name}: finishing this step and writing a checkpoint "
+                   "(send it again to abort without one)")
+
+
 def _to_float(tree: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
 def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], run_dir: str | Path, *,
           weights: dict[str, float] | None = None, resume: bool = False, tokenizer_path: str | None = None,
-          cache_dir: str | None = None, val_fraction: float = 0.02, progress: bool = True) -> dict:
-    """Trains, logs, checkpoints; returns a summary (final losses, tokens/s, wall time, sample).
+          cache_dir: str | None = None, val_fraction: float = 0.02, progress: bool = True,
+          fit_vocab: bool = False, command: dict | None = None) -> dict:
+    """Trains, logs, checkpoints; returns a summary (final losses, tokens/s, wall time, sample,
+    and `interrupted`: the signal that stopped the run early, or None).
+
+    The model's vocabulary follows the tokenizer's (see `build_data`). A fresh run refuses a
+    directory that already holds a run; on a bad input the directory is not left behind if
+    this call created it.
 
     Raises:
         TrainError, CheckpointError, ValueError, FileNotFoundError: bad input, named.
+        KeyboardInterrupt: a second SIGINT/SIGTERM aborted the run.
     """
     start_time = time.perf_counter()
     run_dir = Path(run_dir)
@@ -180,29 +259,62 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         raise TrainError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
     if tc.batch_size % jax.process_count():
         raise TrainError(f"--batch-size {tc.batch_size} must divide over {jax.process_count()} processes")
+    # Every path and glob is resolved before anything is trained or written.
+    data_lib.Mixture(sources, weights=weights, val_fraction=val_fraction)
+    for source in sources.values():
+        if isinstance(source, (str, Path, list, tuple)):
+            tokenizer_lib.resolve_paths(tuple(source) if isinstance(source, list) else source)
+    if not resume:
+        previous = [n for n in (RUN_CONFIG, "metrics.jsonl", "checkpoints") if (run_dir / n).exists()]
+        if previous:
+            raise TrainError(f"{run_dir} already holds a run ({', '.join(previous)}); pass --resume "
+                             "to continue it or choose another --out")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    if resume and latest is None:
-        raise TrainError(f"--resume: no checkpoint in {checkpointer.directory}")
-    if not resume and latest is not None:
-        raise TrainError(f"{run_dir} already holds checkpoints (latest step {latest}); pass --resume "
-                         "to continue that run or choose another --out")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
+        if resume and checkpointer.latest_step() is None:
+            raise TrainError(f"--resume: no checkpoint in {checkpointer.directory}")
+        tokenizer, corpus, config = build_data(sources, weights, config, run_dir, tokenizer_path,
+                                               cache_dir, val_fraction, fit_vocab=fit_vocab,
+                                               progress=progress)
+        try:  # fails now rather than at the first validation, after compiling and training
+            data_lib.validation_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                        max_batches=1, process_count=jax.process_count())
+        except ValueError as e:
+            raise TrainError(f"{e}: give more text, or a smaller --batch-size or --seq-len") from e
+        write_run_config(run_dir, config, tc, sources, weights, val_fraction, command)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
-    tokenizer, corpus = build_data(sources, weights, config, run_dir, tokenizer_path, cache_dir, val_fraction)
     loader = data_lib.Loader(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
     meta = {"config": config.to_dict(), "seq_len": tc.seq_len, "batch_size": tc.batch_size,
             "seed": tc.seed, "tokenizer_sha256": tokenizer.sha256}
     state = init_state(config, tc)
     if resume:
-        state = _restore(checkpointer, latest, state, meta, loader)
+        try:
+            state, latest = _restore_latest(checkpointer, state, meta, loader)
+        except BaseException:
+            checkpointer.close()
+            loader.close()
+            raise
+        if tc.steps <= latest:
+            checkpointer.close()
+            loader.close()
+            raise TrainError(f"--steps {tc.steps} is not above step {latest}, where the run in "
+                             f"{run_dir} stands; pass a larger --steps to train further")
 
     train_step = make_train_step(config, tc)
     eval_step = make_eval_step(config, tc)
     tokens_per_step = tc.batch_size * tc.seq_len
     flops = flops_per_token(config, tc.seq_len)
+    # MFU counts the devices that compute the step (those holding the state), not every device
+    # the process can see.
+    n_devices = len(state["params"]["embed"].devices())
     log = _MetricsLog(run_dir / "metrics.jsonl")
     if resume:
         log.write({"event": "resume", "step": latest})
@@ -218,50 +330,72 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         return {k: float(np.mean([r[k] for r in results])) for k in ("loss", "cross_entropy", "accuracy")}
 
     step = int(state["step"])
+    saved_step = step if resume else None
     recent: list[float] = []
     rewinds = 0
     last = {}
+    compiled = False
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
+    interrupts = _Interrupts()
     try:
-        while step < tc.steps:
-            batch = jnp.asarray(next(loader))
-            new_state, metrics = train_step(state, batch)
-            current = float(metrics["loss"])
-            if tc.spike_factor is not None and _is_spike(current, recent, tc):
-                rewinds += 1
-                if rewinds > tc.max_rewinds:
-                    raise TrainError(f"loss spike at step {step + 1} ({current:.4g}) after {tc.max_rewinds} "
-                                     "rewinds; giving up")
-                back = checkpointer.latest_step()
-                if back is None:
-                    raise TrainError(f"loss spike at step {step + 1} ({current:.4g}) before any checkpoint")
-                state = _restore(checkpointer, back, init_state(config, tc), meta, loader)
-                loader.skip(tc.spike_skip_batches)
-                log.write({"event": "loss_spike", "step": step + 1, "loss": current, "rewound_to": back,
-                           "skipped_batches": tc.spike_skip_batches})
-                tqdm.write(f"loss spike at step {step + 1} ({current:.4g}): back to step {back}, "
-                           f"skipping {tc.spike_skip_batches} batches")
-                step, recent = back, []
-                bar.n = step
-                continue
-            state, step = new_state, step + 1
-            recent = (recent + [current])[-tc.spike_window:]
-            window_steps += 1
-            bar.update(1)
+        with interrupts:
+            while step < tc.steps and interrupts.received is None:
+                batch = jnp.asarray(next(loader))
+                new_state, metrics = train_step(state, batch)
+                current = float(metrics["loss"])
+                first = not compiled
+                if first:
+                    # The first step compiles; its time is reported apart, not in tokens/s.
+                    compiled = True
+                    seconds = time.perf_counter() - window_start
+                    log.write({"event": "compiled", "step": step + 1, "seconds": seconds})
+                    tqdm.write(f"compiled the train step and ran it once in {seconds:.1f} s")
+                if tc.spike_factor is not None and _is_spike(current, recent, tc):
+                    rewinds += 1
+                    if rewinds > tc.max_rewinds:
+                        raise TrainError(f"loss spike at step {step + 1} ({current:.4g}) after "
+                                         f"{tc.max_rewinds} rewinds; giving up")
+                    back = checkpointer.latest_step()
+                    if back is None:
+                        raise TrainError(f"loss spike at step {step + 1} ({current:.4g}) before any checkpoint")
+                    state = _restore(checkpointer, back, init_state(config, tc), meta, loader)
+                    loader.skip(tc.spike_skip_batches)
+                    log.write({"event": "loss_spike", "step": step + 1, "loss": current, "rewound_to": back,
+                               "skipped_batches": tc.spike_skip_batches})
+                    tqdm.write(f"loss spike at step {step + 1} ({current:.4g}): back to step {back}, "
+                               f"skipping {tc.spike_skip_batches} batches")
+                    step, recent = back, []
+                    bar.n = step
+                    window_start, window_steps = time.perf_counter(), 0
+                    continue
+                state, step = new_state, step + 1
+                recent = (recent + [current])[-tc.spike_window:]
+                if first:
+                    window_start, window_steps = time.perf_counter(), 0
+                else:
+                    window_steps += 1
+                bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_second = window_steps * tokens_per_step / elapsed
-                last = dict(_to_float(metrics), step=step, tokens_per_second=tokens_per_second,
-                            mfu=_mfu(tokens_per_second, config, tc), model_flops_per_token=flops)
-                if step % tc.eval_every == 0 or step == tc.steps:
-                    last.update({f"val_{k}": v for k, v in validate().items()})
-                log.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_second:,.0f}",
-                                mfu="n/a" if last["mfu"] is None else f"{last['mfu']:.1%}")
-                window_start, window_steps = time.perf_counter(), 0
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                if step % tc.log_every == 0 or step == tc.steps:
+                    elapsed = time.perf_counter() - window_start
+                    # None until a step after the compiling one has been timed.
+                    tokens_per_second = (window_steps * tokens_per_step / elapsed
+                                         if window_steps else None)
+                    last = dict(_to_float(metrics), step=step, tokens_per_second=tokens_per_second,
+                                mfu=_mfu(tokens_per_second, config, tc, n_devices),
+                                model_flops_per_token=flops)
+                    if step % tc.eval_every == 0 or step == tc.steps:
+                        last.update({f"val_{k}": v for k, v in validate().items()})
+                    log.write(last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}",
+                                    tok_s="n/a" if tokens_per_second is None else f"{tokens_per_second:,.0f}",
+                                    mfu="n/a" if last["mfu"] is None else f"{last['mfu']:.1%}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % tc.checkpoint_every == 0 or step == tc.steps:
+                    save(step)
+                    saved_step = step
+            if interrupts.received is not None and saved_step != step:
                 save(step)
     finally:
         bar.close()
@@ -270,8 +404,11 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         loader.close()
         log.close()
 
-    sample = _sample(state["params"], config, tc, tokenizer)
-    return {"step": step, "final": last, "sample": sample, "wall_seconds": time.perf_counter() - start_time,
+    interrupted = interrupts.received.name if interrupts.received is not None else None
+    sample = None if interrupted else _sample(state["params"], config, tc, tokenizer)
+    return {"step": step, "final": last, "sample": sample, "interrupted": interrupted,
+            "checkpoint": str(checkpointer.directory / str(step)),
+            "wall_seconds": time.perf_counter() - start_time,
             "unigram_entropy": unigram_entropy(corpus, config.vocab_size)}
 
 
@@ -281,9 +418,12 @@ def _is_spike(current: float, recent: list[float], tc: TrainConfig) -> bool:
     return len(recent) >= tc.spike_window and current > tc.spike_factor * float(np.mean(recent))
 
 
-def _mfu(tokens_per_second: float, config: Config, tc: TrainConfig) -> float | None:
+def _mfu(tokens_per_second: float | None, config: Config, tc: TrainConfig,
+         n_devices: int) -> float | None:
+    if tokens_per_second is None:
+        return None
     try:
-        return mfu(tokens_per_second, config, tc.seq_len, tc.peak_flops)
+        return mfu(tokens_per_second, config, tc.seq_len, tc.peak_flops, num_devices=n_devices)
     except ValueError:
         return None  # unknown device (e.g. CPU) and no --peak-flops: reported as n/a
 
@@ -294,11 +434,29 @@ def _restore(checkpointer: Checkpointer, step: int, template: dict, meta: dict,
     saved = checkpointer.read_meta(step)
     for key, value in meta.items():
         if saved.get(key) != value:
-            raise CheckpointError(f"checkpoint step {step} in {checkpointer.directory} was written with "
-                                  f"{key}={saved.get(key)!r}, this run has {key}={value!r}")
+            raise CheckpointMismatch(f"checkpoint step {step} in {checkpointer.directory} was written "
+                                     f"with {key}={saved.get(key)!r}, this run has {key}={value!r}")
     state, saved = checkpointer.restore(step, abstract(template))
     loader.restore(saved["loader"])
     return state
+
+
+def _restore_latest(checkpointer: Checkpointer, template: dict, meta: dict,
+                    loader: data_lib.Loader) -> tuple[dict, int]:
+    """Restores the newest intact checkpoint: a damaged one (an interrupted write, lost files)
+    is skipped with a one-line warning. A checkpoint of another configuration is not damage:
+    that error stands."""
+    damaged = []
+    for step in reversed(checkpointer.steps()):
+        try:
+            return _restore(checkpointer, step, template, meta, loader), step
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as e:
+            damaged.append(step)
+            tqdm.write(f"warning: {e}; trying an older checkpoint")
+    raise CheckpointError(f"no intact checkpoint in {checkpointer.directory} (damaged: steps "
+                          f"{', '.join(map(str, damaged))})")
 
 
 def _sample(params: dict, config: Config, tc: TrainConfig, tokenizer: tokenizer_lib.Tokenizer) -> str:
@@ -309,80 +467,110 @@ def _sample(params: dict, config: Config, tc: TrainConfig, tokenizer: tokenizer_
     return tokenizer.decode([int(t) for t in out[0]])
 
 
-# --- Command line. ---
+# --- Command line (the parser is palm.cli's). ---
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    o = OptimizerConfig()
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    parser.add_argument("--data", nargs="+", metavar="[NAME=]GLOB",
-                        help="training text: files or glob patterns, one source each (NAME=GLOB names it); "
-                             "default: the Python standard library's own source files")
-    parser.add_argument("--weights", nargs="+", metavar="NAME=W", help="mixture weights of named sources")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--out", default="runs/train", help="run directory (metrics, checkpoints)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("--tokenizer", help="a .model to use, or where to train one (default OUT/tokenizer.model)")
-    parser.add_argument("--cache-dir", help="token shard cache (default OUT/cache)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--lr", type=float, default=o.learning_rate)
-    parser.add_argument("--warmup-steps", type=int, default=o.warmup_steps)
-    parser.add_argument("--decay-start", type=int, default=o.decay_start)
-    parser.add_argument("--impl", default=d.impl, choices=kernels.IMPLS)
-    parser.add_argument("--remat", default=None, choices=("none", "full", "dots"))
-    parser.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    parser.add_argument("--spike-factor", type=float, default=None,
-                        help="enable the loss-spike remedy: rewind when loss > FACTOR x its recent mean")
-    parser.add_argument("--spike-skip-batches", type=int, default=d.spike_skip_batches)
-    parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device, for MFU")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def _parse_named(values: list[str] | None, what: str) -> dict[str, str]:
+def _parse_named(values: list[str] | None, flag: str) -> dict[str, str]:
     named = {}
     for i, value in enumerate(values or []):
         name, sep, rest = value.partition("=")
         if not sep:
             name, rest = (f"source{i}" if len(values) > 1 else "data"), value
         if name in named:
-            raise TrainError(f"{what}: {name!r} given twice")
+            raise TrainError(f"{flag}: {name!r} given twice")
         named[name] = rest
     return named
 
 
+def _parse_weights(values: list[str] | None, sources: dict[str, Any]) -> dict[str, float] | None:
+    weights = {}
+    for name, text in _parse_named(values, "--weights").items():
+        try:
+            weights[name] = float(text)
+        except ValueError:
+            raise TrainError(f"--weights {name}={text}: {text!r} is not a number") from None
+    unknown = sorted(set(weights) - set(sources))
+    if unknown:
+        raise TrainError(f"--weights names {', '.join(unknown)}, not a source of --data "
+                         f"(sources: {', '.join(sources)})")
+    return weights or None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _command_settings(args: argparse.Namespace) -> dict:
+    """The run's flags: saved ones (--resume) overridden by those given again, or the defaults
+    overridden by those given. Prints a note for each change a resumed run may take."""
+    from palm.cli import RESUMABLE, TRAIN_DEFAULTS
+
+    given = {k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None}
+    if not args.resume:
+        return {**TRAIN_DEFAULTS, **given}
+    saved = read_run_config(Path(args.out)).get("command")
+    if saved is None:
+        raise TrainError(f"{Path(args.out) / RUN_CONFIG} records no command line: the run was "
+                         "started from Python; resume it with palm.train.train(..., resume=True)")
+    settings = {**TRAIN_DEFAULTS, **saved}
+    conflicts = []
+    for name, value in given.items():
+        if value == settings[name]:
+            continue
+        if name in RESUMABLE:
+            print(f"note: {_flag(name)} {value} (was {settings[name]})", file=sys.stderr)
+            settings[name] = value
+        else:
+            conflicts.append(f"{_flag(name)} {value} (the run has {settings[name]})")
+    if conflicts:
+        raise TrainError(f"--resume: {'; '.join(conflicts)}. These define the run (see "
+                         f"{Path(args.out) / RUN_CONFIG}); drop them, or start a new run with "
+                         "another --out")
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
-    """The `python -m palm train` command; bad input exits with code 2 and a message."""
+    """`python -m palm train`: bad input exits with code 2 and a one-line message; SIGINT or
+    SIGTERM writes a checkpoint and exits with 128 + the signal number (130, 143)."""
     try:
-        config = preset(args.preset)
-        overrides = {k: v for k, v in (("remat", args.remat), ("dtype", args.dtype)) if v is not None}
+        flags = _command_settings(args)
+        config = preset(flags["preset"])
+        overrides = {k: flags[k] for k in ("remat", "dtype", "vocab_size") if flags[k] is not None}
         config = dataclasses.replace(config, **overrides)
+        kernels.resolve_impl(flags["impl"])  # an unknown name fails here, with the list
         train_config = TrainConfig(
-            steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-            optimizer=OptimizerConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps,
-                                      decay_start=args.decay_start),
-            impl=args.impl, log_every=args.log_every, eval_every=args.eval_every,
-            eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints, spike_factor=args.spike_factor,
-            spike_skip_batches=args.spike_skip_batches, peak_flops=args.peak_flops)
-        sources = _parse_named(args.data, "--data") or {"stdlib": data_lib.stdlib_corpus()}
-        weights = {k: float(v) for k, v in _parse_named(args.weights, "--weights").items()} or None
+            steps=flags["steps"], batch_size=flags["batch_size"], seq_len=flags["seq_len"],
+            seed=flags["seed"],
+            optimizer=OptimizerConfig(learning_rate=flags["lr"], warmup_steps=flags["warmup_steps"],
+                                      decay_start=flags["decay_start"]),
+            impl=flags["impl"], log_every=flags["log_every"], eval_every=flags["eval_every"],
+            eval_batches=flags["eval_batches"], checkpoint_every=flags["checkpoint_every"],
+            keep_checkpoints=flags["keep_checkpoints"], spike_factor=flags["spike_factor"],
+            spike_skip_batches=flags["spike_skip_batches"], peak_flops=flags["peak_flops"])
+        sources = _parse_named(flags["data"], "--data") or {"stdlib": data_lib.stdlib_corpus()}
+        weights = _parse_weights(flags["weights"], sources)
         summary = train(config, train_config, sources, args.out, weights=weights, resume=args.resume,
-                        tokenizer_path=args.tokenizer, cache_dir=args.cache_dir,
-                        progress=not args.no_progress)
+                        tokenizer_path=flags["tokenizer"], cache_dir=flags["cache_dir"],
+                        progress=not args.no_progress, fit_vocab=flags["vocab_size"] is None,
+                        command={k: flags[k] for k in sorted(flags)})
     except (TrainError, CheckpointError, ValueError, FileNotFoundError, UnicodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"error: {e or 'interrupted'}: no checkpoint written for the last steps",
+              file=sys.stderr)
+        return 130
     final = summary["final"]
+    if summary["interrupted"]:
+        signum = int(getattr(signal, summary["interrupted"]))
+        print(f"{summary['interrupted']}: stopped at step {summary['step']}; checkpoint "
+              f"{summary['checkpoint']}\nresume with: python -m palm train --out {args.out} --resume",
+              file=sys.stderr)
+        return 128 + signum
+    tokens_per_second = final.get("tokens_per_second")
     print(f"step {summary['step']}: loss {final.get('loss', float('nan')):.3f} "
           f"(val {final.get('val_cross_entropy', float('nan')):.3f} nats/token; unigram entropy "
-          f"{summary['unigram_entropy']:.3f}), {final.get('tokens_per_second', 0):,.0f} tokens/s, "
+          f"{summary['unigram_entropy']:.3f}), "
+          f"{'n/a' if tokens_per_second is None else f'{tokens_per_second:,.0f}'} tokens/s, "
           f"{summary['wall_seconds']:.0f} s")
     print("sample:", repr(summary["sample"]))
     return 0

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +32,15 @@ FAST = TrainConfig(steps=4, batch_size=4, seq_len=32, log_every=1, eval_every=2,
 @pytest.fixture(scope="module")
 def corpus_files():
     return data_lib.stdlib_corpus(limit=12)
+
+
+@pytest.fixture(scope="module")
+def corpus_glob(tmp_path_factory, corpus_files):
+    """The same files as one --data source: a glob over copies in one directory."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i, path in enumerate(corpus_files):
+        (root / f"{i:02d}.py").write_bytes(open(path, "rb").read())
+    return str(root / "*.py")
 
 
 @pytest.fixture(scope="module")
@@ -156,21 +170,38 @@ def test_empty_data_file(tmp_path, capsys):
 
 def test_vocabulary_larger_than_corpus(tmp_path, capsys):
     (tmp_path / "small.txt").write_text("just a few words\n" * 5)
-    code, err = cli(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "small.txt")], capsys,
-                    preset="demo")
+    code, err = cli(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "small.txt"),
+                     "--vocab-size", "4096"], capsys, preset="demo")
     assert code == 2 and "vocab_size=4096 is larger than this corpus supports" in err
+    assert "try --vocab-size 2" in err  # the size the trainer can make, e.g. 294
+    assert not (tmp_path / "run").exists()  # a run that never started leaves no directory
 
 
-def test_resume_without_checkpoint(tmp_path, capsys):
-    code, err = cli(["--out", str(tmp_path), "--resume"], capsys)
-    assert code == 2 and "no checkpoint" in err
+@pytest.mark.parametrize("preset_name", ["tiny", "demo"])
+def test_vocabulary_fits_a_small_corpus(tmp_path, capsys, preset_name):
+    # tiny's 256 pieces are fewer than a byte-fallback vocabulary needs, demo's 4096 more than
+    # a few lines hold: without --vocab-size the workable size is picked, with a note, and the
+    # model's vocabulary follows the tokenizer's.
+    (tmp_path / "small.txt").write_text("just a few words, with some punctuation!\n" * 5)
+    from palm.train import build_data
+    tokenizer, _, config = build_data({"mine": str(tmp_path / "small.txt")}, None,
+                                      palm.preset(preset_name), tmp_path, None, None, 0.02,
+                                      fit_vocab=True)
+    assert "note: this corpus supports" in capsys.readouterr().out
+    assert config.vocab_size == tokenizer.vocab_size != palm.preset(preset_name).vocab_size
+    assert (tmp_path / "tokenizer.model").exists()
+
+
+def test_resume_without_checkpoint(tmp_path, corpus_files, tokenizer_path, cache_dir):
+    with pytest.raises(TrainError, match="no checkpoint"):
+        run(tmp_path, corpus_files, tokenizer_path, cache_dir, resume=True)
 
 
 def test_checkpoints_from_other_runs_are_protected(tmp_path, corpus_files, tokenizer_path, cache_dir, capsys):
     run(tmp_path, corpus_files, tokenizer_path, cache_dir, tc=dataclasses.replace(FAST, steps=2))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     # Without --resume the run refuses to write over them.
-    with pytest.raises(TrainError, match="already holds checkpoints"):
+    with pytest.raises(TrainError, match="already holds a run"):
         run(tmp_path, corpus_files, tokenizer_path, cache_dir)
     # A different model config refuses to restore them.
     other = dataclasses.replace(CONFIG, n_layers=3)
@@ -180,11 +211,142 @@ def test_checkpoints_from_other_runs_are_protected(tmp_path, corpus_files, token
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
-def test_corrupt_checkpoint(tmp_path, corpus_files, tokenizer_path, cache_dir):
+def test_damaged_newest_checkpoint_is_skipped(tmp_path, corpus_files, tokenizer_path, cache_dir,
+                                              capsys):
+    run(tmp_path, corpus_files, tokenizer_path, cache_dir)  # checkpoints at steps 2 and 4
+    _damage(tmp_path / "checkpoints" / "4")
+    summary = run(tmp_path, corpus_files, tokenizer_path, cache_dir, resume=True,
+                  tc=dataclasses.replace(FAST, steps=6))
+    assert summary["step"] == 6
+    warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "checkpoint step 4" in warning[0] and len(warning[0]) < 400
+    assert {"event": "resume", "step": 2} in read_metrics(tmp_path)
+
+
+def test_no_intact_checkpoint_is_one_line(tmp_path, corpus_files, tokenizer_path, cache_dir):
     run(tmp_path, corpus_files, tokenizer_path, cache_dir, tc=dataclasses.replace(FAST, steps=2))
-    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+    _damage(tmp_path / "checkpoints" / "2")
+    from palm.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as error:
+        run(tmp_path, corpus_files, tokenizer_path, cache_dir, resume=True)
+    assert "\n" not in str(error.value) and "steps 2" in str(error.value)
+
+
+def _damage(step_dir):
+    for f in (step_dir / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"\0garbage" * 4)
-    from palm.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="cannot restore checkpoint step 2"):
-        run(tmp_path, corpus_files, tokenizer_path, cache_dir, resume=True)
+
+
+# --- The command line as a user drives it: self-contained runs, resuming, signals. ---
+
+def _train_args(out, files, tokenizer, cache, *extra):
+    return ["train", "--preset", "tiny", "--data", *files, "--tokenizer", tokenizer,
+            "--cache-dir", cache, "--batch-size", "4", "--seq-len", "32", "--lr", "0.01",
+            "--warmup-steps", "2", "--log-every", "1", "--eval-every", "2", "--eval-batches", "1",
+            "--checkpoint-every", "2", "--no-progress", "--out", str(out), *extra]
+
+
+def test_run_directory_is_self_contained_and_resumes_from_out_alone(
+        tmp_path, corpus_glob, tokenizer_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(out, [corpus_glob], tokenizer_path, cache_dir, "--steps", "2")) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == 512 and saved["train"]["steps"] == 2
+    assert saved["data"]["sources"] == {"data": corpus_glob}
+    assert saved["command"]["lr"] == 0.01 and saved["command"]["preset"] == "tiny"
+    assert (out / "tokenizer.model").read_bytes() == open(tokenizer_path, "rb").read()
+    capsys.readouterr()
+    # --out and --resume alone (and a new end point, which may change) continue the run.
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--no-progress"]) == 0
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert "note: --steps 4 (was 2)" in capsys.readouterr().err
+    # A setting that defines the run is refused, naming it; so is an end point already reached.
+    code = main(["train", "--out", str(out), "--resume", "--steps", "6", "--lr", "0.02",
+                 "--seed", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--lr 0.02 (the run has 0.01)" in err and "--seed 3 (the run has 0)" in err
+    code = main(["train", "--out", str(out), "--resume", "--steps", "4", "--no-progress"])
+    assert code == 2 and "--steps 4 is not above step 4" in capsys.readouterr().err
+    # A fresh run into the same directory would mix two runs' metrics: refused.
+    code = main(_train_args(out, [corpus_glob], tokenizer_path, cache_dir, "--steps", "2"))
+    assert code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_bad_data_flags_fail_before_anything_is_written(tmp_path, corpus_files, capsys):
+    out, tok = tmp_path / "run", tmp_path / "tok.model"
+    code = main(_train_args(out, [str(tmp_path / "nothing-*.txt")], str(tok), str(tmp_path / "c")))
+    assert code == 2 and "matches no file" in capsys.readouterr().err
+    code = main(_train_args(out, [f"a={corpus_files[0]}", f"b={corpus_files[1]}"], str(tok),
+                            str(tmp_path / "c"), "--weights", "a=1", "b=x"))
+    assert code == 2 and "--weights b=x: 'x' is not a number" in capsys.readouterr().err
+    code = main(_train_args(out, [f"a={corpus_files[0]}"], str(tok), str(tmp_path / "c"),
+                            "--weights", "c=1"))
+    assert code == 2 and "--weights names c" in capsys.readouterr().err
+    assert not out.exists() and not tok.exists()
+
+
+def test_resume_of_a_missing_run_is_one_line(tmp_path, capsys):
+    code = main(["train", "--out", str(tmp_path / "none"), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a run directory" in err and err.count("\n") == 1
+
+
+def test_sigint_checkpoints_and_the_run_resumes(tmp_path, corpus_glob, tokenizer_path, cache_dir):
+    # A real process and a real signal. Two CPU devices are visible but the step runs on one,
+    # and MFU must say so (with a given peak).
+    out = tmp_path / "run"
+    args = _train_args(out, [corpus_glob], tokenizer_path, cache_dir, "--steps", "100000",
+                       "--checkpoint-every", "100000", "--eval-every", "100000",
+                       "--peak-flops", "1e12")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    process = subprocess.Popen([sys.executable, "-m", "palm", *args], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while len([r for r in _lines(out) if "loss" in r]) < 3:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no training steps within 240 s"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and f"--out {out} --resume" in stderr
+    records = [r for r in read_metrics(out) if "loss" in r]
+    step = records[-1]["step"]
+    assert (out / "checkpoints" / str(step)).is_dir()
+    flops = records[-1]["model_flops_per_token"]
+    assert records[-1]["mfu"] == pytest.approx(records[-1]["tokens_per_second"] * flops / 1e12)
+    assert main(["train", "--out", str(out), "--resume", "--steps", str(step + 1),
+                 "--no-progress"]) == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r][-1] == step + 1
+
+
+def _lines(out):
+    try:
+        text = (out / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines()[:-1]]  # the last may be half-written
+
+
+def test_a_second_signal_aborts():
+    from palm.train import _Interrupts
+    with _Interrupts() as interrupts:
+        interrupts._handle(signal.SIGTERM, None)
+        assert interrupts.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT: aborted"):
+            interrupts._handle(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_metrics_fragment_of_a_killed_process_is_not_glued_to(tmp_path):
+    from palm.train import _MetricsLog
+    (tmp_path / "m.jsonl").write_text('{"step": 1}\n{"ste')
+    log = _MetricsLog(tmp_path / "m.jsonl")
+    log.write({"step": 2})
+    log.close()
+    assert (tmp_path / "m.jsonl").read_text().splitlines()[-1] == '{"step": 2}'
