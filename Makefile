@@ -22,9 +22,16 @@ test: venv
 
 # The demo: ~5M parameters on the standard library's source, a few minutes on 2 CPU cores.
 # Each run gets a fresh directory; the tokenizer and token shards are reused across runs.
+# `make train RESUME=runs/demo-...` continues that run instead (its saved settings; TRAIN_ARGS
+# may change the safe ones, e.g. TRAIN_ARGS="--steps 600").
+RESUME ?=
 train: venv
+ifeq ($(strip $(RESUME)),)
 	$(PY) -m palm train --preset demo --out runs/demo-$$(date +%Y%m%d-%H%M%S) \
 	  --tokenizer runs/demo-tokenizer.model --cache-dir runs/cache --warmup-steps 20 $(TRAIN_ARGS)
+else
+	$(PY) -m palm train --out $(RESUME) --resume $(TRAIN_ARGS)
+endif
 
 bench: venv
 	$(PY) -m pytest bench/ --benchmark-only

@@ -162,6 +162,14 @@ def test_non_utf8_files_are_skipped_with_warning(tok, tmp_path):
         data.tokenize_source([bad], tok, tmp_path / "cache")
 
 
+def test_tokenising_shows_progress_only_for_new_files(tok, tmp_path, capsys):
+    files = _write(tmp_path / "src", [_text(i, "abc") for i in range(3)])
+    data.tokenize_source(files, tok, tmp_path / "cache", progress="mine")
+    assert "tokenising mine" in capsys.readouterr().err
+    data.tokenize_source(files, tok, tmp_path / "cache", progress="mine")  # all cached
+    assert "tokenising" not in capsys.readouterr().err
+
+
 def test_mixture_weights_hold(tok, corpus):
     loader = data.Loader(corpus, seq_len=8, batch_size=32, seed=3, prefetch=0)
     counts = {"lower": 0, "upper": 0}

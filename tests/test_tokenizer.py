@@ -115,6 +115,19 @@ def test_non_utf8_file_is_skipped_with_warning(tmp_path):
         tokenizer.train([bad], 300, tmp_path / "u.model")
 
 
+def test_no_text_counts_the_files_given(tmp_path):
+    # An unreadable file yields no document, but it was given: the message counts files.
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.warns(UserWarning, match="latin1.txt"), \
+            pytest.raises(ValueError, match=r"\(2 files, all empty or skipped\)"):
+        tokenizer.train([tmp_path / "empty.txt", tmp_path / "latin1.txt"], 300, tmp_path / "t.model")
+    with pytest.raises(ValueError, match=r"\(1 file, all empty or skipped\)"):
+        tokenizer.train([tmp_path / "empty.txt"], 300, tmp_path / "t.model")
+    with pytest.raises(ValueError, match=r"\(1 document, all empty or skipped\)"):
+        tokenizer.train(iter([""]), 300, tmp_path / "t.model")
+
+
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.py"):
         tokenizer.train([tmp_path / "nope.py"], 300, tmp_path / "t.model")
