@@ -109,6 +109,11 @@ def test_short_run_lowers_the_loss(tmp_path, corpus_files, tokenizer_path, cache
     for key in ("step", "loss", "tokens_per_second", "mfu", "val_loss", "learning_rate", "grad_norm"):
         assert key in record
     assert record["mfu"] is None  # CPU: unknown peak, reported as n/a rather than invented
+    # The first step compiles: its time is logged apart and kept out of tokens/s.
+    compiled = [r for r in read_metrics(tmp_path) if r.get("event") == "compiled"]
+    assert len(compiled) == 1 and compiled[0]["step"] == 1 and compiled[0]["seconds"] > 0
+    steps = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps[0]["tokens_per_second"] is None and steps[1]["tokens_per_second"] > 0
     assert isinstance(summary["sample"], str) and summary["sample"]
 
 
