@@ -92,8 +92,9 @@ def tpu_interpret(interpret: Any) -> Any:
 def matmul_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """`jnp.einsum(spec, a, b)` accumulated in float32.
 
-    XLA:CPU has no bf16 x bf16 -> f32 dot ("Unsupported element type for DotThunk"), so on CPU
-    the operands are widened first. That changes no value: a product of two bf16 numbers is
+    XLA:CPU runs some bf16 x bf16 -> f32 dots and rejects others at run time ("Unsupported
+    element type for DotThunk::Execute: BF16 x BF16 = F32" from the model's bf16 forward on jax
+    0.10.2; a plain 2-D einsum passes), so on CPU the operands are widened first. That changes no value: a product of two bf16 numbers is
     exact in float32, so only the summation order can differ from the accelerator's result.
     """
     if current_backend() == "cpu" and jnp.float32 not in (a.dtype, b.dtype):
