@@ -1,16 +1,29 @@
 """Pallas kernels for the PaLM block, each with a plain-jnp `<name>_reference` twin.
 
+One package per kernel, `kernels/<name>/`: the front door (`__init__.py`), the reference twin
+(`reference.py`) and one module per backend (`tpu.py`). Each package is also its kernel:
+`kernels.rope(x, positions)` calls it, `kernels.rope.BlockSizes` is its TPU tiling (see
+`kernels._common.KernelPackage`).
+
 Every public kernel takes `impl="auto" | "xla" | "pallas_tpu" | "pallas_gpu"` and
 `interpret=None | False | True | params`; see `kernels._common.resolve_impl`.
 """
 
+from kernels import (
+    block_out,
+    mq_decode_attention,
+    mq_flash_attention,
+    norm_qkv_rope,
+    norm_swiglu,
+    rope,
+)
 from kernels._common import IMPLS, resolve_impl, target_backend
-from kernels.block_out import block_out, block_out_reference
-from kernels.mq_decode_attention import mq_decode_attention, mq_decode_attention_reference
-from kernels.mq_flash_attention import mq_flash_attention, mq_flash_attention_reference
-from kernels.norm_qkv_rope import norm_qkv_rope, norm_qkv_rope_reference
-from kernels.norm_swiglu import norm_swiglu, norm_swiglu_reference
-from kernels.rope import rope, rope_reference
+from kernels.block_out import block_out_reference
+from kernels.mq_decode_attention import mq_decode_attention_reference
+from kernels.mq_flash_attention import mq_flash_attention_reference
+from kernels.norm_qkv_rope import norm_qkv_rope_reference
+from kernels.norm_swiglu import norm_swiglu_reference
+from kernels.rope import rope_reference
 
 __all__ = [
     "IMPLS",

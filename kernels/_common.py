@@ -1,4 +1,5 @@
-"""What every kernel module shares: the `impl`/`interpret` front door and the f32 LayerNorm.
+"""What every kernel package shares: the `impl`/`interpret` front door, the callable package
+(`kernel_package`) and the f32 LayerNorm.
 
 Dimension key used across `kernels/` and `palm/`: B batch, T query positions, S key positions,
 D model width, H query heads, K head dim, F MLP hidden width, V vocabulary, L layers.
@@ -15,7 +16,9 @@ keyed on "last step" never ran and outputs stayed uninitialised (NaN in the TPU 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
+import types
 from typing import Any, Callable, Mapping
 
 import jax
@@ -72,6 +75,30 @@ def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -
         have = ", ".join(["xla", *sorted(table)])
         raise NotImplementedError(f"{name}: impl={impl!r} is not implemented yet (have: {have})")
     return table[impl]
+
+
+class KernelPackage(types.ModuleType):
+    """A kernel's package that is also its kernel.
+
+    `kernels.rope` is the package `kernels/rope/`, so `kernels.rope.BlockSizes`,
+    `import kernels.rope as r` and `from kernels.rope import BlockSizes` all reach it; and
+    `kernels.rope(x, positions)` calls its front door `kernels.rope.rope`. Python looks
+    `__call__` up on an object's type, hence a module subclass rather than a module attribute.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return self.__wrapped__(*args, **kwargs)
+
+
+def kernel_package(name: str, kernel: Callable[..., Any]) -> None:
+    """Makes the package `name` (a kernel's `__init__` passes its `__name__`) call `kernel`.
+
+    `__wrapped__` is what `inspect.signature` and `help` follow, so the package shows the
+    kernel's signature.
+    """
+    module = sys.modules[name]
+    module.__class__ = KernelPackage
+    module.__wrapped__ = kernel
 
 
 def tpu_interpret(interpret: Any) -> Any:

@@ -3,8 +3,6 @@ real-TPU lowering at PaLM shapes."""
 
 from __future__ import annotations
 
-import importlib
-
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -13,11 +11,9 @@ import pytest
 from hypothesis import given, settings
 from jax.experimental.pallas import tpu as pltpu
 
+import kernels.block_out as bo
 from conftest import assert_close, races_found
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
-
-# The module, not the function `kernels.block_out` that the package re-exports.
-bo = importlib.import_module("kernels.block_out")
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 NAMES = ("dx", "do", "dwo", "dh", "dw_down")

@@ -13,22 +13,17 @@
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
+import kernels
 from conftest import assert_close
+from kernels._common import tpu_interpret
 
 F32 = jnp.float32
-
-
-def _module(name):
-    # The module, not the function of the same name that `kernels` re-exports.
-    return importlib.import_module(f"kernels.{name}")
 
 
 def _normal(rng, shape, scale=1.0):
@@ -113,7 +108,7 @@ def _output_and_grads(fn, n_diff):
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_one_tiling_at_two_grids(name):
-    module = _module(name)
+    module = getattr(kernels, name)  # the kernel's package
     make_args, make_blocks, kwargs, n_diff = KERNELS[name]
     blocks = make_blocks(module)
     kernel, reference = getattr(module, name), getattr(module, f"{name}_reference")
@@ -142,7 +137,7 @@ def test_interpreter_fills_edge_blocks_with_nan():
     out = pl.pallas_call(row_sum, grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
                          out_specs=pl.BlockSpec((None, 1, 128), lambda i: (i, 0, 0)),
                          out_shape=jax.ShapeDtypeStruct((2, 1, 128), F32),
-                         interpret=_module("_common").tpu_interpret(True))(x)
+                         interpret=tpu_interpret(True))(x)
     out = np.asarray(out)
     assert np.all(out[0] == 8.0)
     assert np.all(np.isnan(out[1])), "the interpreter no longer poisons edge blocks"

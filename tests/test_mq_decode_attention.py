@@ -18,11 +18,11 @@ from conftest import assert_close, races_found
 from kernels.mq_decode_attention import (
     BlockSizes,
     _PALLAS,
-    _schedule,
     mq_decode_attention,
     mq_decode_attention_reference,
     vmem_bytes,
 )
+from kernels.mq_decode_attention.tpu import _schedule
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 pallas_tpu = _PALLAS["pallas_tpu"]

@@ -7,8 +7,6 @@ T*H and K are mostly not multiples of the tiles (padding, masking, causal tile s
 
 from __future__ import annotations
 
-import importlib
-
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -17,12 +15,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+import kernels.mq_flash_attention as mfa
 from conftest import TOLERANCE, assert_close
 from kernels.mq_flash_attention import BlockSizes
+from kernels.mq_flash_attention import tpu as mfa_tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
-
-# The module, not the function of the same name that `kernels` re-exports.
-mfa = importlib.import_module("kernels.mq_flash_attention")
 
 # Interpret mode turns a kernel into a large CPU program whose XLA compile (seconds) dwarfs
 # running it at these sizes. XLA:CPU's cheap settings halve that; they change code
@@ -226,18 +223,18 @@ def test_causal_tile_skipping_visits_exactly_the_tiles_with_visible_keys(bq, bk,
     n_q, n_k = -(-rows // bq), -(-s // bk)
     visible = (np.arange(n_q * bq)[:, None] // heads) >= np.arange(n_k * bk)[None, :]
     has_visible = visible.reshape(n_q, bq, n_k, bk).any(axis=(1, 3))  # [n_q, n_k]
-    last = np.array([int(mfa._last_kv_tile(i, bq, bk, heads)) for i in range(n_q)])
-    first = np.array([int(mfa._first_q_tile(j, bq, bk, heads)) for j in range(n_k)])
+    last = np.array([int(mfa_tpu._last_kv_tile(i, bq, bk, heads)) for i in range(n_q)])
+    first = np.array([int(mfa_tpu._first_q_tile(j, bq, bk, heads)) for j in range(n_k)])
     np.testing.assert_array_equal(np.arange(n_k)[None, :] <= last[:, None], has_visible)
     np.testing.assert_array_equal(np.arange(n_q)[:, None] >= first[None, :], has_visible)
     i, j = np.meshgrid(np.arange(n_q), np.arange(n_k), indexing="ij")
-    np.testing.assert_array_equal(mfa._tile_visible(i, j, bq, bk, heads), has_visible)
+    np.testing.assert_array_equal(mfa_tpu._tile_visible(i, j, bq, bk, heads), has_visible)
 
 
 @hypothesis.given(st.integers(1, 64))
 def test_causal_tile_order_is_a_balanced_permutation(n):
     """Megacore splits a parallel axis into halves: each should get about half the work."""
-    order = [int(mfa._balanced(jnp.int32(g), n, True)) for g in range(n)]
+    order = [int(mfa_tpu._balanced(jnp.int32(g), n, True)) for g in range(n)]
     assert sorted(order) == list(range(n))
     first, second = sum(order[: n // 2]), sum(order[n // 2:])  # work grows with the index
     assert abs(first - second) <= n
@@ -253,7 +250,7 @@ PALM_540B = dict(q_len=2048, kv_len=2048, num_heads=48, head_dim=256, dtype=jnp.
 def test_default_blocks_fit_scoped_vmem_at_palm_shapes(shape):
     blocks = BlockSizes.get_default(**shape)
     assert blocks == BlockSizes()  # nothing shrunk at PaLM shapes
-    for kernel, size in mfa.vmem_estimate(blocks, 256, jnp.bfloat16).items():
+    for kernel, size in mfa_tpu.vmem_estimate(blocks, 256, jnp.bfloat16).items():
         assert size <= 16 * 2**20, (kernel, size)
 
 
@@ -262,7 +259,7 @@ def test_default_blocks_shrink_for_small_and_wide_shapes():
                                    dtype=jnp.float32)
     assert small == BlockSizes(128, 128, 128, 128, 128, 128)
     wide = BlockSizes.get_default(**{**PALM_8B, "dtype": jnp.float32, "head_dim": 512})
-    assert all(v <= mfa.VMEM_BUDGET for v in mfa.vmem_estimate(wide, 512, jnp.float32).values())
+    assert all(v <= mfa_tpu.VMEM_BUDGET for v in mfa_tpu.vmem_estimate(wide, 512, jnp.float32).values())
 
 
 @pytest.mark.parametrize("kwargs", [dict(block_q=100), dict(block_k=0), dict(block_q_dq=64),

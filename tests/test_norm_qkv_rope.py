@@ -7,7 +7,6 @@ so the plain forward (the custom_vjp's primal path) is checked once, in the two-
 
 from __future__ import annotations
 
-import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 from conftest import assert_close, races_found
 from kernels._common import layer_norm_f32
 from kernels.norm_qkv_rope import BlockSizes, norm_qkv_rope, norm_qkv_rope_reference, vmem_bytes
-
-nqr_module = importlib.import_module("kernels.norm_qkv_rope")  # `kernels.norm_qkv_rope` is the function
+from kernels.norm_qkv_rope import tpu as nqr_tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -120,9 +118,9 @@ def test_layer_norm_backward_matches_autodiff():
 
     @jax.jit
     def run(x, scale, dh):
-        mean, rstd = nqr_module._row_stats(x, EPS)
+        mean, rstd = nqr_tpu._row_stats(x, EPS)
         _, vjp = jax.vjp(lambda x, s: layer_norm_f32(x, s, EPS), x, scale)
-        return nqr_module._layer_norm_bwd(dh, x, scale, mean, rstd), vjp(dh)
+        return nqr_tpu._layer_norm_bwd(dh, x, scale, mean, rstd), vjp(dh)
 
     (dx, dscale), (expected_dx, expected_dscale) = run(x, scale, dh)
     assert_close(dx, expected_dx, jnp.float32, what="dx")

@@ -4,7 +4,6 @@ real-TPU lowering at PaLM shapes."""
 from __future__ import annotations
 
 import functools
-import importlib
 
 import hypothesis.strategies as st
 import jax
@@ -14,10 +13,9 @@ import pytest
 from hypothesis import given, settings
 from jax.experimental.pallas import tpu as pltpu
 
+import kernels.norm_swiglu as ns
 from conftest import assert_close, races_found
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
-# The module, not the function `kernels.norm_swiglu` that the package re-exports.
-ns = importlib.import_module("kernels.norm_swiglu")
 
 EPS = 1e-6
 # LayerNorm over D <= 2 features is constant (0 or +-scale), so its true dx is 0 and a computed

@@ -1,7 +1,4 @@
-"""The attention half's input side: LayerNorm, the q/k/v projections and RoPE on q and k.
-
-PaLM's parallel block (section 2) normalises x once and feeds both the attention and the MLP;
-multi-query attention (section 2) projects to H query heads but a single shared key/value head.
+"""The Pallas TPU `norm_qkv_rope`.
 
 `norm_qkv_rope_pallas_tpu` (impl "pallas_tpu") is three Mosaic kernels and a little XLA:
   forward   palm_norm_qkv_rope_fwd     LN prologue, LN(x)·[wq | wk | wv], RoPE epilogue on q, k
@@ -59,86 +56,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import layer_norm_f32, matmul_f32, pallas_impl, resolve_impl, tpu_interpret
-from kernels.rope import frequency_row, rope_reference, rotate_half
-
-
-def norm_qkv_rope_reference(
-    x: jax.Array,  # [B, T, D]
-    norm_scale: jax.Array,  # [D]
-    wq: jax.Array,  # [D, H, K]
-    wk: jax.Array,  # [D, K]
-    wv: jax.Array,  # [D, K]
-    positions: jax.Array,  # int [B, T]
-    *,
-    eps: float,
-    base: float = 10000.0,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Plain-jnp twin: returns q [B, T, H, K], k [B, T, K], v [B, T, K] in x's dtype."""
-    _check(x, norm_scale, wq, wk, wv, positions)
-    h = layer_norm_f32(x, norm_scale, eps).astype(x.dtype)  # [B, T, D]
-    q = matmul_f32("BTD,DHK->BTHK", h, wq)
-    k = matmul_f32("BTD,DK->BTK", h, wk)
-    v = matmul_f32("BTD,DK->BTK", h, wv)
-    # RoPE straight on the float32 accumulators, one rounding to x's dtype at the end.
-    q = rope_reference(q, positions, base=base)
-    k = rope_reference(k, positions, base=base)
-    return q.astype(x.dtype), k.astype(x.dtype), v.astype(x.dtype)
-
-
-def _check(x, norm_scale, wq, wk, wv, positions) -> None:
-    if x.ndim != 3:
-        raise ValueError(f"norm_qkv_rope: x must be [B, T, D], got {x.shape=}")
-    _, _, d = x.shape
-    if wq.ndim != 3 or wq.shape[0] != d:
-        raise ValueError(f"norm_qkv_rope: wq must be [D={d}, H, K], got {wq.shape=}")
-    head_dim = wq.shape[2]
-    for name, w in (("wk", wk), ("wv", wv)):
-        if w.shape != (d, head_dim):
-            raise ValueError(f"norm_qkv_rope: {name} must be [D, K] = {(d, head_dim)}, got {w.shape}")
-    if norm_scale.shape != (d,):
-        raise ValueError(f"norm_qkv_rope: norm_scale must be [D={d}], got {norm_scale.shape=}")
-    if positions.shape != x.shape[:2]:
-        raise ValueError(f"norm_qkv_rope: positions must be [B, T] = {x.shape[:2]}, got {positions.shape=}")
-
-
-# Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {}
-
-
-def norm_qkv_rope(
-    x: jax.Array,  # [B, T, D]
-    norm_scale: jax.Array,  # [D]
-    wq: jax.Array,  # [D, H, K]
-    wk: jax.Array,  # [D, K]
-    wv: jax.Array,  # [D, K]
-    positions: jax.Array,  # int [B, T]
-    *,
-    eps: float,
-    base: float = 10000.0,
-    impl: str = "auto",
-    interpret=None,
-    block_sizes=None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """LayerNorm(x) projected to q, k, v, with RoPE applied to q and k.
-
-    Args:
-      x: [B, T, D] the residual stream.
-      norm_scale: [D] LayerNorm scale (no bias).
-      wq: [D, H, K]; wk, wv: [D, K] (multi-query: one key/value head).
-      positions: int [B, T] positions for RoPE.
-      eps: LayerNorm epsilon. base: RoPE frequency base.
-      impl, interpret, block_sizes: see `kernels.rope.rope`.
-
-    Returns:
-      q [B, T, H, K], k [B, T, K], v [B, T, K] in x's dtype.
-    """
-    impl = resolve_impl(impl)
-    if impl == "xla":
-        return norm_qkv_rope_reference(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base)
-    fn = pallas_impl("norm_qkv_rope", impl, _PALLAS)
-    return fn(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base,
-              interpret=interpret, block_sizes=block_sizes)
+from kernels._common import tpu_interpret
+from kernels.norm_qkv_rope.reference import _check
+from kernels.rope.tpu import frequency_row, rotate_half
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,6 +699,3 @@ def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float
     config = _Config(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
                      block_sizes=block_sizes)
     return _norm_qkv_rope(config, x, norm_scale, wq, wk, wv, positions)
-
-
-_PALLAS["pallas_tpu"] = norm_qkv_rope_pallas_tpu

@@ -1,7 +1,4 @@
-"""The MLP half's input side: LayerNorm, both MLP input projections and the SwiGLU gate.
-
-PaLM (section 2) uses SwiGLU, `silu(h·w_gate) * (h·w_up)`; fused, the [.., 2F] pre-activations
-never reach HBM.
+"""The Pallas TPU `norm_swiglu`.
 
 Forward, `palm_norm_swiglu_fwd` (Pallas TPU). Rows are the flattened B*T axis (M). The grid is
 (M / bt, F / bf, D / bd) with D, the contraction, innermost: each step normalises an x tile
@@ -63,85 +60,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import _tpu_matmul as tm
-from kernels._common import layer_norm_f32, matmul_f32, pallas_impl, resolve_impl, tpu_interpret
-
-
-def norm_swiglu_reference(
-    x: jax.Array,  # [B, T, D]
-    norm_scale: jax.Array,  # [D]
-    w_gate: jax.Array,  # [D, F]
-    w_up: jax.Array,  # [D, F]
-    *,
-    eps: float,
-) -> jax.Array:
-    """Plain-jnp twin: returns silu(LN(x)·w_gate) * (LN(x)·w_up), [B, T, F] in x's dtype."""
-    _check(x, norm_scale, w_gate, w_up)
-    h = layer_norm_f32(x, norm_scale, eps).astype(x.dtype)  # [B, T, D]
-    gate = matmul_f32("BTD,DF->BTF", h, w_gate)
-    up = matmul_f32("BTD,DF->BTF", h, w_up)
-    return (jax.nn.silu(gate) * up).astype(x.dtype)
-
-
-def norm_swiglu_reference_bwd(
-    x: jax.Array,  # [B, T, D]
-    norm_scale: jax.Array,  # [D]
-    w_gate: jax.Array,  # [D, F]
-    w_up: jax.Array,  # [D, F]
-    dh: jax.Array,  # [B, T, F]
-    *,
-    eps: float,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Hand-written backward of `norm_swiglu_reference` in plain jnp, step for step what the
-    Pallas backward does tile by tile; returns (dx, d_norm_scale, d_w_gate, d_w_up)."""
-    _check(x, norm_scale, w_gate, w_up)
-    b, t, d = x.shape
-    x2 = x.reshape(b * t, d)  # [M, D]
-    stats = _row_stats(x2, eps)  # [M, 2]
-    xn = _normalise_rows(x2, stats, norm_scale)  # [M, D]
-    gate = matmul_f32("MD,DF->MF", xn, w_gate)
-    up = matmul_f32("MD,DF->MF", xn, w_up)
-    d_gate, d_up = _swiglu_bwd(gate, up, dh.reshape(b * t, -1), x.dtype)  # [M, F] each
-    dxn = matmul_f32("MF,DF->MD", d_gate, w_gate) + matmul_f32("MF,DF->MD", d_up, w_up)
-    dw_gate = matmul_f32("MD,MF->DF", xn, d_gate).astype(w_gate.dtype)
-    dw_up = matmul_f32("MD,MF->DF", xn, d_up).astype(w_up.dtype)
-    dx, dscale = _layer_norm_bwd(x2, stats, norm_scale, dxn)
-    return dx.reshape(x.shape), dscale, dw_gate, dw_up
-
-
-def _swiglu_bwd(gate, up, dh, dtype):
-    """Cotangents of the float32 pre-activations of h = silu(gate) * up, rounded to `dtype` for
-    the matmuls that consume them. silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))."""
-    dh = dh.astype(jnp.float32)
-    sig = jax.nn.sigmoid(gate)
-    d_gate = dh * up * (sig * (1.0 + gate * (1.0 - sig)))
-    d_up = dh * (gate * sig)
-    return d_gate.astype(dtype), d_up.astype(dtype)
-
-
-def _normalise_rows(x2, stats, norm_scale):
-    """LN(x) [M, D] in x's dtype from the [M, 2] statistics, as `layer_norm_f32` computes it."""
-    xf = x2.astype(jnp.float32)
-    return ((xf - stats[:, 0:1]) * stats[:, 1:2] * norm_scale.astype(jnp.float32)).astype(x2.dtype)
-
-
-def _layer_norm_bwd(x2, stats, norm_scale, dxn):
-    """dx [M, D] and d_norm_scale [D] from dxn, the float32 cotangent of LN(x) [M, D]."""
-    xhat = (x2.astype(jnp.float32) - stats[:, 0:1]) * stats[:, 1:2]
-    dscale = jnp.sum(dxn * xhat, axis=0)
-    g = dxn * norm_scale.astype(jnp.float32)  # cotangent of xhat
-    dx = stats[:, 1:2] * (g - jnp.mean(g, axis=-1, keepdims=True)
-                          - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
-    return dx.astype(x2.dtype), dscale.astype(norm_scale.dtype)
-
-
-def _check(x, norm_scale, w_gate, w_up) -> None:
-    if x.ndim != 3:
-        raise ValueError(f"norm_swiglu: x must be [B, T, D], got {x.shape=}")
-    d = x.shape[-1]
-    if w_gate.ndim != 2 or w_gate.shape[0] != d or w_up.shape != w_gate.shape:
-        raise ValueError(f"norm_swiglu: w_gate and w_up must both be [D={d}, F], got {w_gate.shape=} {w_up.shape=}")
-    if norm_scale.shape != (d,):
-        raise ValueError(f"norm_swiglu: norm_scale must be [D={d}], got {norm_scale.shape=}")
+from kernels._common import tpu_interpret
+from kernels.norm_swiglu.reference import (
+    _check,
+    _layer_norm_bwd,
+    _normalise_rows,
+    _row_stats,
+    _swiglu_bwd,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,15 +142,6 @@ class _Settings:
     eps: float
     block_sizes: BlockSizes
     interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
-
-
-def _row_stats(x2: jax.Array, eps: float) -> jax.Array:
-    """float32 [M, 2]: each row's mean and 1/sqrt(var + eps), as `layer_norm_f32` computes them."""
-    xf = x2.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    centered = xf - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    return jnp.concatenate([mean, jax.lax.rsqrt(var + eps)], axis=-1)
 
 
 def _lane_stats(stats: jax.Array, rows: int) -> jax.Array:
@@ -529,37 +446,3 @@ def _norm_swiglu_bwd(settings: _Settings, residuals, dh):
 
 
 _norm_swiglu.defvjp(_norm_swiglu_fwd, _norm_swiglu_bwd)
-
-
-# Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {"pallas_tpu": norm_swiglu_pallas_tpu}
-
-
-def norm_swiglu(
-    x: jax.Array,  # [B, T, D]
-    norm_scale: jax.Array,  # [D]
-    w_gate: jax.Array,  # [D, F]
-    w_up: jax.Array,  # [D, F]
-    *,
-    eps: float,
-    impl: str = "auto",
-    interpret=None,
-    block_sizes=None,
-) -> jax.Array:
-    """SwiGLU hidden activations of LayerNorm(x).
-
-    Args:
-      x: [B, T, D] the residual stream.
-      norm_scale: [D] LayerNorm scale (no bias).
-      w_gate, w_up: [D, F] the two MLP input projections.
-      eps: LayerNorm epsilon.
-      impl, interpret, block_sizes: see `kernels.rope.rope`.
-
-    Returns:
-      [B, T, F] in x's dtype.
-    """
-    impl = resolve_impl(impl)
-    if impl == "xla":
-        return norm_swiglu_reference(x, norm_scale, w_gate, w_up, eps=eps)
-    fn = pallas_impl("norm_swiglu", impl, _PALLAS)
-    return fn(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret, block_sizes=block_sizes)

@@ -1,11 +1,5 @@
-"""Multi-query attention (Shazeer 2019; PaLM section 2): H query heads share one key/value head.
+"""The Pallas TPU `mq_flash_attention`: flash attention (Dao et al. 2022), forward and backward.
 
-Causal masking is top-left aligned, as in JAX's TPU `flash_attention`: query row t sees key
-columns s <= t. With T == S (training, prefill) that is the usual causal mask; every row sees
-at least column 0, so no row is ever empty.
-
-The Pallas TPU kernels (flash attention, Dao et al. 2022, forward and backward)
----------------------------------------------------------------------------------
 Heads are folded into the query rows: q [B, T, H, K] is viewed as [B, T*H, K], row r = t*H + h
 holding head h of position t. With one shared key/value head every row attends to the same
 keys, so a tile of `block_q` rows (block_q/H positions x H heads; it need not start or end on a
@@ -92,88 +86,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import matmul_f32, pallas_impl, resolve_impl, tpu_interpret
-
-
-def mq_flash_attention_reference(
-    q: jax.Array,  # [B, T, H, K]
-    k: jax.Array,  # [B, S, K]
-    v: jax.Array,  # [B, S, K]
-    *,
-    causal: bool = True,
-    sm_scale: float | None = None,
-) -> jax.Array:
-    """Plain-jnp twin: softmax(q·k^T * sm_scale) · v with the softmax in float32; [B, T, H, K]."""
-    _check(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    s = matmul_f32("BTHK,BSK->BHTS", q, k) * scale
-    if causal:
-        t, src = q.shape[1], k.shape[1]
-        visible = jnp.arange(t)[:, None] >= jnp.arange(src)[None, :]  # [T, S]
-        s = jnp.where(visible, s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    o = matmul_f32("BHTS,BSK->BTHK", p.astype(v.dtype), v)
-    return o.astype(q.dtype)
-
-
-def mq_flash_attention_reference_lse(
-    q: jax.Array,  # [B, T, H, K]
-    k: jax.Array,  # [B, S, K]
-    *,
-    causal: bool = True,
-    sm_scale: float | None = None,
-) -> jax.Array:
-    """The softmax's logsumexp per query row, float32 [B, T, H]: what the forward saves."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    s = matmul_f32("BTHK,BSK->BTHS", q, k) * scale
-    if causal:
-        visible = jnp.arange(q.shape[1])[:, None] >= jnp.arange(k.shape[1])[None, :]  # [T, S]
-        s = jnp.where(visible[:, None, :], s, -jnp.inf)
-    return jax.nn.logsumexp(s, axis=-1)
-
-
-def mq_flash_attention_reference_bwd(
-    q: jax.Array,  # [B, T, H, K]
-    k: jax.Array,  # [B, S, K]
-    v: jax.Array,  # [B, S, K]
-    o: jax.Array,  # [B, T, H, K]
-    lse: jax.Array,  # f32 [B, T, H]
-    do: jax.Array,  # [B, T, H, K]
-    *,
-    causal: bool = True,
-    sm_scale: float | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Hand-written backward of the reference from the saved logsumexp: (dq, dk, dv).
-
-    The math the Pallas backward tiles: p = exp(s - lse), dv = p^T do, dp = do v^T,
-    ds = p (dp - delta) with delta = rowsum(do * o) (= rowsum(p * dp), the softmax's Jacobian
-    in one number per row), dq = ds k * scale, dk = ds^T q * scale. dk and dv sum over heads:
-    every head read the same key/value head.
-    """
-    _check(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    s = matmul_f32("BTHK,BSK->BTHS", q, k) * scale
-    p = jnp.exp(s - lse[..., None])  # [B, T, H, S]
-    if causal:
-        visible = jnp.arange(q.shape[1])[:, None] >= jnp.arange(k.shape[1])[None, :]  # [T, S]
-        p = jnp.where(visible[:, None, :], p, 0.0)
-    dv = matmul_f32("BTHS,BTHK->BSK", p.astype(do.dtype), do)
-    dp = matmul_f32("BTHK,BSK->BTHS", do, v)
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, T, H]
-    ds = p * (dp - delta[..., None])
-    dq = matmul_f32("BTHS,BSK->BTHK", ds, k) * scale
-    dk = matmul_f32("BTHS,BTHK->BSK", ds, q) * scale
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-def _check(q, k, v) -> None:
-    if q.ndim != 4:
-        raise ValueError(f"mq_flash_attention: q must be [B, T, H, K], got {q.shape=}")
-    b, _, _, head_dim = q.shape
-    if k.ndim != 3 or k.shape[0] != b or k.shape[2] != head_dim:
-        raise ValueError(f"mq_flash_attention: k must be [B={b}, S, K={head_dim}], got {k.shape=}")
-    if v.shape != k.shape:
-        raise ValueError(f"mq_flash_attention: v must match k's shape {k.shape}, got {v.shape=}")
+from kernels._common import tpu_interpret
+from kernels.mq_flash_attention.reference import _check
 
 
 # ----------------------------------------------------------------------------------------------
@@ -708,37 +622,3 @@ def mq_flash_attention_pallas_tpu(
     vr = _pad_to(v, (batch, kv_p, kp))
     o = _mq_flash(qr, kr, vr, cfg)  # [B, Rp, Kp]
     return o[:, :rows, :head_dim].reshape(batch, q_len, heads, head_dim)
-
-
-# Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {"pallas_tpu": mq_flash_attention_pallas_tpu}
-
-
-def mq_flash_attention(
-    q: jax.Array,  # [B, T, H, K]
-    k: jax.Array,  # [B, S, K]
-    v: jax.Array,  # [B, S, K]
-    *,
-    causal: bool = True,
-    sm_scale: float | None = None,
-    impl: str = "auto",
-    interpret=None,
-    block_sizes=None,
-) -> jax.Array:
-    """Multi-query softmax attention.
-
-    Args:
-      q: [B, T, H, K] queries (RoPE applied).
-      k, v: [B, S, K] the single shared key/value head.
-      causal: mask key columns after each query row (top-left aligned, see module docstring).
-      sm_scale: logit scale; None means 1/sqrt(K).
-      impl, interpret, block_sizes: see `kernels.rope.rope`; block_sizes is a `BlockSizes`.
-
-    Returns:
-      [B, T, H, K] in q's dtype.
-    """
-    impl = resolve_impl(impl)
-    if impl == "xla":
-        return mq_flash_attention_reference(q, k, v, causal=causal, sm_scale=sm_scale)
-    fn = pallas_impl("mq_flash_attention", impl, _PALLAS)
-    return fn(q, k, v, causal=causal, sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)

@@ -1,0 +1,57 @@
+"""The MLP half's input side: LayerNorm, both MLP input projections and the SwiGLU gate.
+
+PaLM (section 2) uses SwiGLU, `silu(h·w_gate) * (h·w_up)`; fused, the [.., 2F] pre-activations
+never reach HBM.
+
+The front door `norm_swiglu`; its plain-jnp twin `norm_swiglu_reference` and the hand-written
+backward `norm_swiglu_reference_bwd` (reference.py); the Pallas TPU kernels with their tiling
+(`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and design notes (tpu.py).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from kernels._common import kernel_package, pallas_impl, resolve_impl
+from kernels.norm_swiglu.reference import norm_swiglu_reference, norm_swiglu_reference_bwd
+from kernels.norm_swiglu.tpu import BlockSizes, norm_swiglu_pallas_tpu, vmem_bytes
+
+__all__ = ["BlockSizes", "norm_swiglu", "norm_swiglu_reference", "norm_swiglu_reference_bwd",
+           "vmem_bytes"]
+
+
+# Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
+_PALLAS = {"pallas_tpu": norm_swiglu_pallas_tpu}
+
+
+def norm_swiglu(
+    x: jax.Array,  # [B, T, D]
+    norm_scale: jax.Array,  # [D]
+    w_gate: jax.Array,  # [D, F]
+    w_up: jax.Array,  # [D, F]
+    *,
+    eps: float,
+    impl: str = "auto",
+    interpret=None,
+    block_sizes=None,
+) -> jax.Array:
+    """SwiGLU hidden activations of LayerNorm(x).
+
+    Args:
+      x: [B, T, D] the residual stream.
+      norm_scale: [D] LayerNorm scale (no bias).
+      w_gate, w_up: [D, F] the two MLP input projections.
+      eps: LayerNorm epsilon.
+      impl, interpret, block_sizes: see `kernels.rope.rope`.
+
+    Returns:
+      [B, T, F] in x's dtype.
+    """
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return norm_swiglu_reference(x, norm_scale, w_gate, w_up, eps=eps)
+    fn = pallas_impl("norm_swiglu", impl, _PALLAS)
+    return fn(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret, block_sizes=block_sizes)
+
+
+kernel_package(__name__, norm_swiglu)
