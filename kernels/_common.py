@@ -1,5 +1,5 @@
 """What every kernel package shares: the `impl`/`interpret` front door, the callable package
-(`kernel_package`) and the f32 LayerNorm.
+(`kernel_package`) and the f32 LayerNorm, whole and in pieces.
 
 Dimension key used across `kernels/` and `palm/`: B batch, T query positions, S key positions,
 D model width, H query heads, K head dim, F MLP hidden width, V vocabulary, L layers.
@@ -135,8 +135,52 @@ def layer_norm_f32(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     Statistics in float32 whatever the input dtype: bf16 has 8 mantissa bits, too few for a
     variance over thousands of features.
     """
+    _, centered, rstd = _moments(x, eps)
+    return centered * rstd * scale.astype(jnp.float32)
+
+
+def _moments(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 mean, x - mean and 1/sqrt(var + eps) over the last axis.
+
+    The variance is the mean of squared deviations from the mean (two passes), not
+    E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std.
+    """
     x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     centered = x - mean
     var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    return centered * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+    return mean, centered, jax.lax.rsqrt(var + eps)
+
+
+# The LayerNorm in pieces, for kernels that tile the model width D and so cannot see a whole
+# row: the statistics come first (a cheap XLA pass, 8 bytes per row), each D tile is normalised
+# from them, and the backward's full-row reductions run in XLA after the D-tiled matmuls. The
+# statistics are `layer_norm_f32`'s, so the normalised values are too.
+
+
+def row_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """float32 mean and 1/sqrt(var + eps) over the last axis, [..., 1] each."""
+    mean, _, rstd = _moments(x, eps)
+    return mean, rstd
+
+
+def layer_norm_rows(x: jax.Array, mean: jax.Array, rstd: jax.Array, scale: jax.Array) -> jax.Array:
+    """(x - mean) * rstd * scale in float32, from `row_stats`; also on one tile of a row."""
+    return (x.astype(jnp.float32) - mean) * rstd * scale.astype(jnp.float32)
+
+
+def layer_norm_bwd(dh: jax.Array, x: jax.Array, scale: jax.Array, mean: jax.Array,
+                   rstd: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The LayerNorm's VJP: dx [M, D] in x's dtype and dscale [D] in scale's dtype from dh, the
+    cotangent of `layer_norm_rows(x [M, D], mean, rstd, scale)`, and the forward's statistics.
+
+    With xhat = (x - mean) * rstd and g = dh * scale: dscale = sum over rows of dh * xhat,
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), means over D.
+    """
+    dh = dh.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dscale = jnp.sum(dh * xhat, axis=0)
+    g = dh * scale.astype(jnp.float32)
+    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)

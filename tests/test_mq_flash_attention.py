@@ -18,6 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 import kernels.mq_flash_attention as mfa
 from conftest import TOLERANCE, assert_close
 from kernels.mq_flash_attention import BlockSizes
+from kernels._tpu import VMEM_BUDGET
 from kernels.mq_flash_attention import tpu as mfa_tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
@@ -250,7 +251,7 @@ PALM_540B = dict(q_len=2048, kv_len=2048, num_heads=48, head_dim=256, dtype=jnp.
 def test_default_blocks_fit_scoped_vmem_at_palm_shapes(shape):
     blocks = BlockSizes.get_default(**shape)
     assert blocks == BlockSizes()  # nothing shrunk at PaLM shapes
-    for kernel, size in mfa_tpu.vmem_estimate(blocks, 256, jnp.bfloat16).items():
+    for kernel, size in mfa.vmem_bytes(blocks, 256, jnp.bfloat16).items():
         assert size <= 16 * 2**20, (kernel, size)
 
 
@@ -259,7 +260,8 @@ def test_default_blocks_shrink_for_small_and_wide_shapes():
                                    dtype=jnp.float32)
     assert small == BlockSizes(128, 128, 128, 128, 128, 128)
     wide = BlockSizes.get_default(**{**PALM_8B, "dtype": jnp.float32, "head_dim": 512})
-    assert all(v <= mfa_tpu.VMEM_BUDGET for v in mfa_tpu.vmem_estimate(wide, 512, jnp.float32).values())
+    budget = VMEM_BUDGET["mq_flash_attention"]
+    assert all(v <= budget for v in mfa.vmem_bytes(wide, 512, jnp.float32).values())
 
 
 @pytest.mark.parametrize("kwargs", [dict(block_q=100), dict(block_k=0), dict(block_q_dq=64),

@@ -48,8 +48,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import _tpu_matmul as tm
 from kernels._common import tpu_interpret
+from kernels._tpu import (
+    LANE,
+    NT_DIMS,
+    VMEM_BUDGET,
+    check_multiple,
+    compiler_params,
+    pad2,
+    pick_block,
+    pick_shared_block,
+    round_up,
+    sublane,
+)
 from kernels.block_out.reference import _check, _weight_grads
 
 
@@ -72,9 +83,9 @@ class BlockSizes:
 
     def __post_init__(self):
         for name in ("block_t", "block_t_bwd"):
-            tm.check_multiple("BlockSizes", name, getattr(self, name), 8)
+            check_multiple("BlockSizes", name, getattr(self, name), 8)
         for name in ("block_d", "block_c", "block_c_bwd", "block_d_bwd"):
-            tm.check_multiple("BlockSizes", name, getattr(self, name), tm.LANE)
+            check_multiple("BlockSizes", name, getattr(self, name), LANE)
 
     @classmethod
     def get_default(cls, rows: int, d_model: int, attn_width: int, d_ff: int,
@@ -82,16 +93,16 @@ class BlockSizes:
         """Tiles for x [rows, d_model], o [rows, attn_width = H*K], h [rows, d_ff].
 
         Forward: 512-wide tiles (they divide every PaLM shape), shrunk for small shapes.
-        Backward: a full-D dy row tile with bt = 512 and bc = 128 when it fits the VMEM
-        budget (PaLM-8B: 12.8 MiB), so dy is read once instead of once per C tile; otherwise
-        (PaLM-540B, D = 18432) 512-wide tiles throughout.
+        Backward: a full-D dy row tile with bt = 512 and bc = 128 when it fits
+        `VMEM_BUDGET["block_out"]` (13 MiB; PaLM-8B needs 12.75 MiB), so dy is read once
+        instead of once per C tile; otherwise (PaLM-540B, D = 18432) 512-wide tiles throughout.
         """
-        sub = tm.sublane(dtype)
-        bt = tm.pick_block(rows, 512, sub)
-        bd = tm.pick_block(d_model, 512, tm.LANE)
-        bc = tm.pick_shared_block((attn_width, d_ff), 512, tm.LANE)
-        resident = cls(bt, bd, bc, bt, tm.LANE, tm.round_up(d_model, tm.LANE))
-        if vmem_bytes(resident, dtype)["bwd_dact"] <= 13 * 2**20:
+        sub = sublane(dtype)
+        bt = pick_block(rows, 512, sub)
+        bd = pick_block(d_model, 512, LANE)
+        bc = pick_shared_block((attn_width, d_ff), 512, LANE)
+        resident = cls(bt, bd, bc, bt, LANE, round_up(d_model, LANE))
+        if vmem_bytes(resident, dtype)["bwd_dact"] <= VMEM_BUDGET["block_out"]:
             return resident
         return cls(bt, bd, bc, bt, bc, bd)
 
@@ -143,11 +154,11 @@ def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
     bt, bd, bc = bs.block_t, bs.block_d, bs.block_c
     m, d = x2.shape
     hk, f = o2.shape[1], h2.shape[1]
-    mp, dp = tm.round_up(m, bt), tm.round_up(d, bd)
-    hkp, fp = tm.round_up(hk, bc), tm.round_up(f, bc)
+    mp, dp = round_up(m, bt), round_up(d, bd)
+    hkp, fp = round_up(hk, bc), round_up(f, bc)
     # Zero padding: padded contraction entries multiply zeros, padded rows/columns are sliced.
-    xp, op, wop = tm.pad2(x2, mp, dp), tm.pad2(o2, mp, hkp), tm.pad2(wo2, hkp, dp)
-    hp, wdp = tm.pad2(h2, mp, fp), tm.pad2(w_down, fp, dp)
+    xp, op, wop = pad2(x2, mp, dp), pad2(o2, mp, hkp), pad2(wo2, hkp, dp)
+    hp, wdp = pad2(h2, mp, fp), pad2(w_down, fp, dp)
     nt, nd, na, nm = mp // bt, dp // bd, hkp // bc, fp // bc
     s = x2.dtype.itemsize
     cost = pl.CostEstimate(
@@ -176,7 +187,7 @@ def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
         ],
         out_specs=pl.BlockSpec((bt, bd), lambda i, j, c: (i, j)),
         scratch_shapes=[pltpu.VMEM((bt, bd), jnp.float32)],
-        compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+        compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_block_out_fwd",
@@ -196,12 +207,12 @@ def _bwd_dact_kernel(dy_ref, wo_ref, w_down_ref, do_ref, dh_ref, acc_ref, *, n_a
 
     @pl.when(c < n_attn)
     def _attention():
-        acc_ref[...] += jax.lax.dot_general(dy_ref[...], wo_ref[...], tm.NT_DIMS,
+        acc_ref[...] += jax.lax.dot_general(dy_ref[...], wo_ref[...], NT_DIMS,
                                             preferred_element_type=jnp.float32)
 
     @pl.when(c >= n_attn)
     def _mlp():
-        acc_ref[...] += jax.lax.dot_general(dy_ref[...], w_down_ref[...], tm.NT_DIMS,
+        acc_ref[...] += jax.lax.dot_general(dy_ref[...], w_down_ref[...], NT_DIMS,
                                             preferred_element_type=jnp.float32)
 
     @pl.when(jnp.logical_and(last, c < n_attn))
@@ -224,9 +235,9 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
     bt, bc, bd = bs.block_t_bwd, bs.block_c_bwd, bs.block_d_bwd
     m, d = dy2.shape
     hk, f = wo2.shape[0], w_down.shape[0]
-    mp, dp = tm.round_up(m, bt), tm.round_up(d, bd)
-    hkp, fp = tm.round_up(hk, bc), tm.round_up(f, bc)
-    dyp, wop, wdp = tm.pad2(dy2, mp, dp), tm.pad2(wo2, hkp, dp), tm.pad2(w_down, fp, dp)
+    mp, dp = round_up(m, bt), round_up(d, bd)
+    hkp, fp = round_up(hk, bc), round_up(f, bc)
+    dyp, wop, wdp = pad2(dy2, mp, dp), pad2(wo2, hkp, dp), pad2(w_down, fp, dp)
     nt, na, nm, nd = mp // bt, hkp // bc, fp // bc, dp // bd
     s = dy2.dtype.itemsize
     cost = pl.CostEstimate(
@@ -258,7 +269,7 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
             pl.BlockSpec((bt, bc), lambda i, c, k: (i, jnp.maximum(c - na, 0))),  # dh [M, F]
         ],
         scratch_shapes=[pltpu.VMEM((bt, bc), jnp.float32)],
-        compiler_params=tm.compiler_params("parallel", "arbitrary", "arbitrary"),
+        compiler_params=compiler_params("parallel", "arbitrary", "arbitrary"),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_block_out_bwd_dact",
@@ -279,7 +290,7 @@ def _check_pallas(x, o, wo, h, w_down, block_sizes) -> BlockSizes:
         return BlockSizes.get_default(b * t, d, o.shape[2] * o.shape[3], h.shape[2], x.dtype)
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_out: block_sizes must be a block_out.BlockSizes, got {block_sizes!r}")
-    rows = tm.sublane(x.dtype)
+    rows = sublane(x.dtype)
     if block_sizes.block_t % rows or block_sizes.block_t_bwd % rows:
         raise ValueError(f"block_out: {x.dtype} row tiles must be multiples of {rows}, got {block_sizes}")
     return block_sizes

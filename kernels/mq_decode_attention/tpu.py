@@ -65,6 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
+from kernels._tpu import LANE, compiler_params, round_up
 from kernels.mq_decode_attention.reference import _check, _check_lengths
 
 
@@ -103,8 +104,8 @@ class BlockSizes:
         itemsize = jnp.dtype(dtype).itemsize
         rows = (1 << 20) // (2 * head_dim * itemsize)
         rows = min(rows, (256 << 10) // (4 * max(num_heads, 1)))
-        rows = max(128, rows // 128 * 128)
-        block_s = min(rows, -(-seq_len // 8) * 8)
+        rows = max(LANE, rows // LANE * LANE)
+        block_s = min(rows, round_up(seq_len, 8))
         tiles = -(-seq_len // block_s)
         splits = 2 if tiles >= 2 and (batch is None or batch % 2) else 1
         return cls(block_s=block_s, num_splits=splits)
@@ -113,14 +114,13 @@ class BlockSizes:
 def vmem_bytes(block_sizes: BlockSizes, num_heads: int, head_dim: int, dtype=jnp.bfloat16) -> int:
     """VMEM the kernel needs: double-buffered q, k, v, o (+ lse), scratch, logits and probs."""
     itemsize = jnp.dtype(dtype).itemsize
-    heads8 = -(-num_heads // 8) * 8  # sublane padding of [H, .] tiles
-    lane = lambda n: -(-n // 128) * 128  # noqa: E731
-    bs, k = block_sizes.block_s, lane(head_dim)
+    heads8 = round_up(num_heads, 8)  # sublane padding of [H, .] tiles
+    bs, k = block_sizes.block_s, round_up(head_dim, LANE)
     split = block_sizes.num_splits > 1
     inputs = 2 * (heads8 * k * itemsize + 2 * bs * k * itemsize)
-    outputs = 2 * (heads8 * k * (4 if split else itemsize) + (heads8 * 128 * 4 if split else 0))
-    scratch = heads8 * k * 4 + 2 * heads8 * 128 * 4
-    temporaries = 2 * heads8 * lane(bs) * 4
+    outputs = 2 * (heads8 * k * (4 if split else itemsize) + (heads8 * LANE * 4 if split else 0))
+    scratch = heads8 * k * 4 + 2 * heads8 * LANE * 4
+    temporaries = 2 * heads8 * round_up(bs, LANE) * 4
     return inputs + outputs + scratch + temporaries
 
 
@@ -277,7 +277,7 @@ def mq_decode_attention_pallas_tpu(
             kernel,
             grid_spec=grid_spec,
             out_shape=out_shape,
-            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
             cost_estimate=cost,
             interpret=interpret,
             name="palm_mq_decode_fwd",

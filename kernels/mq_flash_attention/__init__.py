@@ -20,11 +20,11 @@ from kernels.mq_flash_attention.reference import (
     mq_flash_attention_reference_bwd,
     mq_flash_attention_reference_lse,
 )
-from kernels.mq_flash_attention.tpu import BlockSizes, mq_flash_attention_pallas_tpu, vmem_estimate
+from kernels.mq_flash_attention.tpu import BlockSizes, mq_flash_attention_pallas_tpu, vmem_bytes
 
 __all__ = ["BlockSizes", "mq_flash_attention", "mq_flash_attention_reference",
            "mq_flash_attention_reference_bwd", "mq_flash_attention_reference_lse",
-           "vmem_estimate"]
+           "vmem_bytes"]
 
 
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.

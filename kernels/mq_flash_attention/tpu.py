@@ -59,7 +59,7 @@ HBM traffic at PaLM-8B (B=1 per chip, T = S = 2048, H = 16, K = 256, bf16, causa
     2 x 128 KiB = 36 MiB); delta reads do and o (32 MiB): ~200 MiB, about 7x less.
 Every pallas_call passes a pl.CostEstimate with these counts (visited tiles counted exactly).
 
-VMEM (`vmem_estimate`; double-buffered in/out blocks + scratch + an allowance for the f32
+VMEM (`vmem_bytes`; double-buffered in/out blocks + scratch + an allowance for the f32
 [block_q, block_k] temporaries the compiler keeps in VMEM), default tiles, bf16, K = 256:
   forward  block_q=1024, block_k=512:        ~11.1 MiB
   dk/dv    block_q_dkv=512, block_k_dkv=512:  ~8.1 MiB
@@ -87,28 +87,27 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
+from kernels._tpu import (
+    LANE,
+    NT_DIMS,
+    VMEM_BUDGET,
+    check_multiple,
+    compiler_params,
+    pad_to,
+    round_up,
+    tile_bytes,
+)
 from kernels.mq_flash_attention.reference import _check
 
 
-# ----------------------------------------------------------------------------------------------
-# Pallas TPU
-# ----------------------------------------------------------------------------------------------
-
-LANES = 128  # TPU vector lane width: tiles are multiples of it, head dims are padded to it
 # A large finite negative logit for masked entries: exp(MASK - m) underflows to exactly 0, and
 # unlike -inf it cannot make (-inf) - (-inf) = NaN in the running-max correction.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-VMEM_BUDGET = 12 * 2**20  # what get_default aims under: 16 MiB scoped default, less headroom
-NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _fit(block: int, n: int) -> int:
     """A tile no larger than needed for n rows: the next power of two >= n, at least 128."""
-    return min(block, max(LANES, 1 << max(n - 1, 0).bit_length()))
+    return min(block, max(LANE, 1 << max(n - 1, 0).bit_length()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,28 +132,25 @@ class BlockSizes:
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % LANES:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive multiple of "
-                                 f"{LANES}, got {value!r}")
+            check_multiple("BlockSizes", field.name, getattr(self, field.name), LANE)
 
     @classmethod
     def get_default(
         cls, *, q_len: int, kv_len: int, num_heads: int, head_dim: int, dtype: Any
     ) -> BlockSizes:
         """Tiles for one shape: the defaults above (sized for PaLM, bf16, K = 256), shrunk to
-        the problem, then halved (largest tile first) while a kernel's `vmem_estimate`
-        exceeds 12 MiB, as for f32 inputs or K > 256."""
+        the problem, then halved (largest tile first) while a kernel's `vmem_bytes`
+        exceeds 12 MiB (`VMEM_BUDGET`), as for f32 inputs or K > 256."""
         blocks = cls().fit(q_len * num_heads, kv_len)
         while True:
-            over = [name for name, size in vmem_estimate(blocks, head_dim, dtype).items()
-                    if size > VMEM_BUDGET]
+            over = [name for name, size in vmem_bytes(blocks, head_dim, dtype).items()
+                    if size > VMEM_BUDGET["mq_flash_attention"]]
             if not over:
                 return blocks
             names = {"forward": ("block_q", "block_k"), "dkv": ("block_q_dkv", "block_k_dkv"),
                      "dq": ("block_q_dq", "block_k_dq")}[over[0]]
             name = max(names, key=lambda n: getattr(blocks, n))
-            if getattr(blocks, name) == LANES:
+            if getattr(blocks, name) == LANE:
                 return blocks  # as small as tiles go; the kernel still runs, with less headroom
             blocks = dataclasses.replace(blocks, **{name: getattr(blocks, name) // 2})
 
@@ -166,21 +162,19 @@ class BlockSizes:
             block_q_dq=_fit(self.block_q_dq, rows), block_k_dq=_fit(self.block_k_dq, kv_len))
 
 
-def vmem_estimate(blocks: BlockSizes, head_dim: int, dtype: Any) -> dict[str, int]:
+def vmem_bytes(blocks: BlockSizes, head_dim: int, dtype: Any) -> dict[str, int]:
     """Bytes of VMEM each kernel needs with these tiles: double-buffered input and output
     blocks, scratch, and the f32 [block_q, block_k] temporaries (3 forward: logits, p and its
     cast; 4 backward: s, p, dp, ds), which Mosaic also keeps in VMEM."""
-    kp = _round_up(head_dim, LANES)
+    kp = round_up(head_dim, LANE)
     item = jnp.dtype(dtype).itemsize
     f32 = 4
-
-    def tile(rows, cols, size):  # VMEM tiles pad to 8 sublanes and 128 lanes
-        return _round_up(rows, 8) * _round_up(cols, LANES) * size
+    tile = tile_bytes  # [rows, cols] in whole (sublane, 128-lane) tiles
 
     bq, bk = blocks.block_q, blocks.block_k
     forward = (2 * (tile(bq, kp, item) + 2 * tile(bk, kp, item))  # q, k, v in
                + 2 * (tile(bq, kp, item) + tile(1, bq, f32))  # o, lse out
-               + tile(bq, kp, f32) + 2 * tile(bq, LANES, f32)  # acc, m, l
+               + tile(bq, kp, f32) + 2 * tile(bq, LANE, f32)  # acc, m, l
                + 3 * tile(bq, bk, f32))
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     dkv = (2 * (2 * tile(bq, kp, item) + 2 * tile(bk, kp, item) + 2 * tile(1, bq, f32))
@@ -190,13 +184,13 @@ def vmem_estimate(blocks: BlockSizes, head_dim: int, dtype: Any) -> dict[str, in
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
     dq = (2 * (2 * tile(bq, kp, item) + 2 * tile(bk, kp, item) + 2 * tile(1, bq, f32))
           + 2 * tile(bq, kp, item)  # dq out
-          + tile(bq, kp, f32) + 2 * tile(bq, LANES, f32)  # dq accumulator, lse/delta columns
+          + tile(bq, kp, f32) + 2 * tile(bq, LANE, f32)  # dq accumulator, lse/delta columns
           + 4 * tile(bq, bk, f32))
     return {"forward": forward, "dkv": dkv, "dq": dq}
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Settings:
     """Everything static about one call: hashable, passed to the custom_vjp as one argument."""
 
     causal: bool
@@ -241,31 +235,31 @@ def _balanced(g, n, causal: bool):
     return jnp.where(lax.rem(g, 2) == 0, half, n - 1 - half)
 
 
-def _needs_mask(cfg: _Config, row0, col0, rows: int, cols: int):
+def _needs_mask(settings: _Settings, row0, col0, rows: int, cols: int):
     """Whether the [rows, cols] tile at (row0, col0) crosses the diagonal or holds padded keys.
 
     Traced booleans; None when no tile ever needs a mask (not causal, no padded keys)."""
     cond = None
-    if cfg.causal:  # some row r < some column c * H: the smallest row against the largest key
-        cond = row0 < (col0 + cols - 1) * cfg.num_heads
-    padded = col0 + cols > cfg.kv_len
-    if cfg.kv_len % cols:
+    if settings.causal:  # some row r < some column c * H: the smallest row against the largest key
+        cond = row0 < (col0 + cols - 1) * settings.num_heads
+    padded = col0 + cols > settings.kv_len
+    if settings.kv_len % cols:
         cond = padded if cond is None else jnp.logical_or(cond, padded)
     return cond
 
 
-def _visible(cfg: _Config, row0, col0, shape, transposed: bool):
+def _visible(settings: _Settings, row0, col0, shape, transposed: bool):
     """Boolean mask of the visible (row, key) pairs of a tile; [rows, cols] or transposed."""
     row_axis, col_axis = (1, 0) if transposed else (0, 1)
     rows = row0 + lax.broadcasted_iota(jnp.int32, shape, row_axis)
     cols = col0 + lax.broadcasted_iota(jnp.int32, shape, col_axis)
-    ok = cols < cfg.kv_len
-    if cfg.causal:
-        ok = jnp.logical_and(ok, rows >= cols * cfg.num_heads)
+    ok = cols < settings.kv_len
+    if settings.causal:
+        ok = jnp.logical_and(ok, rows >= cols * settings.num_heads)
     return ok
 
 
-def _masked_or_not(cfg: _Config, needed, mask_cond, body):
+def _masked_or_not(settings: _Settings, needed, mask_cond, body):
     """Runs body(masked) under pl.when: the masked variant only on tiles that need it."""
     if mask_cond is None:
         if needed is None:
@@ -280,25 +274,25 @@ def _masked_or_not(cfg: _Config, needed, mask_cond, body):
     pl.when(without)(lambda: body(False))
 
 
-def _visited_tiles(cfg: _Config, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
+def _visited_tiles(settings: _Settings, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
     """How many (query tile, key tile) pairs a causal kernel computes (for CostEstimate)."""
-    if not cfg.causal:
+    if not settings.causal:
         return n_q * n_k
-    return sum(min(n_k, (i * block_q + block_q - 1) // (cfg.num_heads * block_k) + 1)
+    return sum(min(n_k, (i * block_q + block_q - 1) // (settings.num_heads * block_k) + 1)
                for i in range(n_q))
 
 
 # ---- forward ---------------------------------------------------------------------------------
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, cfg: _Config,
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, settings: _Settings,
                 n_tiles: int, n_steps: int):
     """One (batch, query tile, key tile) step of the online softmax.
 
     q_ref [bq, K], k_ref/v_ref [bk, K], o_ref [bq, K], lse_ref [1, bq];
     m_scr/l_scr [bq, 128] (lane-replicated running max and sum), acc_scr [bq, K] f32.
     """
-    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-    i = _balanced(pl.program_id(1), n_tiles, cfg.causal)
+    bq, bk = settings.blocks.block_q, settings.blocks.block_k
+    i = _balanced(pl.program_id(1), n_tiles, settings.causal)
     j = pl.program_id(2)
 
     @pl.when(j == 0)
@@ -310,9 +304,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, c
     def step(masked: bool):
         v = v_ref[...]
         s = lax.dot_general(q_ref[...], k_ref[...], NT_DIMS,
-                            preferred_element_type=jnp.float32) * cfg.sm_scale  # [bq, bk]
+                            preferred_element_type=jnp.float32) * settings.sm_scale  # [bq, bk]
         if masked:
-            s = jnp.where(_visible(cfg, i * bq, j * bk, s.shape, transposed=False), s, MASK_VALUE)
+            visible = _visible(settings, i * bq, j * bk, s.shape, transposed=False)
+            s = jnp.where(visible, s, MASK_VALUE)
         m_prev = m_scr[...]
         # Key tile 0 holds column 0, which every row sees, so after the first step m is finite
         # and a fully masked row of a later tile gets exp(MASK - m) = 0.
@@ -324,8 +319,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, c
         pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [bq, K]
         acc_scr[...] = acc_scr[...] * alpha[:, :1] + pv
 
-    needed = _tile_visible(i, j, bq, bk, cfg.num_heads) if cfg.causal else None
-    _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
+    needed = _tile_visible(i, j, bq, bk, settings.num_heads) if settings.causal else None
+    _masked_or_not(settings, needed, _needs_mask(settings, i * bq, j * bk, bq, bk), step)
 
     @pl.when(j == n_steps - 1)
     def _finish():
@@ -335,25 +330,25 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, c
         lse_ref[...] = jnp.transpose(lse)[:1, :]  # [1, bq]: rows onto lanes
 
 
-def _forward(q, k, v, cfg: _Config):
+def _forward(q, k, v, settings: _Settings):
     """q [B, R, Kp] (folded, padded), k/v [B, Sp, Kp] -> o [B, R, Kp], lse f32 [B, 1, R]."""
     batch, rows, kp = q.shape
-    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-    n_q, n_k = rows // bq, pl.cdiv(cfg.kv_len, bk)  # key tiles of padding only: never visited
-    heads = cfg.num_heads
+    bq, bk = settings.blocks.block_q, settings.blocks.block_k
+    n_q, n_k = rows // bq, pl.cdiv(settings.kv_len, bk)  # key tiles of padding only: never visited
+    heads = settings.num_heads
 
     def q_map(b, g, j):
-        return b, _balanced(g, n_q, cfg.causal), 0
+        return b, _balanced(g, n_q, settings.causal), 0
 
     def kv_map(b, g, j):
-        if cfg.causal:  # past the diagonal keep the last visible tile: no new DMA
+        if settings.causal:  # past the diagonal keep the last visible tile: no new DMA
             j = jnp.minimum(j, _last_kv_tile(_balanced(g, n_q, True), bq, bk, heads))
         return b, j, 0
 
     def lse_map(b, g, j):
-        return b, 0, _balanced(g, n_q, cfg.causal)
+        return b, 0, _balanced(g, n_q, settings.causal)
 
-    visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
+    visited = _visited_tiles(settings, n_q, n_k, bq, bk)
     item = q.dtype.itemsize
     cost = pl.CostEstimate(
         flops=int(batch * visited * 4 * bq * bk * kp),
@@ -361,9 +356,9 @@ def _forward(q, k, v, cfg: _Config):
         bytes_accessed=int(batch * (2 * rows * kp * item + rows * 4
                                     + visited * 2 * bk * kp * item)))
     with jax.named_scope(f"palm_mq_flash_attention_fwd bq={bq} bk={bk} H={heads} "
-                         f"causal={cfg.causal}"):
+                         f"causal={settings.causal}"):
         return pl.pallas_call(
-            functools.partial(_fwd_kernel, cfg=cfg, n_tiles=n_q, n_steps=n_k),
+            functools.partial(_fwd_kernel, settings=settings, n_tiles=n_q, n_steps=n_k),
             out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                        jax.ShapeDtypeStruct((batch, 1, rows), jnp.float32)),
             grid=(batch, n_q, n_k),
@@ -372,13 +367,12 @@ def _forward(q, k, v, cfg: _Config):
                       pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map)],
             out_specs=(pl.BlockSpec((pl.Squeezed(), bq, kp), q_map),
                        pl.BlockSpec((pl.Squeezed(), 1, bq), lse_map)),
-            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32),
+            scratch_shapes=[pltpu.VMEM((bq, LANE), jnp.float32),
+                            pltpu.VMEM((bq, LANE), jnp.float32),
                             pltpu.VMEM((bq, kp), jnp.float32)],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "parallel", "arbitrary")),
+            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
             cost_estimate=cost,
-            interpret=cfg.interpret,
+            interpret=settings.interpret,
             name="palm_mq_flash_attention_fwd",
         )(q, k, v)
 
@@ -386,14 +380,14 @@ def _forward(q, k, v, cfg: _Config):
 # ---- backward: dk and dv ---------------------------------------------------------------------
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr,
-                *, cfg: _Config, n_tiles: int, n_steps: int):
+                *, settings: _Settings, n_tiles: int, n_steps: int):
     """One (batch, key tile, query tile) step: dk, dv of one key tile summed over query tiles.
 
     q_ref/do_ref [bq, K], k_ref/v_ref [bk, K], lse_ref/delta_ref [1, bq] (rows on lanes),
     dk_ref/dv_ref [bk, K], dk_scr/dv_scr [bk, K] f32. Scores are transposed, [bk, bq].
     """
-    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
-    j = _balanced(pl.program_id(1), n_tiles, cfg.causal)
+    bq, bk = settings.blocks.block_q_dkv, settings.blocks.block_k_dkv
+    j = _balanced(pl.program_id(1), n_tiles, settings.causal)
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -403,34 +397,35 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
     def step(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s_t = lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32) * cfg.sm_scale
+        s_t = lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32) * settings.sm_scale
         p_t = jnp.exp(s_t - lse_ref[...])  # [bk, bq], normalised by the saved logsumexp
         if masked:
-            p_t = jnp.where(_visible(cfg, i * bq, j * bk, p_t.shape, transposed=True), p_t, 0.0)
+            visible = _visible(settings, i * bq, j * bk, p_t.shape, transposed=True)
+            p_t = jnp.where(visible, p_t, 0.0)
         dv_scr[...] += lax.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v, do, NT_DIMS, preferred_element_type=jnp.float32)  # [bk, bq]
         ds_t = p_t * (dp_t - delta_ref[...])
         dk_scr[...] += lax.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
-    needed = j * bk < cfg.kv_len  # key tiles of padding only: their dk, dv are sliced off
-    if cfg.causal:
-        needed = jnp.logical_and(needed, _tile_visible(i, j, bq, bk, cfg.num_heads))
-    _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
+    needed = j * bk < settings.kv_len  # key tiles of padding only: their dk, dv are sliced off
+    if settings.causal:
+        needed = jnp.logical_and(needed, _tile_visible(i, j, bq, bk, settings.num_heads))
+    _masked_or_not(settings, needed, _needs_mask(settings, i * bq, j * bk, bq, bk), step)
 
     @pl.when(i == n_steps - 1)
     def _finish():
-        dk_ref[...] = (dk_scr[...] * cfg.sm_scale).astype(dk_ref.dtype)
+        dk_ref[...] = (dk_scr[...] * settings.sm_scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
+def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
     batch, rows, kp = q.shape
-    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    bq, bk = settings.blocks.block_q_dkv, settings.blocks.block_k_dkv
     n_q, n_k = rows // bq, k.shape[1] // bk
-    heads = cfg.num_heads
+    heads = settings.num_heads
 
     def q_index(g, i):
-        if cfg.causal:  # before the diagonal stay on the first query tile that sees key tile j
+        if settings.causal:  # before the diagonal stay on the first query tile that sees key tile j
             first = _first_q_tile(_balanced(g, n_k, True), bq, bk, heads)
             i = jnp.maximum(i, jnp.minimum(first, n_q - 1))
         return i
@@ -438,8 +433,8 @@ def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
     q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, g, i: (b, q_index(g, i), 0))
     row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, g, i: (b, 0, q_index(g, i)))
     kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp),
-                           lambda b, g, i: (b, _balanced(g, n_k, cfg.causal), 0))
-    visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
+                           lambda b, g, i: (b, _balanced(g, n_k, settings.causal), 0))
+    visited = _visited_tiles(settings, n_q, n_k, bq, bk)
     item = q.dtype.itemsize
     cost = pl.CostEstimate(
         flops=int(batch * visited * 8 * bq * bk * kp),
@@ -447,9 +442,9 @@ def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
         bytes_accessed=int(batch * (4 * k.shape[1] * kp * item
                                     + visited * (2 * bq * kp * item + 2 * bq * 4))))
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dkv bq={bq} bk={bk} H={heads} "
-                         f"causal={cfg.causal}"):
+                         f"causal={settings.causal}"):
         return pl.pallas_call(
-            functools.partial(_dkv_kernel, cfg=cfg, n_tiles=n_k, n_steps=n_q),
+            functools.partial(_dkv_kernel, settings=settings, n_tiles=n_k, n_steps=n_q),
             out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                        jax.ShapeDtypeStruct(v.shape, v.dtype)),
             grid=(batch, n_k, n_q),
@@ -457,10 +452,9 @@ def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
             out_specs=(kv_spec, kv_spec),
             scratch_shapes=[pltpu.VMEM((bk, kp), jnp.float32),
                             pltpu.VMEM((bk, kp), jnp.float32)],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "parallel", "arbitrary")),
+            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
             cost_estimate=cost,
-            interpret=cfg.interpret,
+            interpret=settings.interpret,
             name="palm_mq_flash_attention_bwd_dkv",
         )(q, k, v, do, lse, delta)
 
@@ -468,62 +462,62 @@ def _backward_dkv(q, k, v, do, lse, delta, cfg: _Config):
 # ---- backward: dq ----------------------------------------------------------------------------
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, lse_scr,
-               delta_scr, *, cfg: _Config, n_tiles: int, n_steps: int):
+               delta_scr, *, settings: _Settings, n_tiles: int, n_steps: int):
     """One (batch, query tile, key tile) step: dq of one query tile summed over key tiles.
 
     q_ref/do_ref/dq_ref [bq, K], k_ref/v_ref [bk, K], lse_ref/delta_ref [1, bq];
     dq_scr [bq, K] f32, lse_scr/delta_scr [bq, 128] (the rows turned into columns once).
     """
-    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-    i = _balanced(pl.program_id(1), n_tiles, cfg.causal)
+    bq, bk = settings.blocks.block_q_dq, settings.blocks.block_k_dq
+    i = _balanced(pl.program_id(1), n_tiles, settings.causal)
     j = pl.program_id(2)
 
     @pl.when(j == 0)
     def _init():
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
-        lse_scr[...] = jnp.transpose(jnp.broadcast_to(lse_ref[...], (LANES, bq)))
-        delta_scr[...] = jnp.transpose(jnp.broadcast_to(delta_ref[...], (LANES, bq)))
+        lse_scr[...] = jnp.transpose(jnp.broadcast_to(lse_ref[...], (LANE, bq)))
+        delta_scr[...] = jnp.transpose(jnp.broadcast_to(delta_ref[...], (LANE, bq)))
 
     def step(masked: bool):
         k, do = k_ref[...], do_ref[...]
         s = lax.dot_general(q_ref[...], k, NT_DIMS,
-                            preferred_element_type=jnp.float32) * cfg.sm_scale  # [bq, bk]
+                            preferred_element_type=jnp.float32) * settings.sm_scale  # [bq, bk]
         p = jnp.exp(s - lse_scr[...][:, :1])
         if masked:
-            p = jnp.where(_visible(cfg, i * bq, j * bk, p.shape, transposed=False), p, 0.0)
+            p = jnp.where(_visible(settings, i * bq, j * bk, p.shape, transposed=False), p, 0.0)
         dp = lax.dot_general(do, v_ref[...], NT_DIMS, preferred_element_type=jnp.float32)
         ds = p * (dp - delta_scr[...][:, :1])
         dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    needed = _tile_visible(i, j, bq, bk, cfg.num_heads) if cfg.causal else None
-    _masked_or_not(cfg, needed, _needs_mask(cfg, i * bq, j * bk, bq, bk), step)
+    needed = _tile_visible(i, j, bq, bk, settings.num_heads) if settings.causal else None
+    _masked_or_not(settings, needed, _needs_mask(settings, i * bq, j * bk, bq, bk), step)
 
     @pl.when(j == n_steps - 1)
     def _finish():
-        dq_ref[...] = (dq_scr[...] * cfg.sm_scale).astype(dq_ref.dtype)
+        dq_ref[...] = (dq_scr[...] * settings.sm_scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(q, k, v, do, lse, delta, cfg: _Config):
+def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
     batch, rows, kp = q.shape
-    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-    n_q, n_k = rows // bq, pl.cdiv(cfg.kv_len, bk)
-    heads = cfg.num_heads
+    bq, bk = settings.blocks.block_q_dq, settings.blocks.block_k_dq
+    n_q, n_k = rows // bq, pl.cdiv(settings.kv_len, bk)
+    heads = settings.num_heads
 
     def kv_map(b, g, j):
-        if cfg.causal:
+        if settings.causal:
             j = jnp.minimum(j, _last_kv_tile(_balanced(g, n_q, True), bq, bk, heads))
         return b, j, 0
 
     def q_map(b, g, j):
-        return b, _balanced(g, n_q, cfg.causal), 0
+        return b, _balanced(g, n_q, settings.causal), 0
 
     def row_map(b, g, j):
-        return b, 0, _balanced(g, n_q, cfg.causal)
+        return b, 0, _balanced(g, n_q, settings.causal)
 
     q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), q_map)
     row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), row_map)
     kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map)
-    visited = _visited_tiles(cfg, n_q, n_k, bq, bk)
+    visited = _visited_tiles(settings, n_q, n_k, bq, bk)
     item = q.dtype.itemsize
     cost = pl.CostEstimate(
         flops=int(batch * visited * 6 * bq * bk * kp),
@@ -531,20 +525,19 @@ def _backward_dq(q, k, v, do, lse, delta, cfg: _Config):
         bytes_accessed=int(batch * (3 * rows * kp * item + 2 * rows * 4
                                     + visited * 2 * bk * kp * item)))
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dq bq={bq} bk={bk} H={heads} "
-                         f"causal={cfg.causal}"):
+                         f"causal={settings.causal}"):
         return pl.pallas_call(
-            functools.partial(_dq_kernel, cfg=cfg, n_tiles=n_q, n_steps=n_k),
+            functools.partial(_dq_kernel, settings=settings, n_tiles=n_q, n_steps=n_k),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             grid=(batch, n_q, n_k),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((bq, kp), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32)],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "parallel", "arbitrary")),
+                            pltpu.VMEM((bq, LANE), jnp.float32),
+                            pltpu.VMEM((bq, LANE), jnp.float32)],
+            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
             cost_estimate=cost,
-            interpret=cfg.interpret,
+            interpret=settings.interpret,
             name="palm_mq_flash_attention_bwd_dq",
         )(q, k, v, do, lse, delta)
 
@@ -552,32 +545,26 @@ def _backward_dq(q, k, v, do, lse, delta, cfg: _Config):
 # ---- custom_vjp on the folded, padded arrays ---------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mq_flash(q, k, v, cfg: _Config):
+def _mq_flash(q, k, v, settings: _Settings):
     """q [B, R, Kp] folded and padded, k/v [B, Sp, Kp] -> o [B, R, Kp]."""
-    return _forward(q, k, v, cfg)[0]
+    return _forward(q, k, v, settings)[0]
 
 
-def _mq_flash_fwd(q, k, v, cfg: _Config):
-    o, lse = _forward(q, k, v, cfg)
+def _mq_flash_fwd(q, k, v, settings: _Settings):
+    o, lse = _forward(q, k, v, settings)
     return o, (q, k, v, o, lse)
 
 
-def _mq_flash_bwd(cfg: _Config, residuals, do):
+def _mq_flash_bwd(settings: _Settings, residuals, do):
     q, k, v, o, lse = residuals
     # delta = rowsum(do * o), f32 [B, 1, R]: one fused elementwise-and-reduce pass.
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, None, :]
-    dk, dv = _backward_dkv(q, k, v, do, lse, delta, cfg)
-    dq = _backward_dq(q, k, v, do, lse, delta, cfg)
+    dk, dv = _backward_dkv(q, k, v, do, lse, delta, settings)
+    dq = _backward_dq(q, k, v, do, lse, delta, settings)
     return dq, dk, dv
 
 
 _mq_flash.defvjp(_mq_flash_fwd, _mq_flash_bwd)
-
-
-def _pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    if x.shape == shape:
-        return x  # PaLM shapes: no copy
-    return jnp.pad(x, [(0, want - have) for have, want in zip(x.shape, shape)])
 
 
 def mq_flash_attention_pallas_tpu(
@@ -612,13 +599,13 @@ def mq_flash_attention_pallas_tpu(
                                              head_dim=head_dim, dtype=q.dtype)
     blocks = block_sizes.fit(rows, kv_len)
     # One padded length serves all three kernels' tiles (all powers of two in practice).
-    rows_p = _round_up(rows, math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
-    kv_p = _round_up(kv_len, math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
-    kp = _round_up(head_dim, LANES)
-    cfg = _Config(causal=bool(causal), sm_scale=scale, num_heads=heads, kv_len=kv_len,
-                  blocks=blocks, interpret=tpu_interpret(interpret))
-    qr = _pad_to(q.reshape(batch, rows, head_dim), (batch, rows_p, kp))  # [B, T*H, Kp]
-    kr = _pad_to(k, (batch, kv_p, kp))
-    vr = _pad_to(v, (batch, kv_p, kp))
-    o = _mq_flash(qr, kr, vr, cfg)  # [B, Rp, Kp]
+    rows_p = round_up(rows, math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
+    kv_p = round_up(kv_len, math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
+    kp = round_up(head_dim, LANE)
+    settings = _Settings(causal=bool(causal), sm_scale=scale, num_heads=heads, kv_len=kv_len,
+                         blocks=blocks, interpret=tpu_interpret(interpret))
+    qr = pad_to(q.reshape(batch, rows, head_dim), (batch, rows_p, kp))  # [B, T*H, Kp]
+    kr = pad_to(k, (batch, kv_p, kp))
+    vr = pad_to(v, (batch, kv_p, kp))
+    o = _mq_flash(qr, kr, vr, settings)  # [B, Rp, Kp]
     return o[:, :rows, :head_dim].reshape(batch, q_len, heads, head_dim)

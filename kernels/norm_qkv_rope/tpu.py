@@ -56,14 +56,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import tpu_interpret
+from kernels._common import layer_norm_bwd, layer_norm_rows, row_stats, tpu_interpret
+from kernels._tpu import VMEM_BUDGET, compiler_params, round_up, sublane, tile_bytes
 from kernels.norm_qkv_rope.reference import _check
-from kernels.rope.tpu import frequency_row, rotate_half
+from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
 
 
 # ----------------------------------------------------------------------------------------------
-# Pallas TPU implementation.
-#
 # Shape of the work. Rows are the M = B*T positions; columns are the (H + 2) * K outputs of one
 # matmul LN(x) · [wq | wk | wv] ([D, (H+2)*K]). The weights stay three arrays (no per-call
 # concatenation): the column grid axis j runs over nq = ceil(H / block_heads) tiles of query
@@ -90,10 +89,9 @@ from kernels.rope.tpu import frequency_row, rotate_half
 # is masked (a static flag: no masking code at all where block_d divides D, as at PaLM shapes).
 # ----------------------------------------------------------------------------------------------
 
-_MiB = 2**20
 # Default tiles keep a kernel's VMEM below this, leaving headroom under the 16 MiB scoped VMEM
 # of v4/v5e for Mosaic's internal scratch.
-_VMEM_TARGET = 12 * _MiB
+_VMEM_TARGET = VMEM_BUDGET["norm_qkv_rope"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +137,11 @@ class BlockSizes:
         """
         b, t, d = x_shape
         _, h, k = wq_shape
-        sub = _sublane(dtype)
+        sub = sublane(dtype)
         block_d = d if d <= 512 else next((c for c in (512, 384, 256, 128) if d % c == 0), 512)
 
         def fit(make, kernels):
-            rows = min(512, _round_up(b * t, sub))
+            rows = min(512, round_up(b * t, sub))
             while True:
                 blocks = make(rows)
                 used = vmem_bytes(x_shape, wq_shape, dtype, blocks)
@@ -157,15 +155,6 @@ class BlockSizes:
         blocks, _ = fit(lambda r: cls(fwd_rows, fwd_heads, block_d, r, bwd_heads, block_d),
                         ("bwd_dx", "bwd_dw"))
         return blocks
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _sublane(dtype) -> int:
-    """Rows per packed (sublane, 128-lane) tile: 8 for 4-byte types, 16 for bf16."""
-    return 32 // jnp.dtype(dtype).itemsize
 
 
 def _pick_heads(h: int, k: int, lanes: int) -> int:
@@ -189,13 +178,13 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
     _, h, k = wq_shape
     m = b * t
     isz = jnp.dtype(dtype).itemsize
-    sub = _sublane(dtype)
+    sub = sublane(dtype)
 
     def tile(rows, cols, itemsize=isz):
-        return _round_up(rows, 32 // itemsize) * _round_up(cols, 128) * itemsize
+        return tile_bytes(rows, cols, itemsize)
 
     def clip(bm, hb, td):
-        return min(bm, _round_up(m, sub)), min(hb, h), min(td, d)
+        return min(bm, round_up(m, sub)), min(hb, h), min(td, d)
 
     column = 2 * tile(8, 1, 4) // 8  # per row: a double-buffered [rows, 1] f32/int32 block
     freq = 2 * tile(1, k, 4)
@@ -222,7 +211,7 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Settings:
     """The non-array arguments of a call: the custom_vjp's nondiff argument."""
 
     eps: float
@@ -231,19 +220,9 @@ class _Config:
     block_sizes: BlockSizes
 
 
-def _row_stats(x2: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """mean and rstd [M, 1] float32 of x2 [M, D], computed as `layer_norm_f32` computes them."""
-    xf = x2.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    centered = xf - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    return mean, jax.lax.rsqrt(var + eps)
-
-
 def _normalise(x_ref, mean_ref, rstd_ref, scale_ref, dtype):
     """The prologue: LN of an x tile with precomputed row statistics, rounded to x's dtype."""
-    x = x_ref[...].astype(jnp.float32)
-    return ((x - mean_ref[...]) * rstd_ref[...] * scale_ref[...].astype(jnp.float32)).astype(dtype)
+    return layer_norm_rows(x_ref[...], mean_ref[...], rstd_ref[...], scale_ref[...]).astype(dtype)
 
 
 def _mask_tail(a: jax.Array, axis: int, valid) -> jax.Array:
@@ -269,9 +248,7 @@ def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref,
 
     @pl.when((j == 0) & (dd == 0))
     def _angles():
-        angles = pos_ref[...].astype(jnp.float32) * freq_ref[...]  # [bm, K]
-        cos_ref[...] = jnp.cos(angles)
-        sin_ref[...] = jnp.sin(angles)
+        write_cos_sin(pos_ref, freq_ref, cos_ref, sin_ref)  # [bm, K]
 
     @pl.when(dd == 0)
     def _zero():
@@ -320,23 +297,23 @@ def _check_native_blocks(d: int, h: int, k: int, hb: int, td: int) -> None:
                          f"lanes or cover all H={h} heads (TPU lane tiling)")
 
 
-def _tiles(config: _Config, m: int, d: int, h: int, k: int, *, backward: bool):
+def _tiles(settings: _Settings, m: int, d: int, h: int, k: int, *, backward: bool):
     """The forward or backward tiles clipped to the problem, and the grid they make:
     (rows bm, heads hb, D tile td, q columns bn = hb*K, row tiles, head tiles, D tiles)."""
-    bs = config.block_sizes
+    bs = settings.block_sizes
     rows, heads, depth = ((bs.block_rows_bwd, bs.block_heads_bwd, bs.block_d_bwd) if backward
                           else (bs.block_rows, bs.block_heads, bs.block_d))
     bm, hb, td = min(rows, m), min(heads, h), min(depth, d)
-    if config.interpret is False:
+    if settings.interpret is False:
         _check_native_blocks(d, h, k, hb, td)
     return bm, hb, td, hb * k, pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
 
 
-def _forward_call(config: _Config, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: int):
+def _forward_call(settings: _Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: int):
     """The forward pallas_call on x2 [M, D]; returns q2 [M, H*K], k, v [M, K]."""
     m, d = x2.shape
     k = wk.shape[1]
-    bm, hb, td, bn, nm, nq, nd = _tiles(config, m, d, h, k, backward=False)
+    bm, hb, td, bn, nm, nq, nd = _tiles(settings, m, d, h, k, backward=False)
     last_d = nd - 1
 
     def wq_map(i, j, dd):  # parked on its last block during the k/v tile
@@ -385,23 +362,22 @@ def _forward_call(config: _Config, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: 
                 pltpu.VMEM((bm, k), jnp.float32),
                 pltpu.VMEM((bm, k), jnp.float32),
             ],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            compiler_params=compiler_params("parallel", "arbitrary", "arbitrary"),
             cost_estimate=cost,
-            interpret=config.interpret,
+            interpret=settings.interpret,
             name="palm_norm_qkv_rope_fwd",
-        )(pos2, mean, rstd, scale.reshape(1, d), frequency_row(k, config.base, -1.0, 1.0),
+        )(pos2, mean, rstd, scale.reshape(1, d), frequency_row(k, settings.base, -1.0, 1.0),
           x2, wq2, wk, wv)
 
 
-def _forward(config: _Config, x, norm_scale, wq, wk, wv, positions):
+def _forward(settings: _Settings, x, norm_scale, wq, wk, wv, positions):
     """Forward on the caller's shapes; also returns the row statistics for the backward."""
     b, t, d = x.shape
     _, h, k = wq.shape
     x2 = x.reshape(b * t, d)  # [M, D]
-    mean, rstd = _row_stats(x2, config.eps)  # [M, 1] each
+    mean, rstd = row_stats(x2, settings.eps)  # [M, 1] each
     pos2 = positions.astype(jnp.int32).reshape(b * t, 1)
-    q2, k2, v2 = _forward_call(config, x2, norm_scale, wq.reshape(d, h * k), wk, wv, pos2,
+    q2, k2, v2 = _forward_call(settings, x2, norm_scale, wq.reshape(d, h * k), wk, wv, pos2,
                                mean, rstd, h)
     out = (q2.reshape(b, t, h, k), k2.reshape(b, t, k), v2.reshape(b, t, k))
     return out, (mean, rstd)
@@ -443,9 +419,7 @@ def _bwd_dx_kernel(pos_ref, freq_ref, dq_ref, dk_ref, dv_ref, wq_ref, wk_ref, wv
 
     @pl.when((e == 0) & (j == 0))
     def _angles():
-        angles = pos_ref[...].astype(jnp.float32) * freq_ref[...]
-        cos_ref[...] = jnp.cos(angles)
-        sin_ref[...] = jnp.sin(angles)
+        write_cos_sin(pos_ref, freq_ref, cos_ref, sin_ref)
 
     @pl.when(j == 0)
     def _zero():
@@ -523,11 +497,11 @@ def _bwd_dw_kernel(mean_ref, rstd_ref, scale_ref, x_ref, gq_ref, gk_ref, gv_ref,
         dwv_ref[...] = acc_ref[:, k:2 * k].astype(dwv_ref.dtype)
 
 
-def _bwd_dx_call(config: _Config, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
+def _bwd_dx_call(settings: _Settings, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
     """dh [M, D] = g · W^T, and the rotated cotangents R^-1 dq [M, H*K], R^-1 dk [M, K]."""
     m, k = dk2.shape
     d = wk.shape[0]
-    bm, hb, td, bn, nm, nq, nd = _tiles(config, m, d, h, k, backward=True)
+    bm, hb, td, bn, nm, nq, nd = _tiles(settings, m, d, h, k, backward=True)
 
     def q_cols(i, e, j):  # parked on its last block during the k/v step
         return i, jnp.minimum(j, nq - 1)
@@ -575,19 +549,18 @@ def _bwd_dx_call(config: _Config, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
                 pltpu.VMEM((bm, k), jnp.float32),
                 pltpu.VMEM((bm, k), jnp.float32),
             ],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            compiler_params=compiler_params("parallel", "arbitrary", "arbitrary"),
             cost_estimate=cost,
-            interpret=config.interpret,
+            interpret=settings.interpret,
             name="palm_norm_qkv_rope_bwd_dx",
-        )(pos2, frequency_row(k, config.base, 1.0, -1.0), dq2, dk2, dv2, wq2, wk, wv)
+        )(pos2, frequency_row(k, settings.base, 1.0, -1.0), dq2, dk2, dv2, wq2, wk, wv)
 
 
-def _bwd_dw_call(config: _Config, x2, scale, mean, rstd, gq, gk, gv, h: int, w_dtype):
+def _bwd_dw_call(settings: _Settings, x2, scale, mean, rstd, gq, gk, gv, h: int, w_dtype):
     """dwq [D, H*K], dwk, dwv [D, K] = LN(x)^T · (rotated) cotangents."""
     m, d = x2.shape
     k = gk.shape[1]
-    bm, hb, td, bn, nm, nq, nd = _tiles(config, m, d, h, k, backward=True)
+    bm, hb, td, bn, nm, nq, nd = _tiles(settings, m, d, h, k, backward=True)
     last_r = nm - 1
 
     def q_map(e, j, r):  # parked on its last block during the k/v step
@@ -629,37 +602,25 @@ def _bwd_dw_call(config: _Config, x2, scale, mean, rstd, gq, gk, gv, h: int, w_d
                 jax.ShapeDtypeStruct((d, k), w_dtype),
             ],
             scratch_shapes=[pltpu.VMEM((td, max(bn, 2 * k)), jnp.float32)],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            compiler_params=compiler_params("parallel", "arbitrary", "arbitrary"),
             cost_estimate=cost,
-            interpret=config.interpret,
+            interpret=settings.interpret,
             name="palm_norm_qkv_rope_bwd_dw",
         )(mean, rstd, scale.reshape(1, d), x2, gq, gk, gv)
 
 
-def _layer_norm_bwd(dh2, x2, scale, mean, rstd):
-    """dx [M, D] in x's dtype and dscale [D] in scale's dtype from dh = d LN(x) [M, D]."""
-    dh = dh2.astype(jnp.float32)
-    xhat = (x2.astype(jnp.float32) - mean) * rstd
-    dscale = jnp.sum(dh * xhat, axis=0)
-    dxhat = dh * scale.astype(jnp.float32)
-    dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-                 - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
-    return dx.astype(x2.dtype), dscale.astype(scale.dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _norm_qkv_rope(config: _Config, x, norm_scale, wq, wk, wv, positions):
-    return _forward(config, x, norm_scale, wq, wk, wv, positions)[0]
+def _norm_qkv_rope(settings: _Settings, x, norm_scale, wq, wk, wv, positions):
+    return _forward(settings, x, norm_scale, wq, wk, wv, positions)[0]
 
 
-def _norm_qkv_rope_fwd(config: _Config, x, norm_scale, wq, wk, wv, positions):
-    out, (mean, rstd) = _forward(config, x, norm_scale, wq, wk, wv, positions)
+def _norm_qkv_rope_fwd(settings: _Settings, x, norm_scale, wq, wk, wv, positions):
+    out, (mean, rstd) = _forward(settings, x, norm_scale, wq, wk, wv, positions)
     # Saved: the inputs (no copies) and 8 bytes per row; h is recomputed, never stored.
     return out, (x, norm_scale, wq, wk, wv, positions, mean, rstd)
 
 
-def _norm_qkv_rope_bwd(config: _Config, residuals, cotangents):
+def _norm_qkv_rope_bwd(settings: _Settings, residuals, cotangents):
     x, norm_scale, wq, wk, wv, positions, mean, rstd = residuals
     dq, dk, dv = cotangents  # [B, T, H, K], [B, T, K], [B, T, K]
     b, t, d = x.shape
@@ -668,9 +629,9 @@ def _norm_qkv_rope_bwd(config: _Config, residuals, cotangents):
     x2 = x.reshape(m, d)
     pos2 = positions.astype(jnp.int32).reshape(m, 1)
     dq2, dk2, dv2 = (c.astype(x.dtype).reshape(m, -1) for c in (dq, dk, dv))
-    dh2, gq, gk = _bwd_dx_call(config, dq2, dk2, dv2, wq.reshape(d, h * k), wk, wv, pos2, h)
-    dwq2, dwk, dwv = _bwd_dw_call(config, x2, norm_scale, mean, rstd, gq, gk, dv2, h, wq.dtype)
-    dx2, dscale = _layer_norm_bwd(dh2, x2, norm_scale, mean, rstd)
+    dh2, gq, gk = _bwd_dx_call(settings, dq2, dk2, dv2, wq.reshape(d, h * k), wk, wv, pos2, h)
+    dwq2, dwk, dwv = _bwd_dw_call(settings, x2, norm_scale, mean, rstd, gq, gk, dv2, h, wq.dtype)
+    dx2, dscale = layer_norm_bwd(dh2, x2, norm_scale, mean, rstd)
     return dx2.reshape(b, t, d), dscale, dwq2.reshape(d, h, k), dwk, dwv, None
 
 
@@ -696,6 +657,6 @@ def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float
     elif not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"norm_qkv_rope: block_sizes must be a norm_qkv_rope.BlockSizes, "
                          f"got {type(block_sizes)}")
-    config = _Config(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
-                     block_sizes=block_sizes)
-    return _norm_qkv_rope(config, x, norm_scale, wq, wk, wv, positions)
+    settings = _Settings(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
+                         block_sizes=block_sizes)
+    return _norm_qkv_rope(settings, x, norm_scale, wq, wk, wv, positions)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._common import layer_norm_f32, matmul_f32
+from kernels._common import layer_norm_bwd, layer_norm_f32, layer_norm_rows, matmul_f32, row_stats
 
 
 def norm_swiglu_reference(
@@ -40,15 +40,15 @@ def norm_swiglu_reference_bwd(
     _check(x, norm_scale, w_gate, w_up)
     b, t, d = x.shape
     x2 = x.reshape(b * t, d)  # [M, D]
-    stats = _row_stats(x2, eps)  # [M, 2]
-    xn = _normalise_rows(x2, stats, norm_scale)  # [M, D]
+    mean, rstd = row_stats(x2, eps)  # [M, 1] each
+    xn = layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype)  # LN(x) [M, D]
     gate = matmul_f32("MD,DF->MF", xn, w_gate)
     up = matmul_f32("MD,DF->MF", xn, w_up)
     d_gate, d_up = _swiglu_bwd(gate, up, dh.reshape(b * t, -1), x.dtype)  # [M, F] each
     dxn = matmul_f32("MF,DF->MD", d_gate, w_gate) + matmul_f32("MF,DF->MD", d_up, w_up)
     dw_gate = matmul_f32("MD,MF->DF", xn, d_gate).astype(w_gate.dtype)
     dw_up = matmul_f32("MD,MF->DF", xn, d_up).astype(w_up.dtype)
-    dx, dscale = _layer_norm_bwd(x2, stats, norm_scale, dxn)
+    dx, dscale = layer_norm_bwd(dxn, x2, norm_scale, mean, rstd)
     return dx.reshape(x.shape), dscale, dw_gate, dw_up
 
 
@@ -62,22 +62,6 @@ def _swiglu_bwd(gate, up, dh, dtype):
     return d_gate.astype(dtype), d_up.astype(dtype)
 
 
-def _normalise_rows(x2, stats, norm_scale):
-    """LN(x) [M, D] in x's dtype from the [M, 2] statistics, as `layer_norm_f32` computes it."""
-    xf = x2.astype(jnp.float32)
-    return ((xf - stats[:, 0:1]) * stats[:, 1:2] * norm_scale.astype(jnp.float32)).astype(x2.dtype)
-
-
-def _layer_norm_bwd(x2, stats, norm_scale, dxn):
-    """dx [M, D] and d_norm_scale [D] from dxn, the float32 cotangent of LN(x) [M, D]."""
-    xhat = (x2.astype(jnp.float32) - stats[:, 0:1]) * stats[:, 1:2]
-    dscale = jnp.sum(dxn * xhat, axis=0)
-    g = dxn * norm_scale.astype(jnp.float32)  # cotangent of xhat
-    dx = stats[:, 1:2] * (g - jnp.mean(g, axis=-1, keepdims=True)
-                          - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
-    return dx.astype(x2.dtype), dscale.astype(norm_scale.dtype)
-
-
 def _check(x, norm_scale, w_gate, w_up) -> None:
     if x.ndim != 3:
         raise ValueError(f"norm_swiglu: x must be [B, T, D], got {x.shape=}")
@@ -86,12 +70,3 @@ def _check(x, norm_scale, w_gate, w_up) -> None:
         raise ValueError(f"norm_swiglu: w_gate and w_up must both be [D={d}, F], got {w_gate.shape=} {w_up.shape=}")
     if norm_scale.shape != (d,):
         raise ValueError(f"norm_swiglu: norm_scale must be [D={d}], got {norm_scale.shape=}")
-
-
-def _row_stats(x2: jax.Array, eps: float) -> jax.Array:
-    """float32 [M, 2]: each row's mean and 1/sqrt(var + eps), as `layer_norm_f32` computes them."""
-    xf = x2.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    centered = xf - mean
-    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    return jnp.concatenate([mean, jax.lax.rsqrt(var + eps)], axis=-1)

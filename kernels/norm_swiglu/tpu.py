@@ -59,15 +59,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import _tpu_matmul as tm
-from kernels._common import tpu_interpret
-from kernels.norm_swiglu.reference import (
-    _check,
-    _layer_norm_bwd,
-    _normalise_rows,
-    _row_stats,
-    _swiglu_bwd,
+from kernels._common import layer_norm_bwd, layer_norm_rows, row_stats, tpu_interpret
+from kernels._tpu import (
+    LANE,
+    NT_DIMS,
+    check_multiple,
+    compiler_params,
+    pad2,
+    pick_block,
+    round_up,
+    sublane,
+    tile_bytes,
 )
+from kernels.norm_swiglu.reference import _check, _swiglu_bwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +93,9 @@ class BlockSizes:
 
     def __post_init__(self):
         for name in ("block_t", "block_t_bwd"):
-            tm.check_multiple("BlockSizes", name, getattr(self, name), 8)
+            check_multiple("BlockSizes", name, getattr(self, name), 8)
         for name in ("block_f", "block_d", "block_f_bwd", "block_d_bwd"):
-            tm.check_multiple("BlockSizes", name, getattr(self, name), tm.LANE)
+            check_multiple("BlockSizes", name, getattr(self, name), LANE)
 
     @classmethod
     def get_default(cls, rows: int, d_model: int, d_ff: int, dtype=jnp.bfloat16) -> "BlockSizes":
@@ -102,10 +106,10 @@ class BlockSizes:
         a multiple of 128 even for short inputs: the dw kernel transposes a [block_t_bwd,
         block_d_bwd] tile, and Mosaic transposes lane-aligned tiles best.
         """
-        bt = tm.pick_block(rows, 512, tm.sublane(dtype))
-        bf = tm.pick_block(d_ff, 512, tm.LANE)
-        bd = tm.pick_block(d_model, 512, tm.LANE)
-        return cls(bt, bf, bd, tm.pick_block(rows, 512, tm.LANE), bf, bd)
+        bt = pick_block(rows, 512, sublane(dtype))
+        bf = pick_block(d_ff, 512, LANE)
+        bd = pick_block(d_model, 512, LANE)
+        return cls(bt, bf, bd, pick_block(rows, 512, LANE), bf, bd)
 
 
 def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
@@ -117,10 +121,10 @@ def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
     bs = block_sizes
 
     def stats(bt):  # [bt, 256] f32: mean and rstd, each replicated across 128 lanes
-        return bt * 2 * tm.LANE * 4
+        return tile_bytes(bt, 2 * LANE, 4)
 
     def scale(bd):  # [1, bd] f32 pads to 8 sublanes
-        return 8 * bd * 4
+        return tile_bytes(1, bd, 4)
 
     bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
     # x, stats, scale, w_gate, w_up and h double-buffered; gate and up f32 accumulators.
@@ -144,23 +148,23 @@ class _Settings:
     interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
 
 
-def _lane_stats(stats: jax.Array, rows: int) -> jax.Array:
+def _lane_stats(stats: tuple[jax.Array, jax.Array], rows: int) -> jax.Array:
     """float32 [rows, 256] for the kernels: mean in lanes 0-127, rstd in 128-255, each copied
     across its 128 lanes (TPU vectors are 128 lanes wide: a [bt, 1] column would need lane
     slicing and broadcasts in-kernel; this is the layout JAX's TPU flash attention uses for its
     row statistics). Padded rows get 0 and normalise to 0. 1 KiB per row, fetched once per row
-    tile (its block index does not change along the F and D grid axes)."""
-    lanes = jnp.repeat(stats, tm.LANE, axis=1)  # [M, 256]
-    return tm.pad2(lanes, rows, 2 * tm.LANE)
+    tile (its block index does not change along the F and D grid axes). `stats` is
+    `row_stats`'s (mean, rstd), [M, 1] each."""
+    lanes = jnp.repeat(jnp.concatenate(stats, axis=1), LANE, axis=1)  # [M, 256]
+    return pad2(lanes, rows, 2 * LANE)
 
 
 def _normalised(x_ref, stats_ref, scale_ref):
     """LN(x) for one [bt, bd] tile in float32: (x - mean) * rstd * scale, the reference's order."""
-    x = x_ref[...].astype(jnp.float32)
-    reps = x.shape[1] // tm.LANE
-    mean = jnp.tile(stats_ref[:, :tm.LANE], (1, reps))
-    rstd = jnp.tile(stats_ref[:, tm.LANE:], (1, reps))
-    return (x - mean) * rstd * scale_ref[...]
+    reps = x_ref.shape[1] // LANE
+    mean = jnp.tile(stats_ref[:, :LANE], (1, reps))
+    rstd = jnp.tile(stats_ref[:, LANE:], (1, reps))
+    return layer_norm_rows(x_ref[...], mean, rstd, scale_ref[...])
 
 
 def _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc):
@@ -192,7 +196,7 @@ def _gate_up_in_specs(bt, bf, bd):
     """BlockSpecs of (x, stats, scale, w_gate, w_up) on the grid (row tile, F tile, D tile)."""
     return [
         pl.BlockSpec((bt, bd), lambda i, j, k: (i, k)),  # x [M, D]
-        pl.BlockSpec((bt, 2 * tm.LANE), lambda i, j, k: (i, 0)),  # lane stats [M, 256]
+        pl.BlockSpec((bt, 2 * LANE), lambda i, j, k: (i, 0)),  # lane stats [M, 256]
         pl.BlockSpec((1, bd), lambda i, j, k: (0, k)),  # scale [1, D]
         pl.BlockSpec((bd, bf), lambda i, j, k: (k, j)),  # w_gate [D, F]
         pl.BlockSpec((bd, bf), lambda i, j, k: (k, j)),  # w_up [D, F]
@@ -204,10 +208,10 @@ def _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd):
     (x, mean, rstd and scale are 0 there) and padded weights are 0, so nothing leaks."""
     m, d = x2.shape
     f = w_gate.shape[1]
-    mp, dp, fp = tm.round_up(m, bt), tm.round_up(d, bd), tm.round_up(f, bf)
-    scale = tm.pad2(norm_scale.astype(jnp.float32)[None, :], 1, dp)
-    return (tm.pad2(x2, mp, dp), _lane_stats(stats, mp), scale,
-            tm.pad2(w_gate, dp, fp), tm.pad2(w_up, dp, fp))
+    mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
+    scale = pad2(norm_scale.astype(jnp.float32)[None, :], 1, dp)
+    return (pad2(x2, mp, dp), _lane_stats(stats, mp), scale,
+            pad2(w_gate, dp, fp), pad2(w_up, dp, fp))
 
 
 def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.Array:
@@ -235,7 +239,7 @@ def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.A
             in_specs=_gate_up_in_specs(bt, bf, bd),
             out_specs=pl.BlockSpec((bt, bf), lambda i, j, k: (i, j)),
             scratch_shapes=[pltpu.VMEM((bt, bf), jnp.float32), pltpu.VMEM((bt, bf), jnp.float32)],
-            compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
             cost_estimate=cost,
             interpret=settings.interpret,
             name="palm_norm_swiglu_fwd",
@@ -265,8 +269,8 @@ def _bwd_dx_kernel(dgate_ref, dup_ref, wg_ref, wu_ref, dxn_ref):
 
     f32 = jnp.float32
     dxn_ref[...] += (
-        jax.lax.dot_general(dgate_ref[...], wg_ref[...], tm.NT_DIMS, preferred_element_type=f32)
-        + jax.lax.dot_general(dup_ref[...], wu_ref[...], tm.NT_DIMS, preferred_element_type=f32))
+        jax.lax.dot_general(dgate_ref[...], wg_ref[...], NT_DIMS, preferred_element_type=f32)
+        + jax.lax.dot_general(dup_ref[...], wu_ref[...], NT_DIMS, preferred_element_type=f32))
 
 
 def _bwd_dw_kernel(xn_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_acc, *,
@@ -309,7 +313,7 @@ def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: _Settings):
         in_specs=[*_gate_up_in_specs(bt, bf, bd), tile],
         out_specs=[tile, tile],
         scratch_shapes=[pltpu.VMEM((bt, bf), jnp.float32), pltpu.VMEM((bt, bf), jnp.float32)],
-        compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+        compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_norm_swiglu_bwd_gates",
@@ -334,7 +338,7 @@ def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: _Settings):
         grid=(nt, nd, nf),
         in_specs=[act, act, weight, weight],
         out_specs=pl.BlockSpec((bt, bd), lambda i, j, k: (i, j)),
-        compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+        compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_norm_swiglu_bwd_dx",
@@ -360,7 +364,7 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: _Settings):
         in_specs=[pl.BlockSpec((bt, bd), lambda i, j, k: (k, i)), act, act],  # LN(x), d_gate, d_up
         out_specs=[out, out],
         scratch_shapes=[pltpu.VMEM((bd, bf), jnp.float32), pltpu.VMEM((bd, bf), jnp.float32)],
-        compiler_params=tm.compiler_params("parallel", "parallel", "arbitrary"),
+        compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_norm_swiglu_bwd_dw",
@@ -382,7 +386,7 @@ def _check_pallas(x, norm_scale, w_gate, w_up, block_sizes) -> BlockSizes:
         return BlockSizes.get_default(b * t, d, w_gate.shape[1], x.dtype)
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"norm_swiglu: block_sizes must be a norm_swiglu.BlockSizes, got {block_sizes!r}")
-    rows = tm.sublane(x.dtype)
+    rows = sublane(x.dtype)
     if block_sizes.block_t % rows or block_sizes.block_t_bwd % rows:
         raise ValueError(f"norm_swiglu: {x.dtype} row tiles must be multiples of {rows}, got {block_sizes}")
     return block_sizes
@@ -420,7 +424,7 @@ def _norm_swiglu_fwd(x, norm_scale, w_gate, w_up, settings: _Settings):
     """Saves the inputs and 8 bytes of LayerNorm statistics per row, never gate or up."""
     b, t, d = x.shape
     x2 = x.reshape(b * t, d)  # [M, D]
-    stats = _row_stats(x2, settings.eps)  # [M, 2]
+    stats = row_stats(x2, settings.eps)  # mean, rstd [M, 1]
     h = _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings)
     return h.reshape(b, t, -1), (x, norm_scale, w_gate, w_up, stats)  # h [B, T, F]
 
@@ -433,15 +437,15 @@ def _norm_swiglu_bwd(settings: _Settings, residuals, dh):
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
     x2 = x.reshape(m, d)  # [M, D]
     xp, sp, scp, wgp, wup = _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd)
-    dhp = tm.pad2(dh.reshape(m, f).astype(x.dtype), xp.shape[0], wgp.shape[1])
+    dhp = pad2(dh.reshape(m, f).astype(x.dtype), xp.shape[0], wgp.shape[1])
     with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
         d_gate, d_up = _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings)  # [Mp, Fp] each
         dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
         # LN(x) materialised once (one fused XLA pass): the dw kernel contracts over rows, so
         # normalising in-kernel would re-read the per-row statistics for every (D, F) tile.
-        xnp = tm.pad2(_normalise_rows(x2, stats, norm_scale), *xp.shape)
+        xnp = pad2(layer_norm_rows(x2, *stats, norm_scale).astype(x.dtype), *xp.shape)
         dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
-        dx, dscale = _layer_norm_bwd(x2, stats, norm_scale, dxn)
+        dx, dscale = layer_norm_bwd(dxn, x2, norm_scale, *stats)
     return dx.reshape(x.shape), dscale, dw_gate[:d, :f], dw_up[:d, :f]
 
 

@@ -7,10 +7,19 @@ import jax
 import jax.numpy as jnp
 
 
+def inv_frequencies(head_dim: int, base: float) -> jax.Array:
+    """float32 [K/2]: base ** (-i / (K/2)), the rotation speed of pair i.
+
+    Every implementation takes its frequencies from here: bit-identical frequencies matter (at
+    position 2048 one ulp of a frequency moves the angle by ~2.4e-4 rad).
+    """
+    half = head_dim // 2
+    return base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+
+
 def rope_angles(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotation angles, float32 [..., K/2] for positions [...]."""
-    half = head_dim // 2
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
+    inv_freq = inv_frequencies(head_dim, base)  # [K/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., K/2]
     return jnp.cos(angles), jnp.sin(angles)
 

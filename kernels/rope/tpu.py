@@ -33,12 +33,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
-from kernels.rope.reference import _check
+from kernels._tpu import MiB, compiler_params, round_up, tile_bytes
+from kernels.rope.reference import _check, inv_frequencies
 
 
 # ----------------------------------------------------------------------------------------------
-# Pallas TPU implementation.
-#
 # Layout. A 4-D x stays 4-D: blocks are [block_t, block_h, K] windows of [B, T, H, K], so the
 # lane axis is K and a (heads, K) slab per position fills whole (8, 128) tiles. Flattening to
 # [B, T, H*K] would be a free reshape in XLA's logical view but not in TPU HBM, whose layout
@@ -58,11 +57,10 @@ from kernels.rope.reference import _check
 # order on one core), and never reach HBM.
 # ----------------------------------------------------------------------------------------------
 
-_MiB = 2**20
 # Bytes of x per block the defaults aim at: large enough that the ~0.35 us per-step overhead
 # is small next to the block's HBM time, small enough that in + out double-buffered stay far
 # below the 16 MiB scoped VMEM of v4/v5e.
-_TARGET_BLOCK_BYTES = 1 * _MiB
+_TARGET_BLOCK_BYTES = 1 * MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +97,17 @@ class BlockSizes:
         heads = x_shape[2] if len(x_shape) == 4 else 1
         row_bytes = heads * x_shape[-1] * jnp.dtype(dtype).itemsize
         rows = min(max(_TARGET_BLOCK_BYTES // row_bytes, 8), 512)
-        block_t = min(1 << (rows.bit_length() - 1), _round_up(x_shape[1], 8))
+        block_t = min(1 << (rows.bit_length() - 1), round_up(x_shape[1], 8))
         return cls(block_t=block_t, block_h=heads, block_t_bwd=block_t, block_h_bwd=heads)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Settings:
     """Everything about a `rope` call that is not an array: the custom_vjp's nondiff argument."""
 
     base: float
     interpret: Any
     block_sizes: BlockSizes
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def vmem_bytes(x_shape: tuple[int, ...], dtype, block_sizes: BlockSizes) -> int:
@@ -123,31 +117,32 @@ def vmem_bytes(x_shape: tuple[int, ...], dtype, block_sizes: BlockSizes) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     t, k = x_shape[1], x_shape[-1]
     heads = x_shape[2] if len(x_shape) == 4 else 1
-    lanes = _round_up(k, 128)
     total = 0
     for bt, bh in ((block_sizes.block_t, block_sizes.block_h),
                    (block_sizes.block_t_bwd, block_sizes.block_h_bwd)):
         bt, bh = min(bt, t), min(bh, heads)
         if len(x_shape) == 4:
-            x_block = bt * _round_up(bh, 32 // itemsize) * lanes * itemsize
+            x_block = bt * tile_bytes(bh, k, itemsize)  # [bt, bh, K]: bt tiles of [bh, K]
         else:
-            x_block = _round_up(bt, 32 // itemsize) * lanes * itemsize
-        rows = _round_up(bt, 8)
-        scratch = 2 * rows * lanes * 4
-        small = 2 * (rows * 128 * 4 + 8 * lanes * 4)  # positions [bt, 1], frequencies [1, K]
+            x_block = tile_bytes(bt, k, itemsize)
+        scratch = 2 * tile_bytes(bt, k, 4)
+        small = 2 * (tile_bytes(bt, 1, 4) + tile_bytes(1, k, 4))  # positions, frequencies
         total = max(total, 2 * 2 * x_block + scratch + small)
     return total
 
 
 def frequency_row(head_dim: int, base: float, sign_first: float, sign_second: float) -> jax.Array:
-    """[1, K] float32: the RoPE frequencies over all K lanes, each half with its own sign.
-
-    Computed exactly as `rope_angles` does (bit-identical frequencies matter: at position 2048
-    one ulp of a frequency moves the angle by ~2.4e-4 rad).
-    """
-    half = head_dim // 2
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
+    """[1, K] float32: the RoPE frequencies over all K lanes, each half with its own sign."""
+    inv_freq = inv_frequencies(head_dim, base)  # [K/2], exactly the reference's
     return jnp.concatenate([sign_first * inv_freq, sign_second * inv_freq])[None, :]  # [1, K]
+
+
+def write_cos_sin(pos_ref, freq_ref, cos_ref, sin_ref) -> None:
+    """In-kernel: cos and sin [rows, K] f32 scratch of positions [rows, 1] times a
+    `frequency_row` [1, K]."""
+    angles = pos_ref[...].astype(jnp.float32) * freq_ref[...]  # [rows, K]
+    cos_ref[...] = jnp.cos(angles)
+    sin_ref[...] = jnp.sin(angles)
 
 
 def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -161,9 +156,7 @@ def _rope_kernel(pos_ref, freq_ref, x_ref, o_ref, cos_ref, sin_ref):
     # cos_ref/sin_ref [bt, K] f32 scratch, valid for the current (b, t) block.
     @pl.when(pl.program_id(2) == 0)
     def _angles():
-        angles = pos_ref[...].astype(jnp.float32) * freq_ref[...]  # [bt, K]
-        cos_ref[...] = jnp.cos(angles)
-        sin_ref[...] = jnp.sin(angles)
+        write_cos_sin(pos_ref, freq_ref, cos_ref, sin_ref)
 
     x = x_ref[...].astype(jnp.float32)
     cos, sin = cos_ref[...], sin_ref[...]
@@ -211,8 +204,7 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: An
             out_specs=x_spec,
             out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
             scratch_shapes=[pltpu.VMEM((block_t, k), jnp.float32)] * 2,
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "parallel", "arbitrary")),
+            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
             cost_estimate=cost,
             interpret=interpret,
             name=name,
@@ -220,21 +212,21 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: An
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rope(config: _Config, x: jax.Array, positions: jax.Array) -> jax.Array:
-    bs = config.block_sizes
-    return _rope_call(x, positions, base=config.base, interpret=config.interpret,
+def _rope(settings: _Settings, x: jax.Array, positions: jax.Array) -> jax.Array:
+    bs = settings.block_sizes
+    return _rope_call(x, positions, base=settings.base, interpret=settings.interpret,
                       block_t=bs.block_t, block_h=bs.block_h, inverse=False)
 
 
-def _rope_fwd(config: _Config, x: jax.Array, positions: jax.Array):
-    return _rope(config, x, positions), positions
+def _rope_fwd(settings: _Settings, x: jax.Array, positions: jax.Array):
+    return _rope(settings, x, positions), positions
 
 
-def _rope_bwd(config: _Config, positions: jax.Array, g: jax.Array):
+def _rope_bwd(settings: _Settings, positions: jax.Array, g: jax.Array):
     # A rotation's transpose is the rotation by the opposite angle: the same kernel, the
     # frequency signs swapped. positions are integers: no cotangent.
-    bs = config.block_sizes
-    dx = _rope_call(g, positions, base=config.base, interpret=config.interpret,
+    bs = settings.block_sizes
+    dx = _rope_call(g, positions, base=settings.base, interpret=settings.interpret,
                     block_t=bs.block_t_bwd, block_h=bs.block_h_bwd, inverse=True)
     return dx, None
 
@@ -252,5 +244,6 @@ def rope_pallas_tpu(x: jax.Array, positions: jax.Array, *, base: float = 10000.0
         block_sizes = BlockSizes.get_default(x.shape, x.dtype)
     elif not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"rope: block_sizes must be a rope.BlockSizes, got {type(block_sizes)}")
-    config = _Config(base=float(base), interpret=tpu_interpret(interpret), block_sizes=block_sizes)
-    return _rope(config, x, positions)
+    settings = _Settings(base=float(base), interpret=tpu_interpret(interpret),
+                         block_sizes=block_sizes)
+    return _rope(settings, x, positions)

@@ -1,9 +1,9 @@
-"""Tiling helpers shared by the fused-projection TPU kernels (`norm_swiglu`, `block_out`).
+"""What the Pallas TPU kernels share: tile rules, VMEM accounting and budgets, Mosaic settings.
 
 Tiles follow the TPU's vector registers: the minor (lane) axis of a block is a multiple of 128,
 the second-minor (sublane) axis a multiple of 8 for 4-byte types and 16 for bf16, which packs
-two rows per sublane. Operands are zero-padded up to whole tiles in the wrappers; the padding
-is a no-op at PaLM shapes, where every default tile divides its axis.
+two rows per sublane. Where a wrapper zero-pads operands up to whole tiles, the padding is a
+no-op at PaLM shapes, where every default tile divides its axis.
 """
 
 from __future__ import annotations
@@ -13,9 +13,21 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 LANE = 128
+MiB = 2**20
 # The scoped VMEM a kernel may use without raising `vmem_limit_bytes`: 16 MiB on v4 and v5e
-# (v5p and v6e allow 32 MiB). Default tiles are chosen to stay below this.
-VMEM_BUDGET = 16 * 2**20
+# (v5p and v6e allow 32 MiB). No kernel here raises it.
+SCOPED_VMEM = 16 * MiB
+# What a kernel's default tiles aim under where its `BlockSizes.get_default` shrinks tiles to
+# fit (`vmem_bytes`): the scoped VMEM less headroom for Mosaic's internal scratch and
+# temporaries. One number would change a default: block_out keeps a whole [512, 4096] dy row
+# resident at PaLM-8B (12.75 MiB, so not under 12), and 13 MiB would give norm_qkv_rope more
+# rows for float32 inputs at PaLM shapes. rope, norm_swiglu and mq_decode_attention aim at
+# fixed tile sizes that stay far below SCOPED_VMEM (their module docstrings give the numbers).
+VMEM_BUDGET = {
+    "norm_qkv_rope": 12 * MiB,
+    "mq_flash_attention": 12 * MiB,
+    "block_out": 13 * MiB,
+}
 # dot_general dimension numbers for a·bᵀ (contract both operands' minor axes).
 NT_DIMS = (((1,), (1,)), ((), ()))
 
@@ -25,8 +37,14 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def sublane(dtype) -> int:
-    """Rows per packed sublane tile: 8 for 4-byte types, 16 for bf16."""
-    return 8 * (4 // jnp.dtype(dtype).itemsize)
+    """Rows per packed (sublane, 128-lane) tile: 8 for 4-byte types, 16 for bf16."""
+    return 32 // jnp.dtype(dtype).itemsize
+
+
+def tile_bytes(rows: int, cols: int, itemsize: int) -> int:
+    """VMEM bytes of a [rows, cols] block as Mosaic lays it out: whole (sublane, 128-lane)
+    tiles."""
+    return round_up(rows, 32 // itemsize) * round_up(cols, LANE) * itemsize
 
 
 def pick_block(dim: int, target: int, align: int) -> int:
@@ -49,14 +67,20 @@ def check_multiple(owner: str, name: str, value, multiple: int) -> None:
         raise ValueError(f"{owner}.{name} must be a positive multiple of {multiple}, got {value!r}")
 
 
-def pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
-    """Zero-pads a 2-D array at the end to [rows, cols] (no copy when it already fits)."""
-    if a.shape == (rows, cols):
+def pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Zero-pads `a` at the end of each axis to `shape` (no copy when it already fits)."""
+    if a.shape == tuple(shape):
         return a
-    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
+    return jnp.pad(a, [(0, want - have) for have, want in zip(a.shape, shape)])
+
+
+def pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
+    """Zero-pads a 2-D array at the end to [rows, cols]."""
+    return pad_to(a, (rows, cols))
 
 
 def compiler_params(*semantics: str) -> pltpu.CompilerParams:
     """Mosaic parameters: the grid's dimension semantics ("parallel" axes may be split across
-    TensorCores on v4/v5p megacore; the contraction axis is "arbitrary", i.e. sequential)."""
+    TensorCores on v4/v5p megacore; a contraction or carried axis is "arbitrary", i.e.
+    sequential)."""
     return pltpu.CompilerParams(dimension_semantics=semantics)
