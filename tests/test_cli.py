@@ -79,6 +79,7 @@ def test_make_train_resume_reuses_the_run_directory():
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     command = result.stdout.strip().splitlines()[-1]
+    assert command.startswith("exec ")  # signals reach the trainer, not a shell around it
     assert command.endswith("-m palm train --out runs/demo-x --resume --steps 600")
     fresh = subprocess.run(["make", "-n", "train"], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
