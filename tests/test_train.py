@@ -298,7 +298,9 @@ def test_resume_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert code == 2 and "not a run directory" in err and err.count("\n") == 1
 
 
-def test_sigint_checkpoints_and_the_run_resumes(tmp_path, corpus_glob, tokenizer_path, cache_dir):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_and_the_run_resumes(tmp_path, corpus_glob, tokenizer_path, cache_dir,
+                                                  signum):
     # A real process and a real signal. Two CPU devices are visible but the step runs on one,
     # and MFU must say so (with a given peak).
     out = tmp_path / "run"
@@ -314,11 +316,11 @@ def test_sigint_checkpoints_and_the_run_resumes(tmp_path, corpus_glob, tokenizer
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no training steps within 240 s"
             time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + signum, stderr  # 130 for SIGINT, 143 for SIGTERM
     assert "Traceback" not in stderr and f"--out {out} --resume" in stderr
     records = [r for r in read_metrics(out) if "loss" in r]
     step = records[-1]["step"]
