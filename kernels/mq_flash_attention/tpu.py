@@ -330,24 +330,33 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, s
         lse_ref[...] = jnp.transpose(lse)[:1, :]  # [1, bq]: rows onto lanes
 
 
+def _query_tile_maps(settings: _Settings, n_q: int, bq: int, bk: int):
+    """Index maps on a grid (batch, query tile g, key tile j), keys innermost, as the forward
+    and the dq kernel walk it: the query tile (in `_balanced` order), the key tile (under the
+    causal mask clamped to the query tile's last visible one: past the diagonal the block
+    index repeats and nothing is fetched) and the query tile's [1, bq] row of lse or delta."""
+
+    def q_map(b, g, j):
+        return b, _balanced(g, n_q, settings.causal), 0
+
+    def kv_map(b, g, j):
+        if settings.causal:
+            j = jnp.minimum(j, _last_kv_tile(_balanced(g, n_q, True), bq, bk, settings.num_heads))
+        return b, j, 0
+
+    def row_map(b, g, j):
+        return b, 0, _balanced(g, n_q, settings.causal)
+
+    return q_map, kv_map, row_map
+
+
 def _forward(q, k, v, settings: _Settings):
     """q [B, R, Kp] (folded, padded), k/v [B, Sp, Kp] -> o [B, R, Kp], lse f32 [B, 1, R]."""
     batch, rows, kp = q.shape
     bq, bk = settings.blocks.block_q, settings.blocks.block_k
     n_q, n_k = rows // bq, pl.cdiv(settings.kv_len, bk)  # key tiles of padding only: never visited
     heads = settings.num_heads
-
-    def q_map(b, g, j):
-        return b, _balanced(g, n_q, settings.causal), 0
-
-    def kv_map(b, g, j):
-        if settings.causal:  # past the diagonal keep the last visible tile: no new DMA
-            j = jnp.minimum(j, _last_kv_tile(_balanced(g, n_q, True), bq, bk, heads))
-        return b, j, 0
-
-    def lse_map(b, g, j):
-        return b, 0, _balanced(g, n_q, settings.causal)
-
+    q_map, kv_map, lse_map = _query_tile_maps(settings, n_q, bq, bk)
     visited = _visited_tiles(settings, n_q, n_k, bq, bk)
     item = q.dtype.itemsize
     cost = pl.CostEstimate(
@@ -502,18 +511,7 @@ def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
     bq, bk = settings.blocks.block_q_dq, settings.blocks.block_k_dq
     n_q, n_k = rows // bq, pl.cdiv(settings.kv_len, bk)
     heads = settings.num_heads
-
-    def kv_map(b, g, j):
-        if settings.causal:
-            j = jnp.minimum(j, _last_kv_tile(_balanced(g, n_q, True), bq, bk, heads))
-        return b, j, 0
-
-    def q_map(b, g, j):
-        return b, _balanced(g, n_q, settings.causal), 0
-
-    def row_map(b, g, j):
-        return b, 0, _balanced(g, n_q, settings.causal)
-
+    q_map, kv_map, row_map = _query_tile_maps(settings, n_q, bq, bk)
     q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), q_map)
     row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), row_map)
     kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map)

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import layer_norm_bwd, layer_norm_rows, row_stats, tpu_interpret
+from kernels._common import layer_norm_bwd, row_stats, tpu_interpret
 from kernels._tpu import VMEM_BUDGET, compiler_params, round_up, sublane, tile_bytes
 from kernels.norm_qkv_rope.reference import _check
 from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
@@ -221,8 +221,10 @@ class _Settings:
 
 
 def _normalise(x_ref, mean_ref, rstd_ref, scale_ref, dtype):
-    """The prologue: LN of an x tile with precomputed row statistics, rounded to x's dtype."""
-    return layer_norm_rows(x_ref[...], mean_ref[...], rstd_ref[...], scale_ref[...]).astype(dtype)
+    """The prologue: LN of an x tile with precomputed row statistics, rounded to x's dtype;
+    `layer_norm_rows` in the order that loads each operand where it is first needed."""
+    x = x_ref[...].astype(jnp.float32)
+    return ((x - mean_ref[...]) * rstd_ref[...] * scale_ref[...].astype(jnp.float32)).astype(dtype)
 
 
 def _mask_tail(a: jax.Array, axis: int, valid) -> jax.Array:
@@ -235,6 +237,39 @@ def _dot(a, b, contract_a: int, contract_b: int) -> jax.Array:
     """a·b contracting the given axes, accumulated in float32 on the MXU."""
     return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                                preferred_element_type=jnp.float32)
+
+
+def _accumulate_columns(acc_ref, x_ref, mean_ref, rstd_ref, scale_ref, q_ref, k_ref, v_ref, *,
+                        j, nq: int, c, n_steps: int, tail: int, contract: int):
+    """One contraction step c (of n_steps) of h = LN(x) against column tile j of the operand
+    split [query heads | k | v], into the f32 accumulator: the forward's h·W (contract=1: h's
+    D axis) and bwd_dw's hᵀ·g (contract=0: h's rows). Tiles j < nq hold query heads (q_ref
+    [·, hb*K] into acc[:, :hb*K]), tile nq holds k and v side by side (acc[:, :2K]). Where the
+    contracted axis overhangs its array by the last step (`tail` entries remain), the entries
+    past it are zeroed on both sides: they hold garbage, and 0 * NaN = NaN."""
+
+    @pl.when(c == 0)
+    def _zero():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    h = _normalise(x_ref, mean_ref, rstd_ref, scale_ref, x_ref.dtype)  # [bm, td]
+    if tail:
+        valid = jnp.where(c == n_steps - 1, tail, h.shape[contract])
+        h = _mask_tail(h, contract, valid)
+
+    def load(ref):  # read inside the branch that uses it
+        return _mask_tail(ref[...], 0, valid) if tail else ref[...]
+
+    bn, k = q_ref.shape[1], k_ref.shape[1]
+
+    @pl.when(j < nq)
+    def _q_heads():
+        acc_ref[:, :bn] += _dot(h, load(q_ref), contract, 0)
+
+    @pl.when(j == nq)
+    def _kv():
+        acc_ref[:, :k] += _dot(h, load(k_ref), contract, 0)
+        acc_ref[:, k:2 * k] += _dot(h, load(v_ref), contract, 0)
 
 
 def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref, wk_ref, wv_ref,
@@ -250,28 +285,9 @@ def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref,
     def _angles():
         write_cos_sin(pos_ref, freq_ref, cos_ref, sin_ref)  # [bm, K]
 
-    @pl.when(dd == 0)
-    def _zero():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    bn, k = block_heads * head_dim, head_dim
-    h = _normalise(x_ref, mean_ref, rstd_ref, scale_ref, x_ref.dtype)  # [bm, td]
-    if d_tail:  # D overhangs the last tile: zero both sides of the garbage (0 * NaN = NaN)
-        valid_d = jnp.where(dd == nd - 1, d_tail, h.shape[1])
-        h = _mask_tail(h, 1, valid_d)
-
-    def weight(ref):
-        return _mask_tail(ref[...], 0, valid_d) if d_tail else ref[...]
-
-    @pl.when(j < nq)
-    def _q_heads():
-        acc_ref[:, :bn] += _dot(h, weight(wq_ref), 1, 0)
-
-    @pl.when(j == nq)
-    def _kv():
-        acc_ref[:, :k] += _dot(h, weight(wk_ref), 1, 0)
-        acc_ref[:, k:2 * k] += _dot(h, weight(wv_ref), 1, 0)
-
+    _accumulate_columns(acc_ref, x_ref, mean_ref, rstd_ref, scale_ref, wq_ref, wk_ref, wv_ref,
+                        j=j, nq=nq, c=dd, n_steps=nd, tail=d_tail, contract=1)  # h·W
+    k = head_dim
     last = dd == nd - 1
 
     @pl.when(last & (j < nq))
@@ -309,19 +325,28 @@ def _tiles(settings: _Settings, m: int, d: int, h: int, k: int, *, backward: boo
     return bm, hb, td, hb * k, pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
 
 
+def _parked_maps(nq: int, n_contract: int):
+    """Index maps for the forward's weights and bwd_dw's cotangents: operands split into query
+    heads ([·, H*K], column tiles j < nq) and k/v ([·, K], the tile j == nq), on a grid
+    (·, j, c) that contracts over c. An operand not in use stays parked on one block (the
+    query heads on their last, k/v on their first), so the pipeline fetches nothing for it."""
+    last = n_contract - 1
+
+    def q_map(_, j, c):
+        return jnp.where(j < nq, c, last), jnp.minimum(j, nq - 1)
+
+    def kv_map(_, j, c):
+        return jnp.where(j == nq, c, 0), 0
+
+    return q_map, kv_map
+
+
 def _forward_call(settings: _Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: int):
     """The forward pallas_call on x2 [M, D]; returns q2 [M, H*K], k, v [M, K]."""
     m, d = x2.shape
     k = wk.shape[1]
     bm, hb, td, bn, nm, nq, nd = _tiles(settings, m, d, h, k, backward=False)
-    last_d = nd - 1
-
-    def wq_map(i, j, dd):  # parked on its last block during the k/v tile
-        return jnp.where(j < nq, dd, last_d), jnp.minimum(j, nq - 1)
-
-    def kv_map(i, j, dd):  # parked on block 0 during the query tiles
-        return jnp.where(j == nq, dd, 0), 0
-
+    wq_map, kv_map = _parked_maps(nq, nd)
     row = lambda i, j, dd: (i, 0)  # noqa: E731
     isz = x2.dtype.itemsize
     cost = pl.CostEstimate(
@@ -462,29 +487,9 @@ def _bwd_dw_kernel(mean_ref, rstd_ref, scale_ref, x_ref, gq_ref, gk_ref, gv_ref,
     # accumulator [td, max(hb*K, 2K)] (query heads, or dwk then dwv).
     j, r = pl.program_id(1), pl.program_id(2)
 
-    @pl.when(r == 0)
-    def _zero():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
+    _accumulate_columns(acc_ref, x_ref, mean_ref, rstd_ref, scale_ref, gq_ref, gk_ref, gv_ref,
+                        j=j, nq=nq, c=r, n_steps=nm, tail=m_tail, contract=0)  # h^T g
     bn, k = gq_ref.shape[1], gk_ref.shape[1]
-
-    h = _normalise(x_ref, mean_ref, rstd_ref, scale_ref, x_ref.dtype)  # [bm, td]
-    if m_tail:  # rows past M in the last tile: garbage on both sides of the contraction
-        valid_rows = jnp.where(r == nm - 1, m_tail, h.shape[0])
-        h = _mask_tail(h, 0, valid_rows)
-
-    def cotangent(ref):
-        return _mask_tail(ref[...], 0, valid_rows) if m_tail else ref[...]
-
-    @pl.when(j < nq)
-    def _q_heads():
-        acc_ref[:, :bn] += _dot(h, cotangent(gq_ref), 0, 0)  # h^T g: [td, hb*K]
-
-    @pl.when(j == nq)
-    def _kv():
-        acc_ref[:, :k] += _dot(h, cotangent(gk_ref), 0, 0)
-        acc_ref[:, k:2 * k] += _dot(h, cotangent(gv_ref), 0, 0)
-
     last = r == nm - 1
 
     @pl.when(last & (j < nq))
@@ -561,14 +566,7 @@ def _bwd_dw_call(settings: _Settings, x2, scale, mean, rstd, gq, gk, gv, h: int,
     m, d = x2.shape
     k = gk.shape[1]
     bm, hb, td, bn, nm, nq, nd = _tiles(settings, m, d, h, k, backward=True)
-    last_r = nm - 1
-
-    def q_map(e, j, r):  # parked on its last block during the k/v step
-        return jnp.where(j < nq, r, last_r), jnp.minimum(j, nq - 1)
-
-    def kv_map(e, j, r):  # parked on block 0 during the query steps
-        return jnp.where(j == nq, r, 0), 0
-
+    q_map, kv_map = _parked_maps(nq, nm)
     row = lambda e, j, r: (r, 0)  # noqa: E731
     isz = x2.dtype.itemsize
     cost = pl.CostEstimate(

@@ -148,23 +148,23 @@ class _Settings:
     interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
 
 
-def _lane_stats(stats: tuple[jax.Array, jax.Array], rows: int) -> jax.Array:
+def _lane_stats(stats: jax.Array, rows: int) -> jax.Array:
     """float32 [rows, 256] for the kernels: mean in lanes 0-127, rstd in 128-255, each copied
     across its 128 lanes (TPU vectors are 128 lanes wide: a [bt, 1] column would need lane
     slicing and broadcasts in-kernel; this is the layout JAX's TPU flash attention uses for its
     row statistics). Padded rows get 0 and normalise to 0. 1 KiB per row, fetched once per row
-    tile (its block index does not change along the F and D grid axes). `stats` is
-    `row_stats`'s (mean, rstd), [M, 1] each."""
-    lanes = jnp.repeat(jnp.concatenate(stats, axis=1), LANE, axis=1)  # [M, 256]
+    tile (its block index does not change along the F and D grid axes)."""
+    lanes = jnp.repeat(stats, LANE, axis=1)  # [M, 256]
     return pad2(lanes, rows, 2 * LANE)
 
 
 def _normalised(x_ref, stats_ref, scale_ref):
     """LN(x) for one [bt, bd] tile in float32: (x - mean) * rstd * scale, the reference's order."""
-    reps = x_ref.shape[1] // LANE
+    x = x_ref[...].astype(jnp.float32)
+    reps = x.shape[1] // LANE
     mean = jnp.tile(stats_ref[:, :LANE], (1, reps))
     rstd = jnp.tile(stats_ref[:, LANE:], (1, reps))
-    return layer_norm_rows(x_ref[...], mean, rstd, scale_ref[...])
+    return (x - mean) * rstd * scale_ref[...]
 
 
 def _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc):
@@ -424,7 +424,7 @@ def _norm_swiglu_fwd(x, norm_scale, w_gate, w_up, settings: _Settings):
     """Saves the inputs and 8 bytes of LayerNorm statistics per row, never gate or up."""
     b, t, d = x.shape
     x2 = x.reshape(b * t, d)  # [M, D]
-    stats = row_stats(x2, settings.eps)  # mean, rstd [M, 1]
+    stats = jnp.concatenate(row_stats(x2, settings.eps), axis=1)  # [M, 2]: mean, rstd
     h = _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings)
     return h.reshape(b, t, -1), (x, norm_scale, w_gate, w_up, stats)  # h [B, T, F]
 
@@ -443,9 +443,10 @@ def _norm_swiglu_bwd(settings: _Settings, residuals, dh):
         dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
         # LN(x) materialised once (one fused XLA pass): the dw kernel contracts over rows, so
         # normalising in-kernel would re-read the per-row statistics for every (D, F) tile.
-        xnp = pad2(layer_norm_rows(x2, *stats, norm_scale).astype(x.dtype), *xp.shape)
+        mean, rstd = stats[:, 0:1], stats[:, 1:2]
+        xnp = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), *xp.shape)
         dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
-        dx, dscale = layer_norm_bwd(dxn, x2, norm_scale, *stats)
+        dx, dscale = layer_norm_bwd(dxn, x2, norm_scale, mean, rstd)
     return dx.reshape(x.shape), dscale, dw_gate[:d, :f], dw_up[:d, :f]
 
 
