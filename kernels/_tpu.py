@@ -22,7 +22,7 @@ SCOPED_VMEM = 16 * MiB
 # temporaries. One number would change a default: block_out keeps a whole [512, 4096] dy row
 # resident at PaLM-8B (12.75 MiB, so not under 12), and 13 MiB would give norm_qkv_rope more
 # rows for float32 inputs at PaLM shapes. rope, norm_swiglu and mq_decode_attention aim at
-# fixed tile sizes that stay far below SCOPED_VMEM (their module docstrings give the numbers).
+# fixed tile sizes that stay far below SCOPED_VMEM (their tpu.py docstrings give the numbers).
 VMEM_BUDGET = {
     "norm_qkv_rope": 12 * MiB,
     "mq_flash_attention": 12 * MiB,

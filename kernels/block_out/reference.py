@@ -18,7 +18,7 @@ def block_out_reference(
     w_down: jax.Array,  # [F, D]
 ) -> jax.Array:
     """Plain-jnp twin: x + o·wo + h·w_down accumulated in float32, returned in x's dtype."""
-    _check(x, o, wo, h, w_down)
+    check_args(x, o, wo, h, w_down)
     attn = matmul_f32("BTHK,HKD->BTD", o, wo)
     mlp = matmul_f32("BTF,FD->BTD", h, w_down)
     return (x.astype(jnp.float32) + attn + mlp).astype(x.dtype)
@@ -37,21 +37,22 @@ def block_out_reference_bwd(
     dx = dy (the residual), do = dy·woᵀ, dh = dy·w_downᵀ, dwo = oᵀ·dy, dw_down = hᵀ·dy, each
     accumulated in float32 and rounded to its primal's dtype.
     """
-    _check(x, o, wo, h, w_down)
+    check_args(x, o, wo, h, w_down)
     do = matmul_f32("BTD,HKD->BTHK", dy, wo).astype(o.dtype)
     dh = matmul_f32("BTD,FD->BTF", dy, w_down).astype(h.dtype)
-    dwo, dw_down = _weight_grads(o, h, dy, wo.dtype)
+    dwo, dw_down = weight_grads(o, h, dy, wo.dtype)
     return dy.astype(x.dtype), do, dwo, dh, dw_down
 
 
-def _weight_grads(o, h, dy, dtype):
-    """dwo = oᵀ·dy [H, K, D] and dw_down = hᵀ·dy [F, D]: plain XLA matmuls (module docstring)."""
+def weight_grads(o, h, dy, dtype):
+    """dwo = oᵀ·dy [H, K, D] and dw_down = hᵀ·dy [F, D]: plain XLA matmuls (why: tpu.py)."""
     dwo = matmul_f32("BTHK,BTD->HKD", o, dy).astype(dtype)
     dw_down = matmul_f32("BTF,BTD->FD", h, dy).astype(dtype)
     return dwo, dw_down
 
 
-def _check(x, o, wo, h, w_down) -> None:
+def check_args(x, o, wo, h, w_down) -> None:
+    """The argument checks every implementation runs first: ValueError naming what is wrong."""
     if x.ndim != 3:
         raise ValueError(f"block_out: x must be [B, T, D], got {x.shape=}")
     b, t, d = x.shape

@@ -61,7 +61,7 @@ from kernels._tpu import (
     round_up,
     sublane,
 )
-from kernels.block_out.reference import _check, _weight_grads
+from kernels.block_out.reference import check_args, weight_grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +279,7 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
 
 def _check_pallas(x, o, wo, h, w_down, block_sizes) -> BlockSizes:
     """The reference's shape checks plus what the kernels need; returns the block sizes."""
-    _check(x, o, wo, h, w_down)
+    check_args(x, o, wo, h, w_down)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"block_out: x must be float32 or bfloat16, got {x.dtype=}")
     for name, a in (("o", o), ("wo", wo), ("h", h), ("w_down", w_down)):
@@ -340,7 +340,7 @@ def _block_out_bwd(settings: _Settings, residuals, dy):
     with jax.named_scope(f"palm_block_out_bwd bt={bs.block_t_bwd} bc={bs.block_c_bwd} "
                          f"bd={bs.block_d_bwd}"):
         do, dh = _bwd_dact_call(dy.reshape(m, d), wo.reshape(hh * kk, d), w_down, settings)
-        dwo, dw_down = _weight_grads(o, h, dy, wo.dtype)
+        dwo, dw_down = weight_grads(o, h, dy, wo.dtype)
     return dy, do.reshape(o.shape), dwo, dh.reshape(h.shape), dw_down
 
 

@@ -15,8 +15,8 @@ import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.mq_decode_attention.reference import (
-    _check,
-    _check_lengths,
+    check_args,
+    check_lengths,
     mq_decode_attention_reference,
 )
 from kernels.mq_decode_attention.tpu import BlockSizes, mq_decode_attention_pallas_tpu, vmem_bytes
@@ -53,8 +53,8 @@ def mq_decode_attention(
     """
     impl = resolve_impl(impl)
     if impl == "xla":
-        _check(q, k_cache, v_cache, lengths)
-        _check_lengths(lengths, k_cache.shape[1])
+        check_args(q, k_cache, v_cache, lengths)
+        check_lengths(lengths, k_cache.shape[1])
         return mq_decode_attention_reference(q, k_cache, v_cache, lengths, sm_scale=sm_scale)
     fn = pallas_impl("mq_decode_attention", impl, _PALLAS)
     return fn(q, k_cache, v_cache, lengths, sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)

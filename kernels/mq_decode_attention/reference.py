@@ -21,7 +21,7 @@ def mq_decode_attention_reference(
     sm_scale: float | None = None,
 ) -> jax.Array:
     """Plain-jnp twin: attention of q over cache positions < lengths[b]; [B, H, K] in q's dtype."""
-    _check(q, k_cache, v_cache, lengths)
+    check_args(q, k_cache, v_cache, lengths)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     s = matmul_f32("BHK,BSK->BHS", q, k_cache) * scale
     valid = jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None]  # [B, S]
@@ -31,7 +31,8 @@ def mq_decode_attention_reference(
     return o.astype(q.dtype)
 
 
-def _check(q, k_cache, v_cache, lengths) -> None:
+def check_args(q, k_cache, v_cache, lengths) -> None:
+    """The argument checks every implementation runs first: ValueError naming what is wrong."""
     if q.ndim != 3:
         raise ValueError(f"mq_decode_attention: q must be [B, H, K], got {q.shape=}")
     b, _, head_dim = q.shape
@@ -43,7 +44,7 @@ def _check(q, k_cache, v_cache, lengths) -> None:
         raise ValueError(f"mq_decode_attention: lengths must be int [B={b}], got {lengths.shape=} {lengths.dtype=}")
 
 
-def _check_lengths(lengths: jax.Array, seq_len: int) -> None:
+def check_lengths(lengths: jax.Array, seq_len: int) -> None:
     """1 <= lengths <= S where the values are known (outside jit); traced lengths can't be checked."""
     try:
         values = np.asarray(lengths)

@@ -66,7 +66,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
 from kernels._tpu import LANE, compiler_params, round_up
-from kernels.mq_decode_attention.reference import _check, _check_lengths
+from kernels.mq_decode_attention.reference import check_args, check_lengths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,13 +215,13 @@ def mq_decode_attention_pallas_tpu(
     cache and no row past S enters the softmax. A length above S then means S and a length of 0
     gives NaN, both as in the reference.
     """
-    _check(q, k_cache, v_cache, lengths)
+    check_args(q, k_cache, v_cache, lengths)
     if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"mq_decode_attention: q, k_cache and v_cache must share a dtype, got "
                          f"{q.dtype=} {k_cache.dtype=} {v_cache.dtype=}")
     batch, heads, head_dim = q.shape
     seq_len = k_cache.shape[1]
-    _check_lengths(lengths, seq_len)
+    check_lengths(lengths, seq_len)
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(seq_len, heads, head_dim, dtype=q.dtype, batch=batch)
     if not isinstance(block_sizes, BlockSizes):

@@ -21,7 +21,7 @@ def mq_flash_attention_reference(
     sm_scale: float | None = None,
 ) -> jax.Array:
     """Plain-jnp twin: softmax(q·k^T * sm_scale) · v with the softmax in float32; [B, T, H, K]."""
-    _check(q, k, v)
+    check_args(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     s = matmul_f32("BTHK,BSK->BHTS", q, k) * scale
     if causal:
@@ -67,7 +67,7 @@ def mq_flash_attention_reference_bwd(
     in one number per row), dq = ds k * scale, dk = ds^T q * scale. dk and dv sum over heads:
     every head read the same key/value head.
     """
-    _check(q, k, v)
+    check_args(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     s = matmul_f32("BTHK,BSK->BTHS", q, k) * scale
     p = jnp.exp(s - lse[..., None])  # [B, T, H, S]
@@ -83,7 +83,8 @@ def mq_flash_attention_reference_bwd(
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _check(q, k, v) -> None:
+def check_args(q, k, v) -> None:
+    """The argument checks every implementation runs first: ValueError naming what is wrong."""
     if q.ndim != 4:
         raise ValueError(f"mq_flash_attention: q must be [B, T, H, K], got {q.shape=}")
     b, _, _, head_dim = q.shape

@@ -97,7 +97,7 @@ from kernels._tpu import (
     round_up,
     tile_bytes,
 )
-from kernels.mq_flash_attention.reference import _check
+from kernels.mq_flash_attention.reference import check_args
 
 
 # A large finite negative logit for masked entries: exp(MASK - m) underflows to exactly 0, and
@@ -576,7 +576,7 @@ def mq_flash_attention_pallas_tpu(
     block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """The Pallas TPU flash attention (see the module docstring), differentiable; [B, T, H, K]."""
-    _check(q, k, v)
+    check_args(q, k, v)
     if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"mq_flash_attention: q, k, v must share one float dtype, got "
                          f"{q.dtype=}, {k.dtype=}, {v.dtype=}")

@@ -21,7 +21,7 @@ def norm_qkv_rope_reference(
     base: float = 10000.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Plain-jnp twin: returns q [B, T, H, K], k [B, T, K], v [B, T, K] in x's dtype."""
-    _check(x, norm_scale, wq, wk, wv, positions)
+    check_args(x, norm_scale, wq, wk, wv, positions)
     h = layer_norm_f32(x, norm_scale, eps).astype(x.dtype)  # [B, T, D]
     q = matmul_f32("BTD,DHK->BTHK", h, wq)
     k = matmul_f32("BTD,DK->BTK", h, wk)
@@ -32,7 +32,8 @@ def norm_qkv_rope_reference(
     return q.astype(x.dtype), k.astype(x.dtype), v.astype(x.dtype)
 
 
-def _check(x, norm_scale, wq, wk, wv, positions) -> None:
+def check_args(x, norm_scale, wq, wk, wv, positions) -> None:
+    """The argument checks every implementation runs first: ValueError naming what is wrong."""
     if x.ndim != 3:
         raise ValueError(f"norm_qkv_rope: x must be [B, T, D], got {x.shape=}")
     _, _, d = x.shape

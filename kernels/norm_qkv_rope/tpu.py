@@ -58,7 +58,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import layer_norm_bwd, row_stats, tpu_interpret
 from kernels._tpu import VMEM_BUDGET, compiler_params, round_up, sublane, tile_bytes
-from kernels.norm_qkv_rope.reference import _check
+from kernels.norm_qkv_rope.reference import check_args
 from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
 
 
@@ -80,9 +80,9 @@ from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
 #
 # RoPE. A column tile holds whole heads, so the rotate-half partner of every lane is in the
 # tile: the epilogue rotates each head's [rows, K] slice of the float32 accumulator
-# (`kernels.rope.rotate_half`) and rounds once. cos/sin depend on the rows only: computed at the
-# first step of each row tile into VMEM scratch (the column and D axes are "arbitrary", so one
-# core walks them in order) and reused by every head and by k.
+# (`kernels.rope.tpu.rotate_half`) and rounds once. cos/sin depend on the rows only: computed
+# at the first step of each row tile into VMEM scratch (the column and D axes are "arbitrary",
+# so one core walks them in order) and reused by every head and by k.
 #
 # Edges. Rows and heads that overhang the arrays only produce overhanging outputs, which are
 # dropped on write; a D that overhangs block_d would add garbage to the sums, so the last D tile
@@ -640,7 +640,7 @@ def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float
                              base: float = 10000.0, interpret: Any = None,
                              block_sizes: BlockSizes | None = None):
     """The Pallas TPU `norm_qkv_rope`: the reference's arguments plus interpret, block_sizes."""
-    _check(x, norm_scale, wq, wk, wv, positions)
+    check_args(x, norm_scale, wq, wk, wv, positions)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"norm_qkv_rope: x must be float32 or bfloat16, got {x.dtype=}")
     for name, w in (("wq", wq), ("wk", wk), ("wv", wv)):

@@ -19,7 +19,7 @@ def norm_swiglu_reference(
     eps: float,
 ) -> jax.Array:
     """Plain-jnp twin: returns silu(LN(x)·w_gate) * (LN(x)·w_up), [B, T, F] in x's dtype."""
-    _check(x, norm_scale, w_gate, w_up)
+    check_args(x, norm_scale, w_gate, w_up)
     h = layer_norm_f32(x, norm_scale, eps).astype(x.dtype)  # [B, T, D]
     gate = matmul_f32("BTD,DF->BTF", h, w_gate)
     up = matmul_f32("BTD,DF->BTF", h, w_up)
@@ -37,14 +37,14 @@ def norm_swiglu_reference_bwd(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Hand-written backward of `norm_swiglu_reference` in plain jnp, step for step what the
     Pallas backward does tile by tile; returns (dx, d_norm_scale, d_w_gate, d_w_up)."""
-    _check(x, norm_scale, w_gate, w_up)
+    check_args(x, norm_scale, w_gate, w_up)
     b, t, d = x.shape
     x2 = x.reshape(b * t, d)  # [M, D]
     mean, rstd = row_stats(x2, eps)  # [M, 1] each
     xn = layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype)  # LN(x) [M, D]
     gate = matmul_f32("MD,DF->MF", xn, w_gate)
     up = matmul_f32("MD,DF->MF", xn, w_up)
-    d_gate, d_up = _swiglu_bwd(gate, up, dh.reshape(b * t, -1), x.dtype)  # [M, F] each
+    d_gate, d_up = swiglu_bwd(gate, up, dh.reshape(b * t, -1), x.dtype)  # [M, F] each
     dxn = matmul_f32("MF,DF->MD", d_gate, w_gate) + matmul_f32("MF,DF->MD", d_up, w_up)
     dw_gate = matmul_f32("MD,MF->DF", xn, d_gate).astype(w_gate.dtype)
     dw_up = matmul_f32("MD,MF->DF", xn, d_up).astype(w_up.dtype)
@@ -52,7 +52,7 @@ def norm_swiglu_reference_bwd(
     return dx.reshape(x.shape), dscale, dw_gate, dw_up
 
 
-def _swiglu_bwd(gate, up, dh, dtype):
+def swiglu_bwd(gate, up, dh, dtype):
     """Cotangents of the float32 pre-activations of h = silu(gate) * up, rounded to `dtype` for
     the matmuls that consume them. silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))."""
     dh = dh.astype(jnp.float32)
@@ -62,7 +62,8 @@ def _swiglu_bwd(gate, up, dh, dtype):
     return d_gate.astype(dtype), d_up.astype(dtype)
 
 
-def _check(x, norm_scale, w_gate, w_up) -> None:
+def check_args(x, norm_scale, w_gate, w_up) -> None:
+    """The argument checks every implementation runs first: ValueError naming what is wrong."""
     if x.ndim != 3:
         raise ValueError(f"norm_swiglu: x must be [B, T, D], got {x.shape=}")
     d = x.shape[-1]

@@ -71,7 +71,7 @@ from kernels._tpu import (
     sublane,
     tile_bytes,
 )
-from kernels.norm_swiglu.reference import _check, _swiglu_bwd
+from kernels.norm_swiglu.reference import check_args, swiglu_bwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +255,7 @@ def _bwd_gates_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, dh_ref, dgate
 
     @pl.when(pl.program_id(2) == n_steps - 1)
     def _epilogue():
-        d_gate, d_up = _swiglu_bwd(gate_acc[...], up_acc[...], dh_ref[...], dgate_ref.dtype)
+        d_gate, d_up = swiglu_bwd(gate_acc[...], up_acc[...], dh_ref[...], dgate_ref.dtype)
         dgate_ref[...] = d_gate
         dup_ref[...] = d_up
 
@@ -373,7 +373,7 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: _Settings):
 
 def _check_pallas(x, norm_scale, w_gate, w_up, block_sizes) -> BlockSizes:
     """The reference's shape checks plus what the kernels need; returns the block sizes."""
-    _check(x, norm_scale, w_gate, w_up)
+    check_args(x, norm_scale, w_gate, w_up)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"norm_swiglu: x must be float32 or bfloat16, got {x.dtype=}")
     if w_gate.dtype != x.dtype or w_up.dtype != x.dtype:

@@ -26,7 +26,7 @@ def rope_angles(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.A
 
 def rope_reference(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Array:
     """Rotates x [B, T, H, K] or [B, T, K] by positions int [B, T]; math in float32."""
-    _check(x, positions)
+    check_args(x, positions)
     cos, sin = rope_angles(positions, x.shape[-1], base)  # [B, T, K/2]
     if x.ndim == 4:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, K/2]
@@ -35,7 +35,8 @@ def rope_reference(x: jax.Array, positions: jax.Array, *, base: float = 10000.0)
     return out.astype(x.dtype)
 
 
-def _check(x: jax.Array, positions: jax.Array) -> None:
+def check_args(x: jax.Array, positions: jax.Array) -> None:
+    """The argument checks every implementation runs first: ValueError naming what is wrong."""
     if x.ndim not in (3, 4):
         raise ValueError(f"rope: x must be [B, T, H, K] or [B, T, K], got {x.shape=}")
     if x.shape[-1] % 2:

@@ -34,7 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
 from kernels._tpu import MiB, compiler_params, round_up, tile_bytes
-from kernels.rope.reference import _check, inv_frequencies
+from kernels.rope.reference import check_args, inv_frequencies
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ _rope.defvjp(_rope_fwd, _rope_bwd)
 def rope_pallas_tpu(x: jax.Array, positions: jax.Array, *, base: float = 10000.0,
                     interpret: Any = None, block_sizes: BlockSizes | None = None) -> jax.Array:
     """The Pallas TPU `rope`: same arguments as `rope_reference` plus interpret, block_sizes."""
-    _check(x, positions)
+    check_args(x, positions)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"rope: x must be float32 or bfloat16, got {x.dtype=}")
     if block_sizes is None:
