@@ -271,6 +271,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                              "to continue it or choose another --out")
 
     created = not run_dir.exists()
+    checkpointer = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
@@ -284,8 +285,9 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                                         max_batches=1, process_count=jax.process_count())
         except ValueError as e:
             raise TrainError(f"{e}: give more text, or a smaller --batch-size or --seq-len") from e
-        write_run_config(run_dir, config, tc, sources, weights, val_fraction, command)
     except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -307,6 +309,8 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
             loader.close()
             raise TrainError(f"--steps {tc.steps} is not above step {latest}, where the run in "
                              f"{run_dir} stands; pass a larger --steps to train further")
+    # Written once the run is known to go ahead; a resumed run records its new settings.
+    write_run_config(run_dir, config, tc, sources, weights, val_fraction, command)
 
     train_step = make_train_step(config, tc)
     eval_step = make_eval_step(config, tc)
