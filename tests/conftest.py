@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import hypothesis
@@ -46,19 +47,75 @@ def assert_close(actual, expected, dtype, *, factor: float = 1.0, what: str = ""
     assert err <= tol, f"{what} relative error {err:.3g} > {tol:.3g} ({name})"
 
 
-def races_found() -> bool:
-    """Whether the TPU interpreter's race detector flagged the last kernel run with
-    `pltpu.InterpretParams(detect_races=True)`.
+class RaceLog:
+    """Every race-detection state the TPU interpreter creates while it is entered.
 
-    The flag lives in a private module (jax 0.10/0.11); if it moves, this returns False and the
-    race cases degrade to plain interpret-mode checks rather than failing spuriously.
+    The interpreter (`pltpu.InterpretParams(detect_races=True)`) keeps its race state in a
+    module global that each kernel call replaces, so looking at it after a test would judge
+    only the last kernel run (a vjp runs three or four). This records each state as it is
+    created instead. On a clean exit it asserts that race detection really ran (some kernel
+    had its memory accesses checked: the interpreter creates a state for every call, checked
+    or not, so a created state proves nothing) and found no race; `check=False` leaves the
+    judging to the caller (the planted-race test).
+
+    Private API (`jax._src.pallas.mosaic.interpret.interpret_pallas_call`, jax 0.10 and 0.11):
+    if it moves, the recorded list stays empty and the exit check fails, on purpose, rather
+    than every race case passing without a detector.
+
+        with RaceLog():
+            out = kernel(..., interpret=pltpu.InterpretParams(detect_races=True))
     """
-    try:
-        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    except ImportError:
-        return False
-    races = getattr(ipc, "races", None)
-    return bool(races is not None and races.races_found)
+
+    def __init__(self, *, check: bool = True):
+        self.check = check
+        self.states: list = []
+        self._monkeypatch = None
+
+    def __enter__(self) -> "RaceLog":
+        try:
+            from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+        except ImportError:
+            return self
+        original = getattr(ipc, "RaceDetectionState", None)
+        if original is None:
+            return self
+
+        def recording(*args, **kwargs):
+            state = original(*args, **kwargs)
+            self.states.append(state)
+            return state
+
+        self._monkeypatch = pytest.MonkeyPatch()
+        self._monkeypatch.setattr(ipc, "RaceDetectionState", recording)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._monkeypatch is not None:
+            self._monkeypatch.undo()
+        if exc_type is None and self.check:
+            self.assert_clean()
+
+    @property
+    def kernels_checked(self) -> int:
+        """Kernel calls whose memory accesses the detector saw (detection on)."""
+        return sum(bool(s.reads or s.writes) for s in self.states)
+
+    @property
+    def races_found(self) -> bool:
+        return any(s.races_found for s in self.states)
+
+    def assert_clean(self) -> None:
+        assert self.kernels_checked, (
+            f"race detection was asked for but checked no kernel ({len(self.states)} "
+            "interpreter states recorded; has jax's private race-detection API moved?)")
+        assert not self.races_found, (
+            f"the TPU interpreter found a data race in one of {self.kernels_checked} kernel "
+            "calls (its RACE DETECTED report is in the captured stdout)")
+
+
+def race_log(enabled: bool) -> contextlib.AbstractContextManager:
+    """A checking `RaceLog` when `enabled`, else a context that checks nothing."""
+    return RaceLog() if enabled else contextlib.nullcontext()
 
 
 def pytest_addoption(parser):

@@ -16,9 +16,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.mq_flash_attention as mfa
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, RaceLog, assert_close, race_log
 from kernels.mq_flash_attention import BlockSizes
-from kernels._tpu import VMEM_BUDGET
+from kernels._tpu import vmem_budget
 from kernels.mq_flash_attention import tpu as mfa_tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
@@ -30,38 +30,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 def run(fn, *args):
     return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
-
-class _RaceLog:
-    """Records races seen by the TPU interpreter across kernels.
-
-    The interpreter keeps a fresh `races` state per kernel call, so after a forward and two
-    backward kernels only the last one's would be left to inspect; recording every state
-    the interpreter creates keeps them all. Private API: skipped if it moved.
-    """
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        self.states = []
-        try:
-            from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-        except ImportError:
-            self.available = False
-            return
-        self.available = hasattr(ipc, "RaceDetectionState")
-        if self.available:
-            original = ipc.RaceDetectionState
-
-            def recording(*args, **kwargs):
-                state = original(*args, **kwargs)
-                self.states.append(state)
-                return state
-
-            monkeypatch.setattr(ipc, "RaceDetectionState", recording)
-
-    def assert_none(self):
-        if self.available:
-            assert self.states, "race detection was asked for but never ran"
-            assert not any(s.races_found for s in self.states), "the TPU interpreter found races"
 
 
 @st.composite
@@ -119,19 +87,12 @@ SHORT_QUERIES = _case(dtype="float32", heads=4, q_len=60, kv_len=300, head_dim=6
 
 @hypothesis.given(attention_cases())
 def test_forward_matches_reference(case):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        races = _RaceLog(monkeypatch) if case["races"] else None
-        _test_forward_matches_reference(case, races)
-
-
-def _test_forward_matches_reference(case, races):
     q, k, v, _ = _inputs(case)
-    out = run(_pallas(case), q, k, v)
+    with race_log(case["races"]):
+        out = run(_pallas(case), q, k, v)
     expected = run(_reference(case), q, k, v)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_close(out, expected, case["dtype"], what="o")
-    if races:
-        races.assert_none()
 
 
 def assert_grad_close(got, want, dtype, *, what: str) -> None:
@@ -156,14 +117,9 @@ def _vjp(fn):
 @hypothesis.example(SELF_ATTENTION)
 @hypothesis.given(attention_cases())
 def test_vjp_and_gradients_match_reference(case):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        races = _RaceLog(monkeypatch) if case["races"] else None
-        _test_vjp_and_gradients_match_reference(case, races)
-
-
-def _test_vjp_and_gradients_match_reference(case, races):
     q, k, v, do = _inputs(case)
-    out, grads = run(_vjp(_pallas(case)), q, k, v, do)
+    with race_log(case["races"]):  # the forward and both backward kernels checked
+        out, grads = run(_vjp(_pallas(case)), q, k, v, do)
     # The truth is the reference in float32 on the same (possibly bf16-rounded) inputs: the
     # bf16 reference's own gradients round p, dp and ds to bf16 and are no closer to it.
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
@@ -172,8 +128,6 @@ def _test_vjp_and_gradients_match_reference(case, races):
     for name, got, want, x in zip(("dq", "dk", "dv"), grads, expected_grads, (q, k, v)):
         assert got.dtype == x.dtype and got.shape == x.shape, name
         assert_grad_close(got, want, case["dtype"], what=name)
-    if races:
-        races.assert_none()
 
 
 def test_no_races_on_two_cores():
@@ -188,10 +142,8 @@ def test_no_races_on_two_cores():
         return mfa.mq_flash_attention(q, k, v, impl="pallas_tpu", interpret=interpret,
                                       block_sizes=case["blocks"])
 
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        races = _RaceLog(monkeypatch)
+    with RaceLog():
         out, grads = run(_vjp(pallas), q, k, v, do)
-        races.assert_none()
     expected_out, expected_grads = run(_vjp(_reference(case)), q, k, v, do)
     assert_close(out, expected_out, "float32", what="o")
     for name, got, want in zip(("dq", "dk", "dv"), grads, expected_grads):
@@ -260,7 +212,7 @@ def test_default_blocks_shrink_for_small_and_wide_shapes():
                                    dtype=jnp.float32)
     assert small == BlockSizes(128, 128, 128, 128, 128, 128)
     wide = BlockSizes.get_default(**{**PALM_8B, "dtype": jnp.float32, "head_dim": 512})
-    budget = VMEM_BUDGET["mq_flash_attention"]
+    budget = vmem_budget("TPU v4")
     assert all(v <= budget for v in mfa.vmem_bytes(wide, 512, jnp.float32).values())
 
 
