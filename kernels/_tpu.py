@@ -14,20 +14,64 @@ from jax.experimental.pallas import tpu as pltpu
 
 LANE = 128
 MiB = 2**20
-# The scoped VMEM a kernel may use without raising `vmem_limit_bytes`: 16 MiB on v4 and v5e
-# (v5p and v6e allow 32 MiB). No kernel here raises it.
-SCOPED_VMEM = 16 * MiB
-# What a kernel's default tiles aim under where its `BlockSizes.get_default` shrinks tiles to
-# fit (`vmem_bytes`): the scoped VMEM less headroom for Mosaic's internal scratch and
-# temporaries. One number would change a default: block_out keeps a whole [512, 4096] dy row
-# resident at PaLM-8B (12.75 MiB, so not under 12), and 13 MiB would give norm_qkv_rope more
-# rows for float32 inputs at PaLM shapes. rope, norm_swiglu and mq_decode_attention aim at
-# fixed tile sizes that stay far below SCOPED_VMEM (their tpu.py docstrings give the numbers).
-VMEM_BUDGET = {
-    "norm_qkv_rope": 12 * MiB,
-    "mq_flash_attention": 12 * MiB,
-    "block_out": 13 * MiB,
+# VMEM per TensorCore by device_kind (as the TPU runtime reports it), the figures of JAX's own
+# jax/_src/pallas/mosaic/tpu_info.py (jax 0.10.2). v5p reports "TPU v5", v5e "TPU v5 lite" and
+# v6e "TPU v6 lite"; both spellings are listed.
+VMEM_CAPACITY = {
+    "TPU v4": 16 * MiB,
+    "TPU v5 lite": 128 * MiB,
+    "TPU v5e": 128 * MiB,
+    "TPU v5": 64 * MiB,
+    "TPU v5p": 64 * MiB,
+    "TPU v6 lite": 128 * MiB,
+    "TPU v6e": 128 * MiB,
 }
+# The generation assumed when none can be read (not on a TPU, no abstract mesh naming one, or a
+# device_kind missing above): the one with the least VMEM, so the tiles fit everywhere.
+SMALLEST_GENERATION = "TPU v4"
+# Mosaic's default scoped VMEM limit is 16 MiB on v4/v5e (32 MiB on v5p/v6e); `vmem_limit` never
+# asks for less than this, so an estimate that undercounts costs nothing where it used to work.
+SCOPED_VMEM = 16 * MiB
+
+
+def target_generation() -> str:
+    """The TPU generation a kernel is being built for, as a `VMEM_CAPACITY` key: the abstract
+    mesh's device_kind when one is set (how tests/tpu_export.py targets a generation from a CPU
+    machine), else the default device's when it is a TPU, else `SMALLEST_GENERATION`."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    kind = device.device_kind if device is not None else None
+    if kind is None and jax.default_backend() == "tpu":
+        kind = jax.devices()[0].device_kind
+    return kind if kind in VMEM_CAPACITY else SMALLEST_GENERATION
+
+
+def vmem_capacity(generation: str | None = None) -> int:
+    """VMEM bytes per TensorCore of `generation` (default `target_generation()`)."""
+    return VMEM_CAPACITY.get(generation or target_generation(), VMEM_CAPACITY[SMALLEST_GENERATION])
+
+
+def vmem_headroom(generation: str | None = None) -> int:
+    """What a kernel leaves free: a quarter of the capacity (4 MiB on v4), for Mosaic's internal
+    scratch (`internal_scratch_in_bytes`), register spills, semaphores and the small values our
+    estimates do not itemise."""
+    return vmem_capacity(generation) // 4
+
+
+def vmem_budget(generation: str | None = None) -> int:
+    """The most a kernel's `vmem_bytes` estimate (tiles, scratch and in-kernel temporaries) may
+    be for its default tiles: capacity less `vmem_headroom` (v4 12 MiB, v5p 48 MiB, v5e and v6e
+    96 MiB)."""
+    return vmem_capacity(generation) - vmem_headroom(generation)
+
+
+def vmem_limit(estimate: int, generation: str | None = None) -> int:
+    """`vmem_limit_bytes` for a kernel whose estimate is `estimate`: the estimate plus the
+    headroom, in whole MiB, at least the default scoped limit, at most the capacity (a larger
+    estimate, from explicit oversized tiles, is left for Mosaic to refuse)."""
+    want = round_up(estimate, MiB) + vmem_headroom(generation)
+    return min(vmem_capacity(generation), max(SCOPED_VMEM, want))
+
+
 # dot_general dimension numbers for a·bᵀ (contract both operands' minor axes).
 NT_DIMS = (((1,), (1,)), ((), ()))
 
@@ -67,6 +111,40 @@ def check_multiple(owner: str, name: str, value, multiple: int) -> None:
         raise ValueError(f"{owner}.{name} must be a positive multiple of {multiple}, got {value!r}")
 
 
+def check_block_shape(block_shape, array_shape, dtype, what: str) -> None:
+    """ValueError unless a BlockSpec's block shape is a legal Mosaic tiling of an operand.
+
+    Mosaic's rule, per block dimension against the (padded) array dimension: the last a multiple
+    of 128 lanes or the whole dimension; the second-to-last a multiple of `sublane(dtype)` rows
+    (8 for 32-bit types, 16 for bf16, which packs two rows per sublane) or the whole dimension.
+    Leading dimensions are free; None (a squeezed dimension) is a block of 1 and allowed
+    anywhere but the last two. Pallas' own check at lowering uses 8 rows whatever the dtype;
+    the bf16 rule is libtpu's, which an export from CPU never runs.
+
+    Args:
+      block_shape: the BlockSpec's block shape (ints, None for squeezed dimensions).
+      array_shape: the operand's shape as the pallas_call receives it (after padding).
+      dtype: the operand's dtype.
+      what: "<kernel> <operand>", for the message.
+    """
+    if len(block_shape) != len(array_shape):
+        raise ValueError(f"{what}: block shape {tuple(block_shape)} has a different rank than the "
+                         f"operand {tuple(array_shape)}")
+    rules = ((1, LANE, "lanes"), (2, sublane(dtype), f"sublane rows for {jnp.dtype(dtype).name}"))
+    for back, multiple, unit in rules:
+        if len(block_shape) < back:
+            continue
+        block, dim = block_shape[-back], array_shape[-back]
+        if block is None:
+            block = 1
+        if block != dim and block % multiple:
+            raise ValueError(
+                f"{what}: block shape {tuple(block_shape)} of operand {tuple(array_shape)} "
+                f"{jnp.dtype(dtype).name}: dimension {len(block_shape) - back} is {block}, which "
+                f"must be a multiple of {multiple} ({unit}) or the whole dimension {dim} "
+                "(Mosaic tiling)")
+
+
 def pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Zero-pads `a` at the end of each axis to `shape` (no copy when it already fits)."""
     if a.shape == tuple(shape):
@@ -79,8 +157,10 @@ def pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
     return pad_to(a, (rows, cols))
 
 
-def compiler_params(*semantics: str) -> pltpu.CompilerParams:
+def compiler_params(*semantics: str, vmem_bytes: int) -> pltpu.CompilerParams:
     """Mosaic parameters: the grid's dimension semantics ("parallel" axes may be split across
     TensorCores on v4/v5p megacore; a contraction or carried axis is "arbitrary", i.e.
-    sequential)."""
-    return pltpu.CompilerParams(dimension_semantics=semantics)
+    sequential) and `vmem_limit_bytes` from the kernel's VMEM estimate (`vmem_limit`), for the
+    generation being targeted."""
+    return pltpu.CompilerParams(dimension_semantics=semantics,
+                                vmem_limit_bytes=vmem_limit(vmem_bytes))

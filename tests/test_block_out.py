@@ -108,11 +108,12 @@ def test_reference_bwd_matches_autodiff(dtype, b, t, d, h, k, f, seed):
 
 
 def test_default_block_sizes():
-    # PaLM-8B: 512 tiles; the backward holds a full-D dy row tile (read once), 12.75 MiB.
-    bs = bo.BlockSizes.get_default(2048, 4096, 16 * 256, 16384, jnp.bfloat16)
+    # PaLM-8B on v5p and up (v4's budget is too small; tests/test_tpu_rules.py): 512 tiles;
+    # the backward holds a full-D dy row tile (read once), 13 MiB.
+    bs = bo.BlockSizes.get_default(2048, 4096, 16 * 256, 16384, jnp.bfloat16, "TPU v5p")
     assert bs == bo.BlockSizes(block_c_bwd=128, block_d_bwd=4096)
     # PaLM-540B: D = 18432 is too wide to hold; 512 tiles throughout.
-    bs540 = bo.BlockSizes.get_default(2048, 18432, 48 * 256, 73728, jnp.bfloat16)
+    bs540 = bo.BlockSizes.get_default(2048, 18432, 48 * 256, 73728, jnp.bfloat16, "TPU v5p")
     assert bs540 == bo.BlockSizes()
     for b in (bs, bs540):
         assert max(bo.vmem_bytes(b, jnp.bfloat16).values()) <= 16 * 2**20

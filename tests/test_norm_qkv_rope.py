@@ -127,10 +127,11 @@ def test_layer_norm_backward_matches_autodiff():
 
 def test_block_sizes_default_and_validation():
     for name, (d, h, k) in PALM.items():
-        blocks = BlockSizes.get_default((1, 2048, d), (d, h, k), jnp.bfloat16)
+        # v5p and up; v4's budget shrinks the rows (tests/test_tpu_rules.py).
+        blocks = BlockSizes.get_default((1, 2048, d), (d, h, k), jnp.bfloat16, "TPU v5p")
         assert (blocks.block_rows, blocks.block_heads, blocks.block_d) == (512, 4, 512), name
         assert (blocks.block_rows_bwd, blocks.block_heads_bwd, blocks.block_d_bwd) == (512, 2, 512)
-        assert vmem_bytes((1, 2048, d), (d, h, k), jnp.bfloat16, blocks)["max"] <= 16 * 2**20
+        assert vmem_bytes((1, 2048, d), (d, h, k), jnp.bfloat16, blocks)["max"] <= 48 * 2**20
     small = BlockSizes.get_default((1, 1, 24), (24, 3, 8), jnp.float32)  # one decoding step
     assert (small.block_rows, small.block_heads, small.block_d) == (8, 3, 24)
     hash(small)  # static argument

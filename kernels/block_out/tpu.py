@@ -20,11 +20,12 @@ Pallas is used only where it saves bytes:
   per output tile whatever runs them and write nothing intermediate, so a Pallas kernel would
   move the same bytes as XLA's matmul emitter.
 
-VMEM (bf16, `vmem_bytes`: double-buffered blocks plus the float32 accumulator): forward
-7.0 MiB at both PaLM-8B and 540B; backward 12.75 MiB at PaLM-8B (a [512, 4096] dy row tile,
-[128, 4096] weight tiles) and 6.0 MiB at PaLM-540B (512 tiles: a full D = 18432 row tile
-would need 36 MiB); temporaries are small (the [bt, bc] dot result). All inside the 16 MiB
-default scoped VMEM of v4/v5e.
+VMEM (bf16, `vmem_bytes`: double-buffered blocks, the float32 accumulator and the float32
+temporaries, i.e. the dot result and the widened x): forward 9.0 MiB at both PaLM-8B and 540B;
+backward 13.0 MiB with a resident [512, 4096] dy row tile at PaLM-8B, which the default uses
+where it fits the target generation's `vmem_budget` (v5e, v5p, v6e; not v4's 12 MiB, which
+gets 512 tiles throughout: 7.0 MiB, as at PaLM-540B, where a full D = 18432 row tile would
+need 36 MiB). `vmem_limit_bytes` is set from the estimate.
 
 HBM bytes at PaLM-8B (B=1, T=2048, D=4096, H*K=4096, F=16384, bf16), each tensor counted once:
 - forward: reads x 16 + o 16 + h 64 + wo 32 + w_down 128, writes 16: 272 MiB. The unfused
@@ -52,7 +53,6 @@ from kernels._common import tpu_interpret
 from kernels._tpu import (
     LANE,
     NT_DIMS,
-    VMEM_BUDGET,
     check_multiple,
     compiler_params,
     pad2,
@@ -60,6 +60,7 @@ from kernels._tpu import (
     pick_shared_block,
     round_up,
     sublane,
+    vmem_budget,
 )
 from kernels.block_out.reference import check_args, weight_grads
 
@@ -89,33 +90,40 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, rows: int, d_model: int, attn_width: int, d_ff: int,
-                    dtype=jnp.bfloat16) -> "BlockSizes":
+                    dtype=jnp.bfloat16, generation: str | None = None) -> "BlockSizes":
         """Tiles for x [rows, d_model], o [rows, attn_width = H*K], h [rows, d_ff].
 
         Forward: 512-wide tiles (they divide every PaLM shape), shrunk for small shapes.
         Backward: a full-D dy row tile with bt = 512 and bc = 128 when it fits
-        `VMEM_BUDGET["block_out"]` (13 MiB; PaLM-8B needs 12.75 MiB), so dy is read once
-        instead of once per C tile; otherwise (PaLM-540B, D = 18432) 512-wide tiles throughout.
+        `vmem_budget(generation)` (default: the target generation; PaLM-8B bf16 needs 13 MiB),
+        so dy is read once instead of once per C tile; otherwise (v4, PaLM-540B) 512-wide
+        tiles throughout. Row tiles are halved while a kernel still exceeds the budget.
         """
         sub = sublane(dtype)
         bt = pick_block(rows, 512, sub)
         bd = pick_block(d_model, 512, LANE)
         bc = pick_shared_block((attn_width, d_ff), 512, LANE)
         resident = cls(bt, bd, bc, bt, LANE, round_up(d_model, LANE))
-        if vmem_bytes(resident, dtype)["bwd_dact"] <= VMEM_BUDGET["block_out"]:
+        budget = vmem_budget(generation)
+        if max(vmem_bytes(resident, dtype).values()) <= budget:
             return resident
-        return cls(bt, bd, bc, bt, bc, bd)
+        while True:
+            blocks = cls(bt, bd, bc, bt, bc, bd)
+            if bt <= sub or max(vmem_bytes(blocks, dtype).values()) <= budget:
+                return blocks
+            bt = max(sub, bt // 2 // sub * sub)
 
 
 def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
-    """VMEM each kernel needs: double-buffered input and output tiles plus scratch."""
+    """VMEM each kernel needs: double-buffered input and output tiles, scratch, and the float32
+    temporaries (the dot result; the forward's widened x tile)."""
     s = jnp.dtype(dtype).itemsize
     bt, bd, bc = block_sizes.block_t, block_sizes.block_d, block_sizes.block_c
     # x, (o, wo), (h, w_down) and the output double-buffered; the f32 accumulator.
-    fwd = 2 * (bt * bd * s + 2 * (bt * bc * s + bc * bd * s) + bt * bd * s) + bt * bd * 4
+    fwd = 2 * (bt * bd * s + 2 * (bt * bc * s + bc * bd * s) + bt * bd * s) + 3 * bt * bd * 4
     bt, bc, bd = block_sizes.block_t_bwd, block_sizes.block_c_bwd, block_sizes.block_d_bwd
     # dy, wo, w_down and the do and dh tiles double-buffered; the f32 accumulator.
-    dact = 2 * (bt * bd * s + 2 * bc * bd * s + 2 * bt * bc * s) + bt * bc * 4
+    dact = 2 * (bt * bd * s + 2 * bc * bd * s + 2 * bt * bc * s) + 2 * bt * bc * 4
     return {"fwd": fwd, "bwd_dact": dact}
 
 
@@ -187,7 +195,8 @@ def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
         ],
         out_specs=pl.BlockSpec((bt, bd), lambda i, j, c: (i, j)),
         scratch_shapes=[pltpu.VMEM((bt, bd), jnp.float32)],
-        compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+        compiler_params=compiler_params("parallel", "parallel", "arbitrary",
+                                        vmem_bytes=vmem_bytes(bs, x2.dtype)["fwd"]),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_block_out_fwd",
@@ -269,7 +278,8 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
             pl.BlockSpec((bt, bc), lambda i, c, k: (i, jnp.maximum(c - na, 0))),  # dh [M, F]
         ],
         scratch_shapes=[pltpu.VMEM((bt, bc), jnp.float32)],
-        compiler_params=compiler_params("parallel", "arbitrary", "arbitrary"),
+        compiler_params=compiler_params("parallel", "arbitrary", "arbitrary",
+                                        vmem_bytes=vmem_bytes(bs, dy2.dtype)["bwd_dact"]),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_block_out_bwd_dact",

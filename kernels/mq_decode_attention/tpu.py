@@ -65,7 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
-from kernels._tpu import LANE, compiler_params, round_up
+from kernels._tpu import LANE, compiler_params, round_up, vmem_budget
 from kernels.mq_decode_attention.reference import check_args, check_lengths
 
 
@@ -91,7 +91,7 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, seq_len: int, num_heads: int, head_dim: int, *, dtype=jnp.bfloat16,
-                    batch: int | None = None) -> BlockSizes:
+                    batch: int | None = None, generation: str | None = None) -> BlockSizes:
         """Tiles for a cache of seq_len slots, num_heads query heads, head_dim K.
 
         block_s: about 1 MiB of k + v per tile (1024 rows at K=256 bf16), so each grid step's
@@ -100,15 +100,22 @@ class BlockSizes:
         num_splits: 2 when the batch is odd or unknown and the cache spans 2+ tiles, so that
         both TensorCores of a megacore chip get work (an even batch already shares evenly);
         1 otherwise, which also skips the combine epilogue.
+        block_s is then halved (down to 128) while `vmem_bytes` exceeds
+        `vmem_budget(generation)` (default: the target generation).
         """
         itemsize = jnp.dtype(dtype).itemsize
         rows = (1 << 20) // (2 * head_dim * itemsize)
         rows = min(rows, (256 << 10) // (4 * max(num_heads, 1)))
         rows = max(LANE, rows // LANE * LANE)
         block_s = min(rows, round_up(seq_len, 8))
-        tiles = -(-seq_len // block_s)
-        splits = 2 if tiles >= 2 and (batch is None or batch % 2) else 1
-        return cls(block_s=block_s, num_splits=splits)
+        budget = vmem_budget(generation)
+        while True:
+            tiles = -(-seq_len // block_s)
+            splits = 2 if tiles >= 2 and (batch is None or batch % 2) else 1
+            blocks = cls(block_s=block_s, num_splits=splits)
+            if block_s <= LANE or vmem_bytes(blocks, num_heads, head_dim, dtype) <= budget:
+                return blocks
+            block_s = max(LANE, block_s // 2 // LANE * LANE)
 
 
 def vmem_bytes(block_sizes: BlockSizes, num_heads: int, head_dim: int, dtype=jnp.bfloat16) -> int:
@@ -277,7 +284,9 @@ def mq_decode_attention_pallas_tpu(
             kernel,
             grid_spec=grid_spec,
             out_shape=out_shape,
-            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+            compiler_params=compiler_params(
+                "parallel", "parallel", "arbitrary",
+                vmem_bytes=vmem_bytes(BlockSizes(block_s, splits), heads, head_dim, q.dtype)),
             cost_estimate=cost,
             interpret=interpret,
             name="palm_mq_decode_fwd",

@@ -65,9 +65,9 @@ VMEM (`vmem_bytes`; double-buffered in/out blocks + scratch + an allowance for t
   dk/dv    block_q_dkv=512, block_k_dkv=512:  ~8.1 MiB
   dq       block_q_dq=1024, block_k_dq=256:   ~9.6 MiB
 The tiles are rows of the folded matrix, so these numbers are the same for PaLM-8B (H=16)
-and PaLM-540B (H=48); all fit the 16 MiB default scoped VMEM of v4/v5e (32 MiB on v5p/v6e),
-and `BlockSizes.get_default` halves tiles until every kernel is under 12 MiB (f32 inputs,
-K > 256). Arithmetic intensity against the re-read operand is block_q flops/byte forward
+and PaLM-540B (H=48). `BlockSizes.get_default` halves tiles until every kernel fits the
+target generation's `vmem_budget` (12 MiB on v4; f32 inputs or K > 256 need it), and each
+pallas_call sets `vmem_limit_bytes` from its estimate. Arithmetic intensity against the re-read operand is block_q flops/byte forward
 (1024), 2*block_k_dkv for dk/dv (1024) and 1.5*block_q_dq for dq (1536): above the
 compute/bandwidth ridge of v4 (~230), v5e (~250), v5p (~165) and v6e (~575).
 """
@@ -90,12 +90,12 @@ from kernels._common import tpu_interpret
 from kernels._tpu import (
     LANE,
     NT_DIMS,
-    VMEM_BUDGET,
     check_multiple,
     compiler_params,
     pad_to,
     round_up,
     tile_bytes,
+    vmem_budget,
 )
 from kernels.mq_flash_attention.reference import check_args
 
@@ -136,15 +136,18 @@ class BlockSizes:
 
     @classmethod
     def get_default(
-        cls, *, q_len: int, kv_len: int, num_heads: int, head_dim: int, dtype: Any
+        cls, *, q_len: int, kv_len: int, num_heads: int, head_dim: int, dtype: Any,
+        generation: str | None = None,
     ) -> BlockSizes:
         """Tiles for one shape: the defaults above (sized for PaLM, bf16, K = 256), shrunk to
         the problem, then halved (largest tile first) while a kernel's `vmem_bytes`
-        exceeds 12 MiB (`VMEM_BUDGET`), as for f32 inputs or K > 256."""
+        exceeds `vmem_budget(generation)` (default: the target generation; 12 MiB on v4), as
+        for f32 inputs or K > 256."""
+        budget = vmem_budget(generation)
         blocks = cls().fit(q_len * num_heads, kv_len)
         while True:
             over = [name for name, size in vmem_bytes(blocks, head_dim, dtype).items()
-                    if size > VMEM_BUDGET["mq_flash_attention"]]
+                    if size > budget]
             if not over:
                 return blocks
             names = {"forward": ("block_q", "block_k"), "dkv": ("block_q_dkv", "block_k_dkv"),
@@ -379,7 +382,9 @@ def _forward(q, k, v, settings: _Settings):
             scratch_shapes=[pltpu.VMEM((bq, LANE), jnp.float32),
                             pltpu.VMEM((bq, LANE), jnp.float32),
                             pltpu.VMEM((bq, kp), jnp.float32)],
-            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+            compiler_params=compiler_params(
+                "parallel", "parallel", "arbitrary",
+                vmem_bytes=vmem_bytes(settings.blocks, kp, q.dtype)["forward"]),
             cost_estimate=cost,
             interpret=settings.interpret,
             name="palm_mq_flash_attention_fwd",
@@ -461,7 +466,9 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
             out_specs=(kv_spec, kv_spec),
             scratch_shapes=[pltpu.VMEM((bk, kp), jnp.float32),
                             pltpu.VMEM((bk, kp), jnp.float32)],
-            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+            compiler_params=compiler_params(
+                "parallel", "parallel", "arbitrary",
+                vmem_bytes=vmem_bytes(settings.blocks, kp, q.dtype)["dkv"]),
             cost_estimate=cost,
             interpret=settings.interpret,
             name="palm_mq_flash_attention_bwd_dkv",
@@ -533,7 +540,9 @@ def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
             scratch_shapes=[pltpu.VMEM((bq, kp), jnp.float32),
                             pltpu.VMEM((bq, LANE), jnp.float32),
                             pltpu.VMEM((bq, LANE), jnp.float32)],
-            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+            compiler_params=compiler_params(
+                "parallel", "parallel", "arbitrary",
+                vmem_bytes=vmem_bytes(settings.blocks, kp, q.dtype)["dq"]),
             cost_estimate=cost,
             interpret=settings.interpret,
             name="palm_mq_flash_attention_bwd_dq",

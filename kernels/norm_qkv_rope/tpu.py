@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import layer_norm_bwd, row_stats, tpu_interpret
-from kernels._tpu import VMEM_BUDGET, compiler_params, round_up, sublane, tile_bytes
+from kernels._tpu import compiler_params, round_up, sublane, tile_bytes, vmem_budget
 from kernels.norm_qkv_rope.reference import check_args
 from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
 
@@ -88,11 +88,6 @@ from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
 # dropped on write; a D that overhangs block_d would add garbage to the sums, so the last D tile
 # is masked (a static flag: no masking code at all where block_d divides D, as at PaLM shapes).
 # ----------------------------------------------------------------------------------------------
-
-# Default tiles keep a kernel's VMEM below this, leaving headroom under the 16 MiB scoped VMEM
-# of v4/v5e for Mosaic's internal scratch.
-_VMEM_TARGET = VMEM_BUDGET["norm_qkv_rope"]
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -125,10 +120,10 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, x_shape: tuple[int, ...], wq_shape: tuple[int, ...],
-                    dtype) -> "BlockSizes":
+                    dtype, generation: str | None = None) -> "BlockSizes":
         """512 rows and 512 of D per tile, 1024 query lanes (forward) or 512 (backward), rows
-        halved for as long as a kernel's VMEM exceeds `_VMEM_TARGET`; small shapes get one
-        tile per axis.
+        halved for as long as a kernel's VMEM exceeds `vmem_budget(generation)` (default: the
+        target generation; 12 MiB on v4); small shapes get one tile per axis.
 
         At PaLM shapes in bf16 this gives the forward an arithmetic intensity of ~270 flop per
         HBM byte (module docstring), above v4's, v5e's and v5p's ridge points (229, 246, 164).
@@ -138,6 +133,7 @@ class BlockSizes:
         b, t, d = x_shape
         _, h, k = wq_shape
         sub = sublane(dtype)
+        budget = vmem_budget(generation)
         block_d = d if d <= 512 else next((c for c in (512, 384, 256, 128) if d % c == 0), 512)
 
         def fit(make, kernels):
@@ -145,7 +141,7 @@ class BlockSizes:
             while True:
                 blocks = make(rows)
                 used = vmem_bytes(x_shape, wq_shape, dtype, blocks)
-                if max(used[name] for name in kernels) <= _VMEM_TARGET or rows <= sub:
+                if max(used[name] for name in kernels) <= budget or rows <= sub:
                     return blocks, rows
                 rows = max(sub, rows // 2)
 
@@ -172,8 +168,10 @@ def _pick_heads(h: int, k: int, lanes: int) -> int:
 
 def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
                blocks: BlockSizes) -> dict[str, int]:
-    """VMEM each kernel needs at these blocks (double-buffered blocks plus scratch, padded to
-    whole (sublane, 128-lane) tiles); `vmem_bytes(...)["max"]` is the largest."""
+    """VMEM each kernel needs at these blocks (double-buffered blocks, scratch and in-kernel
+    temporaries: the float32 LN(x) tile and its cast, the float32 dot result, and three float32
+    values the size of the rotated columns for RoPE's products and roll; all padded to whole
+    (sublane, 128-lane) tiles); `vmem_bytes(...)["max"]` is the largest."""
     b, t, d = x_shape
     _, h, k = wq_shape
     m = b * t
@@ -194,18 +192,21 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
     forward = (3 * column * bm + freq
                + 2 * (tile(bm, td) + tile(1, td) + tile(td, bn) + 2 * tile(td, k))  # inputs
                + 2 * (tile(bm, bn) + 2 * tile(bm, k))  # q, k, v blocks
-               + tile(bm, max(bn, 2 * k), 4) + 2 * tile(bm, k, 4))  # accumulator, cos/sin
+               + tile(bm, max(bn, 2 * k), 4) + 2 * tile(bm, k, 4)  # accumulator, cos/sin
+               + tile(bm, td, 4) + tile(bm, td) + 4 * tile(bm, max(bn, 2 * k), 4))  # temporaries
 
     bm, hb, td = clip(blocks.block_rows_bwd, blocks.block_heads_bwd, blocks.block_d_bwd)
     bn = hb * k
     bwd_dx = (column * bm + freq
               + 2 * (tile(bm, bn) + 2 * tile(bm, k) + tile(td, bn) + 2 * tile(td, k))  # inputs
               + 2 * (tile(bm, td) + tile(bm, bn) + tile(bm, k))  # dh, rotated dq and dk
-              + tile(bm, td, 4) + tile(bm, bn) + 2 * tile(bm, k, 4))  # acc, dq tile, cos/sin
+              + tile(bm, td, 4) + tile(bm, bn) + 2 * tile(bm, k, 4)  # acc, dq tile, cos/sin
+              + tile(bm, td, 4) + 3 * tile(bm, max(bn, 2 * k), 4))  # temporaries
     bwd_dw = (2 * column * bm
               + 2 * (tile(1, td) + tile(bm, td) + tile(bm, bn) + 2 * tile(bm, k))  # inputs
               + 2 * (tile(td, bn) + 2 * tile(td, k))  # dwq, dwk, dwv blocks
-              + tile(td, max(bn, 2 * k), 4))  # accumulator
+              + tile(td, max(bn, 2 * k), 4)  # accumulator
+              + tile(bm, td, 4) + tile(bm, td) + tile(td, max(bn, 2 * k), 4))  # temporaries
     return {"forward": forward, "bwd_dx": bwd_dx, "bwd_dw": bwd_dw,
             "max": max(forward, bwd_dx, bwd_dw)}
 
@@ -325,6 +326,11 @@ def _tiles(settings: _Settings, m: int, d: int, h: int, k: int, *, backward: boo
     return bm, hb, td, hb * k, pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
 
 
+def _vmem(settings: _Settings, m: int, d: int, h: int, k: int, dtype, kernel: str) -> int:
+    """`vmem_bytes` of one kernel on the flattened [M, D] rows."""
+    return vmem_bytes((1, m, d), (d, h, k), dtype, settings.block_sizes)[kernel]
+
+
 def _parked_maps(nq: int, n_contract: int):
     """Index maps for the forward's weights and bwd_dw's cotangents: operands split into query
     heads ([·, H*K], column tiles j < nq) and k/v ([·, K], the tile j == nq), on a grid
@@ -387,7 +393,9 @@ def _forward_call(settings: _Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd,
                 pltpu.VMEM((bm, k), jnp.float32),
                 pltpu.VMEM((bm, k), jnp.float32),
             ],
-            compiler_params=compiler_params("parallel", "arbitrary", "arbitrary"),
+            compiler_params=compiler_params(
+                "parallel", "arbitrary", "arbitrary",
+                vmem_bytes=_vmem(settings, m, d, h, k, x2.dtype, "forward")),
             cost_estimate=cost,
             interpret=settings.interpret,
             name="palm_norm_qkv_rope_fwd",
@@ -554,7 +562,9 @@ def _bwd_dx_call(settings: _Settings, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
                 pltpu.VMEM((bm, k), jnp.float32),
                 pltpu.VMEM((bm, k), jnp.float32),
             ],
-            compiler_params=compiler_params("parallel", "arbitrary", "arbitrary"),
+            compiler_params=compiler_params(
+                "parallel", "arbitrary", "arbitrary",
+                vmem_bytes=_vmem(settings, m, d, h, k, dq2.dtype, "bwd_dx")),
             cost_estimate=cost,
             interpret=settings.interpret,
             name="palm_norm_qkv_rope_bwd_dx",
@@ -600,7 +610,9 @@ def _bwd_dw_call(settings: _Settings, x2, scale, mean, rstd, gq, gk, gv, h: int,
                 jax.ShapeDtypeStruct((d, k), w_dtype),
             ],
             scratch_shapes=[pltpu.VMEM((td, max(bn, 2 * k)), jnp.float32)],
-            compiler_params=compiler_params("parallel", "arbitrary", "arbitrary"),
+            compiler_params=compiler_params(
+                "parallel", "arbitrary", "arbitrary",
+                vmem_bytes=_vmem(settings, m, d, h, k, x2.dtype, "bwd_dw")),
             cost_estimate=cost,
             interpret=settings.interpret,
             name="palm_norm_qkv_rope_bwd_dw",

@@ -32,10 +32,12 @@ Recomputing gate and up costs 4*M*D*F extra FLOPs (the backward does 12*M*D*F in
 8*M*D*F) and buys 2*M*F fewer activations kept alive per layer (128 MiB bf16 at PaLM-8B,
 B=1), and the forward's HBM savings below.
 
-VMEM (bf16, `vmem_bytes`: double-buffered blocks plus scratch; the same at PaLM-8B and 540B,
-as no tile depends on D or F): forward 7.0 MiB, bwd_gates 9.0 MiB, bwd_dx 6.0 MiB, bwd_dw
-7.0 MiB, plus in-kernel temporaries (the float32 LN(x) tile and dot results, up to ~4 MiB);
-inside the 16 MiB default scoped VMEM of v4/v5e.
+VMEM (`vmem_bytes`: double-buffered blocks, scratch and the in-kernel float32 temporaries,
+the LN(x) tile and dot results; the same at PaLM-8B and 540B, as no tile depends on D or F),
+bf16 at the 512 tiles: forward 10.5 MiB, bwd_gates 13.5 MiB, bwd_dx 7.0 MiB, bwd_dw 9.25 MiB.
+Default tiles shrink (largest first) until every kernel fits the target generation's
+`vmem_budget` (12 MiB on v4: f32 at 512 tiles would need 20 MiB for bwd_gates), and
+`vmem_limit_bytes` is set from the estimate.
 
 HBM bytes at PaLM-8B (B=1, T=2048, D=4096, F=16384, bf16), counting each tensor once
 (compulsory traffic; tile re-reads, which any tiled matmul has, are in the CostEstimates):
@@ -70,6 +72,7 @@ from kernels._tpu import (
     round_up,
     sublane,
     tile_bytes,
+    vmem_budget,
 )
 from kernels.norm_swiglu.reference import check_args, swiglu_bwd
 
@@ -98,22 +101,41 @@ class BlockSizes:
             check_multiple("BlockSizes", name, getattr(self, name), LANE)
 
     @classmethod
-    def get_default(cls, rows: int, d_model: int, d_ff: int, dtype=jnp.bfloat16) -> "BlockSizes":
-        """512-wide tiles (they divide every PaLM shape), shrunk to fit small shapes.
+    def get_default(cls, rows: int, d_model: int, d_ff: int, dtype=jnp.bfloat16,
+                    generation: str | None = None) -> "BlockSizes":
+        """512-wide tiles (they divide every PaLM shape), shrunk to fit small shapes, then the
+        largest tile of a pass halved while one of its kernels exceeds `vmem_budget(generation)`
+        (default: the target generation).
 
-        VMEM at the default (bf16): at most 9 MiB per kernel (module docstring, `vmem_bytes`),
-        independent of D and F, so the same at PaLM-8B and PaLM-540B. The backward row tile is
-        a multiple of 128 even for short inputs: the dw kernel transposes a [block_t_bwd,
-        block_d_bwd] tile, and Mosaic transposes lane-aligned tiles best.
+        VMEM is independent of D and F, so the same at PaLM-8B and PaLM-540B (module
+        docstring). The backward row tile is a multiple of 128 even for short inputs: the dw
+        kernel transposes a [block_t_bwd, block_d_bwd] tile, and Mosaic transposes lane-aligned
+        tiles best.
         """
-        bt = pick_block(rows, 512, sublane(dtype))
+        sub = sublane(dtype)
+        bt = pick_block(rows, 512, sub)
         bf = pick_block(d_ff, 512, LANE)
         bd = pick_block(d_model, 512, LANE)
-        return cls(bt, bf, bd, pick_block(rows, 512, LANE), bf, bd)
+        blocks = cls(bt, bf, bd, pick_block(rows, 512, LANE), bf, bd)
+        budget = vmem_budget(generation)
+        passes = ((("fwd",), {"block_t": sub, "block_f": LANE, "block_d": LANE}),
+                  (("bwd_gates", "bwd_dx", "bwd_dw"),
+                   {"block_t_bwd": LANE, "block_f_bwd": LANE, "block_d_bwd": LANE}))
+        for kernels, floors in passes:
+            while max(vmem_bytes(blocks, dtype)[k] for k in kernels) > budget:
+                shrinkable = [n for n, low in floors.items() if getattr(blocks, n) >= 2 * low]
+                if not shrinkable:
+                    break  # as small as tiles go
+                name = max(shrinkable, key=lambda n: getattr(blocks, n))
+                blocks = dataclasses.replace(blocks, **{name: getattr(blocks, name) // 2})
+        return blocks
 
 
 def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
-    """VMEM each kernel needs: double-buffered input and output tiles plus scratch.
+    """VMEM each kernel needs: double-buffered input and output tiles, scratch, and in-kernel
+    temporaries: the float32 LN(x) tile and its cast to x's dtype, the float32 dot results (and
+    one more float32 [bt, bf] value in the gate backward's epilogue), the dw kernel's
+    transposed LN(x) tile.
 
     Scale [1, bd] tiles are counted at their padded (8, 128) layout.
     """
@@ -129,13 +151,16 @@ def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
     bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
     # x, stats, scale, w_gate, w_up and h double-buffered; gate and up f32 accumulators.
     fwd = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + bt * bf * s)
-           + 2 * bt * bf * 4)
+           + 2 * bt * bf * 4
+           + bt * bd * (4 + s) + 2 * bt * bf * 4)  # LN(x) f32 and cast, gate and up dots
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
     # The forward's blocks plus dh in and d_gate, d_up out.
     gates = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + 3 * bt * bf * s)
-             + 2 * bt * bf * 4)
-    dx = 2 * (2 * bt * bf * s + 2 * bd * bf * s + bt * bd * 4)
-    dw = 2 * (bt * bd * s + 2 * bt * bf * s + 2 * bd * bf * s) + 2 * bd * bf * 4
+             + 2 * bt * bf * 4
+             + bt * bd * (4 + s) + 3 * bt * bf * 4)  # LN(x), gate and up dots, epilogue
+    dx = 2 * (2 * bt * bf * s + 2 * bd * bf * s + bt * bd * 4) + bt * bd * 4  # dot result
+    dw = (2 * (bt * bd * s + 2 * bt * bf * s + 2 * bd * bf * s) + 2 * bd * bf * 4
+          + bd * bt * s + 2 * bd * bf * 4)  # transposed LN(x), dot results
     return {"fwd": fwd, "bwd_gates": gates, "bwd_dx": dx, "bwd_dw": dw}
 
 
@@ -239,7 +264,8 @@ def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.A
             in_specs=_gate_up_in_specs(bt, bf, bd),
             out_specs=pl.BlockSpec((bt, bf), lambda i, j, k: (i, j)),
             scratch_shapes=[pltpu.VMEM((bt, bf), jnp.float32), pltpu.VMEM((bt, bf), jnp.float32)],
-            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+            compiler_params=compiler_params("parallel", "parallel", "arbitrary",
+                                            vmem_bytes=vmem_bytes(bs, x2.dtype)["fwd"]),
             cost_estimate=cost,
             interpret=settings.interpret,
             name="palm_norm_swiglu_fwd",
@@ -313,7 +339,8 @@ def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: _Settings):
         in_specs=[*_gate_up_in_specs(bt, bf, bd), tile],
         out_specs=[tile, tile],
         scratch_shapes=[pltpu.VMEM((bt, bf), jnp.float32), pltpu.VMEM((bt, bf), jnp.float32)],
-        compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+        compiler_params=compiler_params("parallel", "parallel", "arbitrary",
+                                        vmem_bytes=vmem_bytes(bs, xp.dtype)["bwd_gates"]),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_norm_swiglu_bwd_gates",
@@ -338,7 +365,8 @@ def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: _Settings):
         grid=(nt, nd, nf),
         in_specs=[act, act, weight, weight],
         out_specs=pl.BlockSpec((bt, bd), lambda i, j, k: (i, j)),
-        compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+        compiler_params=compiler_params("parallel", "parallel", "arbitrary",
+                                        vmem_bytes=vmem_bytes(bs, d_gate.dtype)["bwd_dx"]),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_norm_swiglu_bwd_dx",
@@ -364,7 +392,8 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: _Settings):
         in_specs=[pl.BlockSpec((bt, bd), lambda i, j, k: (k, i)), act, act],  # LN(x), d_gate, d_up
         out_specs=[out, out],
         scratch_shapes=[pltpu.VMEM((bd, bf), jnp.float32), pltpu.VMEM((bd, bf), jnp.float32)],
-        compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+        compiler_params=compiler_params("parallel", "parallel", "arbitrary",
+                                        vmem_bytes=vmem_bytes(bs, xnp.dtype)["bwd_dw"]),
         cost_estimate=cost,
         interpret=settings.interpret,
         name="palm_norm_swiglu_bwd_dw",

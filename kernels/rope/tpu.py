@@ -15,10 +15,10 @@ the same with the cotangent in place of x):
 The larger win is RoPE fused into the projection epilogue (`kernels.norm_qkv_rope`), where q
 and k are never written before rotation.
 
-VMEM of the default blocks (`vmem_bytes`; double-buffered x and out blocks, cos/sin scratch):
-  PaLM-8B q: block_t=128, all 16 heads: 4.4 MiB. PaLM-540B q: block_t=32, all 48 heads:
-  3.1 MiB. The shared key head [B,T,K], both models: block_t=512: 2.5 MiB. All below the
-  16 MiB scoped VMEM of v4/v5e, so no vmem_limit_bytes is set.
+VMEM of the default blocks (`vmem_bytes`; double-buffered x and out blocks, cos/sin scratch
+and three float32 copies of the x block for the rotation's temporaries): PaLM-8B q bf16:
+block_t=128, all 16 heads, 10.4 MiB; the block shrinks while the estimate exceeds the target
+generation's `vmem_budget` (12 MiB on v4), and `vmem_limit_bytes` is set from the estimate.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
-from kernels._tpu import MiB, compiler_params, round_up, tile_bytes
+from kernels._tpu import MiB, compiler_params, round_up, tile_bytes, vmem_budget
 from kernels.rope.reference import check_args, inv_frequencies
 
 
@@ -88,8 +88,10 @@ class BlockSizes:
                                  f"got {getattr(self, name)}")
 
     @classmethod
-    def get_default(cls, x_shape: tuple[int, ...], dtype) -> "BlockSizes":
-        """All heads in one block; the most positions (a power of two, 8 to 512) in ~1 MiB of x.
+    def get_default(cls, x_shape: tuple[int, ...], dtype,
+                    generation: str | None = None) -> "BlockSizes":
+        """All heads in one block; the most positions (a power of two, 8 to 512) in ~1 MiB of x,
+        halved while `vmem_bytes` exceeds `vmem_budget(generation)` (default: the target).
 
         The cap of 512 bounds the f32 cos/sin scratch and the lane-padded positions block
         ([block_t, 1] int32 occupies block_t x 128 lanes) for the single-head [B, T, K] case.
@@ -98,7 +100,12 @@ class BlockSizes:
         row_bytes = heads * x_shape[-1] * jnp.dtype(dtype).itemsize
         rows = min(max(_TARGET_BLOCK_BYTES // row_bytes, 8), 512)
         block_t = min(1 << (rows.bit_length() - 1), round_up(x_shape[1], 8))
-        return cls(block_t=block_t, block_h=heads, block_t_bwd=block_t, block_h_bwd=heads)
+        budget = vmem_budget(generation)
+        while True:
+            blocks = cls(block_t=block_t, block_h=heads, block_t_bwd=block_t, block_h_bwd=heads)
+            if block_t <= 8 or vmem_bytes(x_shape, dtype, blocks) <= budget:
+                return blocks
+            block_t = max(8, block_t // 2 // 8 * 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +119,9 @@ class _Settings:
 
 def vmem_bytes(x_shape: tuple[int, ...], dtype, block_sizes: BlockSizes) -> int:
     """VMEM one `rope` kernel needs (the larger of forward and backward): double-buffered x and
-    out blocks, positions and frequency blocks, and the cos/sin scratch, each padded to whole
-    (sublane, 128-lane) tiles as Mosaic lays them out."""
+    out blocks, positions and frequency blocks, the cos/sin scratch, and three float32 copies
+    of the x block (x widened, its roll, a product), each padded to whole (sublane, 128-lane)
+    tiles as Mosaic lays them out."""
     itemsize = jnp.dtype(dtype).itemsize
     t, k = x_shape[1], x_shape[-1]
     heads = x_shape[2] if len(x_shape) == 4 else 1
@@ -123,11 +131,13 @@ def vmem_bytes(x_shape: tuple[int, ...], dtype, block_sizes: BlockSizes) -> int:
         bt, bh = min(bt, t), min(bh, heads)
         if len(x_shape) == 4:
             x_block = bt * tile_bytes(bh, k, itemsize)  # [bt, bh, K]: bt tiles of [bh, K]
+            temporaries = 3 * bt * tile_bytes(bh, k, 4)
         else:
             x_block = tile_bytes(bt, k, itemsize)
+            temporaries = 3 * tile_bytes(bt, k, 4)
         scratch = 2 * tile_bytes(bt, k, 4)
         small = 2 * (tile_bytes(bt, 1, 4) + tile_bytes(1, k, 4))  # positions, frequencies
-        total = max(total, 2 * 2 * x_block + scratch + small)
+        total = max(total, 2 * 2 * x_block + scratch + small + temporaries)
     return total
 
 
@@ -172,6 +182,7 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: An
     k = x.shape[-1]
     four_d = x.ndim == 4
     heads = x.shape[2] if four_d else 1
+    vmem = vmem_bytes(x.shape, x.dtype, BlockSizes(block_t, block_h, block_t, block_h))
     block_t = t if block_t >= t else block_t
     block_h = heads if block_h >= heads else block_h
     native = interpret is False
@@ -204,7 +215,7 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: An
             out_specs=x_spec,
             out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
             scratch_shapes=[pltpu.VMEM((block_t, k), jnp.float32)] * 2,
-            compiler_params=compiler_params("parallel", "parallel", "arbitrary"),
+            compiler_params=compiler_params("parallel", "parallel", "arbitrary", vmem_bytes=vmem),
             cost_estimate=cost,
             interpret=interpret,
             name=name,

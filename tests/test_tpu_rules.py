@@ -1,0 +1,161 @@
+"""TPU rules that libtpu would enforce and an export from CPU does not (../shared/JAX_NOTES.md):
+every kernel's default tiles fit the VMEM budget of every generation we claim, at PaLM-8B and
+PaLM-540B widths, in float32 and bfloat16; every pallas_call asks for its VMEM with
+`vmem_limit_bytes`, visible in the exported module.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import kernels
+from kernels import _tpu
+from kernels.block_out import tpu as block_out_tpu
+from kernels.mq_decode_attention import tpu as decode_tpu
+from kernels.mq_flash_attention import tpu as flash_tpu
+from kernels.norm_qkv_rope import tpu as nqr_tpu
+from kernels.norm_swiglu import tpu as swiglu_tpu
+from kernels.rope import tpu as rope_tpu
+from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names, targeting
+
+MiB = 2**20
+T, B = 2048, 1
+PALM = {
+    "8b": dict(d=4096, h=16, k=256, f=16384),
+    "540b": dict(d=18432, h=48, k=256, f=73728),
+}
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def _estimates(name: str, p: dict, dtype, gen: str) -> dict[str, int]:
+    """VMEM estimate of each kernel (forward and every backward kernel) at the default tiles."""
+    d, h, k, f, m = p["d"], p["h"], p["k"], p["f"], B * T
+    if name == "rope":
+        out = {}
+        for shape in ((B, T, h, k), (B, T, k)):
+            blocks = rope_tpu.BlockSizes.get_default(shape, dtype, gen)
+            out[f"{len(shape)}d"] = rope_tpu.vmem_bytes(shape, dtype, blocks)
+        return out
+    if name == "norm_qkv_rope":
+        x_shape, wq_shape = (B, T, d), (d, h, k)
+        blocks = nqr_tpu.BlockSizes.get_default(x_shape, wq_shape, dtype, gen)
+        used = nqr_tpu.vmem_bytes(x_shape, wq_shape, dtype, blocks)
+        return {n: used[n] for n in ("forward", "bwd_dx", "bwd_dw")}
+    if name == "norm_swiglu":
+        blocks = swiglu_tpu.BlockSizes.get_default(m, d, f, dtype, gen)
+        return swiglu_tpu.vmem_bytes(blocks, dtype)
+    if name == "block_out":
+        blocks = block_out_tpu.BlockSizes.get_default(m, d, h * k, f, dtype, gen)
+        return block_out_tpu.vmem_bytes(blocks, dtype)
+    if name == "mq_flash_attention":
+        blocks = flash_tpu.BlockSizes.get_default(q_len=T, kv_len=T, num_heads=h, head_dim=k,
+                                                  dtype=dtype, generation=gen)
+        return flash_tpu.vmem_bytes(blocks, k, dtype)
+    if name == "mq_decode_attention":
+        blocks = decode_tpu.BlockSizes.get_default(T, h, k, dtype=dtype, batch=B, generation=gen)
+        return {"fwd": decode_tpu.vmem_bytes(blocks, h, k, dtype)}
+    raise AssertionError(name)
+
+
+KERNEL_NAMES = ("rope", "norm_qkv_rope", "norm_swiglu", "block_out", "mq_flash_attention",
+                "mq_decode_attention")
+
+
+def test_vmem_table_matches_jax_tpu_info():
+    from jax._src.pallas.mosaic import tpu_info
+    for kind, capacity in _tpu.VMEM_CAPACITY.items():
+        chip = tpu_info.chip_version_from_device_kind(kind)
+        assert tpu_info.get_tpu_info_for_chip(chip, 1).vmem_capacity_bytes == capacity, kind
+    assert _tpu.vmem_budget("TPU v4") == 12 * MiB
+    assert _tpu.vmem_budget("TPU v5") == _tpu.vmem_budget("TPU v5p") == 48 * MiB
+    assert _tpu.vmem_budget("TPU v5 lite") == _tpu.vmem_budget("TPU v6 lite") == 96 * MiB
+
+
+def test_target_generation_from_abstract_mesh_else_smallest():
+    assert _tpu.target_generation() == _tpu.SMALLEST_GENERATION == "TPU v4"  # CPU, no mesh
+    for gen in TPU_GENERATIONS:
+        with targeting(gen):
+            assert _tpu.target_generation() == gen
+            assert _tpu.vmem_budget() == _tpu.vmem_budget(gen)
+
+
+def test_vmem_limit_between_scoped_default_and_capacity():
+    assert _tpu.vmem_limit(1 * MiB, "TPU v4") == 16 * MiB
+    assert _tpu.vmem_limit(11 * MiB, "TPU v5p") == (11 + 16) * MiB  # + a quarter of 64 MiB
+    assert _tpu.vmem_limit(200 * MiB, "TPU v6 lite") == 128 * MiB
+
+
+@pytest.mark.parametrize("gen", TPU_GENERATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", PALM)
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_default_tiles_fit_vmem_budget(name, model, dtype, gen):
+    budget = _tpu.vmem_budget(gen)
+    for kernel, size in _estimates(name, PALM[model], DTYPES[dtype], gen).items():
+        assert size <= budget, f"{name} {kernel} {model} {dtype} on {gen}: {size / MiB:.2f} MiB"
+
+
+def test_norm_swiglu_gate_backward_counts_temporaries():
+    # The issue's figure: at PaLM-8B f32 with 512 tiles the gate backward needs ~15 MiB of
+    # blocks plus ~4 MiB of float32 temporaries, over v4's capacity; the default shrinks.
+    big = swiglu_tpu.BlockSizes()
+    assert swiglu_tpu.vmem_bytes(big, jnp.float32)["bwd_gates"] >= 19 * MiB
+    small = swiglu_tpu.BlockSizes.get_default(T, 4096, 16384, jnp.float32, "TPU v4")
+    assert small != swiglu_tpu.BlockSizes.get_default(T, 4096, 16384, jnp.float32, "TPU v6 lite")
+
+
+# ---- vmem_limit_bytes in the exported module --------------------------------------------------
+
+def _sds(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _grad(fn, n):
+    """jit-able: sum(fn) and its gradient in the first n arguments (the value keeps the
+    forward kernel in the module)."""
+    def run(*args):
+        def loss(*diff):
+            out = fn(*diff, *args[n:])
+            return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(out))
+        return jax.value_and_grad(loss, argnums=tuple(range(n)))(*args[:n])
+    return run
+
+
+# Small shapes, lane-aligned (K = 128): the module text only has to show the settings.
+EXPORTS = {
+    "rope": (_grad(lambda x, p: kernels.rope(x, p, impl="pallas_tpu", interpret=False), 1),
+             (_sds((1, 64, 8, 128)), _sds((1, 64), jnp.int32)), 2),
+    "norm_qkv_rope": (_grad(lambda x, s, wq, wk, wv, p: kernels.norm_qkv_rope(
+        x, s, wq, wk, wv, p, eps=1e-6, impl="pallas_tpu", interpret=False), 5),
+        (_sds((1, 64, 256)), _sds((256,), jnp.float32), _sds((256, 2, 128)), _sds((256, 128)),
+         _sds((256, 128)), _sds((1, 64), jnp.int32)), 3),
+    "norm_swiglu": (_grad(lambda x, s, wg, wu: kernels.norm_swiglu(
+        x, s, wg, wu, eps=1e-6, impl="pallas_tpu", interpret=False), 4),
+        (_sds((1, 64, 256)), _sds((256,), jnp.float32), _sds((256, 512)), _sds((256, 512))), 4),
+    "block_out": (_grad(lambda x, o, wo, h, wd: kernels.block_out(
+        x, o, wo, h, wd, impl="pallas_tpu", interpret=False), 5),
+        (_sds((1, 64, 256)), _sds((1, 64, 2, 128)), _sds((2, 128, 256)), _sds((1, 64, 512)),
+         _sds((512, 256))), 2),
+    "mq_flash_attention": (_grad(lambda q, k, v: kernels.mq_flash_attention(
+        q, k, v, causal=True, impl="pallas_tpu", interpret=False), 3),
+        (_sds((1, 128, 2, 128)), _sds((1, 128, 128)), _sds((1, 128, 128))), 3),
+    "mq_decode_attention": (lambda q, k, v, n: kernels.mq_decode_attention(
+        q, k, v, n, impl="pallas_tpu", interpret=False),
+        (_sds((2, 8, 128)), _sds((2, 256, 128)), _sds((2, 256, 128)), _sds((2,), jnp.int32)), 1),
+}
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_export_sets_vmem_limit(name):
+    fn, args, n_calls = EXPORTS[name]
+    for gen in ("TPU v4", "TPU v6 lite"):
+        text = export_for_tpu(fn, *args, device_kind=gen)
+        assert len(mosaic_kernel_names(text)) == n_calls, mosaic_kernel_names(text)
+        # backend config: "scoped_memory_configs": [{"memory_space":1, "offset": 0, "size": N}]
+        sizes = [int(v) for v in re.findall(r"scoped_memory_configs[^}]*?size\\22: (\d+)", text)]
+        assert len(sizes) == n_calls, (name, gen, sizes)
+        assert all(16 * MiB <= v <= _tpu.vmem_capacity(gen) for v in sizes), (name, gen, sizes)
