@@ -17,6 +17,9 @@ hypothesis.settings.register_profile(
 hypothesis.settings.register_profile(
     "dev", max_examples=100, deadline=None, print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+# Only the explicit @example cases (PaLM's K = 256 and other fixed shapes): a quick look.
+hypothesis.settings.register_profile(
+    "explicit", phases=[hypothesis.Phase.explicit], deadline=None, print_blob=True)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Relative error allowed between an implementation and its reference, measured as

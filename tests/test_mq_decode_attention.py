@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import assert_close, race_log
+from conftest import RaceLog, assert_close, race_log
 from kernels.mq_decode_attention import (
     BlockSizes,
     _PALLAS,
@@ -60,6 +60,15 @@ def _cases(draw):
     )
 
 
+def _palm_head_dim(dtype, lengths):
+    """PaLM's K = 256 (hypothesis draws K <= 16): two lane tiles, a short cache."""
+    return dict(batch=len(lengths), heads=4, seq_len=40, head_dim=256, dtype=dtype,
+                lengths=lengths, block_sizes=BlockSizes(block_s=16, num_splits=2),
+                sm_scale=None, races=False, seed=256)
+
+
+@example(_palm_head_dim(jnp.float32, [40, 9]))
+@example(_palm_head_dim(jnp.bfloat16, [23]))
 @given(_cases())
 def test_matches_reference(case):
     q, k, v = _inputs(case["seed"], case["batch"], case["heads"], case["seq_len"], case["head_dim"],
@@ -77,6 +86,21 @@ def test_matches_reference(case):
     expected = mq_decode_attention_reference(q, k, v, lengths, sm_scale=case["sm_scale"])
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert_close(out, expected, case["dtype"], what="decode attention")
+
+
+def test_two_cores_without_races():
+    """Batch 1 on two simulated TensorCores: the split axis alone carries the parallelism, so
+    each core must own its partial (m, l, acc) blocks. 3 splits over 5 tiles of 8, one
+    length ending mid-tile."""
+    q, k, v = _inputs(7, 1, 3, 40, 16, jnp.float32)
+    lengths = jnp.asarray([37], jnp.int32)
+    interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+    with RaceLog() as log:
+        out = pallas_tpu(q, k, v, lengths, interpret=interpret,
+                         block_sizes=BlockSizes(block_s=8, num_splits=3))
+    assert log.kernels_checked == 1
+    assert_close(out, mq_decode_attention_reference(q, k, v, lengths), jnp.float32,
+                 what="decode attention")
 
 
 @given(st.integers(1, 200), st.sampled_from([8, 16, 128]), st.integers(1, 5), st.data())

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
@@ -56,6 +56,13 @@ def cases(draw):
     )
 
 
+def _palm_head_dim(dtype, h):
+    """PaLM's K = 256 (hypothesis draws K <= 64): two lane tiles, small T and D."""
+    return dict(b=1, t=11, d=48, h=h, k=256, dtype=dtype, blocks=None, races=False, seed=256)
+
+
+@example(_palm_head_dim(jnp.float32, 2))
+@example(_palm_head_dim(jnp.bfloat16, 3))
 @given(cases())
 def test_matches_reference(case):
     """Forward through jax.vjp and all five gradients against the reference."""
@@ -93,18 +100,37 @@ def test_matches_reference(case):
         assert_close(g, e, dtype, what=name)
 
 
-def test_forward_on_two_cores_without_races():
-    """The plain forward (custom_vjp primal path), with the "parallel" row axis split over two
-    simulated TensorCores: the cos/sin scratch must stay valid per core and row tile. 21 rows
-    in tiles of 16, so the second core's tile overhangs the array (few grid steps: two
-    simulated cores are slow to interpret)."""
-    *args, positions = _inputs(3, 3, 7, 40, 3, 8, jnp.bfloat16)
+def test_two_cores_without_races():
+    """The plain forward (custom_vjp primal path) and both backward kernels (jax.grad), with
+    the "parallel" axis split over two simulated TensorCores and batch 1, so row tiles carry
+    the split: the cos/sin scratch must stay valid per core and row tile. 21 rows in tiles of
+    16, so the second core's tile overhangs the array (few grid steps: two simulated cores are
+    slow to interpret)."""
+    *args, positions = _inputs(3, 1, 21, 40, 3, 8, jnp.bfloat16)
     interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-    with RaceLog():
-        out = norm_qkv_rope(*args, positions, eps=EPS, impl="pallas_tpu", interpret=interpret,
-                            block_sizes=BlockSizes(16, 3, 40, 16, 3, 40))
-    for name, a, e in zip("qkv", out, norm_qkv_rope_reference(*args, positions, eps=EPS)):
+    cts = [jnp.asarray(np.random.default_rng(4).normal(size=s), jnp.float32)
+           for s in ((1, 21, 3, 8), (1, 21, 8), (1, 21, 8))]
+
+    def loss(fn):
+        def weighted(*a):
+            return sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(fn(*a), cts))
+        return jax.grad(weighted, argnums=tuple(range(5)))
+
+    def kernel(*a):
+        return norm_qkv_rope(*a, positions, eps=EPS, impl="pallas_tpu", interpret=interpret,
+                             block_sizes=BlockSizes(16, 3, 40, 16, 3, 40))
+
+    def reference(*a):
+        return norm_qkv_rope_reference(*a, positions, eps=EPS)
+
+    with RaceLog() as log:
+        out, grads = kernel(*args), loss(kernel)(*args)
+    assert log.kernels_checked == 4  # forward, again inside grad, 2 backward
+    for name, a, e in zip("qkv", out, reference(*args)):
         assert_close(a, e, jnp.bfloat16, what=name)
+    for name, g, e in zip(("dx", "dscale", "dwq", "dwk", "dwv"), grads,
+                          jax.jit(loss(reference))(*args)):
+        assert_close(g, e, jnp.bfloat16, what=name)
 
 
 def test_layer_norm_backward_matches_autodiff():

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.norm_swiglu as ns
-from conftest import assert_close, race_log
+from conftest import RaceLog, assert_close, race_log
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -96,6 +96,29 @@ def test_vjp_forward_and_grads_match_reference(case):
     for name, g, r in zip(("dx", "d_norm_scale", "d_w_gate", "d_w_up"), grads, ref_grads):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         assert_close(g, r, dtype, what=name)
+
+
+def test_two_cores_without_races():
+    """The forward and the three backward kernels (jax.grad) with their "parallel" axes split
+    over two simulated TensorCores, batch 1 so the row (and F) tiles carry the split: each
+    core must own its accumulators and output blocks. Two tiles per axis, few grid steps."""
+    args = _inputs(5, 1, 13, 130, 200, jnp.float32)
+    ct = _cotangent(5, (1, 13, 200))
+    interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+    block_sizes = ns.BlockSizes(8, 128, 128, 8, 128, 128)
+
+    def loss(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2, 3))
+
+    pallas = lambda *a: ns.norm_swiglu(*a, eps=EPS, impl="pallas_tpu", interpret=interpret,  # noqa: E731
+                                       block_sizes=block_sizes)
+    with RaceLog() as log:
+        out, grads = pallas(*args), loss(pallas)(*args)
+    assert log.kernels_checked == 5  # forward, again inside grad, 3 backward
+    assert_close(out, _reference(*args), jnp.float32, what="h")
+    for name, g, r in zip(("dx", "d_norm_scale", "d_w_gate", "d_w_up"), grads,
+                          jax.jit(loss(_reference))(*args)):
+        assert_close(g, r, jnp.float32, what=name)
 
 
 @settings(max_examples=max(2, settings().max_examples // 2))  # an XLA compile (~1 s) each

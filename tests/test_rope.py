@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
@@ -50,6 +50,14 @@ def rope_cases(draw):
     )
 
 
+def _palm_head_dim(dtype, shape):
+    """PaLM's K = 256 (hypothesis draws K <= 64): two lane tiles, small T."""
+    return dict(shape=shape, dtype=dtype, blocks=None, max_pos=2048, base=10000.0, races=False,
+                seed=256)
+
+
+@example(_palm_head_dim(jnp.float32, (1, 12, 3, 256)))
+@example(_palm_head_dim(jnp.bfloat16, (2, 9, 256)))
 @given(rope_cases())
 def test_rope_matches_reference(case):
     shape, dtype = case["shape"], case["dtype"]
@@ -80,16 +88,28 @@ def test_rope_matches_reference(case):
     assert_close(dx, expected_dx, dtype, what="dx")
 
 
-def test_forward_on_two_cores_without_races():
-    """The plain forward (custom_vjp primal path) with the "parallel" grid axes split over two
-    simulated TensorCores: the cos/sin scratch must not leak between cores or head blocks."""
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 5, 16)), jnp.bfloat16)
-    positions = jnp.arange(18, dtype=jnp.int32).reshape(2, 9) * 97
+def test_two_cores_without_races():
+    """The plain forward (custom_vjp primal path) and the backward kernel (jax.grad) with the
+    "parallel" grid axes split over two simulated TensorCores, batch 1 so the row tiles carry
+    the split: the cos/sin scratch must not leak between cores or head blocks."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 17, 5, 16)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    positions = jnp.arange(17, dtype=jnp.int32)[None] * 97
     blocks = BlockSizes(block_t=8, block_h=2, block_t_bwd=8, block_h_bwd=2)
-    with RaceLog():
-        out = rope(x, positions, impl="pallas_tpu", block_sizes=blocks,
-                   interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2))
-    assert_close(out, rope_reference(x, positions), jnp.bfloat16, what="forward")
+    interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+
+    def loss(fn):
+        return jax.grad(lambda x: jnp.sum(fn(x).astype(jnp.float32) * g))
+
+    kernel = lambda x: rope(x, positions, impl="pallas_tpu", block_sizes=blocks,  # noqa: E731
+                            interpret=interpret)
+    reference = lambda x: rope_reference(x, positions)  # noqa: E731
+    with RaceLog() as log:
+        out, dx = kernel(x), loss(kernel)(x)
+    assert log.kernels_checked == 3  # forward, again inside grad, backward
+    assert_close(out, reference(x), jnp.bfloat16, what="forward")
+    assert_close(dx, jax.jit(loss(reference))(x), jnp.bfloat16, what="dx")
 
 
 def test_block_sizes_default_and_validation():
