@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,15 +73,21 @@ def test_plot_command_draws_runs(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_make_train_resume_reuses_the_run_directory():
-    # A dry run: make prints the command it would run. RESUME continues that directory with
-    # its saved settings; no new timestamped directory is named.
-    result = subprocess.run(["make", "-n", "train", "RESUME=runs/demo-x", "TRAIN_ARGS=--steps 600"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+def _make_dry_run(*args: str) -> str:
+    """The command `make -n` prints for `palm train`, as a user's shell would run it: outside
+    any outer make (`make test` exports MAKEFLAGS and MAKELEVEL, which change the output)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    result = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    command = result.stdout.strip().splitlines()[-1]
+    lines = result.stdout.replace("\\\n", " ").splitlines()
+    return next(line for line in lines if "-m palm train" in line)
+
+
+def test_make_train_resume_reuses_the_run_directory():
+    # RESUME continues that directory with its saved settings; no new timestamped directory.
+    command = _make_dry_run("train", "RESUME=runs/demo-x", "TRAIN_ARGS=--steps 600")
     assert command.startswith("exec ")  # signals reach the trainer, not a shell around it
     assert command.endswith("-m palm train --out runs/demo-x --resume --steps 600")
-    fresh = subprocess.run(["make", "-n", "train"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=60)
-    assert "--out runs/demo-$(date" in fresh.stdout and "--resume" not in fresh.stdout
+    fresh = _make_dry_run("train")
+    assert "--out runs/demo-$(date" in fresh and "--resume" not in fresh
