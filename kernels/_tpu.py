@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 LANE = 128
@@ -143,6 +144,33 @@ def check_block_shape(block_shape, array_shape, dtype, what: str) -> None:
                 f"{jnp.dtype(dtype).name}: dimension {len(block_shape) - back} is {block}, which "
                 f"must be a multiple of {multiple} ({unit}) or the whole dimension {dim} "
                 "(Mosaic tiling)")
+
+
+def pallas_call(kernel, *, name: str, out_shape, interpret, in_specs=None, out_specs=None,
+                grid_spec=None, **kwargs):
+    """`pl.pallas_call` that first checks every BlockSpec's block shape against its operand
+    (`check_block_shape`) when the kernel is compiled natively (interpret=False), so a tile
+    libtpu would reject fails here, at trace time, with the kernel and operand named."""
+    specs = ({"grid_spec": grid_spec} if grid_spec is not None
+             else {"in_specs": in_specs, "out_specs": out_specs})
+    call = pl.pallas_call(kernel, name=name, out_shape=out_shape, interpret=interpret, **specs,
+                          **kwargs)
+    if interpret is not False:
+        return call
+    skip = grid_spec.num_scalar_prefetch if grid_spec is not None else 0
+    ins = grid_spec.in_specs if grid_spec is not None else in_specs
+    outs = grid_spec.out_specs if grid_spec is not None else out_specs
+
+    def checked(*args):
+        pairs = [(f"input {i}", spec, a) for i, (spec, a) in enumerate(zip(ins, args[skip:]))]
+        pairs += [(f"output {i}", spec, a) for i, (spec, a) in
+                  enumerate(zip(jax.tree.leaves(outs), jax.tree.leaves(out_shape)))]
+        for what, spec, a in pairs:
+            if getattr(spec, "block_shape", None) is not None:
+                check_block_shape(spec.block_shape, a.shape, a.dtype, f"{name} {what}")
+        return call(*args)
+
+    return checked
 
 
 def pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:

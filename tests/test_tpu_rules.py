@@ -159,3 +159,69 @@ def test_export_sets_vmem_limit(name):
         sizes = [int(v) for v in re.findall(r"scoped_memory_configs[^}]*?size\\22: (\d+)", text)]
         assert len(sizes) == n_calls, (name, gen, sizes)
         assert all(16 * MiB <= v <= _tpu.vmem_capacity(gen) for v in sizes), (name, gen, sizes)
+
+
+# ---- block shapes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block, shape, dtype", [
+    ((8, 128), (64, 256), jnp.float32),
+    ((16, 128), (64, 256), jnp.bfloat16),
+    ((64, 256), (64, 256), jnp.bfloat16),  # whole dimensions
+    ((None, 8, 3, 16), (2, 40, 3, 16), jnp.bfloat16),  # leading axes free; last two whole
+    ((1, 5, 384), (2, 5, 384), jnp.int32),
+    ((None, 16, 1), (1, 64, 1), jnp.int32),
+])
+def test_check_block_shape_legal(block, shape, dtype):
+    _tpu.check_block_shape(block, shape, dtype, "k x")
+
+
+@pytest.mark.parametrize("block, shape, dtype, match", [
+    ((8, 128), (64, 256), jnp.bfloat16, "multiple of 16"),  # bf16 packs 16 rows per tile
+    ((8, 64), (64, 256), jnp.float32, "multiple of 128"),
+    ((4, 128), (64, 256), jnp.float32, "multiple of 8"),
+    ((None, 8, 128), (2, 64, 256), jnp.bfloat16, "dimension 1 is 8"),
+    ((8,), (64, 2), jnp.float32, "rank"),
+])
+def test_check_block_shape_illegal(block, shape, dtype, match):
+    with pytest.raises(ValueError, match=match) as info:
+        _tpu.check_block_shape(block, shape, dtype, "palm_kernel x")
+    assert "palm_kernel x" in str(info.value)
+
+
+def _export(fn, *args):
+    return export_for_tpu(fn, *args, device_kind="TPU v4")
+
+
+def test_bf16_row_tiles_of_8_refused_natively():
+    """Tiles legal for float32 but not for bf16 (8 rows) fail at trace time, naming the kernel;
+    the same tiles run in interpret mode."""
+    x3 = _sds((1, 64, 128))
+    pos = _sds((1, 64), jnp.int32)
+    rope_blocks = kernels.rope.BlockSizes(8, 1, 8, 1)
+    with pytest.raises(ValueError, match="palm_rope_fwd input 2.*multiple of 16"):
+        _export(lambda x, p: kernels.rope(x, p, impl="pallas_tpu", interpret=False,
+                                          block_sizes=rope_blocks), x3, pos)
+    _export(lambda x, p: kernels.rope(x, p, impl="pallas_tpu", interpret=False,
+                                      block_sizes=kernels.rope.BlockSizes(16, 1, 16, 1)), x3, pos)
+
+    nqr_blocks = kernels.norm_qkv_rope.BlockSizes(8, 1, 128, 8, 1, 128)
+    nqr_args = (_sds((1, 64, 256)), _sds((256,), jnp.float32), _sds((256, 2, 128)),
+                _sds((256, 128)), _sds((256, 128)), pos)
+    with pytest.raises(ValueError, match="palm_norm_qkv_rope.*multiple of 16"):
+        _export(lambda *a: kernels.norm_qkv_rope(*a, eps=1e-6, impl="pallas_tpu",
+                                                 interpret=False, block_sizes=nqr_blocks),
+                *nqr_args)
+
+    dec_args = (_sds((1, 8, 128)), _sds((1, 64, 128)), _sds((1, 64, 128)), _sds((1,), jnp.int32))
+    with pytest.raises(ValueError, match="palm_mq_decode_fwd input 1.*multiple of 16"):
+        _export(lambda q, k, v, n: kernels.mq_decode_attention(
+            q, k, v, n, impl="pallas_tpu", interpret=False,
+            block_sizes=kernels.mq_decode_attention.BlockSizes(8)), *dec_args)
+
+    import numpy as np
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 128)), jnp.bfloat16)
+    p = jnp.arange(64, dtype=jnp.int32)[None]
+    got = kernels.rope(x, p, impl="pallas_tpu", interpret=True, block_sizes=rope_blocks)
+    want = kernels.rope(x, p, impl="xla")
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2e-2, atol=2e-2)

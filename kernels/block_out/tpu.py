@@ -50,6 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
+from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import (
     LANE,
     NT_DIMS,
@@ -182,7 +183,7 @@ def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
         return jnp.maximum(c - na, 0)
 
     kernel = functools.partial(_fwd_kernel, n_attn=na, n_steps=na + nm)
-    out = pl.pallas_call(
+    out = tpu_pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, dp), x2.dtype),
         grid=(nt, nd, na + nm),
@@ -263,7 +264,7 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
         return jnp.where(c < na, 0, c - na), jnp.where(c < na, 0, k)
 
     kernel = functools.partial(_bwd_dact_kernel, n_attn=na, n_steps=nd)
-    do, dh = pl.pallas_call(
+    do, dh = tpu_pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((mp, hkp), dy2.dtype),
                    jax.ShapeDtypeStruct((mp, fp), dy2.dtype)],

@@ -65,6 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
+from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import LANE, compiler_params, round_up, vmem_budget
 from kernels.mq_decode_attention.reference import check_args, check_lengths
 
@@ -280,7 +281,7 @@ def mq_decode_attention_pallas_tpu(
         ],
     )
     with jax.named_scope(f"palm_mq_decode_attention bs={block_s} splits={splits} steps={steps}"):
-        outs = pl.pallas_call(
+        outs = tpu_pallas_call(
             kernel,
             grid_spec=grid_spec,
             out_shape=out_shape,

@@ -67,8 +67,8 @@ VMEM (`vmem_bytes`; double-buffered in/out blocks + scratch + an allowance for t
 The tiles are rows of the folded matrix, so these numbers are the same for PaLM-8B (H=16)
 and PaLM-540B (H=48). `BlockSizes.get_default` halves tiles until every kernel fits the
 target generation's `vmem_budget` (12 MiB on v4; f32 inputs or K > 256 need it), and each
-pallas_call sets `vmem_limit_bytes` from its estimate. Arithmetic intensity against the re-read operand is block_q flops/byte forward
-(1024), 2*block_k_dkv for dk/dv (1024) and 1.5*block_q_dq for dq (1536): above the
+pallas_call sets `vmem_limit_bytes` from its estimate. Arithmetic intensity against the
+re-read operand is block_q flops/byte forward (1024), 2*block_k_dkv for dk/dv (1024) and 1.5*block_q_dq for dq (1536): above the
 compute/bandwidth ridge of v4 (~230), v5e (~250), v5p (~165) and v6e (~575).
 """
 
@@ -87,6 +87,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
+from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import (
     LANE,
     NT_DIMS,
@@ -369,7 +370,7 @@ def _forward(q, k, v, settings: _Settings):
                                     + visited * 2 * bk * kp * item)))
     with jax.named_scope(f"palm_mq_flash_attention_fwd bq={bq} bk={bk} H={heads} "
                          f"causal={settings.causal}"):
-        return pl.pallas_call(
+        return tpu_pallas_call(
             functools.partial(_fwd_kernel, settings=settings, n_tiles=n_q, n_steps=n_k),
             out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                        jax.ShapeDtypeStruct((batch, 1, rows), jnp.float32)),
@@ -457,7 +458,7 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
                                     + visited * (2 * bq * kp * item + 2 * bq * 4))))
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dkv bq={bq} bk={bk} H={heads} "
                          f"causal={settings.causal}"):
-        return pl.pallas_call(
+        return tpu_pallas_call(
             functools.partial(_dkv_kernel, settings=settings, n_tiles=n_k, n_steps=n_q),
             out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                        jax.ShapeDtypeStruct(v.shape, v.dtype)),
@@ -531,7 +532,7 @@ def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
                                     + visited * 2 * bk * kp * item)))
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dq bq={bq} bk={bk} H={heads} "
                          f"causal={settings.causal}"):
-        return pl.pallas_call(
+        return tpu_pallas_call(
             functools.partial(_dq_kernel, settings=settings, n_tiles=n_q, n_steps=n_k),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             grid=(batch, n_q, n_k),

@@ -57,6 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import layer_norm_bwd, row_stats, tpu_interpret
+from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import compiler_params, round_up, sublane, tile_bytes, vmem_budget
 from kernels.norm_qkv_rope.reference import check_args
 from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
@@ -364,7 +365,7 @@ def _forward_call(settings: _Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd,
     kernel = functools.partial(_fwd_kernel, nq=nq, nd=nd, d_tail=d % td, block_heads=hb,
                                head_dim=k)
     with jax.named_scope(f"palm_norm_qkv_rope_fwd bm={bm} bh={hb} bd={td}"):
-        return pl.pallas_call(
+        return tpu_pallas_call(
             kernel,
             grid=(nm, nq + 1, nd),
             in_specs=[
@@ -533,7 +534,7 @@ def _bwd_dx_call(settings: _Settings, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
     kernel = functools.partial(_bwd_dx_kernel, nq=nq, h_tail=h % hb, block_heads=hb,
                                head_dim=k)
     with jax.named_scope(f"palm_norm_qkv_rope_bwd_dx bm={bm} bh={hb} bd={td}"):
-        return pl.pallas_call(
+        return tpu_pallas_call(
             kernel,
             grid=(nm, nd, nq + 1),
             in_specs=[
@@ -587,7 +588,7 @@ def _bwd_dw_call(settings: _Settings, x2, scale, mean, rstd, gq, gk, gv, h: int,
     )
     kernel = functools.partial(_bwd_dw_kernel, nq=nq, nm=nm, m_tail=m % bm)
     with jax.named_scope(f"palm_norm_qkv_rope_bwd_dw bm={bm} bh={hb} bd={td}"):
-        return pl.pallas_call(
+        return tpu_pallas_call(
             kernel,
             grid=(nd, nq + 1, nm),
             in_specs=[

@@ -62,6 +62,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import layer_norm_bwd, layer_norm_rows, row_stats, tpu_interpret
+from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import (
     LANE,
     NT_DIMS,
@@ -257,7 +258,7 @@ def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.A
         bytes_accessed=((mp * dp * s + dp * 4 * nt) * nf + mp * 1024 + 2 * dp * fp * s * nt
                         + mp * fp * s))
     with jax.named_scope(f"palm_norm_swiglu_fwd bt={bt} bf={bf} bd={bd}"):
-        h = pl.pallas_call(
+        h = tpu_pallas_call(
             functools.partial(_fwd_kernel, n_steps=nd),
             out_shape=jax.ShapeDtypeStruct((mp, fp), x2.dtype),
             grid=(nt, nf, nd),
@@ -332,7 +333,7 @@ def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: _Settings):
         bytes_accessed=((mp * dp * s + dp * 4 * nt) * nf + mp * 1024 + 2 * dp * fp * s * nt
                         + 3 * mp * fp * s))
     tile = pl.BlockSpec((bt, bf), lambda i, j, k: (i, j))
-    return pl.pallas_call(
+    return tpu_pallas_call(
         functools.partial(_bwd_gates_kernel, n_steps=nd),
         out_shape=[jax.ShapeDtypeStruct((mp, fp), xp.dtype)] * 2,
         grid=(nt, nf, nd),
@@ -359,7 +360,7 @@ def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: _Settings):
         bytes_accessed=2 * mp * fp * s * nd + 2 * dp * fp * s * nt + mp * dp * 4)
     act = pl.BlockSpec((bt, bf), lambda i, j, k: (i, k))
     weight = pl.BlockSpec((bd, bf), lambda i, j, k: (j, k))
-    return pl.pallas_call(
+    return tpu_pallas_call(
         _bwd_dx_kernel,
         out_shape=jax.ShapeDtypeStruct((mp, dp), jnp.float32),
         grid=(nt, nd, nf),
@@ -385,7 +386,7 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: _Settings):
         bytes_accessed=mp * dp * s * nf + 2 * mp * fp * s * nd + 2 * dp * fp * s)
     act = pl.BlockSpec((bt, bf), lambda i, j, k: (k, j))
     out = pl.BlockSpec((bd, bf), lambda i, j, k: (i, j))
-    return pl.pallas_call(
+    return tpu_pallas_call(
         functools.partial(_bwd_dw_kernel, n_steps=nt),
         out_shape=[jax.ShapeDtypeStruct((dp, fp), xnp.dtype)] * 2,
         grid=(nd, nf, nt),

@@ -33,7 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
-from kernels._tpu import MiB, compiler_params, round_up, tile_bytes, vmem_budget
+from kernels._tpu import pallas_call as tpu_pallas_call
+from kernels._tpu import MiB, compiler_params, round_up, sublane, tile_bytes, vmem_budget
 from kernels.rope.reference import check_args, inv_frequencies
 
 
@@ -98,14 +99,18 @@ class BlockSizes:
         """
         heads = x_shape[2] if len(x_shape) == 4 else 1
         row_bytes = heads * x_shape[-1] * jnp.dtype(dtype).itemsize
-        rows = min(max(_TARGET_BLOCK_BYTES // row_bytes, 8), 512)
-        block_t = min(1 << (rows.bit_length() - 1), round_up(x_shape[1], 8))
+        # block_t is the sublane axis of a 3-D x's [block_t, K] block (16 rows for bf16); for
+        # a 4-D x it is a leading axis of [block_t, block_h, K], free but for the int32
+        # positions column (8).
+        sub = sublane(dtype) if len(x_shape) == 3 else 8
+        rows = min(max(_TARGET_BLOCK_BYTES // row_bytes, sub), 512)
+        block_t = min(1 << (rows.bit_length() - 1), round_up(x_shape[1], sub))
         budget = vmem_budget(generation)
         while True:
             blocks = cls(block_t=block_t, block_h=heads, block_t_bwd=block_t, block_h_bwd=heads)
-            if block_t <= 8 or vmem_bytes(x_shape, dtype, blocks) <= budget:
+            if block_t <= sub or vmem_bytes(x_shape, dtype, blocks) <= budget:
                 return blocks
-            block_t = max(8, block_t // 2 // 8 * 8)
+            block_t = max(sub, block_t // 2 // sub * sub)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +209,7 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: An
     )
     name = "palm_rope_bwd" if inverse else "palm_rope_fwd"
     with jax.named_scope(f"{name} bt={block_t} bh={block_h} K={k}"):
-        return pl.pallas_call(
+        return tpu_pallas_call(
             _rope_kernel,
             grid=grid,
             in_specs=[
