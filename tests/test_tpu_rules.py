@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
 
@@ -225,3 +226,107 @@ def test_bf16_row_tiles_of_8_refused_natively():
     want = kernels.rope(x, p, impl="xla")
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=2e-2, atol=2e-2)
+
+
+# ---- lanes: head dims under 128 ----------------------------------------------------------------
+
+def test_small_head_dim_natively():
+    """K = 64 (the demo preset): rope and norm_qkv_rope refuse natively with a clear error (a
+    roll over 64 lanes and per-head lane slices are no legal Mosaic layout) and still run
+    interpreted; mq_decode_attention pads K to 128 lanes natively and exports."""
+    pos = _sds((1, 64), jnp.int32)
+    with pytest.raises(ValueError, match="rope: head dim K=64 must be a multiple of 128"):
+        _export(lambda x, p: kernels.rope(x, p, impl="pallas_tpu", interpret=False),
+                _sds((1, 64, 4, 64)), pos)
+    nqr_args = (_sds((1, 64, 256)), _sds((256,), jnp.float32), _sds((256, 4, 64)),
+                _sds((256, 64)), _sds((256, 64)), pos)
+    with pytest.raises(ValueError, match="norm_qkv_rope: head dim K=64 must be a multiple"):
+        _export(lambda *a: kernels.norm_qkv_rope(*a, eps=1e-6, impl="pallas_tpu",
+                                                 interpret=False), *nqr_args)
+    text = _export(lambda q, k, v, n: kernels.mq_decode_attention(
+        q, k, v, n, impl="pallas_tpu", interpret=False),
+        _sds((1, 8, 64)), _sds((1, 256, 64)), _sds((1, 256, 64)), _sds((1,), jnp.int32))
+    assert mosaic_kernel_names(text) == ["palm_mq_decode_fwd"]
+    assert "tensor<1x256x128xbf16>" in text  # the padded cache reaches the kernel
+
+    import numpy as np
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1, 24, 4, 64)), jnp.float32)
+    p = jnp.arange(24, dtype=jnp.int32)[None]
+    np.testing.assert_allclose(kernels.rope(x, p, impl="pallas_tpu", interpret=True),
+                               kernels.rope(x, p, impl="xla"), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_padded_head_dim_matches_reference():
+    """The native path's padding, run through the interpreter: same result as unpadded."""
+    import numpy as np
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 4, 64)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 40, 64)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 40, 64)), jnp.float32)
+    n = jnp.asarray([40, 17], jnp.int32)
+    kp = [jnp.pad(a, ((0, 0), (0, 0), (0, 64))) for a in (q, k, v)]
+    padded = kernels.mq_decode_attention(*kp, n, sm_scale=64 ** -0.5, impl="pallas_tpu",
+                                         interpret=True)[..., :64]
+    want = kernels.mq_decode_attention(q, k, v, n, impl="xla")
+    np.testing.assert_allclose(padded, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- megacore: the tile axis first -------------------------------------------------------------
+
+def _pallas_grids(fn, *args):
+    """(name, grid, dimension_semantics) of every pallas_call in fn's jaxpr at args."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                params = eqn.params
+                semantics = params["compiler_params"].dimension_semantics
+                found.append((params["name"], params["grid_mapping"].grid,
+                              tuple(str(s) for s in semantics)))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def _tiles(module, *sizes):
+    return {"block_sizes": getattr(kernels, module).BlockSizes(*sizes)}
+
+
+# Batch 1 and tiles small enough for two or more steps on every kernel's first grid axis.
+GRID_CASES = {
+    "rope": (lambda x, p: kernels.rope(x, p, impl="pallas_tpu", interpret=False,
+                                       **_tiles("rope", 16, 8, 16, 8)),
+             (_sds((1, 64, 8, 128)), _sds((1, 64), jnp.int32)), 1),
+    "norm_qkv_rope": (_grad(lambda *a: kernels.norm_qkv_rope(
+        *a, eps=1e-6, impl="pallas_tpu", interpret=False,
+        **_tiles("norm_qkv_rope", 16, 1, 128, 16, 1, 128)), 5), EXPORTS["norm_qkv_rope"][1], 3),
+    "norm_swiglu": (_grad(lambda *a: kernels.norm_swiglu(
+        *a, eps=1e-6, impl="pallas_tpu", interpret=False,
+        **_tiles("norm_swiglu", 16, 128, 128, 16, 128, 128)), 4), EXPORTS["norm_swiglu"][1], 4),
+    "block_out": (_grad(lambda *a: kernels.block_out(
+        *a, impl="pallas_tpu", interpret=False,
+        **_tiles("block_out", 16, 128, 128, 16, 128, 128)), 5), EXPORTS["block_out"][1], 2),
+    "mq_flash_attention": (_grad(lambda q, k, v: kernels.mq_flash_attention(
+        q, k, v, causal=True, impl="pallas_tpu", interpret=False,
+        **_tiles("mq_flash_attention", 128, 128, 128, 128, 128, 128)), 3),
+        (_sds((1, 128, 2, 128)), _sds((1, 256, 128)), _sds((1, 256, 128))), 3),
+    "mq_decode_attention": (lambda q, k, v, n: kernels.mq_decode_attention(
+        q, k, v, n, impl="pallas_tpu", interpret=False,
+        **_tiles("mq_decode_attention", 128, 2)),
+        (_sds((1, 8, 128)), _sds((1, 256, 128)), _sds((1, 256, 128)), _sds((1,), jnp.int32)), 1),
+}
+
+
+@pytest.mark.parametrize("name", GRID_CASES)
+def test_batch_one_grids_lead_with_a_split_axis(name):
+    """At batch 1 (one sequence per chip) the first grid axis is parallel and has several
+    steps, so a two-core chip shares the work whichever parallel axis Mosaic divides."""
+    fn, args, n_calls = GRID_CASES[name]
+    grids = _pallas_grids(fn, *args)
+    assert len(grids) == n_calls, grids
+    for kernel, grid, semantics in grids:
+        assert "parallel" in semantics[0].lower() and grid[0] > 1, (kernel, grid, semantics)

@@ -66,7 +66,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
 from kernels._tpu import pallas_call as tpu_pallas_call
-from kernels._tpu import LANE, compiler_params, round_up, vmem_budget
+from kernels._tpu import LANE, compiler_params, pad_to, round_up, vmem_budget
 from kernels.mq_decode_attention.reference import check_args, check_lengths
 
 
@@ -168,7 +168,7 @@ def _decode_kernel(lengths_ref, valid_tiles_ref, per_split_ref,  # scalar prefet
         o_ref, lse_ref, m_scratch, l_scratch, acc_scratch = refs  # [H, K], [H, 1]
     else:
         o_ref, m_scratch, l_scratch, acc_scratch = refs
-    b, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    p, b, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = lengths_ref[b]
     tile, computes, _ = _schedule(p, j, valid_tiles_ref[b], per_split_ref[b])
 
@@ -236,6 +236,16 @@ def mq_decode_attention_pallas_tpu(
         raise ValueError(f"mq_decode_attention: block_sizes must be a BlockSizes, got {block_sizes!r}")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     interpret = tpu_interpret(interpret)
+    if interpret is False and head_dim % LANE:
+        # [H, K] and [bs, K] tiles narrower than 128 lanes are no legal Mosaic layout: natively
+        # the head dim is zero-padded to whole lanes (zeros add nothing to q·k or to p·v) and
+        # the output sliced back, as in mq_flash_attention. It copies the cache per call, a cost
+        # only the small presets (K = 64, 16) pay.
+        kp = round_up(head_dim, LANE)
+        padded = [pad_to(a, a.shape[:-1] + (kp,)) for a in (q, k_cache, v_cache)]
+        out = mq_decode_attention_pallas_tpu(*padded, lengths, sm_scale=scale, interpret=False,
+                                             block_sizes=block_sizes)
+        return out[..., :head_dim]
 
     block_s = min(block_sizes.block_s, seq_len)  # = S is always a legal block (full dimension)
     num_tiles = pl.cdiv(seq_len, block_s)
@@ -245,16 +255,16 @@ def mq_decode_attention_pallas_tpu(
     valid_tiles = jnp.clip(pl.cdiv(lengths, block_s), 1, num_tiles)
     per_split = pl.cdiv(valid_tiles, splits)
 
-    def cache_index(b, p, j, lengths_ref, valid_tiles_ref, per_split_ref):
+    def cache_index(p, b, j, lengths_ref, valid_tiles_ref, per_split_ref):
         return b, _schedule(p, j, valid_tiles_ref[b], per_split_ref[b])[2], 0
 
     split = splits > 1
     out_dtype = jnp.float32 if split else q.dtype
     out_shape = [jax.ShapeDtypeStruct((batch, splits, heads, head_dim), out_dtype)]
-    out_specs = [pl.BlockSpec((None, None, heads, head_dim), lambda b, p, j, *_: (b, p, 0, 0))]
+    out_specs = [pl.BlockSpec((None, None, heads, head_dim), lambda p, b, j, *_: (b, p, 0, 0))]
     if split:
         out_shape.append(jax.ShapeDtypeStruct((batch, splits, heads, 1), jnp.float32))
-        out_specs.append(pl.BlockSpec((None, None, heads, 1), lambda b, p, j, *_: (b, p, 0, 0)))
+        out_specs.append(pl.BlockSpec((None, None, heads, 1), lambda p, b, j, *_: (b, p, 0, 0)))
 
     itemsize = q.dtype.itemsize
     out_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in out_shape)
@@ -267,9 +277,10 @@ def mq_decode_attention_pallas_tpu(
                                split=split, interpreting=interpret is not False)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
-        grid=(batch, splits, steps),
+        # Splits first: at batch 1 they are what a megacore's two TensorCores share.
+        grid=(splits, batch, steps),
         in_specs=[
-            pl.BlockSpec((None, heads, head_dim), lambda b, p, j, *_: (b, 0, 0)),
+            pl.BlockSpec((None, heads, head_dim), lambda p, b, j, *_: (b, 0, 0)),
             pl.BlockSpec((None, block_s, head_dim), cache_index),
             pl.BlockSpec((None, block_s, head_dim), cache_index),
         ],
@@ -287,7 +298,7 @@ def mq_decode_attention_pallas_tpu(
             out_shape=out_shape,
             compiler_params=compiler_params(
                 "parallel", "parallel", "arbitrary",
-                vmem_bytes=vmem_bytes(BlockSizes(block_s, splits), heads, head_dim, q.dtype)),
+                vmem_bytes=vmem_bytes(block_sizes, heads, head_dim, q.dtype)),
             cost_estimate=cost,
             interpret=interpret,
             name="palm_mq_decode_fwd",

@@ -13,7 +13,7 @@ reshape is a bitcast when H is a multiple of 16 (PaLM: H = 16, 32, 48) and one r
 otherwise. Transposing to [B, H, T, K] instead would cost a read and a write of q, and of o
 and the gradients, per call: 4 x 16 MiB at PaLM-8B per layer forward, for nothing.
 
-Tiling. Forward grid (B, T*H/block_q, S/block_k), keys innermost; online softmax in float32
+Tiling. Forward grid (T*H/block_q, B, S/block_k), keys innermost; online softmax in float32
 (running max m and sum l in lane-replicated [block_q, 128] scratch, accumulator [block_q, K]
 f32), one division and one store per query tile. With `causal`, key tiles entirely above the
 diagonal are skipped: no compute (pl.when), and no DMA either because the key index_map clamps
@@ -25,18 +25,19 @@ transpose of a [block_q, 128] tile per query tile; 4 bytes per row, where a lane
 
 Backward, two kernels, using the residuals q, k, v, o, lse and delta = rowsum(do * o) (f32,
 one fused XLA pass over do and o; a kernel of its own would save nothing):
-  * dk/dv: grid (B, S/block_k_dkv, T*H/block_q_dkv), query tiles innermost, f32 accumulators
+  * dk/dv: grid (S/block_k_dkv, B, T*H/block_q_dkv), query tiles innermost, f32 accumulators
     [block_k_dkv, K] summing over all heads and all query tiles. Scores are built transposed,
     s^T = k q^T [block_k, block_q], so lse and delta broadcast as rows; all four matmuls are
     plain or rhs-transposed (dv += p^T do, dp^T = v do^T, dk += ds^T q). Query tiles entirely
     before the key tile's diagonal are skipped the same way (clamped index_map + pl.when).
-  * dq: grid (B, T*H/block_q_dq, S/block_k_dq), key tiles innermost, f32 accumulator
+  * dq: grid (T*H/block_q_dq, B, S/block_k_dq), key tiles innermost, f32 accumulator
     [block_q, K]; lse and delta are turned into columns once per query tile (one transpose).
     Same causal skipping as the forward.
 
 Causal tiles do unequal work; the parallel tile axis is walked 0, n-1, 1, n-2, ... so that the
 two TensorCores of a v4/v5p megacore, which take contiguous halves of a parallel axis, get
-equal work (`_balanced`).
+equal work (`_balanced`). The tile axis comes first, before the batch: at B = 1 per chip it is
+the only parallel axis with work to share, whichever one Mosaic divides.
 
 Shapes. Any B, H >= 1, T, S >= 1 (T != S allowed), any K. The wrapper pads the folded rows
 T*H, the key length S and the head dim K to the tiles (K to a multiple of 128, the lane
@@ -68,8 +69,9 @@ The tiles are rows of the folded matrix, so these numbers are the same for PaLM-
 and PaLM-540B (H=48). `BlockSizes.get_default` halves tiles until every kernel fits the
 target generation's `vmem_budget` (12 MiB on v4; f32 inputs or K > 256 need it), and each
 pallas_call sets `vmem_limit_bytes` from its estimate. Arithmetic intensity against the
-re-read operand is block_q flops/byte forward (1024), 2*block_k_dkv for dk/dv (1024) and 1.5*block_q_dq for dq (1536): above the
-compute/bandwidth ridge of v4 (~230), v5e (~250), v5p (~165) and v6e (~575).
+re-read operand is block_q flops/byte forward (1024), 2*block_k_dkv for dk/dv (1024) and
+1.5*block_q_dq for dq (1536): above the compute/bandwidth ridge of v4 (~230), v5e (~250),
+v5p (~165) and v6e (~575).
 """
 
 from __future__ import annotations
@@ -296,7 +298,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, s
     m_scr/l_scr [bq, 128] (lane-replicated running max and sum), acc_scr [bq, K] f32.
     """
     bq, bk = settings.blocks.block_q, settings.blocks.block_k
-    i = _balanced(pl.program_id(1), n_tiles, settings.causal)
+    i = _balanced(pl.program_id(0), n_tiles, settings.causal)
     j = pl.program_id(2)
 
     @pl.when(j == 0)
@@ -335,20 +337,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, s
 
 
 def _query_tile_maps(settings: _Settings, n_q: int, bq: int, bk: int):
-    """Index maps on a grid (batch, query tile g, key tile j), keys innermost, as the forward
+    """Index maps on a grid (query tile g, batch, key tile j), keys innermost, as the forward
     and the dq kernel walk it: the query tile (in `_balanced` order), the key tile (under the
     causal mask clamped to the query tile's last visible one: past the diagonal the block
     index repeats and nothing is fetched) and the query tile's [1, bq] row of lse or delta."""
 
-    def q_map(b, g, j):
+    def q_map(g, b, j):
         return b, _balanced(g, n_q, settings.causal), 0
 
-    def kv_map(b, g, j):
+    def kv_map(g, b, j):
         if settings.causal:
             j = jnp.minimum(j, _last_kv_tile(_balanced(g, n_q, True), bq, bk, settings.num_heads))
         return b, j, 0
 
-    def row_map(b, g, j):
+    def row_map(g, b, j):
         return b, 0, _balanced(g, n_q, settings.causal)
 
     return q_map, kv_map, row_map
@@ -374,7 +376,7 @@ def _forward(q, k, v, settings: _Settings):
             functools.partial(_fwd_kernel, settings=settings, n_tiles=n_q, n_steps=n_k),
             out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                        jax.ShapeDtypeStruct((batch, 1, rows), jnp.float32)),
-            grid=(batch, n_q, n_k),
+            grid=(n_q, batch, n_k),
             in_specs=[pl.BlockSpec((pl.Squeezed(), bq, kp), q_map),
                       pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map),
                       pl.BlockSpec((pl.Squeezed(), bk, kp), kv_map)],
@@ -402,7 +404,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dk_ref/dv_ref [bk, K], dk_scr/dv_scr [bk, K] f32. Scores are transposed, [bk, bq].
     """
     bq, bk = settings.blocks.block_q_dkv, settings.blocks.block_k_dkv
-    j = _balanced(pl.program_id(1), n_tiles, settings.causal)
+    j = _balanced(pl.program_id(0), n_tiles, settings.causal)
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -445,10 +447,10 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
             i = jnp.maximum(i, jnp.minimum(first, n_q - 1))
         return i
 
-    q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), lambda b, g, i: (b, q_index(g, i), 0))
-    row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), lambda b, g, i: (b, 0, q_index(g, i)))
+    q_spec = pl.BlockSpec((pl.Squeezed(), bq, kp), lambda g, b, i: (b, q_index(g, i), 0))
+    row_spec = pl.BlockSpec((pl.Squeezed(), 1, bq), lambda g, b, i: (b, 0, q_index(g, i)))
     kv_spec = pl.BlockSpec((pl.Squeezed(), bk, kp),
-                           lambda b, g, i: (b, _balanced(g, n_k, settings.causal), 0))
+                           lambda g, b, i: (b, _balanced(g, n_k, settings.causal), 0))
     visited = _visited_tiles(settings, n_q, n_k, bq, bk)
     item = q.dtype.itemsize
     cost = pl.CostEstimate(
@@ -462,7 +464,7 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
             functools.partial(_dkv_kernel, settings=settings, n_tiles=n_k, n_steps=n_q),
             out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                        jax.ShapeDtypeStruct(v.shape, v.dtype)),
-            grid=(batch, n_k, n_q),
+            grid=(n_k, batch, n_q),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
             out_specs=(kv_spec, kv_spec),
             scratch_shapes=[pltpu.VMEM((bk, kp), jnp.float32),
@@ -486,7 +488,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, 
     dq_scr [bq, K] f32, lse_scr/delta_scr [bq, 128] (the rows turned into columns once).
     """
     bq, bk = settings.blocks.block_q_dq, settings.blocks.block_k_dq
-    i = _balanced(pl.program_id(1), n_tiles, settings.causal)
+    i = _balanced(pl.program_id(0), n_tiles, settings.causal)
     j = pl.program_id(2)
 
     @pl.when(j == 0)
@@ -535,7 +537,7 @@ def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
         return tpu_pallas_call(
             functools.partial(_dq_kernel, settings=settings, n_tiles=n_q, n_steps=n_k),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-            grid=(batch, n_q, n_k),
+            grid=(n_q, batch, n_k),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((bq, kp), jnp.float32),

@@ -306,7 +306,16 @@ def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref,
 
 
 def _check_native_blocks(d: int, h: int, k: int, hb: int, td: int) -> None:
-    """The (sublane, 128-lane) rule Mosaic imposes on the minor two block dims."""
+    """The (sublane, 128-lane) rule Mosaic imposes on the minor two block dims, and whole
+    128-lane heads: RoPE rolls each head's K lanes by K/2 (`pltpu.roll`) and the epilogue slices
+    the accumulator at head boundaries (K lanes apart), layouts Mosaic has only for whole
+    vregs. Padding K here would mean padding every weight per head (a copy of wq per call), so
+    smaller heads (the demo and tiny presets) are refused natively and run interpreted."""
+    if k % 128:
+        raise ValueError(f"norm_qkv_rope: head dim K={k} must be a multiple of 128 lanes to "
+                         "compile natively (RoPE's roll over K lanes and per-head lane slices "
+                         "are not legal Mosaic layouts below 128); use interpret=True or "
+                         "impl='xla' for smaller heads")
     if td % 128 and td < d:
         raise ValueError(f"norm_qkv_rope: block_d={td} must be a multiple of 128 or cover "
                          f"D={d} (TPU lane tiling)")

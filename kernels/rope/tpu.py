@@ -34,7 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import tpu_interpret
 from kernels._tpu import pallas_call as tpu_pallas_call
-from kernels._tpu import MiB, compiler_params, round_up, sublane, tile_bytes, vmem_budget
+from kernels._tpu import LANE, MiB, compiler_params, round_up, sublane, tile_bytes, vmem_budget
 from kernels.rope.reference import check_args, inv_frequencies
 
 
@@ -191,14 +191,21 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: An
     block_t = t if block_t >= t else block_t
     block_h = heads if block_h >= heads else block_h
     native = interpret is False
+    if native and k % LANE:
+        # Rolling K < 128 lanes (or K not a multiple of 128) is no legal Mosaic layout; padding
+        # K would copy x in HBM for a kernel whose point is a single pass over it.
+        raise ValueError(f"rope: head dim K={k} must be a multiple of 128 lanes to compile "
+                         "natively (pltpu.roll over fewer lanes is not a legal Mosaic layout); "
+                         "use interpret=True or impl='xla' for smaller heads")
     if native and four_d and block_h % 8 and block_h != heads:
         raise ValueError(f"rope: block_h={block_h} must be a multiple of 8 or cover all {heads} "
                          "heads (TPU sublane tiling)")
-    grid = (b, pl.cdiv(t, block_t), pl.cdiv(heads, block_h))
+    # Position tiles first: with B = 1 per chip they are the only axis a megacore can split.
+    grid = (pl.cdiv(t, block_t), b, pl.cdiv(heads, block_h))
     if four_d:
-        x_spec = pl.BlockSpec((None, block_t, block_h, k), lambda i, j, h: (i, j, h, 0))
+        x_spec = pl.BlockSpec((None, block_t, block_h, k), lambda j, i, h: (i, j, h, 0))
     else:
-        x_spec = pl.BlockSpec((None, block_t, k), lambda i, j, h: (i, j, 0))
+        x_spec = pl.BlockSpec((None, block_t, k), lambda j, i, h: (i, j, 0))
     signs = (1.0, -1.0) if inverse else (-1.0, 1.0)
     freq = frequency_row(k, base, *signs)
     itemsize = x.dtype.itemsize
@@ -213,7 +220,7 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: An
             _rope_kernel,
             grid=grid,
             in_specs=[
-                pl.BlockSpec((None, block_t, 1), lambda i, j, h: (i, j, 0)),
+                pl.BlockSpec((None, block_t, 1), lambda j, i, h: (i, j, 0)),
                 pl.BlockSpec((1, k), lambda i, j, h: (0, 0)),
                 x_spec,
             ],
