@@ -9,9 +9,9 @@ import hypothesis
 import numpy as np
 import pytest
 
-# "ci": at least 25 examples per property, every test (no per-test reductions); `make test`
-# stays inside its budget on 2 cores by drawing small shapes, not by drawing fewer. "dev"
-# searches harder before a merge: HYPOTHESIS_PROFILE=dev make test.
+# "ci": the same number of examples for every property (no per-test reductions); `make test`
+# stays inside its budget on 2 cores by drawing small shapes. "dev" searches harder before a
+# merge: HYPOTHESIS_PROFILE=dev make test.
 # "ci" draws 15 examples per property: at 25 the kernel files alone took about 16 CPU-minutes
 # here (gradient cases dominate), past the suite's 15-minute budget on 2 cores.
 hypothesis.settings.register_profile(
