@@ -6,6 +6,11 @@
             palm_norm_qkv_rope_bwd_dw  LN-recompute prologue, dW = LN(x)^T·g
   XLA       the LayerNorm row statistics (mean, rstd: 8 bytes per row) before the forward, and
             the LayerNorm backward (row/column reductions of dh) after bwd_dx.
+The custom_vjp is built on three public pieces, which `kernels.block_in` also calls to share
+one LayerNorm between this op and `norm_swiglu`: `prepare` (checks, default tiles: `Settings`),
+`forward_with_stats` (the forward from row statistics the caller computed with
+`kernels._common.row_stats`) and `backward_to_dh` (both backward kernels; the caller finishes
+with `kernels._common.layer_norm_bwd`).
 Design notes sit above the kernels; in short: the contraction over D is tiled (a full-D row
 tile does not fit VMEM at PaLM-540B), so LN is applied per D tile from precomputed row
 statistics; column tiles hold whole heads so RoPE's rotate-half partner is always in the tile.
@@ -213,8 +218,10 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
 
 
 @dataclasses.dataclass(frozen=True)
-class _Settings:
-    """The non-array arguments of a call: the custom_vjp's nondiff argument."""
+class Settings:
+    """The non-array arguments of a call (`prepare` makes them): the custom_vjp's nondiff
+    argument, and what a caller sharing the LayerNorm (`kernels.block_in`) passes to
+    `forward_with_stats` and `backward_to_dh`."""
 
     eps: float
     base: float
@@ -324,7 +331,7 @@ def _check_native_blocks(d: int, h: int, k: int, hb: int, td: int) -> None:
                          f"lanes or cover all H={h} heads (TPU lane tiling)")
 
 
-def _tiles(settings: _Settings, m: int, d: int, h: int, k: int, *, backward: bool):
+def _tiles(settings: Settings, m: int, d: int, h: int, k: int, *, backward: bool):
     """The forward or backward tiles clipped to the problem, and the grid they make:
     (rows bm, heads hb, D tile td, q columns bn = hb*K, row tiles, head tiles, D tiles)."""
     bs = settings.block_sizes
@@ -336,7 +343,7 @@ def _tiles(settings: _Settings, m: int, d: int, h: int, k: int, *, backward: boo
     return bm, hb, td, hb * k, pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
 
 
-def _vmem(settings: _Settings, m: int, d: int, h: int, k: int, dtype, kernel: str) -> int:
+def _vmem(settings: Settings, m: int, d: int, h: int, k: int, dtype, kernel: str) -> int:
     """`vmem_bytes` of one kernel on the flattened [M, D] rows."""
     return vmem_bytes((1, m, d), (d, h, k), dtype, settings.block_sizes)[kernel]
 
@@ -357,7 +364,7 @@ def _parked_maps(nq: int, n_contract: int):
     return q_map, kv_map
 
 
-def _forward_call(settings: _Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: int):
+def _forward_call(settings: Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd, h: int):
     """The forward pallas_call on x2 [M, D]; returns q2 [M, H*K], k, v [M, K]."""
     m, d = x2.shape
     k = wk.shape[1]
@@ -413,17 +420,26 @@ def _forward_call(settings: _Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd,
           x2, wq2, wk, wv)
 
 
-def _forward(settings: _Settings, x, norm_scale, wq, wk, wv, positions):
-    """Forward on the caller's shapes; also returns the row statistics for the backward."""
+def forward_with_stats(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd):
+    """The forward from LayerNorm row statistics computed by the caller.
+
+    Args:
+      settings: from `prepare`.
+      x: [B, T, D]; norm_scale: [D]; wq: [D, H, K]; wk, wv: [D, K]; positions: int [B, T].
+      mean, rstd: float32 [B*T, 1], `kernels._common.row_stats(x.reshape(B*T, D), eps)`.
+
+    Returns:
+      ((q [B, T, H, K], k [B, T, K], v [B, T, K]) in x's dtype, saved), saved being the
+      residuals `backward_to_dh` needs beyond the inputs and statistics: None (h is
+      recomputed from x and the statistics, never stored).
+    """
     b, t, d = x.shape
     _, h, k = wq.shape
     x2 = x.reshape(b * t, d)  # [M, D]
-    mean, rstd = row_stats(x2, settings.eps)  # [M, 1] each
     pos2 = positions.astype(jnp.int32).reshape(b * t, 1)
     q2, k2, v2 = _forward_call(settings, x2, norm_scale, wq.reshape(d, h * k), wk, wv, pos2,
                                mean, rstd, h)
-    out = (q2.reshape(b, t, h, k), k2.reshape(b, t, k), v2.reshape(b, t, k))
-    return out, (mean, rstd)
+    return (q2.reshape(b, t, h, k), k2.reshape(b, t, k), v2.reshape(b, t, k)), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,7 +536,7 @@ def _bwd_dw_kernel(mean_ref, rstd_ref, scale_ref, x_ref, gq_ref, gk_ref, gv_ref,
         dwv_ref[...] = acc_ref[:, k:2 * k].astype(dwv_ref.dtype)
 
 
-def _bwd_dx_call(settings: _Settings, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
+def _bwd_dx_call(settings: Settings, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
     """dh [M, D] = g · W^T, and the rotated cotangents R^-1 dq [M, H*K], R^-1 dk [M, K]."""
     m, k = dk2.shape
     d = wk.shape[0]
@@ -581,7 +597,7 @@ def _bwd_dx_call(settings: _Settings, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
         )(pos2, frequency_row(k, settings.base, 1.0, -1.0), dq2, dk2, dv2, wq2, wk, wv)
 
 
-def _bwd_dw_call(settings: _Settings, x2, scale, mean, rstd, gq, gk, gv, h: int, w_dtype):
+def _bwd_dw_call(settings: Settings, x2, scale, mean, rstd, gq, gk, gv, h: int, w_dtype):
     """dwq [D, H*K], dwk, dwv [D, K] = LN(x)^T · (rotated) cotangents."""
     m, d = x2.shape
     k = gk.shape[1]
@@ -629,19 +645,21 @@ def _bwd_dw_call(settings: _Settings, x2, scale, mean, rstd, gq, gk, gv, h: int,
         )(mean, rstd, scale.reshape(1, d), x2, gq, gk, gv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _norm_qkv_rope(settings: _Settings, x, norm_scale, wq, wk, wv, positions):
-    return _forward(settings, x, norm_scale, wq, wk, wv, positions)[0]
+def backward_to_dh(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd, saved,
+                   cotangents):
+    """The backward up to the LayerNorm: its input cotangent and the weight gradients.
 
+    Args:
+      settings, x, norm_scale, wq, wk, wv, positions, mean, rstd: as `forward_with_stats` got.
+      saved: what `forward_with_stats` returned beside the outputs (None).
+      cotangents: (dq [B, T, H, K], dk [B, T, K], dv [B, T, K]).
 
-def _norm_qkv_rope_fwd(settings: _Settings, x, norm_scale, wq, wk, wv, positions):
-    out, (mean, rstd) = _forward(settings, x, norm_scale, wq, wk, wv, positions)
-    # Saved: the inputs (no copies) and 8 bytes per row; h is recomputed, never stored.
-    return out, (x, norm_scale, wq, wk, wv, positions, mean, rstd)
-
-
-def _norm_qkv_rope_bwd(settings: _Settings, residuals, cotangents):
-    x, norm_scale, wq, wk, wv, positions, mean, rstd = residuals
+    Returns:
+      (dh [B*T, D] in x's dtype, the cotangent of LN(x) (normalised and scaled); (dwq [D, H, K],
+      dwk [D, K], dwv [D, K]) in the weights' dtype). `kernels._common.layer_norm_bwd` turns dh
+      into dx and dscale.
+    """
+    del saved  # None: the statistics and the inputs are all the backward needs
     dq, dk, dv = cotangents  # [B, T, H, K], [B, T, K], [B, T, K]
     b, t, d = x.shape
     _, h, k = wq.shape
@@ -651,17 +669,42 @@ def _norm_qkv_rope_bwd(settings: _Settings, residuals, cotangents):
     dq2, dk2, dv2 = (c.astype(x.dtype).reshape(m, -1) for c in (dq, dk, dv))
     dh2, gq, gk = _bwd_dx_call(settings, dq2, dk2, dv2, wq.reshape(d, h * k), wk, wv, pos2, h)
     dwq2, dwk, dwv = _bwd_dw_call(settings, x2, norm_scale, mean, rstd, gq, gk, dv2, h, wq.dtype)
-    dx2, dscale = layer_norm_bwd(dh2, x2, norm_scale, mean, rstd)
-    return dx2.reshape(b, t, d), dscale, dwq2.reshape(d, h, k), dwk, dwv, None
+    return dh2, (dwq2.reshape(d, h, k), dwk, dwv)
+
+
+def _row_stats(settings: Settings, x):
+    """mean, rstd float32 [B*T, 1] of x [B, T, D]: the LayerNorm statistics pass."""
+    return row_stats(x.reshape(-1, x.shape[-1]), settings.eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _norm_qkv_rope(settings: Settings, x, norm_scale, wq, wk, wv, positions):
+    mean, rstd = _row_stats(settings, x)
+    return forward_with_stats(settings, x, norm_scale, wq, wk, wv, positions, mean, rstd)[0]
+
+
+def _norm_qkv_rope_fwd(settings: Settings, x, norm_scale, wq, wk, wv, positions):
+    mean, rstd = _row_stats(settings, x)
+    out, saved = forward_with_stats(settings, x, norm_scale, wq, wk, wv, positions, mean, rstd)
+    # Saved: the inputs (no copies) and 8 bytes per row; h is recomputed, never stored.
+    return out, (x, norm_scale, wq, wk, wv, positions, mean, rstd, saved)
+
+
+def _norm_qkv_rope_bwd(settings: Settings, residuals, cotangents):
+    x, norm_scale, wq, wk, wv, positions, mean, rstd, saved = residuals
+    dh2, (dwq, dwk, dwv) = backward_to_dh(settings, x, norm_scale, wq, wk, wv, positions, mean,
+                                          rstd, saved, cotangents)
+    dx2, dscale = layer_norm_bwd(dh2, x.reshape(dh2.shape), norm_scale, mean, rstd)
+    return dx2.reshape(x.shape), dscale, dwq, dwk, dwv, None
 
 
 _norm_qkv_rope.defvjp(_norm_qkv_rope_fwd, _norm_qkv_rope_bwd)
 
 
-def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float,
-                             base: float = 10000.0, interpret: Any = None,
-                             block_sizes: BlockSizes | None = None):
-    """The Pallas TPU `norm_qkv_rope`: the reference's arguments plus interpret, block_sizes."""
+def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 10000.0,
+            interpret: Any = None, block_sizes: BlockSizes | None = None) -> Settings:
+    """Checks the arguments and bundles the settings of a call (default `BlockSizes` for the
+    target generation when none are given; `interpret` as the front door takes it)."""
     check_args(x, norm_scale, wq, wk, wv, positions)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"norm_qkv_rope: x must be float32 or bfloat16, got {x.dtype=}")
@@ -677,6 +720,14 @@ def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float
     elif not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"norm_qkv_rope: block_sizes must be a norm_qkv_rope.BlockSizes, "
                          f"got {type(block_sizes)}")
-    settings = _Settings(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
-                         block_sizes=block_sizes)
+    return Settings(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
+                    block_sizes=block_sizes)
+
+
+def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float,
+                             base: float = 10000.0, interpret: Any = None,
+                             block_sizes: BlockSizes | None = None):
+    """The Pallas TPU `norm_qkv_rope`: the reference's arguments plus interpret, block_sizes."""
+    settings = prepare(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base,
+                       interpret=interpret, block_sizes=block_sizes)
     return _norm_qkv_rope(settings, x, norm_scale, wq, wk, wv, positions)
