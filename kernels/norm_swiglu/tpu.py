@@ -166,21 +166,24 @@ def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Settings:
-    """The non-differentiable arguments of the custom_vjp, hashable as one static value."""
+class Settings:
+    """The non-array arguments of a call (`prepare` makes them), hashable: the custom_vjp's
+    nondiff argument, and what a caller sharing the LayerNorm (`kernels.block_in`) passes to
+    `forward_with_stats` and `backward_to_dh`."""
 
     eps: float
     block_sizes: BlockSizes
     interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
 
 
-def _lane_stats(stats: jax.Array, rows: int) -> jax.Array:
-    """float32 [rows, 256] for the kernels: mean in lanes 0-127, rstd in 128-255, each copied
-    across its 128 lanes (TPU vectors are 128 lanes wide: a [bt, 1] column would need lane
-    slicing and broadcasts in-kernel; this is the layout JAX's TPU flash attention uses for its
-    row statistics). Padded rows get 0 and normalise to 0. 1 KiB per row, fetched once per row
-    tile (its block index does not change along the F and D grid axes)."""
-    lanes = jnp.repeat(stats, LANE, axis=1)  # [M, 256]
+def _lane_stats(mean: jax.Array, rstd: jax.Array, rows: int) -> jax.Array:
+    """float32 [rows, 256] for the kernels from `row_stats`' [M, 1] columns: mean in lanes
+    0-127, rstd in 128-255, each copied across its 128 lanes (TPU vectors are 128 lanes wide: a
+    [bt, 1] column would need lane slicing and broadcasts in-kernel; this is the layout JAX's
+    TPU flash attention uses for its row statistics). Padded rows get 0 and normalise to 0.
+    1 KiB per row, fetched once per row tile (its block index does not change along the F and
+    D grid axes)."""
+    lanes = jnp.repeat(jnp.concatenate([mean, rstd], axis=1), LANE, axis=1)  # [M, 256]
     return pad2(lanes, rows, 2 * LANE)
 
 
@@ -229,23 +232,23 @@ def _gate_up_in_specs(bt, bf, bd):
     ]
 
 
-def _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd):
+def _padded_operands(x2, mean, rstd, norm_scale, w_gate, w_up, bt, bf, bd):
     """Zero-pads rows to bt, D to bd and F to bf. Padded rows and features normalise to 0
     (x, mean, rstd and scale are 0 there) and padded weights are 0, so nothing leaks."""
     m, d = x2.shape
     f = w_gate.shape[1]
     mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
     scale = pad2(norm_scale.astype(jnp.float32)[None, :], 1, dp)
-    return (pad2(x2, mp, dp), _lane_stats(stats, mp), scale,
+    return (pad2(x2, mp, dp), _lane_stats(mean, rstd, mp), scale,
             pad2(w_gate, dp, fp), pad2(w_up, dp, fp))
 
 
-def _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings: _Settings) -> jax.Array:
+def _fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> jax.Array:
     """h [M, F] = silu(LN(x)·w_gate) * (LN(x)·w_up) by the forward kernel."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
     m, f = x2.shape[0], w_gate.shape[1]
-    xp, sp, scp, wgp, wup = _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd)
+    xp, sp, scp, wgp, wup = _padded_operands(x2, mean, rstd, norm_scale, w_gate, w_up, bt, bf, bd)
     mp, dp = xp.shape
     fp = wgp.shape[1]
     nt, nf, nd = mp // bt, fp // bf, dp // bd
@@ -321,7 +324,7 @@ def _bwd_dw_kernel(xn_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_ac
         dwu_ref[...] = dwu_acc[...].astype(dwu_ref.dtype)
 
 
-def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: _Settings):
+def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: Settings):
     """d_gate, d_up [Mp, Fp] in x's dtype; grid (row tile, F tile, D tile) as the forward."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
@@ -348,7 +351,7 @@ def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: _Settings):
     )(xp, sp, scp, wgp, wup, dhp)
 
 
-def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: _Settings):
+def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
     """dxn float32 [Mp, Dp], the cotangent of LN(x); grid (row tile, D tile, F tile)."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
@@ -374,7 +377,7 @@ def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: _Settings):
     )(d_gate, d_up, wgp, wup)
 
 
-def _bwd_dw_call(xnp, d_gate, d_up, settings: _Settings):
+def _bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
     """d_w_gate, d_w_up [Dp, Fp] in the weights' dtype; grid (D tile, F tile, row tile)."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
@@ -401,8 +404,88 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: _Settings):
     )(xnp, d_gate, d_up)
 
 
-def _check_pallas(x, norm_scale, w_gate, w_up, block_sizes) -> BlockSizes:
-    """The reference's shape checks plus what the kernels need; returns the block sizes."""
+def forward_with_stats(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd):
+    """The forward from given LayerNorm statistics (`kernels._common.row_stats` of x).
+
+    Args:
+      settings: from `prepare`.
+      x: [B, T, D]; norm_scale: [D]; w_gate, w_up: [D, F].
+      mean, rstd: float32 [B*T, 1], the statistics of x's rows.
+
+    Returns:
+      (h [B, T, F] in x's dtype, saved): `saved` is what `backward_to_dh` needs beyond the
+      inputs and the statistics (None: the backward recomputes gate and up).
+    """
+    b, t, d = x.shape
+    h = _fwd_call(x.reshape(b * t, d), mean, rstd, norm_scale, w_gate, w_up, settings)
+    return h.reshape(b, t, -1), None  # h [B, T, F]
+
+
+def backward_to_dh(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd, saved, dh_out):
+    """The backward up to the LayerNorm: its input cotangent and the weight gradients.
+
+    Args:
+      settings, x, norm_scale, w_gate, w_up, mean, rstd: as `forward_with_stats` got them.
+      saved: what `forward_with_stats` returned beside h.
+      dh_out: [B, T, F] the cotangent of h, any float dtype.
+
+    Returns:
+      (dh float32 [B*T, D], the cotangent of LN(x) (normalised and scaled); (d_w_gate,
+      d_w_up) [D, F] in the weights' dtype). `kernels._common.layer_norm_bwd` turns dh into dx
+      and d_norm_scale.
+    """
+    del saved  # None
+    b, t, d = x.shape
+    m, f = b * t, w_gate.shape[1]
+    bs = settings.block_sizes
+    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
+    x2 = x.reshape(m, d)  # [M, D]
+    xp, sp, scp, wgp, wup = _padded_operands(x2, mean, rstd, norm_scale, w_gate, w_up, bt, bf, bd)
+    dhp = pad2(dh_out.reshape(m, f).astype(x.dtype), xp.shape[0], wgp.shape[1])
+    with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
+        d_gate, d_up = _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings)  # [Mp, Fp] each
+        dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
+        # LN(x) materialised once (one fused XLA pass): the dw kernel contracts over rows, so
+        # normalising in-kernel would re-read the per-row statistics for every (D, F) tile.
+        xnp = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), *xp.shape)
+        dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
+    return dxn, (dw_gate[:d, :f], dw_up[:d, :f])
+
+
+def _row_stats(settings: Settings, x):
+    """mean, rstd float32 [B*T, 1] of x [B, T, D]: the LayerNorm statistics pass."""
+    return row_stats(x.reshape(-1, x.shape[-1]), settings.eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _norm_swiglu(settings: Settings, x, norm_scale, w_gate, w_up):
+    mean, rstd = _row_stats(settings, x)
+    return forward_with_stats(settings, x, norm_scale, w_gate, w_up, mean, rstd)[0]
+
+
+def _norm_swiglu_fwd(settings: Settings, x, norm_scale, w_gate, w_up):
+    """Saves the inputs (no copies), 8 bytes of LayerNorm statistics per row, and `saved`."""
+    mean, rstd = _row_stats(settings, x)
+    h, saved = forward_with_stats(settings, x, norm_scale, w_gate, w_up, mean, rstd)
+    return h, (x, norm_scale, w_gate, w_up, mean, rstd, saved)
+
+
+def _norm_swiglu_bwd(settings: Settings, residuals, dh_out):
+    x, norm_scale, w_gate, w_up, mean, rstd, saved = residuals
+    dh, (dw_gate, dw_up) = backward_to_dh(settings, x, norm_scale, w_gate, w_up, mean, rstd,
+                                          saved, dh_out)
+    dx2, dscale = layer_norm_bwd(dh, x.reshape(dh.shape), norm_scale, mean, rstd)
+    return dx2.reshape(x.shape), dscale, dw_gate, dw_up
+
+
+_norm_swiglu.defvjp(_norm_swiglu_fwd, _norm_swiglu_bwd)
+
+
+def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret: Any = None,
+            block_sizes: BlockSizes | None = None) -> Settings:
+    """Checks the arguments (the reference's shape checks plus what the kernels need) and
+    bundles the settings of a call (default `BlockSizes` for the target generation when none
+    are given; `interpret` as the front door takes it)."""
     check_args(x, norm_scale, w_gate, w_up)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"norm_swiglu: x must be float32 or bfloat16, got {x.dtype=}")
@@ -413,13 +496,13 @@ def _check_pallas(x, norm_scale, w_gate, w_up, block_sizes) -> BlockSizes:
         raise ValueError(f"norm_swiglu: norm_scale must be floating, got {norm_scale.dtype=}")
     b, t, d = x.shape
     if block_sizes is None:
-        return BlockSizes.get_default(b * t, d, w_gate.shape[1], x.dtype)
-    if not isinstance(block_sizes, BlockSizes):
+        block_sizes = BlockSizes.get_default(b * t, d, w_gate.shape[1], x.dtype)
+    elif not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"norm_swiglu: block_sizes must be a norm_swiglu.BlockSizes, got {block_sizes!r}")
     rows = sublane(x.dtype)
     if block_sizes.block_t % rows or block_sizes.block_t_bwd % rows:
         raise ValueError(f"norm_swiglu: {x.dtype} row tiles must be multiples of {rows}, got {block_sizes}")
-    return block_sizes
+    return Settings(float(eps), block_sizes, tpu_interpret(interpret))
 
 
 def norm_swiglu_pallas_tpu(
@@ -433,51 +516,13 @@ def norm_swiglu_pallas_tpu(
     block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """The Pallas TPU implementation of `norm_swiglu` (see the module docstring)."""
-    block_sizes = _check_pallas(x, norm_scale, w_gate, w_up, block_sizes)
-    settings = _Settings(float(eps), block_sizes, tpu_interpret(interpret))
-    return _norm_swiglu_jit(x, norm_scale, w_gate, w_up, settings)
+    settings = prepare(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret,
+                       block_sizes=block_sizes)
+    return _norm_swiglu_jit(settings, x, norm_scale, w_gate, w_up)
 
 
 # Jitted so that the wrapper's statistics, padding and slicing compile together with the kernel
 # (op-by-op dispatch would compile each small op separately for every new shape).
-@functools.partial(jax.jit, static_argnums=(4,))
-def _norm_swiglu_jit(x, norm_scale, w_gate, w_up, settings: _Settings):
-    return _norm_swiglu(x, norm_scale, w_gate, w_up, settings)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _norm_swiglu(x, norm_scale, w_gate, w_up, settings: _Settings):
-    return _norm_swiglu_fwd(x, norm_scale, w_gate, w_up, settings)[0]
-
-
-def _norm_swiglu_fwd(x, norm_scale, w_gate, w_up, settings: _Settings):
-    """Saves the inputs and 8 bytes of LayerNorm statistics per row, never gate or up."""
-    b, t, d = x.shape
-    x2 = x.reshape(b * t, d)  # [M, D]
-    stats = jnp.concatenate(row_stats(x2, settings.eps), axis=1)  # [M, 2]: mean, rstd
-    h = _fwd_call(x2, stats, norm_scale, w_gate, w_up, settings)
-    return h.reshape(b, t, -1), (x, norm_scale, w_gate, w_up, stats)  # h [B, T, F]
-
-
-def _norm_swiglu_bwd(settings: _Settings, residuals, dh):
-    x, norm_scale, w_gate, w_up, stats = residuals
-    b, t, d = x.shape
-    m, f = b * t, w_gate.shape[1]
-    bs = settings.block_sizes
-    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    x2 = x.reshape(m, d)  # [M, D]
-    xp, sp, scp, wgp, wup = _padded_operands(x2, stats, norm_scale, w_gate, w_up, bt, bf, bd)
-    dhp = pad2(dh.reshape(m, f).astype(x.dtype), xp.shape[0], wgp.shape[1])
-    with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
-        d_gate, d_up = _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings)  # [Mp, Fp] each
-        dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
-        # LN(x) materialised once (one fused XLA pass): the dw kernel contracts over rows, so
-        # normalising in-kernel would re-read the per-row statistics for every (D, F) tile.
-        mean, rstd = stats[:, 0:1], stats[:, 1:2]
-        xnp = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), *xp.shape)
-        dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
-        dx, dscale = layer_norm_bwd(dxn, x2, norm_scale, mean, rstd)
-    return dx.reshape(x.shape), dscale, dw_gate[:d, :f], dw_up[:d, :f]
-
-
-_norm_swiglu.defvjp(_norm_swiglu_fwd, _norm_swiglu_bwd)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _norm_swiglu_jit(settings: Settings, x, norm_scale, w_gate, w_up):
+    return _norm_swiglu(settings, x, norm_scale, w_gate, w_up)
