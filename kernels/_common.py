@@ -119,10 +119,12 @@ def tpu_interpret(interpret: Any) -> Any:
 def matmul_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """`jnp.einsum(spec, a, b)` accumulated in float32.
 
-    XLA:CPU runs some bf16 x bf16 -> f32 dots and rejects others at run time ("Unsupported
-    element type for DotThunk::Execute: BF16 x BF16 = F32" from the model's bf16 forward on jax
-    0.10.2; a plain 2-D einsum passes), so on CPU the operands are widened first. That changes no value: a product of two bf16 numbers is
-    exact in float32, so only the summation order can differ from the accelerator's result.
+    XLA:CPU runs some bf16 x bf16 -> f32 dots and rejects others at run time: the tiny model's
+    bf16 forward at [2, 32] tokens fails with "Unsupported element type for DotThunk::Execute:
+    BF16 x BF16 = F32" without the widening (rechecked on jax 0.10.2 for this issue), while the
+    same einsums at [2, 8] pass. So on CPU the operands are widened first. That changes no
+    value: a product of two bf16 numbers is exact in float32, so only the summation order can
+    differ from the accelerator's result.
     """
     if current_backend() == "cpu" and jnp.float32 not in (a.dtype, b.dtype):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)

@@ -7,6 +7,8 @@ so the plain forward (the custom_vjp's primal path) is checked once, in the two-
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from conftest import RaceLog, assert_close, race_log
 from kernels._common import layer_norm_bwd, layer_norm_f32, row_stats
+from kernels._tpu import sublane, vmem_budget
 from kernels.norm_qkv_rope import BlockSizes, norm_qkv_rope, norm_qkv_rope_reference, vmem_bytes
+from kernels.norm_qkv_rope import tpu as nqr_tpu
+from kernels.norm_qkv_rope.tpu import hbm_bytes
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -41,14 +46,17 @@ def _inputs(seed, b, t, d, h, k, dtype):
 
 @st.composite
 def cases(draw):
+    """Shapes of at most three tiles per grid axis (each grid step costs interpret time), none
+    of them required to divide: M <= 24 rows in tiles of 8 or 16, D <= 24 in tiles of 8, 16 or
+    24 (D-resident whenever the tile covers D), H <= 3 heads in tiles of 1 to 3."""
     blocks = BlockSizes(
         block_rows=draw(st.sampled_from([8, 16])), block_heads=draw(st.integers(1, 3)),
         block_d=draw(st.sampled_from([8, 16, 24])),
         block_rows_bwd=draw(st.sampled_from([8, 16])), block_heads_bwd=draw(st.integers(1, 3)),
         block_d_bwd=draw(st.sampled_from([8, 16, 24])))
     return dict(
-        b=draw(st.integers(1, 2)), t=draw(st.integers(1, 20)), d=draw(st.integers(4, 32)),
-        h=draw(st.integers(1, 4)), k=2 * draw(st.integers(1, 32)),  # every even K to 64
+        b=draw(st.integers(1, 2)), t=draw(st.integers(1, 12)), d=draw(st.integers(4, 24)),
+        h=draw(st.integers(1, 3)), k=2 * draw(st.integers(1, 32)),  # every even K to 64
         dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
         blocks=draw(st.sampled_from([None, blocks, blocks])),  # mostly several grid steps
         races=draw(st.sampled_from([False, False, True])),  # race detection for a third
@@ -151,13 +159,27 @@ def test_layer_norm_backward_matches_autodiff():
     assert_close(dscale, expected_dscale, jnp.float32, what="dscale")
 
 
-def test_block_sizes_default_and_validation():
-    for name, (d, h, k) in PALM.items():
-        # v5p and up; v4's budget shrinks the rows (tests/test_tpu_rules.py).
-        blocks = BlockSizes.get_default((1, 2048, d), (d, h, k), jnp.bfloat16, "TPU v5p")
-        assert (blocks.block_rows, blocks.block_heads, blocks.block_d) == (512, 4, 512), name
-        assert (blocks.block_rows_bwd, blocks.block_heads_bwd, blocks.block_d_bwd) == (512, 2, 512)
-        assert vmem_bytes((1, 2048, d), (d, h, k), jnp.bfloat16, blocks)["max"] <= 48 * 2**20
+def test_default_tiles_per_generation():
+    """PaLM-8B in bf16: D-resident tiles (block_d = D: x and dq read once) on the 128 MiB parts
+    (v5e, v6e), D-tiled on v4 (12 MiB budget); PaLM-540B D-tiled everywhere (the weights
+    dominate its traffic: module docstring). Every default fits its generation's budget, rows a
+    multiple of the dtype's sublanes (float32 D=4096, H=16, K=512, 300 rows used to raise)."""
+    shapes = {**{name: ((1, 2048, d), (d, h, k)) for name, (d, h, k) in PALM.items()},
+              "300 rows": ((1, 300, 4096), (4096, 16, 512))}
+    for name, (x_shape, wq_shape) in shapes.items():
+        d = x_shape[2]
+        for gen in TPU_GENERATIONS:
+            for dtype in (jnp.float32, jnp.bfloat16):
+                blocks = BlockSizes.get_default(x_shape, wq_shape, dtype, gen)
+                what = (name, gen, jnp.dtype(dtype).name, blocks)
+                assert vmem_bytes(x_shape, wq_shape, dtype, blocks)["max"] <= vmem_budget(gen), what
+                assert blocks.block_rows % sublane(dtype) == 0, what
+                assert blocks.block_rows_bwd % sublane(dtype) == 0, what
+                resident = (blocks.block_d == d, blocks.block_d_bwd == d)
+                if name == "8b" and dtype == jnp.bfloat16 and gen in ("TPU v5 lite", "TPU v6 lite"):
+                    assert resident == (True, True), what
+                if gen == "TPU v4" or name == "540b":
+                    assert resident == (False, False), what
     small = BlockSizes.get_default((1, 1, 24), (24, 3, 8), jnp.float32)  # one decoding step
     assert (small.block_rows, small.block_heads, small.block_d) == (8, 3, 24)
     hash(small)  # static argument
@@ -165,6 +187,24 @@ def test_block_sizes_default_and_validation():
         BlockSizes(12, 1, 128, 8, 1, 128)
     with pytest.raises(ValueError, match="positive int"):
         BlockSizes(8, 0, 128, 8, 1, 128)
+
+
+def test_traffic_table_in_docstring():
+    """The module docstring's HBM table is `hbm_bytes` at the former and the default tiles."""
+    before = {"TPU v4": BlockSizes(128, 4, 512, 256, 2, 512),
+              "TPU v5p": BlockSizes(512, 4, 512, 512, 2, 512)}
+    before["TPU v6 lite"] = before["TPU v5p"]
+    for d, h, k in PALM.values():
+        x_shape, wq_shape = (1, 2048, d), (d, h, k)
+        for gen, old in before.items():
+            new = BlockSizes.get_default(x_shape, wq_shape, jnp.bfloat16, gen)
+            row = []
+            for blocks in (old, new):
+                moved = {n: round(v / 2**20)
+                         for n, v in hbm_bytes(x_shape, wq_shape, jnp.bfloat16, blocks).items()}
+                row.append(f"{moved['forward']} | {moved['bwd_dx']} + {moved['bwd_dw']}")
+            assert re.search(r"\s+".join(map(re.escape, "  ".join(row).split())),
+                             nqr_tpu.__doc__), (d, gen, row)
 
 
 def test_bad_inputs_raise():
@@ -228,6 +268,29 @@ def test_exports_for_every_tpu_generation(device_kind):
     assert mosaic_kernel_names(text) == ["palm_norm_qkv_rope_fwd"]
     text = export_for_tpu(_gradient, *_palm_args("8b"), device_kind=device_kind)
     assert len(mosaic_kernel_names(text)) == 3
+
+
+@pytest.mark.parametrize("model", sorted(PALM))
+def test_d_resident_tiles_export_for_tpu(model):
+    """block_d = D, forward and both backward kernels, at PaLM widths (rows a multiple of 16).
+    At 540B this lowers but does not fit (bwd_dw's [D, 2K] float32 accumulator and weight
+    blocks alone exceed 96 MiB), so the defaults there stay D-tiled."""
+    d = PALM[model][0]
+    blocks = BlockSizes(208, 1, d, 64, 1, d)
+
+    def forward(*args):
+        return norm_qkv_rope(*args, eps=EPS, impl="pallas_tpu", interpret=False,
+                             block_sizes=blocks)
+
+    def gradient(x, norm_scale, wq, wk, wv, positions):
+        def loss(*params):
+            return sum(jnp.sum(o.astype(jnp.float32)) for o in forward(*params, positions))
+        return jax.value_and_grad(loss, argnums=tuple(range(5)))(x, norm_scale, wq, wk, wv)
+
+    text = export_for_tpu(gradient, *_palm_args(model), device_kind="TPU v6 lite")
+    assert mosaic_kernel_names(text) == ["palm_norm_qkv_rope_fwd", "palm_norm_qkv_rope_bwd_dx",
+                                         "palm_norm_qkv_rope_bwd_dw"]
+    assert f"{d}x" in text
 
 
 def test_head_dim_128_exports():

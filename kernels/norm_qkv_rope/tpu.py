@@ -11,42 +11,61 @@ one LayerNorm between this op and `norm_swiglu`: `prepare` (checks, default tile
 `forward_with_stats` (the forward from row statistics the caller computed with
 `kernels._common.row_stats`) and `backward_to_dh` (both backward kernels; the caller finishes
 with `kernels._common.layer_norm_bwd`).
-Design notes sit above the kernels; in short: the contraction over D is tiled (a full-D row
-tile does not fit VMEM at PaLM-540B), so LN is applied per D tile from precomputed row
-statistics; column tiles hold whole heads so RoPE's rotate-half partner is always in the tile.
+Design notes sit above the kernels; in short: the LayerNorm statistics come from a first pass
+(XLA), each x tile is normalised in the kernel prologue, so the contraction over D may be tiled
+(`block_d` < D: VMEM-bound generations, PaLM-540B) or D-resident (`block_d` = D); column tiles
+hold whole heads so RoPE's rotate-half partner is always in the tile.
 
-HBM traffic at PaLM-8B (B=1, T=2048: M=2048 rows, D=4096, H=16, K=256, bf16), in MiB.
-"once" counts each operand read once and each result written once (how the XLA sequence is
-counted too, its elementwise chains fused); "tiled" adds the re-reads our default tiles cause.
-  forward, ours: x 16, weights 36, q|k|v 18, LN statistics pass 32 (x read twice by XLA)
-    once 102, tiled 274 (x read once per column tile: 5x; weights once per row tile: 4x).
-  forward, XLA running the reference: LN 64 (x read 3x, h written), three matmuls 120 (h read
-    3x, weights, f32 q|k|v written), RoPE and casts 54 (f32 read, bf16 written): ~238.
-  backward, ours: bwd_dx 87 (dq|dk|dv 18, weights 36, dh 16, rotated dq|dk 17), bwd_dw 70
-    (x 16, rotated cotangents 18, dW 36), LayerNorm backward in XLA ~110: once ~267;
-    tiled ~741 (bwd_dx 307: dq once per D tile, weights once per row tile; bwd_dw 324: x once
-    per column tile, cotangents once per D tile).
-  backward, XLA running jax.grad of the reference: f32 rotated cotangents 54, three dh
-    partials 120 and their sum 64, dW with h read 3x 120, LayerNorm backward ~110: ~470.
-So fusion saves ~136 MiB (57%) of compulsory forward traffic and ~200 MiB (43%) backward: h,
-the f32 projections and the f32 rotated cotangents never reach HBM. Our tiles' re-reads cost
-more than that (XLA's matmuls re-read too, uncounted here); they are the price of a D-tiled
-LayerNorm and are paid from bandwidth the MXU leaves spare: the forward does 77.3 GFLOP at
-~270 flop per tiled byte, above the ridge points of v4 (229), v5e (~240) and v5p (~166); not
-v6e's (~560), where its 32 MiB scoped VMEM allows the larger tiles that would get there. The
-backward kernels do 77.3 GFLOP each at ~240 (bwd_dx) and ~227 (bwd_dw) flop per byte:
-borderline on v4/v5e.
+HBM traffic (`hbm_bytes`: each operand block fetched whenever its block index changes between
+grid steps, results written once), bf16, B=1, T=2048 (M=2048 rows), in MiB; "before" are the
+D-tiled default tiles this module had (512 rows or fewer, 512 of D, 1024/512 query lanes),
+"after" the default tiles now (`BlockSizes.get_default`, the fewest bytes that fit the
+generation's `vmem_budget`), forward | bwd_dx + bwd_dw:
+  PaLM-8B (D=4096, H=16, K=256)   before            after
+    v4 (12 MiB budget)          682 | 451 + 327   344 | 379 + 327
+    v5p (48 MiB)                244 | 307 + 329   166 | 211 + 153
+    v5e, v6e (96 MiB)           244 | 307 + 329   102 | 151 + 134
+  PaLM-540B (D=18432, H=48, K=256)
+    v4                         8194 | 5451 + 4073  4102 | 4551 + 4076
+    v5p                        2788 | 3651 + 4082  1887 | 2355 + 1842
+    v5e, v6e                   2788 | 3651 + 4082  1455 | 1455 + 1846
+Where x's block covers D (block_d = D) its index stays put along the column axis, so the forward
+reads each row tile of x once instead of once per column tile, and bwd_dx reads each dq tile
+once instead of once per D tile; the rest of the saving is larger row tiles, each reading the
+weights once. PaLM-8B on v5e/v6e forward: x 16, wq 2 x 32 (two row tiles of 1024), wk and wv 4
+(read once: their block index never moves), q|k|v 18; its tiles (rows, heads, D tile): forward
+(1024, 4, 4096), backward (688, 4, 4096); on v5p (512, 2, 4096) and (512, 4, 2048); on v4
+D-tiled. Not in these figures: the LayerNorm statistics pass (x read twice by XLA: 32 MiB at
+PaLM-8B, 144 at 540B) and the LayerNorm backward in XLA (~110 MiB at PaLM-8B: dh and x read, dx
+written, their reductions); `kernels.block_in` runs each once per layer for this op and
+`norm_swiglu` together (the op alone, `norm_qkv_rope_pallas_tpu`, pays both itself).
+At 540B the weights (450 MiB) dominate: no D-resident row tile of more than 208 rows fits
+96 MiB beside one head's weight blocks (x 72 KiB per row double-buffered, its float32 LN 72 KiB),
+so D-tiled tiles with 1024 rows (the weights read twice) move fewer bytes.
+
+XLA running the reference at PaLM-8B, counting each operand once (its matmuls' own tile
+re-reads left out): forward ~238 (LN 64: x read 3x, h written; three matmuls 120: h read 3x,
+weights, f32 q|k|v written; RoPE and casts 54); backward ~470 (f32 rotated cotangents 54, three
+dh partials 120 and their sum 64, dW with h read 3x 120, LayerNorm backward ~110). Ours with the
+statistics pass on v5e/v6e: forward 134, backward ~395 with the LayerNorm backward (v5p: 198,
+~474). h, the f32 projections and the f32 rotated cotangents never reach HBM. The forward does
+77.3 GFLOP, ~720 flop per kernel byte on v5e/v6e, above both ridge points (~240, ~560).
+
+bwd_dw still reads x once per column tile (5x at PaLM-8B, 64 MiB of its 134): its grid walks
+the rows innermost (the contraction), so x's block index changes at every step. Reading x once
+needs one row tile (the index then stays put along the column axis), i.e. [B*T, block_d] x and
+float32 LN blocks: at D-resident tiles that is 152 MiB of VMEM at PaLM-8B, over every budget;
+with its own D tile of 2048 it would fit v5e/v6e (84 MiB) and move 86 MiB instead of 134, but
+bwd_dw shares its tiles with bwd_dx, whose best D tile there is D (BlockSizes would need a
+third set of fields).
 Layout caveat: wq [D,H,K] -> [D,H*K] and q [M,H*K] -> [B,T,H,K] are free reshapes logically,
 but TPU HBM tiles the two minor dims, so XLA may copy at each (~32 MiB read + write for wq,
 the same for q, per call at PaLM-8B). Storing wq as [D, H*K] in the model would avoid the first.
 
-VMEM of the default blocks (`vmem_bytes`: double-buffered blocks, [rows, 1] blocks padded to
-128 lanes, scratch), bf16, identical at PaLM-8B and PaLM-540B (the tiles divide both):
-  forward  rows 512, 4 heads (1024 lanes), D tile 512:  11.6 MiB
-  bwd_dx   rows 512, 2 heads (512 lanes),  D tile 512:   9.5 MiB
-  bwd_dw   the same tiles:                               7.0 MiB
-all inside the 16 MiB default scoped VMEM of v4/v5e (no vmem_limit_bytes). float32 inputs get
-fewer rows (`BlockSizes.get_default` halves them until each kernel is under 12 MiB).
+VMEM (`vmem_bytes`: double-buffered blocks, [rows, 1] blocks padded to 128 lanes, scratch and
+in-kernel temporaries such as the float32 LN of an x block) of the defaults above is within
+each generation's `vmem_budget` (capacity less a quarter: 12, 48, 96 MiB); each pallas_call
+asks for its estimate plus headroom with vmem_limit_bytes. float32 inputs get smaller tiles.
 """
 
 from __future__ import annotations
@@ -76,13 +95,16 @@ from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
 # maps stay on a fixed block (wq on the block it used last, wk/wv on their first), so the
 # pipeline, which skips a copy whose block index did not change, fetches nothing for them.
 #
-# LayerNorm. At PaLM-540B (D = 18432) a row tile holding all of D does not fit VMEM next to its
-# weight tile (512 rows x 18432 x 2 bytes = 18 MiB), so the contraction over D is tiled and the
-# per-row mean and rstd come from a cheap first pass in the wrapper (XLA reductions over x,
-# 8 bytes per row written); each [rows, block_d] tile of x is normalised on the fly in the kernel
-# prologue, exactly as `layer_norm_f32` does it, and rounded to x's dtype before the MXU, as
-# the reference rounds h. The normalisation is repeated for each column tile; it costs ~4 VPU
-# operations per x element against 2 * block_heads * K MXU flops.
+# LayerNorm. The per-row mean and rstd come from a cheap first pass in the wrapper (XLA
+# reductions over x, 8 bytes per row written; `kernels.block_in` shares it with norm_swiglu);
+# each [rows, block_d] tile of x is normalised on the fly in the kernel prologue, exactly as
+# `layer_norm_f32` does it, and rounded to x's dtype before the MXU, as the reference rounds h.
+# So the contraction over D may be tiled (block_d < D, where a whole-D row tile does not fit
+# VMEM: v4, and PaLM-540B everywhere) or not (block_d = D: x fetched once per row tile). The
+# normalisation is repeated for each column tile: ~4 VPU operations per x element against
+# 2 * block_heads * K MXU flops. Normalising once per row tile into a VMEM scratch would not
+# buy a larger row tile at PaLM-8B (x's double-buffered block and an x-sized scratch cost about
+# what the float32 temporary does) and would need the column axis to stay sequential per core.
 #
 # RoPE. A column tile holds whole heads, so the rotate-half partner of every lane is in the
 # tile: the epilogue rotates each head's [rows, K] slice of the float32 accumulator
@@ -127,36 +149,52 @@ class BlockSizes:
     @classmethod
     def get_default(cls, x_shape: tuple[int, ...], wq_shape: tuple[int, ...],
                     dtype, generation: str | None = None) -> "BlockSizes":
-        """512 rows and 512 of D per tile, 1024 query lanes (forward) or 512 (backward), rows
-        halved for as long as a kernel's VMEM exceeds `vmem_budget(generation)` (default: the
-        target generation; 12 MiB on v4); small shapes get one tile per axis.
+        """The tiles that move the fewest HBM bytes (`hbm_bytes`) among those whose VMEM
+        (`vmem_bytes`) fits `vmem_budget(generation)` (default: the target generation), chosen
+        for the forward and for the two backward kernels together.
 
-        At PaLM shapes in bf16 this gives the forward an arithmetic intensity of ~270 flop per
-        HBM byte (module docstring), above v4's, v5e's and v5p's ridge points (229, 246, 164).
-        block_d prefers a divisor of D and block_heads a divisor of H (no edge handling at PaLM
-        shapes), with block_heads * K a multiple of 128 lanes.
+        Candidates: block_d = D (D-resident: x and dq read once) or the D-tiled 512 (a divisor
+        of D where one exists); about 256 to 2048 query lanes per column tile (`_pick_heads`);
+        for each pair the largest row tile that fits, the B*T rows split into n = 2, 3, ..., 16,
+        32, 64, ... equal tiles rounded up to `sublane(dtype)` (two at least, so a megacore
+        chip's two TensorCores share the parallel row axis). Ties go to the fewer grid steps.
+        PaLM-8B and 540B on each generation: the module docstring.
         """
         b, t, d = x_shape
         _, h, k = wq_shape
-        sub = sublane(dtype)
+        m, sub = b * t, sublane(dtype)
         budget = vmem_budget(generation)
-        block_d = d if d <= 512 else next((c for c in (512, 384, 256, 128) if d % c == 0), 512)
+        tiled_d = d if d <= 512 else next((c for c in (512, 384, 256, 128) if d % c == 0), 512)
+        depths = [d, *(c for c in (2048, 1024) if c < d and d % c == 0), tiled_d]
+        heads = sorted({_pick_heads(h, k, lanes) for lanes in (256, 512, 1024, 2048)})
+        splits = [*range(2, 17), *(2**p for p in range(5, max(5, m.bit_length())))]
+        row_tiles = sorted({round_up(pl.cdiv(m, n), sub) for n in splits}, reverse=True)
+        default_fwd = cls(sub, heads[0], d, sub, heads[0], d)  # backward fields unused below
 
-        def fit(make, kernels):
-            rows = min(512, round_up(b * t, sub))
-            while True:
-                blocks = make(rows)
-                used = vmem_bytes(x_shape, wq_shape, dtype, blocks)
-                if max(used[name] for name in kernels) <= budget or rows <= sub:
-                    return blocks, rows
-                rows = max(sub, rows // 2)
+        def best(make, names):
+            """make(rows, heads, block_d) -> BlockSizes; the cheapest that fits, else the
+            smallest tiles."""
+            found = []
+            for hb in heads:
+                for td in dict.fromkeys(depths):
+                    for rows in row_tiles:
+                        blocks = make(rows, hb, td)
+                        if max(vmem_bytes(x_shape, wq_shape, dtype, blocks)[n]
+                               for n in names) <= budget:
+                            moved = hbm_bytes(x_shape, wq_shape, dtype, blocks)
+                            steps = pl.cdiv(m, rows) * pl.cdiv(h, hb) * pl.cdiv(d, td)
+                            found.append((sum(moved[n] for n in names), steps, blocks))
+                            break
+            if not found:
+                return make(row_tiles[-1], heads[0], tiled_d)
+            return min(found, key=lambda f: f[:2])[2]
 
-        fwd_heads, bwd_heads = _pick_heads(h, k, 1024), _pick_heads(h, k, 512)
-        _, fwd_rows = fit(lambda r: cls(r, fwd_heads, block_d, sub, bwd_heads, block_d),
-                          ("forward",))
-        blocks, _ = fit(lambda r: cls(fwd_rows, fwd_heads, block_d, r, bwd_heads, block_d),
-                        ("bwd_dx", "bwd_dw"))
-        return blocks
+        fwd = best(lambda r, hb, td: dataclasses.replace(default_fwd, block_rows=r,
+                                                         block_heads=hb, block_d=td),
+                   ("forward",))
+        return best(lambda r, hb, td: dataclasses.replace(fwd, block_rows_bwd=r,
+                                                          block_heads_bwd=hb, block_d_bwd=td),
+                    ("bwd_dx", "bwd_dw"))
 
 
 def _pick_heads(h: int, k: int, lanes: int) -> int:
@@ -170,6 +208,52 @@ def _pick_heads(h: int, k: int, lanes: int) -> int:
             return c
     aligned = 128 // math.gcd(k, 128)  # fewest heads spanning whole 128-lane tiles
     return h if h * k <= 2048 else max(aligned, want // aligned * aligned)
+
+
+def _grid(m: int, d: int, h: int, blocks: BlockSizes, *, backward: bool):
+    """(rows bm, heads hb, D tile td, row tiles nm, head tiles nq, D tiles nd) of the forward or
+    backward tiles clipped to the problem."""
+    rows, heads, depth = ((blocks.block_rows_bwd, blocks.block_heads_bwd, blocks.block_d_bwd)
+                          if backward else (blocks.block_rows, blocks.block_heads, blocks.block_d))
+    bm, hb, td = min(rows, m), min(heads, h), min(depth, d)
+    return bm, hb, td, pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+
+
+def hbm_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
+              blocks: BlockSizes) -> dict[str, int]:
+    """HBM bytes each kernel moves at these blocks: an input block is fetched whenever its
+    block index differs from the previous grid step's (the Pallas pipeline skips the copy
+    otherwise), each result written once; the [rows, 1] positions and statistics count 4
+    bytes per row per fetch, norm_scale and the frequencies are left out (under 80 KiB).
+
+    x is read once where its block index stays put along the column axes (the forward and
+    bwd_dw with one D tile, bwd_dw with one row tile), else once per column tile; a weight
+    [D, ·] once per row tile unless it has a single block; dq once per D tile in bwd_dx
+    unless the heads fit one column tile.
+    """
+    b, t, d = x_shape
+    _, h, k = wq_shape
+    m, isz = b * t, jnp.dtype(dtype).itemsize
+    x, dh = m * d * isz, m * d * isz
+    wq, wkv = d * h * k * isz, 2 * d * k * isz  # wk and wv together
+    q, kv = m * h * k * isz, 2 * m * k * isz  # q (or dq); k and v (or dk and dv)
+
+    bm, hb, td, nm, nq, nd = _grid(m, d, h, blocks, backward=False)
+    forward = (x * (1 if nd == 1 else nq + 1)
+               + wq * (1 if nq == nd == 1 else nm)
+               + (wkv if nd == 1 else wkv * nm + wkv // nd * (nm - 1))  # block 0 again per row tile
+               + q + kv + 12 * m)
+
+    bm, hb, td, nm, nq, nd = _grid(m, d, h, blocks, backward=True)
+    bwd_dx = (q * (1 if nq == 1 else nd) + kv
+              + wq * (1 if nq == nd == 1 else nm) + wkv * (1 if nd == 1 else nm)
+              + dh + q + kv // 2 + 4 * m)  # dh, rotated dq and dk written
+    bwd_dw = (x * (1 if nm == 1 else nq + 1)
+              + 8 * m * (1 if nm == 1 else nd * (nq + 1))  # mean, rstd
+              + q * (1 if nq == nm == 1 else nd)
+              + (kv if nm == 1 else kv * nd + kv // nm * (nd - 1))  # row block 0 again per D tile
+              + wq + wkv)  # dW written
+    return {"forward": forward, "bwd_dx": bwd_dx, "bwd_dw": bwd_dw}
 
 
 def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
@@ -207,7 +291,8 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
               + 2 * (tile(bm, bn) + 2 * tile(bm, k) + tile(td, bn) + 2 * tile(td, k))  # inputs
               + 2 * (tile(bm, td) + tile(bm, bn) + tile(bm, k))  # dh, rotated dq and dk
               + tile(bm, td, 4) + tile(bm, bn) + 2 * tile(bm, k, 4)  # acc, dq tile, cos/sin
-              + tile(bm, td, 4) + 3 * tile(bm, max(bn, 2 * k), 4))  # temporaries
+              + 2 * tile(bm, td, 4) + tile(bm, td)  # a product, the sum, dh's cast
+              + 3 * tile(bm, max(bn, 2 * k), 4))  # rotation temporaries
     bwd_dw = (2 * column * bm
               + 2 * (tile(1, td) + tile(bm, td) + tile(bm, bn) + 2 * tile(bm, k))  # inputs
               + 2 * (tile(td, bn) + 2 * tile(td, k))  # dwq, dwk, dwv blocks
@@ -334,18 +419,20 @@ def _check_native_blocks(d: int, h: int, k: int, hb: int, td: int) -> None:
 def _tiles(settings: Settings, m: int, d: int, h: int, k: int, *, backward: bool):
     """The forward or backward tiles clipped to the problem, and the grid they make:
     (rows bm, heads hb, D tile td, q columns bn = hb*K, row tiles, head tiles, D tiles)."""
-    bs = settings.block_sizes
-    rows, heads, depth = ((bs.block_rows_bwd, bs.block_heads_bwd, bs.block_d_bwd) if backward
-                          else (bs.block_rows, bs.block_heads, bs.block_d))
-    bm, hb, td = min(rows, m), min(heads, h), min(depth, d)
+    bm, hb, td, nm, nq, nd = _grid(m, d, h, settings.block_sizes, backward=backward)
     if settings.interpret is False:
         _check_native_blocks(d, h, k, hb, td)
-    return bm, hb, td, hb * k, pl.cdiv(m, bm), pl.cdiv(h, hb), pl.cdiv(d, td)
+    return bm, hb, td, hb * k, nm, nq, nd
 
 
 def _vmem(settings: Settings, m: int, d: int, h: int, k: int, dtype, kernel: str) -> int:
     """`vmem_bytes` of one kernel on the flattened [M, D] rows."""
     return vmem_bytes((1, m, d), (d, h, k), dtype, settings.block_sizes)[kernel]
+
+
+def _hbm(settings: Settings, m: int, d: int, h: int, k: int, dtype, kernel: str) -> int:
+    """`hbm_bytes` of one kernel on the flattened [M, D] rows (its CostEstimate)."""
+    return hbm_bytes((1, m, d), (d, h, k), dtype, settings.block_sizes)[kernel]
 
 
 def _parked_maps(nq: int, n_contract: int):
@@ -371,12 +458,10 @@ def _forward_call(settings: Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd, 
     bm, hb, td, bn, nm, nq, nd = _tiles(settings, m, d, h, k, backward=False)
     wq_map, kv_map = _parked_maps(nq, nd)
     row = lambda i, j, dd: (i, 0)  # noqa: E731
-    isz = x2.dtype.itemsize
     cost = pl.CostEstimate(
         flops=2 * m * d * (h + 2) * k + 4 * m * d * (nq + 1) + 3 * m * (h + 1) * k,
         transcendentals=2 * m * k,
-        bytes_accessed=(m * d * isz * (nq + 1) + d * (h + 2) * k * isz * nm
-                        + m * (h + 2) * k * isz + 12 * m + d * 4),
+        bytes_accessed=_hbm(settings, m, d, h, k, x2.dtype, "forward"),
     )
     kernel = functools.partial(_fwd_kernel, nq=nq, nd=nd, d_tail=d % td, block_heads=hb,
                                head_dim=k)
@@ -505,8 +590,9 @@ def _bwd_dx_kernel(pos_ref, freq_ref, dq_ref, dk_ref, dv_ref, wq_ref, wk_ref, wv
     def _kv():
         gk = rotate_half(dk_ref[...].astype(jnp.float32), cos_ref[...], sin_ref[...])
         gk = gk.astype(dk_ref.dtype)
-        acc = acc_ref[...] + _dot(gk, wk_ref[...], 1, 1) + _dot(dv_ref[...], wv_ref[...], 1, 1)
-        dh_ref[...] = acc.astype(dh_ref.dtype)
+        acc_ref[...] += _dot(gk, wk_ref[...], 1, 1)  # in place: one [bm, td] f32 product live
+        acc_ref[...] += _dot(dv_ref[...], wv_ref[...], 1, 1)
+        dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
 
         @pl.when(e == 0)
         def _emit():
@@ -549,12 +635,10 @@ def _bwd_dx_call(settings: Settings, dq2, dk2, dv2, wq2, wk, wv, pos2, h: int):
         return i, jnp.where(e == 0, jnp.minimum(j, nq - 1), nq - 1)
 
     row = lambda i, e, j: (i, 0)  # noqa: E731
-    isz = dq2.dtype.itemsize
     cost = pl.CostEstimate(
         flops=2 * m * d * (h + 2) * k + 3 * m * (h + 1) * k * nd,
         transcendentals=2 * m * k,
-        bytes_accessed=(m * h * k * isz * nd + 2 * m * k * isz + d * (h + 2) * k * isz * nm
-                        + m * d * isz + m * (h + 1) * k * isz + 4 * m),
+        bytes_accessed=_hbm(settings, m, d, h, k, dq2.dtype, "bwd_dx"),
     )
     kernel = functools.partial(_bwd_dx_kernel, nq=nq, h_tail=h % hb, block_heads=hb,
                                head_dim=k)
@@ -604,12 +688,10 @@ def _bwd_dw_call(settings: Settings, x2, scale, mean, rstd, gq, gk, gv, h: int, 
     bm, hb, td, bn, nm, nq, nd = _tiles(settings, m, d, h, k, backward=True)
     q_map, kv_map = _parked_maps(nq, nm)
     row = lambda e, j, r: (r, 0)  # noqa: E731
-    isz = x2.dtype.itemsize
     cost = pl.CostEstimate(
         flops=2 * m * d * (h + 2) * k + 4 * m * d * (nq + 1),
         transcendentals=0,
-        bytes_accessed=(m * d * isz * (nq + 1) + m * (h + 2) * k * isz * nd
-                        + d * (h + 2) * k * jnp.dtype(w_dtype).itemsize + 8 * m * nd * (nq + 1)),
+        bytes_accessed=_hbm(settings, m, d, h, k, x2.dtype, "bwd_dw"),
     )
     kernel = functools.partial(_bwd_dw_kernel, nq=nq, nm=nm, m_tail=m % bm)
     with jax.named_scope(f"palm_norm_qkv_rope_bwd_dw bm={bm} bh={hb} bd={td}"):

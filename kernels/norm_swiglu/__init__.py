@@ -20,7 +20,8 @@ __all__ = ["BlockSizes", "norm_swiglu", "norm_swiglu_reference", "norm_swiglu_re
            "vmem_bytes"]
 
 
-# Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
+# Pallas implementations, each taking the reference's arguments plus interpret, block_sizes and
+# save_gate_up.
 _PALLAS = {"pallas_tpu": norm_swiglu_pallas_tpu}
 
 
@@ -34,6 +35,7 @@ def norm_swiglu(
     impl: str = "auto",
     interpret=None,
     block_sizes=None,
+    save_gate_up: bool = False,
 ) -> jax.Array:
     """SwiGLU hidden activations of LayerNorm(x).
 
@@ -43,6 +45,11 @@ def norm_swiglu(
       w_gate, w_up: [D, F] the two MLP input projections.
       eps: LayerNorm epsilon.
       impl, interpret, block_sizes: see `kernels.rope.rope`.
+      save_gate_up: Pallas only: the forward also writes the pre-activations gate and up
+        ([B*T, F] each, x's dtype) and the backward reads them instead of recomputing both
+        projections (4*B*T*D*F fewer FLOPs, 2*B*T*F more elements kept for the backward; the
+        trade-off and its interplay with `jax.checkpoint` are in tpu.py's docstring). The xla
+        reference ignores it: XLA's autodiff decides itself what to keep.
 
     Returns:
       [B, T, F] in x's dtype.
@@ -51,7 +58,8 @@ def norm_swiglu(
     if impl == "xla":
         return norm_swiglu_reference(x, norm_scale, w_gate, w_up, eps=eps)
     fn = pallas_impl("norm_swiglu", impl, _PALLAS)
-    return fn(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret, block_sizes=block_sizes)
+    return fn(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret, block_sizes=block_sizes,
+              save_gate_up=save_gate_up)
 
 
 kernel_package(__name__, norm_swiglu)

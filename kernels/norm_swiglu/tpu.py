@@ -103,10 +103,10 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, rows: int, d_model: int, d_ff: int, dtype=jnp.bfloat16,
-                    generation: str | None = None) -> "BlockSizes":
+                    generation: str | None = None, save_gate_up: bool = False) -> "BlockSizes":
         """512-wide tiles (they divide every PaLM shape), shrunk to fit small shapes, then the
-        largest tile of a pass halved while one of its kernels exceeds `vmem_budget(generation)`
-        (default: the target generation).
+        largest tile of a pass halved while one of its kernels (those `save_gate_up` selects)
+        exceeds `vmem_budget(generation)` (default: the target generation).
 
         VMEM is independent of D and F, so the same at PaLM-8B and PaLM-540B (module
         docstring). The backward row tile is a multiple of 128 even for short inputs: the dw
@@ -123,7 +123,7 @@ class BlockSizes:
                   (("bwd_gates", "bwd_dx", "bwd_dw"),
                    {"block_t_bwd": LANE, "block_f_bwd": LANE, "block_d_bwd": LANE}))
         for kernels, floors in passes:
-            while max(vmem_bytes(blocks, dtype)[k] for k in kernels) > budget:
+            while max(vmem_bytes(blocks, dtype, save_gate_up)[k] for k in kernels) > budget:
                 shrinkable = [n for n, low in floors.items() if getattr(blocks, n) >= 2 * low]
                 if not shrinkable:
                     break  # as small as tiles go
@@ -132,11 +132,13 @@ class BlockSizes:
         return blocks
 
 
-def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
-    """VMEM each kernel needs: double-buffered input and output tiles, scratch, and in-kernel
+def vmem_bytes(block_sizes: BlockSizes, dtype, save_gate_up: bool = False) -> dict[str, int]:
+    """VMEM each kernel of the mode needs ("fwd" and "bwd_gates" are the saving variants when
+    `save_gate_up`): double-buffered input and output tiles, scratch, and in-kernel
     temporaries: the float32 LN(x) tile and its cast to x's dtype, the float32 dot results (and
-    one more float32 [bt, bf] value in the gate backward's epilogue), the dw kernel's
-    transposed LN(x) tile.
+    one more float32 [bt, bf] value in the recomputing gate backward's epilogue; five in the
+    saved one's: gate, up, dh, the sigmoid and a product), the dw kernel's transposed LN(x)
+    tile.
 
     Scale [1, bd] tiles are counted at their padded (8, 128) layout.
     """
@@ -150,15 +152,20 @@ def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
         return tile_bytes(1, bd, 4)
 
     bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
-    # x, stats, scale, w_gate, w_up and h double-buffered; gate and up f32 accumulators.
-    fwd = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + bt * bf * s)
+    outs = 3 if save_gate_up else 1  # h, and gate and up when saved
+    # x, stats, scale, w_gate, w_up and the outputs double-buffered; gate and up f32 accumulators.
+    fwd = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + outs * bt * bf * s)
            + 2 * bt * bf * 4
            + bt * bd * (4 + s) + 2 * bt * bf * 4)  # LN(x) f32 and cast, gate and up dots
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    # The forward's blocks plus dh in and d_gate, d_up out.
-    gates = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + 3 * bt * bf * s)
-             + 2 * bt * bf * 4
-             + bt * bd * (4 + s) + 3 * bt * bf * 4)  # LN(x), gate and up dots, epilogue
+    if save_gate_up:
+        # gate, up and dh in, d_gate and d_up out, all [bt, bf]; the float32 epilogue values.
+        gates = 2 * 5 * bt * bf * s + 5 * bt * bf * 4
+    else:
+        # The forward's blocks plus dh in and d_gate, d_up out.
+        gates = (2 * (bt * bd * s + stats(bt) + scale(bd) + 2 * bd * bf * s + 3 * bt * bf * s)
+                 + 2 * bt * bf * 4
+                 + bt * bd * (4 + s) + 3 * bt * bf * 4)  # LN(x), gate and up dots, epilogue
     dx = 2 * (2 * bt * bf * s + 2 * bd * bf * s + bt * bd * 4) + bt * bd * 4  # dot result
     dw = (2 * (bt * bd * s + 2 * bt * bf * s + 2 * bd * bf * s) + 2 * bd * bf * 4
           + bd * bt * s + 2 * bd * bf * 4)  # transposed LN(x), dot results
@@ -174,6 +181,7 @@ class Settings:
     eps: float
     block_sizes: BlockSizes
     interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
+    save_gate_up: bool  # the forward also writes gate and up, which the backward reads
 
 
 def _lane_stats(mean: jax.Array, rstd: jax.Array, rows: int) -> jax.Array:
@@ -211,14 +219,18 @@ def _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, u
     up_acc[...] += jnp.dot(xn, wu_ref[...], preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, h_ref, gate_acc, up_acc, *,
-                n_steps: int):
+def _fwd_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, h_ref, *refs, n_steps: int):
+    """refs: the accumulators (gate_acc, up_acc), after the gate and up outputs when saving."""
+    *saved_refs, gate_acc, up_acc = refs
     _accumulate_gate_up(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, gate_acc, up_acc)
 
     @pl.when(pl.program_id(2) == n_steps - 1)
     def _epilogue():
-        gate = gate_acc[...]
-        h_ref[...] = (gate * jax.nn.sigmoid(gate) * up_acc[...]).astype(h_ref.dtype)
+        gate, up = gate_acc[...], up_acc[...]
+        # h from the float32 pre-activations in both modes, so saving changes no forward value.
+        h_ref[...] = (gate * jax.nn.sigmoid(gate) * up).astype(h_ref.dtype)
+        for ref, value in zip(saved_refs, (gate, up)):
+            ref[...] = value.astype(ref.dtype)
 
 
 def _gate_up_in_specs(bt, bf, bd):
@@ -232,49 +244,51 @@ def _gate_up_in_specs(bt, bf, bd):
     ]
 
 
-def _padded_operands(x2, mean, rstd, norm_scale, w_gate, w_up, bt, bf, bd):
-    """Zero-pads rows to bt, D to bd and F to bf. Padded rows and features normalise to 0
-    (x, mean, rstd and scale are 0 there) and padded weights are 0, so nothing leaks."""
-    m, d = x2.shape
-    f = w_gate.shape[1]
-    mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
+def _padded_inputs(x2, mean, rstd, norm_scale, mp, dp):
+    """x [Mp, Dp], the lane stats [Mp, 256] and the float32 scale [1, Dp], zero-padded. Padded
+    rows and features normalise to 0 (x, mean, rstd and scale are 0 there) and the weights are
+    zero-padded too, so nothing leaks."""
     scale = pad2(norm_scale.astype(jnp.float32)[None, :], 1, dp)
-    return (pad2(x2, mp, dp), _lane_stats(mean, rstd, mp), scale,
-            pad2(w_gate, dp, fp), pad2(w_up, dp, fp))
+    return pad2(x2, mp, dp), _lane_stats(mean, rstd, mp), scale
 
 
-def _fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> jax.Array:
-    """h [M, F] = silu(LN(x)·w_gate) * (LN(x)·w_up) by the forward kernel."""
+def _fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> list[jax.Array]:
+    """[h] with h [M, F] = silu(LN(x)·w_gate) * (LN(x)·w_up) by the forward kernel; [h, gate,
+    up], gate and up [M, F] in x's dtype, when `settings.save_gate_up`."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
-    m, f = x2.shape[0], w_gate.shape[1]
-    xp, sp, scp, wgp, wup = _padded_operands(x2, mean, rstd, norm_scale, w_gate, w_up, bt, bf, bd)
-    mp, dp = xp.shape
-    fp = wgp.shape[1]
+    (m, d), f = x2.shape, w_gate.shape[1]
+    mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
+    xp, sp, scp = _padded_inputs(x2, mean, rstd, norm_scale, mp, dp)
+    wgp, wup = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
     nt, nf, nd = mp // bt, fp // bf, dp // bd
     s = x2.dtype.itemsize
+    outs = 3 if settings.save_gate_up else 1
+    name = "palm_norm_swiglu_fwd_save" if settings.save_gate_up else "palm_norm_swiglu_fwd"
     cost = pl.CostEstimate(
         flops=4 * mp * dp * fp + 4 * mp * fp,
         transcendentals=mp * fp,
         # x and scale are re-read for every F tile, the weights for every row tile; the lane
         # stats once per row tile.
         bytes_accessed=((mp * dp * s + dp * 4 * nt) * nf + mp * 1024 + 2 * dp * fp * s * nt
-                        + mp * fp * s))
-    with jax.named_scope(f"palm_norm_swiglu_fwd bt={bt} bf={bf} bd={bd}"):
-        h = tpu_pallas_call(
+                        + outs * mp * fp * s))
+    tile = pl.BlockSpec((bt, bf), lambda i, j, k: (i, j))
+    with jax.named_scope(f"{name} bt={bt} bf={bf} bd={bd}"):
+        outputs = tpu_pallas_call(
             functools.partial(_fwd_kernel, n_steps=nd),
-            out_shape=jax.ShapeDtypeStruct((mp, fp), x2.dtype),
+            out_shape=[jax.ShapeDtypeStruct((mp, fp), x2.dtype)] * outs,
             grid=(nt, nf, nd),
             in_specs=_gate_up_in_specs(bt, bf, bd),
-            out_specs=pl.BlockSpec((bt, bf), lambda i, j, k: (i, j)),
+            out_specs=[tile] * outs,
             scratch_shapes=[pltpu.VMEM((bt, bf), jnp.float32), pltpu.VMEM((bt, bf), jnp.float32)],
-            compiler_params=compiler_params("parallel", "parallel", "arbitrary",
-                                            vmem_bytes=vmem_bytes(bs, x2.dtype)["fwd"]),
+            compiler_params=compiler_params(
+                "parallel", "parallel", "arbitrary",
+                vmem_bytes=vmem_bytes(bs, x2.dtype, settings.save_gate_up)["fwd"]),
             cost_estimate=cost,
             interpret=settings.interpret,
-            name="palm_norm_swiglu_fwd",
+            name=name,
         )(xp, sp, scp, wgp, wup)
-    return h[:m, :f]
+    return [a[:m, :f] for a in outputs]
 
 
 def _bwd_gates_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, dh_ref, dgate_ref, dup_ref,
@@ -288,6 +302,15 @@ def _bwd_gates_kernel(x_ref, stats_ref, scale_ref, wg_ref, wu_ref, dh_ref, dgate
         d_gate, d_up = swiglu_bwd(gate_acc[...], up_acc[...], dh_ref[...], dgate_ref.dtype)
         dgate_ref[...] = d_gate
         dup_ref[...] = d_up
+
+
+def _bwd_gates_saved_kernel(gate_ref, up_ref, dh_ref, dgate_ref, dup_ref):
+    """d_gate, d_up for one [bt, bf] tile from the saved gate and up: elementwise, no matmul."""
+    f32 = jnp.float32
+    d_gate, d_up = swiglu_bwd(gate_ref[...].astype(f32), up_ref[...].astype(f32), dh_ref[...],
+                              dgate_ref.dtype)
+    dgate_ref[...] = d_gate
+    dup_ref[...] = d_up
 
 
 def _bwd_dx_kernel(dgate_ref, dup_ref, wg_ref, wu_ref, dxn_ref):
@@ -349,6 +372,30 @@ def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: Settings):
         interpret=settings.interpret,
         name="palm_norm_swiglu_bwd_gates",
     )(xp, sp, scp, wgp, wup, dhp)
+
+
+def _bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
+    """d_gate, d_up [Mp, Fp] in x's dtype from the saved gate and up [Mp, Fp]; grid (row tile,
+    F tile). They overwrite gate and up in place (input_output_aliases): the saved values are
+    dead after this kernel, so saving them costs no extra peak memory in the backward."""
+    bs = settings.block_sizes
+    bt, bf = bs.block_t_bwd, bs.block_f_bwd
+    (mp, fp), s = gatep.shape, gatep.dtype.itemsize
+    tile = pl.BlockSpec((bt, bf), lambda i, j: (i, j))
+    return tpu_pallas_call(
+        _bwd_gates_saved_kernel,
+        out_shape=[jax.ShapeDtypeStruct((mp, fp), gatep.dtype)] * 2,
+        grid=(mp // bt, fp // bf),
+        in_specs=[tile, tile, tile],
+        out_specs=[tile, tile],
+        input_output_aliases={0: 0, 1: 1},
+        compiler_params=compiler_params(
+            "parallel", "parallel", vmem_bytes=vmem_bytes(bs, gatep.dtype, True)["bwd_gates"]),
+        cost_estimate=pl.CostEstimate(flops=10 * mp * fp, transcendentals=mp * fp,
+                                      bytes_accessed=5 * mp * fp * s),
+        interpret=settings.interpret,
+        name="palm_norm_swiglu_bwd_gates_saved",
+    )(gatep, upp, dhp)
 
 
 def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
@@ -414,11 +461,12 @@ def forward_with_stats(settings: Settings, x, norm_scale, w_gate, w_up, mean, rs
 
     Returns:
       (h [B, T, F] in x's dtype, saved): `saved` is what `backward_to_dh` needs beyond the
-      inputs and the statistics (None: the backward recomputes gate and up).
+      inputs and the statistics: (gate, up) [B*T, F] in x's dtype when
+      `settings.save_gate_up`, else None (the backward recomputes them).
     """
     b, t, d = x.shape
-    h = _fwd_call(x.reshape(b * t, d), mean, rstd, norm_scale, w_gate, w_up, settings)
-    return h.reshape(b, t, -1), None  # h [B, T, F]
+    h, *saved = _fwd_call(x.reshape(b * t, d), mean, rstd, norm_scale, w_gate, w_up, settings)
+    return h.reshape(b, t, -1), (tuple(saved) or None)  # h [B, T, F]
 
 
 def backward_to_dh(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd, saved, dh_out):
@@ -434,20 +482,25 @@ def backward_to_dh(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd, 
       d_w_up) [D, F] in the weights' dtype). `kernels._common.layer_norm_bwd` turns dh into dx
       and d_norm_scale.
     """
-    del saved  # None
     b, t, d = x.shape
     m, f = b * t, w_gate.shape[1]
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
+    mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
     x2 = x.reshape(m, d)  # [M, D]
-    xp, sp, scp, wgp, wup = _padded_operands(x2, mean, rstd, norm_scale, w_gate, w_up, bt, bf, bd)
-    dhp = pad2(dh_out.reshape(m, f).astype(x.dtype), xp.shape[0], wgp.shape[1])
+    wgp, wup = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
+    dhp = pad2(dh_out.reshape(m, f).astype(x.dtype), mp, fp)
     with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
-        d_gate, d_up = _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings)  # [Mp, Fp] each
+        if saved is None:  # recompute gate and up
+            xp, sp, scp = _padded_inputs(x2, mean, rstd, norm_scale, mp, dp)
+            d_gate, d_up = _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings)  # [Mp, Fp] each
+        else:
+            gatep, upp = (pad2(a, mp, fp) for a in saved)
+            d_gate, d_up = _bwd_gates_saved_call(gatep, upp, dhp, settings)
         dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
         # LN(x) materialised once (one fused XLA pass): the dw kernel contracts over rows, so
         # normalising in-kernel would re-read the per-row statistics for every (D, F) tile.
-        xnp = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), *xp.shape)
+        xnp = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), mp, dp)
         dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
     return dxn, (dw_gate[:d, :f], dw_up[:d, :f])
 
@@ -482,10 +535,10 @@ _norm_swiglu.defvjp(_norm_swiglu_fwd, _norm_swiglu_bwd)
 
 
 def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret: Any = None,
-            block_sizes: BlockSizes | None = None) -> Settings:
+            block_sizes: BlockSizes | None = None, save_gate_up: bool = False) -> Settings:
     """Checks the arguments (the reference's shape checks plus what the kernels need) and
-    bundles the settings of a call (default `BlockSizes` for the target generation when none
-    are given; `interpret` as the front door takes it)."""
+    bundles the settings of a call (default `BlockSizes` for the target generation and the
+    mode when none are given; `interpret` as the front door takes it)."""
     check_args(x, norm_scale, w_gate, w_up)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"norm_swiglu: x must be float32 or bfloat16, got {x.dtype=}")
@@ -496,13 +549,14 @@ def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret: Any = None,
         raise ValueError(f"norm_swiglu: norm_scale must be floating, got {norm_scale.dtype=}")
     b, t, d = x.shape
     if block_sizes is None:
-        block_sizes = BlockSizes.get_default(b * t, d, w_gate.shape[1], x.dtype)
+        block_sizes = BlockSizes.get_default(b * t, d, w_gate.shape[1], x.dtype,
+                                             save_gate_up=bool(save_gate_up))
     elif not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"norm_swiglu: block_sizes must be a norm_swiglu.BlockSizes, got {block_sizes!r}")
     rows = sublane(x.dtype)
     if block_sizes.block_t % rows or block_sizes.block_t_bwd % rows:
         raise ValueError(f"norm_swiglu: {x.dtype} row tiles must be multiples of {rows}, got {block_sizes}")
-    return Settings(float(eps), block_sizes, tpu_interpret(interpret))
+    return Settings(float(eps), block_sizes, tpu_interpret(interpret), bool(save_gate_up))
 
 
 def norm_swiglu_pallas_tpu(
@@ -514,10 +568,11 @@ def norm_swiglu_pallas_tpu(
     eps: float,
     interpret=None,
     block_sizes: BlockSizes | None = None,
+    save_gate_up: bool = False,
 ) -> jax.Array:
     """The Pallas TPU implementation of `norm_swiglu` (see the module docstring)."""
     settings = prepare(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret,
-                       block_sizes=block_sizes)
+                       block_sizes=block_sizes, save_gate_up=save_gate_up)
     return _norm_swiglu_jit(settings, x, norm_scale, w_gate, w_up)
 
 
