@@ -15,39 +15,67 @@ Statistics are computed exactly as `layer_norm_f32` does (mean, then the mean of
 deviations), so the kernel sees the reference's values. The kernels get them lane-replicated
 (`_lane_stats`), fetched once per row tile.
 
-Backward. The forward saves x and the statistics only (not LN(x), gate or up). Then:
-- `palm_norm_swiglu_bwd_gates` (Pallas): the forward's grid, recomputing gate and up tile by
-  tile; its epilogue turns dh into d_gate = dh * up * silu'(gate) and d_up = dh * silu(gate)
-  (rounded to x's dtype for the MXU). The pre-activations exist only in VMEM.
-- `palm_norm_swiglu_bwd_dx` (Pallas): dLN = d_gate·w_gateᵀ + d_up·w_upᵀ, both products into
-  one float32 tile, grid (M, D, F) contracting over F.
-- `palm_norm_swiglu_bwd_dw` (Pallas): d_w_gate = LN(x)ᵀ·d_gate and d_w_up = LN(x)ᵀ·d_up
-  from one read of each LN(x) tile, grid (D, F, M) contracting over rows. LN(x) is
-  materialised once by XLA for it (M*D elements, 16 MiB at PaLM-8B): normalising in-kernel
-  would re-read the per-row statistics for every (D, F) tile (512 MiB at PaLM-8B).
+Backward: three Pallas kernels and the LayerNorm backward in XLA. The forward saves x and the
+statistics; with `save_gate_up` also gate and up (below). Then:
+- the gates backward, d_gate = dh * up * silu'(gate) and d_up = dh * silu(gate), rounded to
+  x's dtype for the MXU. `palm_norm_swiglu_bwd_gates` (default): the forward's grid,
+  recomputing gate and up tile by tile, the epilogue turning dh into their cotangents; the
+  pre-activations exist only in VMEM. `palm_norm_swiglu_bwd_gates_saved` (`save_gate_up`):
+  elementwise on the saved gate and up, grid (M, F), no matmul; d_gate and d_up overwrite
+  gate and up in place (`input_output_aliases`).
+- `palm_norm_swiglu_bwd_dx`: dLN = d_gate·w_gateᵀ + d_up·w_upᵀ, both products into one
+  float32 tile, grid (M, D, F) contracting over F.
+- `palm_norm_swiglu_bwd_dw`: d_w_gate = LN(x)ᵀ·d_gate and d_w_up = LN(x)ᵀ·d_up from one read
+  of each LN(x) tile, grid (D, F, M) contracting over rows. LN(x) is materialised once by XLA
+  for it (M*D elements, 16 MiB at PaLM-8B): normalising in-kernel would re-read the per-row
+  statistics for every (D, F) tile (512 MiB at PaLM-8B).
 - jnp (XLA): the LayerNorm backward (dx, d_norm_scale). It needs row reductions over all of
   D, which no D-tiled kernel sees; it is one elementwise-and-reduce pass over [M, D] (about
   64 MiB at PaLM-8B against the kernels' gigabytes), which XLA fuses well.
-Recomputing gate and up costs 4*M*D*F extra FLOPs (the backward does 12*M*D*F instead of
-8*M*D*F) and buys 2*M*F fewer activations kept alive per layer (128 MiB bf16 at PaLM-8B,
-B=1), and the forward's HBM savings below.
+`forward_with_stats` and `backward_to_dh` are these steps without the statistics pass and the
+LayerNorm backward, for a caller that shares one LayerNorm between several kernels.
+
+Saving gate and up (`save_gate_up`). The forward kernel (`palm_norm_swiglu_fwd_save`) also
+writes the pre-activations gate and up, [M, F] each, rounded to x's dtype (h is still computed
+from the float32 values, so no forward value changes): the backward rounds d_gate and d_up to
+x's dtype for the MXU anyway, so a bf16 gate adds one rounding of the same size, while float32
+copies would double the bytes kept (256 MiB per layer at PaLM-8B). FLOPs at PaLM-8B
+(M*D*F = 2048 * 4096 * 16384 = 1.37e11): the forward 4*M*D*F = 550 GFLOP in both modes; the
+backward 12*M*D*F = 1649 GFLOP recomputing, 8*M*D*F = 1100 GFLOP saving. The 550 GFLOP saved
+are about 15% of a layer's forward and backward. The cost is 2*M*F more elements kept for the
+backward (128 MiB bf16 at PaLM-8B, B=1) and the HBM bytes below.
+
+Under `jax.checkpoint` (palm/model.py's remat "full", `nothing_saveable`, and "dots",
+`dots_with_no_batch_dims_saveable`, which saves no pallas_call output) this custom_vjp's
+residuals are not kept across layers: the block's forward, this kernel included, runs again in
+the backward (block_out's backward needs h), and the residuals live only while that layer's
+backward runs. Recomputing, gate and up are then computed three times (forward, its rerun, the
+gates backward); saving, twice, at no cost in peak memory (d_gate and d_up take gate's and up's
+buffers). Without remat ("none") the saved gate and up are kept per layer until the backward,
+as XLA's autodiff keeps the reference's float32 gate and up. tests/test_norm_swiglu.py checks
+which residuals each policy keeps and which kernels its backward runs.
 
 VMEM (`vmem_bytes`: double-buffered blocks, scratch and the in-kernel float32 temporaries,
 the LN(x) tile and dot results; the same at PaLM-8B and 540B, as no tile depends on D or F),
-bf16 at the 512 tiles: forward 10.5 MiB, bwd_gates 13.5 MiB, bwd_dx 7.0 MiB, bwd_dw 9.25 MiB.
-Default tiles shrink (largest first) until every kernel fits the target generation's
-`vmem_budget` (12 MiB on v4: f32 at 512 tiles would need 20 MiB for bwd_gates), and
-`vmem_limit_bytes` is set from the estimate.
+bf16 at the 512 tiles: forward 10.5 MiB (12.5 MiB saving gate and up), bwd_gates 13.5 MiB
+(bwd_gates_saved 10.0 MiB), bwd_dx 7.0 MiB, bwd_dw 9.5 MiB. Default tiles shrink (largest
+first) until every kernel of the mode fits the target generation's `vmem_budget` (12 MiB on
+v4: f32 at 512 tiles would need 20 MiB for bwd_gates, and the saving bf16 forward 12.5 MiB),
+and `vmem_limit_bytes` is set from the estimate.
 
 HBM bytes at PaLM-8B (B=1, T=2048, D=4096, F=16384, bf16), counting each tensor once
 (compulsory traffic; tile re-reads, which any tiled matmul has, are in the CostEstimates):
 - forward: stats pass 16 MiB (read x) + kernel 16 (x) + 256 (w_gate, w_up) + 64 (write h)
-  + 4 (stats) = 356 MiB. The unfused XLA sequence of the reference writes LN(x) (16 MiB) and
-  float32 gate and up (2 x 128 MiB), and reads them back: 896 MiB (640 MiB with bf16
-  pre-activations). Saved: 540 MiB (284 MiB).
-- backward: 466 (gates) + 416 (dx) + 400 (dw) + 32 (LN(x)) + 64 (LayerNorm backward)
-  = 1378 MiB, against about 1760 MiB for XLA's autodiff of the reference (it reads the saved
-  float32 gate and up and writes float32 d_gate and d_up; 1248 MiB in bf16).
+  + 4 (stats) = 356 MiB; saving gate and up, + 128 (write them) = 484 MiB. The unfused XLA
+  sequence of the reference writes LN(x) (16 MiB) and float32 gate and up (2 x 128 MiB), and
+  reads them back: 896 MiB (640 MiB with bf16 pre-activations).
+- backward: 466 (gates: x, weights, stats, dh, write d_gate and d_up) + 416 (dx) + 400 (dw)
+  + 32 (LN(x)) + 64 (LayerNorm backward) = 1378 MiB; saving, the gates backward reads gate,
+  up and dh and writes d_gate and d_up, 320 MiB, for 1232 MiB in all. XLA's autodiff of the
+  reference moves about 1760 MiB (it reads the saved float32 gate and up and writes float32
+  d_gate and d_up; 1248 MiB in bf16).
+So saving moves 18 MiB fewer over forward and backward (1716 MiB against 1734); under remat,
+where the forward runs twice, 110 MiB more (2200 MiB against 2090), for 550 GFLOP fewer.
 """
 
 from __future__ import annotations
