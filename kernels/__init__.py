@@ -1,6 +1,7 @@
 """Pallas kernels for the PaLM block, each with a plain-jnp `<name>_reference` twin.
 
-One package per kernel, `kernels/<name>/`: the front door (`__init__.py`), the reference twin
+`block_in` composes `norm_qkv_rope` and `norm_swiglu` on one LayerNorm (the parallel block's
+input side); `block_out` is its output side. One package per kernel, `kernels/<name>/`: the front door (`__init__.py`), the reference twin
 (`reference.py`) and one module per backend (`tpu.py`). Each package is also its kernel:
 `kernels.rope(x, positions)` calls it, `kernels.rope.BlockSizes` is its TPU tiling (see
 `kernels._common.KernelPackage`).
@@ -10,6 +11,7 @@ Every public kernel takes `impl="auto" | "xla" | "pallas_tpu" | "pallas_gpu"` an
 """
 
 from kernels import (
+    block_in,
     block_out,
     mq_decode_attention,
     mq_flash_attention,
@@ -18,6 +20,7 @@ from kernels import (
     rope,
 )
 from kernels._common import IMPLS, resolve_impl, target_backend
+from kernels.block_in import block_in_reference
 from kernels.block_out import block_out_reference
 from kernels.mq_decode_attention import mq_decode_attention_reference
 from kernels.mq_flash_attention import mq_flash_attention_reference
@@ -29,6 +32,8 @@ __all__ = [
     "IMPLS",
     "resolve_impl",
     "target_backend",
+    "block_in",
+    "block_in_reference",
     "block_out",
     "block_out_reference",
     "mq_decode_attention",

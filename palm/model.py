@@ -80,12 +80,12 @@ def init(config: Config, key: jax.Array) -> dict:
 
 def _block(x: jax.Array, p: dict, positions: jax.Array, config: Config, impl: str) -> jax.Array:
     """One parallel block on x [B, T, D]; p holds this layer's slice of params["blocks"]."""
-    q, k, v = kernels.norm_qkv_rope(x, p["norm_scale"], p["wq"], p["wk"], p["wv"], positions,
-                                    eps=config.norm_eps, base=config.rope_base, impl=impl)
-    # q [B, T, H, K]; k, v [B, T, K]: one key/value head shared by all query heads.
+    # One LayerNorm of x feeds both halves: q [B, T, H, K] with RoPE; k, v [B, T, K], one
+    # key/value head shared by all query heads; h [B, T, F] the SwiGLU activations.
+    q, k, v, h = kernels.block_in(x, p["norm_scale"], p["wq"], p["wk"], p["wv"], p["w_gate"],
+                                  p["w_up"], positions, eps=config.norm_eps,
+                                  base=config.rope_base, impl=impl)
     o = kernels.mq_flash_attention(q, k, v, causal=True, impl=impl)  # [B, T, H, K]
-    h = kernels.norm_swiglu(x, p["norm_scale"], p["w_gate"], p["w_up"],
-                            eps=config.norm_eps, impl=impl)  # [B, T, F]
     return kernels.block_out(x, o, p["wo"], h, p["w_down"], impl=impl)  # x + o·wo + h·w_down
 
 

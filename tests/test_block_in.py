@@ -1,0 +1,133 @@
+"""kernels.block_in: both halves' Pallas TPU kernels on one LayerNorm (interpret mode) against
+the reference, the LayerNorm computed once per layer, and the native lowering at PaLM-8B.
+
+Each half's kernels are tested tile by tile in test_norm_qkv_rope.py and test_norm_swiglu.py;
+here the shapes are small and the tiles default (one grid step per axis): what is new is the
+composition, one set of row statistics and one LayerNorm backward of the summed cotangent.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels.block_in.tpu as block_in_tpu
+from conftest import assert_close
+from kernels.block_in import BlockSizes, block_in, block_in_reference
+from tpu_export import export_for_tpu, mosaic_kernel_names
+
+EPS = 1e-6
+NAMES = ("x", "norm_scale", "wq", "wk", "wv", "w_gate", "w_up")
+
+
+def _inputs(seed, b, t, d, h, k, f, dtype):
+    """LayerNorm-worthy x (offset and spread per row), fan-in scaled weights, any positions;
+    drawn by numpy (eager jax.random compiles per shape)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, t, d)) * rng.uniform(0.5, 3.0, size=(b, t, 1)) + 0.7
+    scale = 1.0 + 0.2 * rng.normal(size=(d,))
+    weights = [rng.normal(size=s) / np.sqrt(d) for s in ((d, h, k), (d, k), (d, k), (d, f), (d, f))]
+    positions = jnp.asarray(rng.integers(0, 4096, size=(b, t)), jnp.int32)
+    return [jnp.asarray(a, dtype) for a in (x, scale, *weights)], positions
+
+
+def _check(seed, b, t, d, h, k, f, dtype, save_gate_up):
+    args, positions = _inputs(seed, b, t, d, h, k, f, dtype)
+    rng = np.random.default_rng(seed + 1)
+    cotangents = tuple(jnp.asarray(rng.normal(size=s), dtype)
+                       for s in ((b, t, h, k), (b, t, k), (b, t, k), (b, t, f)))
+
+    def kernel(*a):
+        return block_in(*a, positions, eps=EPS, impl="pallas_tpu", interpret=True,
+                        save_gate_up=save_gate_up)
+
+    def reference(*a):
+        return block_in_reference(*a, positions, eps=EPS)
+
+    @jax.jit  # one compile for kernels and reference: compiling dominates the test's time
+    def run(*a):
+        out, vjp = jax.vjp(kernel, *a)
+        expected, vjp_ref = jax.vjp(reference, *a)
+        return out, vjp(cotangents), expected, vjp_ref(cotangents)
+
+    out, grads, expected, expected_grads = run(*args)
+    for name, a, e in zip(("q", "k", "v", "h"), out, expected):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        assert_close(a, e, dtype, what=name)
+    for name, g, e, arg in zip(NAMES, grads, expected_grads, args):
+        assert g.dtype == arg.dtype and g.shape == arg.shape, name
+        assert_close(g, e, dtype, what=f"d{name}")
+
+
+# Fixed ragged cases rather than a hypothesis property: each example compiles both halves'
+# kernels, forward and backward (~7 CPU-seconds in interpret mode), and their shape space is
+# searched by the halves' own properties. Nothing here divides another dimension.
+@pytest.mark.parametrize("dtype, save_gate_up, shape", [
+    (jnp.float32, False, (2, 7, 20, 2, 6, 13)),
+    (jnp.float32, True, (1, 9, 12, 3, 4, 24)),
+    (jnp.bfloat16, False, (1, 5, 18, 1, 16, 9)),
+    (jnp.bfloat16, True, (2, 3, 10, 2, 10, 17)),
+])
+def test_matches_reference(dtype, save_gate_up, shape):
+    """Forward and all seven gradients (x's is the sum of both halves' paths) against the
+    reference; shape is (B, T, D, H, K, F)."""
+    _check(sum(shape), *shape, dtype, save_gate_up)
+
+
+def test_layer_norm_once_per_layer(monkeypatch):
+    """One call's forward and backward compute the row statistics once and run one LayerNorm
+    backward (on the summed cotangent), not one of each per half."""
+    calls = {"row_stats": 0, "layer_norm_bwd": 0}
+
+    def counting(name):
+        real = getattr(block_in_tpu, name)
+
+        def wrapper(*a, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(block_in_tpu, name, counting(name))
+    args, positions = _inputs(0, 1, 8, 16, 2, 8, 24, jnp.float32)
+
+    def loss(*a):
+        out = block_in(*a, positions, eps=EPS, impl="pallas_tpu", interpret=True)
+        return sum(jnp.sum(o) for o in out)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(NAMES)))))(*args))
+    assert calls == {"row_stats": 1, "layer_norm_bwd": 1}
+    # And neither half computes statistics of its own (one rsqrt in the whole program).
+    assert jaxpr.count("rsqrt") == 1, "LayerNorm statistics computed more than once"
+
+
+def test_bad_inputs_raise():
+    args, positions = _inputs(0, 1, 4, 16, 2, 8, 24, jnp.float32)
+    call = lambda *a, **kw: block_in(*a, eps=EPS, impl="pallas_tpu", interpret=True, **kw)  # noqa: E731
+    x, scale, wq, wk, wv, wg, wu = args
+    with pytest.raises(ValueError, match="norm_swiglu: w_gate and w_up"):
+        call(x, scale, wq, wk, wv, wg, wu[:, :5], positions)
+    with pytest.raises(ValueError, match="norm_qkv_rope: wk must be"):
+        call(x, scale, wq, wk[:, :4], wv, wg, wu, positions)
+    with pytest.raises(ValueError, match="block_in.BlockSizes"):
+        call(*args, positions, block_sizes=(8,) * 6)
+
+
+def test_gradient_exports_for_tpu():
+    """jax.grad through block_in lowers natively for TPU at PaLM-8B (B=1, T=2048): both
+    halves' forward and backward kernels, one program."""
+    d, h, k, f = 4096, 16, 256, 16384
+    bf = jnp.bfloat16
+    shapes = [jax.ShapeDtypeStruct(s, bf) for s in
+              ((1, 2048, d), (d,), (d, h, k), (d, k), (d, k), (d, f), (d, f))]
+    positions = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
+
+    def loss(*a):
+        out = block_in(*a[:-1], a[-1], eps=EPS, impl="pallas_tpu", interpret=False)
+        return sum(jnp.sum(o.astype(jnp.float32)) for o in out)
+
+    text = export_for_tpu(jax.grad(loss, argnums=tuple(range(len(NAMES)))), *shapes, positions)
+    names = set(mosaic_kernel_names(text))
+    assert any("norm_qkv_rope" in n for n in names) and any("norm_swiglu" in n for n in names), names
