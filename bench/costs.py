@@ -85,6 +85,21 @@ def norm_swiglu(b: int, t: int, d: int, f: int, itemsize: int, pass_: str = "fwd
     return Cost(flops, once) if pass_ == "fwd" else Cost(3 * flops, 2 * once)
 
 
+def block_in(b: int, t: int, d: int, h: int, k: int, f: int, itemsize: int, pass_: str = "fwd") -> Cost:
+    """`norm_qkv_rope` and `norm_swiglu` on one LayerNorm: x and the scale are read once.
+
+    fwd:    flops 2*BT*D*(H+2)*K + 2 * 2*BT*D*F;
+            bytes (BTD + D + D(H+2)K + 2DF + BT(H+2)K + BTF)*itemsize + 4*BT.
+    fwdbwd: flops 3x forward; bytes 2x forward, the int32 positions once.
+    """
+    _check_pass(pass_)
+    m, n = b * t, (h + 2) * k
+    flops = matmul_flops(m, n, d) + 2 * matmul_flops(m, f, d)
+    once = (m * d + d + d * n + 2 * d * f + m * n + m * f) * itemsize
+    return Cost(flops if pass_ == "fwd" else 3 * flops,
+                (once if pass_ == "fwd" else 2 * once) + _INT32 * m)
+
+
 def block_out(b: int, t: int, d: int, h: int, k: int, f: int, itemsize: int, pass_: str = "fwd") -> Cost:
     """x + o·wo + h·w_down for x [B, T, D], o [B, T, H, K], wo [H, K, D], h [B, T, F], w_down [F, D].
 

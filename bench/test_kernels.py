@@ -122,6 +122,31 @@ def test_norm_swiglu(case, bench):
 
 
 @pytest.mark.bench_cases(passes=costs.PASSES, dims="BTDHKF")
+def test_block_in(case, bench):
+    s, dtype = case.sizes, case.sizes.dtype
+
+    def make(i):
+        key = jax.random.split(jax.random.key(i), 11)
+        w = s.d ** -0.5
+        args = (_normal(key[0], (s.b, s.t, s.d), dtype), 1.0 + _normal(key[1], (s.d,), dtype, 0.1),
+                _normal(key[2], (s.d, s.h, s.k), dtype, w), _normal(key[3], (s.d, s.k), dtype, w),
+                _normal(key[4], (s.d, s.k), dtype, w), _normal(key[5], (s.d, s.f), dtype, w),
+                _normal(key[6], (s.d, s.f), dtype, w), _positions(i, s.b, s.t))
+        if case.pass_ == "fwdbwd":
+            args += ((_normal(key[7], (s.b, s.t, s.h, s.k), dtype), _normal(key[8], (s.b, s.t, s.k), dtype),
+                      _normal(key[9], (s.b, s.t, s.k), dtype), _normal(key[10], (s.b, s.t, s.f), dtype)),)
+        return args
+
+    fn, ref = _kernel_pair(kernels.block_in, kernels.block_in_reference, case.impl, case.pass_,
+                           (0, 1, 2, 3, 4, 5, 6), eps=EPS)
+    inputs = bench.inputs(make)
+    cost = costs.block_in(s.b, s.t, s.d, s.h, s.k, s.f, jnp.dtype(dtype).itemsize, case.pass_)
+    bench(fn, inputs, reference=ref, flops=cost.flops, nbytes=cost.bytes, dtype=dtype, impl=case.impl,
+          shapes=_shapes(("x", "norm_scale", "wq", "wk", "wv", "w_gate", "w_up", "positions"), inputs[0]),
+          extra={"pass": case.pass_}, tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
+
+
+@pytest.mark.bench_cases(passes=costs.PASSES, dims="BTDHKF")
 def test_block_out(case, bench):
     s, dtype = case.sizes, case.sizes.dtype
 

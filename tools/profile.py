@@ -137,7 +137,7 @@ def _location(tables: dict[str, dict[int, str]], frame_id: int) -> str:
     named `_*.py`, e.g. kernels/_common.py's matmul_f32, which every matmul goes through).
 
     XLA prints each frame's parent as its id + 1 (0: no parent), as the chain
-    _forward_jit <- _logits <- _block <- norm_swiglu <- norm_swiglu_reference shows.
+    _forward_jit <- _logits <- _block <- block_in <- norm_swiglu_reference shows.
     """
     first, seen = "", set()
     while frame_id > 0 and frame_id not in seen and len(seen) < 64:
