@@ -1,20 +1,27 @@
-"""norm_swiglu: the Pallas TPU kernels (interpret mode) against the jnp reference, and the
-real-TPU lowering at PaLM shapes."""
+"""norm_swiglu: the Pallas TPU kernels (interpret mode) against the jnp reference in both modes
+(gate and up recomputed or saved), what jax.checkpoint keeps of them, and the real-TPU
+lowering at PaLM shapes."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
+from jax.ad_checkpoint import print_saved_residuals
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.norm_swiglu as ns
 from conftest import RaceLog, assert_close, race_log
+from kernels._common import layer_norm_f32, matmul_f32, row_stats
+from kernels._tpu import vmem_budget
+from kernels.norm_swiglu import tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -22,6 +29,15 @@ EPS = 1e-6
 # one is pure rounding noise, which a relative error cannot judge.
 MIN_D = 3
 DTYPES = (jnp.float32, jnp.bfloat16)
+GRADS = ("dx", "d_norm_scale", "d_w_gate", "d_w_up")
+# Interpreted kernels become large CPU programs whose compile dominates every case here; XLA's
+# cheap settings change code generation, not what is computed.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _run(fn, *args):
+    """fn(*args) as one program: one compile per drawn shape for the kernels and the reference."""
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def _inputs(seed, b, t, d, f, dtype):
@@ -39,98 +55,122 @@ def _cotangent(seed, shape, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed + 1).standard_normal(shape), dtype)
 
 
-# Jitted: eager jnp compiles every small op anew for each drawn shape.
-_reference = jax.jit(functools.partial(ns.norm_swiglu_reference, eps=EPS))
+_reference = functools.partial(ns.norm_swiglu_reference, eps=EPS)
+
+
+def _pallas(interpret, block_sizes, save_gate_up):
+    return lambda *a: ns.norm_swiglu(*a, eps=EPS, impl="pallas_tpu", interpret=interpret,  # noqa: E731
+                                     block_sizes=block_sizes, save_gate_up=save_gate_up)
+
+
+def _value_and_grads(fn, ct):
+    """(h, gradients of sum(h * ct) in all four inputs)."""
+    def loss(*a):
+        h = fn(*a)
+        return jnp.sum(h.astype(jnp.float32) * ct), h
+
+    def run(*a):
+        grads, h = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*a)
+        return h, grads
+    return run
 
 
 @st.composite
-def cases(draw, max_t=20, max_width=220):
-    """Small shapes (often not multiples of the tiles) with small tiles: several grid steps."""
+def cases(draw, max_t, max_width):
+    """Small shapes (often not multiples of the tiles) with small tiles: at most two tiles per
+    axis (the TPU interpreter costs ~0.1 s per grid step); either mode."""
     dtype = draw(st.sampled_from(DTYPES))
     rows = 8 if dtype == jnp.float32 else 16
     b, t = draw(st.integers(1, 2)), draw(st.integers(1, max_t))
     d, f = draw(st.integers(MIN_D, max_width)), draw(st.integers(1, max_width))
-    # Up to 2 tiles per axis: the TPU interpreter costs ~0.1 s per grid step.
     bt, bt2 = draw(st.sampled_from([rows, 2 * rows])), draw(st.sampled_from([rows, 2 * rows]))
     bf, bd, bf2, bd2 = (draw(st.sampled_from([128, 256])) for _ in range(4))
     block_sizes = ns.BlockSizes(bt, bf, bd, bt2, bf2, bd2)
+    save_gate_up = draw(st.booleans())
     # A quarter of the cases run the TPU interpreter's race detector.
     races = draw(st.integers(0, 3)) == 0
     interpret = pltpu.InterpretParams(detect_races=True) if races else True
     seed = draw(st.integers(0, 2**16))
-    return (b, t, d, f), dtype, block_sizes, interpret, seed
+    return (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed
 
 
-@given(cases())
-def test_forward_matches_reference(case):
-    (b, t, d, f), dtype, block_sizes, interpret, seed = case
+# Ragged on every axis with two tiles each, bf16, saving, under race detection.
+@example(((2, 11, 150, 140), jnp.bfloat16, ns.BlockSizes(16, 128, 128, 16, 128, 128), True,
+          pltpu.InterpretParams(detect_races=True), 7))
+@given(cases(max_t=20, max_width=220))
+def test_forward_with_stats_matches_reference(case):
+    """The shared-LayerNorm interface: h, and the saved gate and up (rounded to x's dtype) when
+    saving, from statistics the caller computed."""
+    (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed = case
     args = _inputs(seed, b, t, d, f, dtype)
+    settings = tpu.prepare(*args, eps=EPS, interpret=interpret, block_sizes=block_sizes,
+                           save_gate_up=save_gate_up)
+
+    def both(x, norm_scale, w_gate, w_up):
+        mean, rstd = row_stats(x.reshape(b * t, d), EPS)
+        got = tpu.forward_with_stats(settings, x, norm_scale, w_gate, w_up, mean, rstd)
+        xn = layer_norm_f32(x, norm_scale, EPS).astype(dtype).reshape(b * t, d)  # [M, D]
+        pre = (matmul_f32("MD,DF->MF", xn, w_gate), matmul_f32("MD,DF->MF", xn, w_up))
+        return got, (_reference(x, norm_scale, w_gate, w_up), pre)
+
     with race_log(isinstance(interpret, pltpu.InterpretParams)):
-        out = ns.norm_swiglu(*args, eps=EPS, impl="pallas_tpu", interpret=interpret,
-                             block_sizes=block_sizes)
-    assert out.shape == (b, t, f) and out.dtype == dtype
-    assert_close(out, _reference(*args), dtype, what="h")
+        (h, saved), (ref_h, ref_pre) = _run(both, *args)
+    assert h.shape == (b, t, f) and h.dtype == dtype
+    assert_close(h, ref_h, dtype, what="h")
+    if not save_gate_up:
+        assert saved is None
+        return
+    for name, got, want in zip(("gate", "up"), saved, ref_pre):
+        assert got.shape == (b * t, f) and got.dtype == dtype, name
+        assert_close(got, want, dtype, what=name)
 
 
 # The gradient cases run four kernels each (forward and three backward): smaller shapes than
-# the forward test (at most 2 tiles per axis, fewer grid steps), the full profile's examples.
+# the forward test. The hand-written reference backward is checked in the same program. The
+# example: ragged with two tiles per axis, bf16, saving (the in-place gates kernel) under race
+# detection, which the drawn cases rarely combine.
+@example(((2, 11, 150, 140), jnp.bfloat16, ns.BlockSizes(16, 128, 128, 16, 128, 128), True,
+          pltpu.InterpretParams(detect_races=True), 7))
 @given(cases(max_t=12, max_width=160))
 def test_vjp_forward_and_grads_match_reference(case):
-    (b, t, d, f), dtype, block_sizes, interpret, seed = case
+    (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed = case
     args = _inputs(seed, b, t, d, f, dtype)
     ct = _cotangent(seed, (b, t, f))
+    pallas = _pallas(interpret, block_sizes, save_gate_up)
 
-    def weighted(fn):
-        def loss(*a):
-            h = fn(*a)
-            return jnp.sum(h.astype(jnp.float32) * ct), h
-        return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    def all_three(*a):
+        hand = ns.norm_swiglu_reference_bwd(*a, ct.astype(dtype), eps=EPS)
+        return (_value_and_grads(pallas, ct)(*a), _value_and_grads(_reference, ct)(*a), hand)
 
-    pallas = lambda *a: ns.norm_swiglu(*a, eps=EPS, impl="pallas_tpu", interpret=interpret,  # noqa: E731
-                                       block_sizes=block_sizes)
     with race_log(isinstance(interpret, pltpu.InterpretParams)):  # all four kernels checked
-        grads, h = weighted(pallas)(*args)
-    ref_grads, ref_h = jax.jit(weighted(_reference))(*args)
+        (h, grads), (ref_h, ref_grads), hand_grads = _run(all_three, *args)
     assert_close(h, ref_h, dtype, what="h through vjp")
-    for name, g, r in zip(("dx", "d_norm_scale", "d_w_gate", "d_w_up"), grads, ref_grads):
-        assert g.shape == r.shape and g.dtype == r.dtype, name
+    for name, g, hand, r in zip(GRADS, grads, hand_grads, ref_grads):
+        assert g.shape == hand.shape == r.shape and g.dtype == hand.dtype == r.dtype, name
         assert_close(g, r, dtype, what=name)
+        assert_close(hand, r, dtype, what=f"{name} (norm_swiglu_reference_bwd)")
 
 
 def test_two_cores_without_races():
-    """The forward and the three backward kernels (jax.grad) with their "parallel" axes split
-    over two simulated TensorCores, batch 1 so the row (and F) tiles carry the split: each
-    core must own its accumulators and output blocks. Two tiles per axis, few grid steps."""
+    """Both modes' forward and backward kernels (five distinct ones) with their "parallel" axes
+    split over two simulated TensorCores, batch 1 so the row (and F) tiles carry the split:
+    each core must own its accumulators and output blocks. Two tiles per axis."""
     args = _inputs(5, 1, 13, 130, 200, jnp.float32)
     ct = _cotangent(5, (1, 13, 200))
     interpret = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
     block_sizes = ns.BlockSizes(8, 128, 128, 8, 128, 128)
 
-    def loss(fn):
-        return jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2, 3))
+    def runs(*a):
+        return [_value_and_grads(_pallas(interpret, block_sizes, save), ct)(*a)
+                for save in (False, True)] + [_value_and_grads(_reference, ct)(*a)]
 
-    pallas = lambda *a: ns.norm_swiglu(*a, eps=EPS, impl="pallas_tpu", interpret=interpret,  # noqa: E731
-                                       block_sizes=block_sizes)
     with RaceLog() as log:
-        out, grads = pallas(*args), loss(pallas)(*args)
-    assert log.kernels_checked == 5  # forward, again inside grad, 3 backward
-    assert_close(out, _reference(*args), jnp.float32, what="h")
-    for name, g, r in zip(("dx", "d_norm_scale", "d_w_gate", "d_w_up"), grads,
-                          jax.jit(loss(_reference))(*args)):
-        assert_close(g, r, jnp.float32, what=name)
-
-
-@given(st.sampled_from(DTYPES), st.integers(1, 2), st.integers(1, 24), st.integers(MIN_D, 96),
-       st.integers(1, 96), st.integers(0, 2**16))
-def test_reference_bwd_matches_autodiff(dtype, b, t, d, f, seed):
-    args = _inputs(seed, b, t, d, f, dtype)
-    dh = _cotangent(seed, (b, t, f), dtype)
-    both = jax.jit(lambda a, dh: (ns.norm_swiglu_reference_bwd(*a, dh, eps=EPS),
-                                  jax.vjp(_reference, *a)[1](dh)))  # one compile per shape
-    got, expected = both(args, dh)
-    for name, g, r in zip(("dx", "d_norm_scale", "d_w_gate", "d_w_up"), got, expected):
-        assert g.shape == r.shape and g.dtype == r.dtype, name
-        assert_close(g, r, dtype, what=name)
+        *modes, (ref_h, ref_grads) = _run(runs, *args)
+    assert log.kernels_checked == 8  # per mode: forward, gates, dx, dw
+    for save, (h, grads) in zip((False, True), modes):
+        assert_close(h, ref_h, jnp.float32, what=f"h save_gate_up={save}")
+        for name, g, r in zip(GRADS, grads, ref_grads):
+            assert_close(g, r, jnp.float32, what=f"{name} save_gate_up={save}")
 
 
 def test_default_block_sizes():
@@ -146,6 +186,22 @@ def test_default_block_sizes():
     # Awkward large axes pick the tile that pads least.
     assert ns.BlockSizes.get_default(2048, 640, 1000).block_d == 128
     assert ns.BlockSizes.get_default(2048, 640, 1000).block_f == 512
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saving_tiles_fit_every_generation(dtype):
+    """tests/test_tpu_rules.py checks the default mode; the saving kernels' defaults fit too."""
+    for gen in TPU_GENERATIONS:
+        for d, f in [(4096, 16384), (18432, 73728)]:
+            bs = ns.BlockSizes.get_default(2048, d, f, dtype, gen, save_gate_up=True)
+            used = ns.vmem_bytes(bs, dtype, save_gate_up=True)
+            assert max(used.values()) <= vmem_budget(gen), (gen, bs, used)
+    # The docstring's figures: bf16 at 512 tiles, 12.5 MiB forward (over v4's 12 MiB budget, so
+    # its forward row tile halves) and 10 MiB for the saved gates backward.
+    used = ns.vmem_bytes(ns.BlockSizes(), jnp.bfloat16, save_gate_up=True)
+    assert (round(used["fwd"] / 2**20, 1), used["bwd_gates"] / 2**20) == (12.5, 10.0)
+    assert ns.BlockSizes.get_default(2048, 4096, 16384, jnp.bfloat16, "TPU v4",
+                                     save_gate_up=True).block_t == 256
 
 
 def test_bad_input_raises():
@@ -167,6 +223,67 @@ def test_bad_input_raises():
         ns.norm_swiglu(x, s, g, u, eps=EPS, impl="pallas_tpu", block_sizes=(8, 128))
 
 
+# ---- What jax.checkpoint keeps (palm/model.py's remat policies), natively traced ----
+# The interpreter's callbacks cannot go under jax.checkpoint (palm/model.py), so these trace the
+# Mosaic kernels (interpret=False) and export them for TPU; nothing runs.
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+M, D, F = 64, 256, 384
+
+
+def _block_like(save_gate_up, remat):
+    """x + norm_swiglu(x)·w_down, as palm/model.py's block uses h (block_out's backward needs h,
+    as this dot's does), under the remat policy."""
+    def block(x, s, wg, wu, w_down):
+        h = ns.norm_swiglu(x, s, wg, wu, eps=EPS, impl="pallas_tpu", interpret=False,
+                           save_gate_up=save_gate_up)  # [B, T, F]
+        return x + jnp.einsum("BTF,FD->BTD", h, w_down)
+    return block if REMAT[remat] is None else jax.checkpoint(block, policy=REMAT[remat])
+
+
+def _saved_residuals(fn, *args) -> list[str]:
+    """jax.ad_checkpoint.print_saved_residuals' lines: what the backward of fn keeps, and why."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(fn, *args)
+    return out.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("remat", REMAT)
+def test_remat_policy_decides_what_is_kept(remat):
+    """Without remat, saving keeps gate and up ([M, F] bf16 each) for the backward. Under
+    "full" and "dots" nothing of this kernel is kept (no pallas_call output is saveable): the
+    forward reruns in the backward, and saving then spares the backward its own recompute of
+    gate and up (the saved-gates kernel instead of a third matmul pass)."""
+    bf16 = jnp.bfloat16
+    shapes = ((1, M, D), (D,), (D, F), (D, F), (F, D))
+    args = [jnp.zeros(shape, jnp.float32 if len(shape) == 1 else bf16) for shape in shapes]
+    gate_up = f"bf16[{M},{F}]"
+    for save in (False, True):
+        block = _block_like(save, remat)
+        kept = [line for line in _saved_residuals(block, *args) if "from the argument" not in line]
+        n_gate_up = sum(line.startswith(gate_up + " ") for line in kept)
+        if remat == "none":
+            assert n_gate_up == (2 if save else 0), kept
+        else:
+            assert kept == [], kept
+
+        def loss(*a):
+            return jnp.sum(block(*a).astype(jnp.float32))
+
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+        names = mosaic_kernel_names(export_for_tpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)),
+                                                   *structs))
+        forward = "palm_norm_swiglu_fwd_save" if save else "palm_norm_swiglu_fwd"
+        gates = "palm_norm_swiglu_bwd_gates_saved" if save else "palm_norm_swiglu_bwd_gates"
+        reruns = [] if remat == "none" else [forward]
+        assert names == [forward, *reruns, gates, "palm_norm_swiglu_bwd_dx",
+                         "palm_norm_swiglu_bwd_dw"]
+
+
 # ---- Real-TPU lowering (Mosaic) at PaLM shapes, B=1, T=2048, bf16 ----
 PALM = {"8B": (4096, 16384), "540B": (18432, 73728)}
 
@@ -177,29 +294,33 @@ def _structs(d, f):
             jax.ShapeDtypeStruct((d, f), bf16), jax.ShapeDtypeStruct((d, f), bf16))
 
 
-def _native(x, s, g, u):
-    return ns.norm_swiglu(x, s, g, u, eps=EPS, impl="pallas_tpu", interpret=False)
+def _native(save_gate_up=False):
+    return _pallas(False, None, save_gate_up)
 
 
 @pytest.mark.parametrize("model", sorted(PALM))
 def test_export_forward(model):
     for kind in TPU_GENERATIONS:
-        text = export_for_tpu(_native, *_structs(*PALM[model]), device_kind=kind)
+        text = export_for_tpu(_native(), *_structs(*PALM[model]), device_kind=kind)
         assert mosaic_kernel_names(text) == ["palm_norm_swiglu_fwd"]
 
 
+@pytest.mark.parametrize("save_gate_up", [False, True])
 @pytest.mark.parametrize("model", sorted(PALM))
-def test_export_grad(model):
-    def loss(x, s, g, u):
-        return jnp.sum(_native(x, s, g, u).astype(jnp.float32))
+def test_export_grad(model, save_gate_up):
+    def loss(*a):
+        return jnp.sum(_native(save_gate_up)(*a).astype(jnp.float32))
 
-    # value_and_grad: jax.grad alone drops the forward kernel, whose output it never needs
-    # (the backward recomputes gate and up from x and the statistics).
+    if save_gate_up:
+        kernels = ["palm_norm_swiglu_fwd_save", "palm_norm_swiglu_bwd_gates_saved"]
+    else:
+        kernels = ["palm_norm_swiglu_fwd", "palm_norm_swiglu_bwd_gates"]
+    kernels += ["palm_norm_swiglu_bwd_dx", "palm_norm_swiglu_bwd_dw"]
+    # value_and_grad: when recomputing, jax.grad alone drops the forward kernel, whose output it
+    # never needs; saving, the backward needs its gate and up.
     for kind in TPU_GENERATIONS:
         text = export_for_tpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)),
                               *_structs(*PALM[model]), device_kind=kind)
-        assert mosaic_kernel_names(text) == ["palm_norm_swiglu_fwd", "palm_norm_swiglu_bwd_gates",
-                                             "palm_norm_swiglu_bwd_dx", "palm_norm_swiglu_bwd_dw"]
+        assert mosaic_kernel_names(text) == kernels
     text = export_for_tpu(jax.grad(loss, argnums=(0, 1, 2, 3)), *_structs(*PALM[model]))
-    assert mosaic_kernel_names(text) == ["palm_norm_swiglu_bwd_gates", "palm_norm_swiglu_bwd_dx",
-                                         "palm_norm_swiglu_bwd_dw"]
+    assert mosaic_kernel_names(text) == (kernels if save_gate_up else kernels[1:])
