@@ -46,16 +46,17 @@ def _inputs(seed, b, t, d, h, k, dtype):
 
 @st.composite
 def cases(draw):
-    """Shapes of at most three tiles per grid axis (each grid step costs interpret time), none
-    of them required to divide: M <= 24 rows in tiles of 8 or 16, D <= 24 in tiles of 8, 16 or
-    24 (D-resident whenever the tile covers D), H <= 3 heads in tiles of 1 to 3."""
+    """Shapes of at most two tiles per grid axis but the column axis (each grid step costs
+    interpret time), none of them required to divide: M <= 16 rows in tiles of 8 or 16, D <= 16
+    in tiles of 8 or 16 (D-resident where the tile covers D), H <= 3 heads in tiles of 1 to 3
+    plus the k/v tile."""
     blocks = BlockSizes(
         block_rows=draw(st.sampled_from([8, 16])), block_heads=draw(st.integers(1, 3)),
-        block_d=draw(st.sampled_from([8, 16, 24])),
+        block_d=draw(st.sampled_from([8, 16])),
         block_rows_bwd=draw(st.sampled_from([8, 16])), block_heads_bwd=draw(st.integers(1, 3)),
-        block_d_bwd=draw(st.sampled_from([8, 16, 24])))
+        block_d_bwd=draw(st.sampled_from([8, 16])))
     return dict(
-        b=draw(st.integers(1, 2)), t=draw(st.integers(1, 12)), d=draw(st.integers(4, 24)),
+        b=draw(st.integers(1, 2)), t=draw(st.integers(1, 8)), d=draw(st.integers(4, 16)),
         h=draw(st.integers(1, 3)), k=2 * draw(st.integers(1, 32)),  # every even K to 64
         dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
         blocks=draw(st.sampled_from([None, blocks, blocks])),  # mostly several grid steps
@@ -86,17 +87,14 @@ def test_matches_reference(case):
         return norm_qkv_rope(*args, positions, eps=EPS, impl="pallas_tpu", interpret=interpret,
                              block_sizes=case["blocks"])
 
-    def weighted(*args):  # the reference's gradient target: a cotangent-weighted sum
-        out = norm_qkv_rope_reference(*args, positions, eps=EPS)
-        return sum(jnp.sum(o.astype(jnp.float32) * c.astype(jnp.float32))
-                   for o, c in zip(out, cotangents))
+    def reference(*args):
+        return norm_qkv_rope_reference(*args, positions, eps=EPS)
 
     @jax.jit  # one compile for kernels and reference: compiling dominates the test's time
     def run(*args):
         out_vjp, vjp = jax.vjp(kernel, *args)
-        expected = norm_qkv_rope_reference(*args, positions, eps=EPS)
-        expected_grads = jax.grad(weighted, argnums=tuple(range(5)))(*args)
-        return out_vjp, vjp(tuple(cotangents)), expected, expected_grads
+        expected, reference_vjp = jax.vjp(reference, *args)
+        return out_vjp, vjp(tuple(cotangents)), expected, reference_vjp(tuple(cotangents))
 
     with race_log(case["races"]):  # all three kernels checked, not just the last
         out, grads, expected, expected_grads = run(*args)
