@@ -259,11 +259,11 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         raise TrainError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
     if tc.batch_size % jax.process_count():
         raise TrainError(f"--batch-size {tc.batch_size} must divide over {jax.process_count()} processes")
-    # Every path and glob is resolved before anything is trained or written.
+    # Every path and glob is resolved once, before anything is trained or written; the files
+    # found are what the tokenizer and the corpus read (the run's config keeps the patterns).
     data_lib.Mixture(sources, weights=weights, val_fraction=val_fraction)
-    for source in sources.values():
-        if isinstance(source, (str, Path, list, tuple)):
-            tokenizer_lib.resolve_paths(tuple(source) if isinstance(source, list) else source)
+    files = {name: tokenizer_lib.resolve_paths(source) if isinstance(source, (str, Path, list, tuple))
+             else source for name, source in sources.items()}
     if not resume:
         previous = [n for n in (RUN_CONFIG, "metrics.jsonl", "checkpoints") if (run_dir / n).exists()]
         if previous:
@@ -277,7 +277,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
         if resume and checkpointer.latest_step() is None:
             raise TrainError(f"--resume: no checkpoint in {checkpointer.directory}")
-        tokenizer, corpus, config = build_data(sources, weights, config, run_dir, tokenizer_path,
+        tokenizer, corpus, config = build_data(files, weights, config, run_dir, tokenizer_path,
                                                cache_dir, val_fraction, fit_vocab=fit_vocab,
                                                progress=progress)
         try:  # fails now rather than at the first validation, after compiling and training
@@ -300,15 +300,13 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     if resume:
         try:
             state, latest = _restore_latest(checkpointer, state, meta, loader)
+            if tc.steps <= latest:
+                raise TrainError(f"--steps {tc.steps} is not above step {latest}, where the run "
+                                 f"in {run_dir} stands; pass a larger --steps to train further")
         except BaseException:
             checkpointer.close()
             loader.close()
             raise
-        if tc.steps <= latest:
-            checkpointer.close()
-            loader.close()
-            raise TrainError(f"--steps {tc.steps} is not above step {latest}, where the run in "
-                             f"{run_dir} stands; pass a larger --steps to train further")
     # Written once the run is known to go ahead; a resumed run records its new settings.
     write_run_config(run_dir, config, tc, sources, weights, val_fraction, command)
 
