@@ -82,9 +82,15 @@ def _block(x: jax.Array, p: dict, positions: jax.Array, config: Config, impl: st
     """One parallel block on x [B, T, D]; p holds this layer's slice of params["blocks"]."""
     # One LayerNorm of x feeds both halves: q [B, T, H, K] with RoPE; k, v [B, T, K], one
     # key/value head shared by all query heads; h [B, T, F] the SwiGLU activations.
+    # save_gate_up under every remat policy: it spares the backward a third pass of the MLP's
+    # input matmuls (4*M*D*F FLOPs, ~15% of a layer). "none" keeps activations anyway (XLA's
+    # autodiff of the reference keeps these two too); "dots" and "full" keep no kernel output,
+    # so the block's forward reruns inside the backward and gate and up live only during that
+    # layer's backward. tests/test_norm_swiglu.py shows what each policy keeps.
     q, k, v, h = kernels.block_in(x, p["norm_scale"], p["wq"], p["wk"], p["wv"], p["w_gate"],
                                   p["w_up"], positions, eps=config.norm_eps,
-                                  base=config.rope_base, impl=impl)
+                                  base=config.rope_base, impl=impl,
+                                  save_gate_up=True)
     o = kernels.mq_flash_attention(q, k, v, causal=True, impl=impl)  # [B, T, H, K]
     return kernels.block_out(x, o, p["wo"], h, p["w_down"], impl=impl)  # x + o·wo + h·w_down
 
