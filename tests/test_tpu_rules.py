@@ -46,9 +46,13 @@ def _estimates(name: str, p: dict, dtype, gen: str) -> dict[str, int]:
         blocks = nqr_tpu.BlockSizes.get_default(x_shape, wq_shape, dtype, gen)
         used = nqr_tpu.vmem_bytes(x_shape, wq_shape, dtype, blocks)
         return {n: used[n] for n in ("forward", "bwd_dx", "bwd_dw")}
-    if name == "norm_swiglu":
-        blocks = swiglu_tpu.BlockSizes.get_default(m, d, f, dtype, gen)
-        return swiglu_tpu.vmem_bytes(blocks, dtype)
+    if name == "norm_swiglu":  # both modes: recomputing gate and up, and saving them
+        out = {}
+        for save in (False, True):
+            blocks = swiglu_tpu.BlockSizes.get_default(m, d, f, dtype, gen, save_gate_up=save)
+            used = swiglu_tpu.vmem_bytes(blocks, dtype, save_gate_up=save)
+            out.update({f"{n} save_gate_up={save}": v for n, v in used.items()})
+        return out
     if name == "block_out":
         blocks = block_out_tpu.BlockSizes.get_default(m, d, h * k, f, dtype, gen)
         return block_out_tpu.vmem_bytes(blocks, dtype)
