@@ -4,8 +4,8 @@ PaLM's parallel block (section 2) normalises x once and feeds both the attention
 multi-query attention (section 2) projects to H query heads but a single shared key/value head.
 
 The front door `norm_qkv_rope`; its plain-jnp twin `norm_qkv_rope_reference` (reference.py);
-the Pallas TPU kernels with their tiling (`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers
-and design notes (tpu.py).
+the Pallas TPU kernels with their tiling (`BlockSizes`, `vmem_bytes`, `hbm_bytes`), HBM and VMEM
+numbers and design notes (tpu.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.norm_qkv_rope.reference import norm_qkv_rope_reference
-from kernels.norm_qkv_rope.tpu import BlockSizes, norm_qkv_rope_pallas_tpu, vmem_bytes
+from kernels.norm_qkv_rope.tpu import BlockSizes, hbm_bytes, norm_qkv_rope_pallas_tpu, vmem_bytes
 
-__all__ = ["BlockSizes", "norm_qkv_rope", "norm_qkv_rope_reference", "vmem_bytes"]
+__all__ = ["BlockSizes", "hbm_bytes", "norm_qkv_rope", "norm_qkv_rope_reference", "vmem_bytes"]
 
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
 _PALLAS = {"pallas_tpu": norm_qkv_rope_pallas_tpu}

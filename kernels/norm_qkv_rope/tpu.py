@@ -22,13 +22,13 @@ D-tiled default tiles this module had (512 rows or fewer, 512 of D, 1024/512 que
 "after" the default tiles now (`BlockSizes.get_default`, the fewest bytes that fit the
 generation's `vmem_budget`), forward | bwd_dx + bwd_dw:
   PaLM-8B (D=4096, H=16, K=256)   before            after
-    v4 (12 MiB budget)          682 | 451 + 327   344 | 379 + 327
-    v5p (48 MiB)                244 | 307 + 329   166 | 211 + 153
-    v5e, v6e (96 MiB)           244 | 307 + 329   102 | 151 + 134
+    v4 (12 MiB budget)          674 | 451 + 325   342 | 379 + 325
+    v5p (48 MiB)                242 | 307 + 325   166 | 211 + 152
+    v5e, v6e (96 MiB)           242 | 307 + 325   102 | 151 + 134
   PaLM-540B (D=18432, H=48, K=256)
-    v4                         8194 | 5451 + 4073  4102 | 4551 + 4076
-    v5p                        2788 | 3651 + 4082  1887 | 2355 + 1842
-    v5e, v6e                   2788 | 3651 + 4082  1455 | 1455 + 1846
+    v4                         8186 | 5451 + 4064  4100 | 4551 + 4064
+    v5p                        2786 | 3651 + 4064  1886 | 2355 + 1838
+    v5e, v6e                   2786 | 3651 + 4064  1454 | 1455 + 1838
 Where x's block covers D (block_d = D) its index stays put along the column axis, so the forward
 reads each row tile of x once instead of once per column tile, and bwd_dx reads each dq tile
 once instead of once per D tile; the rest of the saving is larger row tiles, each reading the
@@ -48,7 +48,7 @@ re-reads left out): forward ~238 (LN 64: x read 3x, h written; three matmuls 120
 weights, f32 q|k|v written; RoPE and casts 54); backward ~470 (f32 rotated cotangents 54, three
 dh partials 120 and their sum 64, dW with h read 3x 120, LayerNorm backward ~110). Ours with the
 statistics pass on v5e/v6e: forward 134, backward ~395 with the LayerNorm backward (v5p: 198,
-~474). h, the f32 projections and the f32 rotated cotangents never reach HBM. The forward does
+~473). h, the f32 projections and the f32 rotated cotangents never reach HBM. The forward does
 77.3 GFLOP, ~720 flop per kernel byte on v5e/v6e, above both ridge points (~240, ~560).
 
 bwd_dw still reads x once per column tile (5x at PaLM-8B, 64 MiB of its 134): its grid walks
@@ -153,12 +153,12 @@ class BlockSizes:
         (`vmem_bytes`) fits `vmem_budget(generation)` (default: the target generation), chosen
         for the forward and for the two backward kernels together.
 
-        Candidates: block_d = D (D-resident: x and dq read once) or the D-tiled 512 (a divisor
-        of D where one exists); about 256 to 2048 query lanes per column tile (`_pick_heads`);
-        for each pair the largest row tile that fits, the B*T rows split into n = 2, 3, ..., 16,
-        32, 64, ... equal tiles rounded up to `sublane(dtype)` (two at least, so a megacore
-        chip's two TensorCores share the parallel row axis). Ties go to the fewer grid steps.
-        PaLM-8B and 540B on each generation: the module docstring.
+        Candidates: block_d = D (D-resident: x and dq read once), 2048 or 1024 where they
+        divide D, or 512 (else a smaller divisor of D); about 256 to 2048 query lanes per
+        column tile (`_pick_heads`); for each pair the largest row tile that fits, the B*T rows
+        split into n = 2, 3, ..., 16, 32, 64, ... equal tiles rounded up to `sublane(dtype)`
+        (two at least, so a megacore chip's two TensorCores share the parallel row axis). Ties
+        go to the fewer grid steps. PaLM-8B and 540B on each generation: the module docstring.
         """
         b, t, d = x_shape
         _, h, k = wq_shape
@@ -169,7 +169,8 @@ class BlockSizes:
         heads = sorted({_pick_heads(h, k, lanes) for lanes in (256, 512, 1024, 2048)})
         splits = [*range(2, 17), *(2**p for p in range(5, max(5, m.bit_length())))]
         row_tiles = sorted({round_up(pl.cdiv(m, n), sub) for n in splits}, reverse=True)
-        default_fwd = cls(sub, heads[0], d, sub, heads[0], d)  # backward fields unused below
+        # The forward's candidates carry these backward fields, which its estimates ignore.
+        smallest = cls(row_tiles[-1], heads[0], tiled_d, row_tiles[-1], heads[0], tiled_d)
 
         def best(make, names):
             """make(rows, heads, block_d) -> BlockSizes; the cheapest that fits, else the
@@ -186,10 +187,10 @@ class BlockSizes:
                             found.append((sum(moved[n] for n in names), steps, blocks))
                             break
             if not found:
-                return make(row_tiles[-1], heads[0], tiled_d)
+                return make(smallest.block_rows, smallest.block_heads, smallest.block_d)
             return min(found, key=lambda f: f[:2])[2]
 
-        fwd = best(lambda r, hb, td: dataclasses.replace(default_fwd, block_rows=r,
+        fwd = best(lambda r, hb, td: dataclasses.replace(smallest, block_rows=r,
                                                          block_heads=hb, block_d=td),
                    ("forward",))
         return best(lambda r, hb, td: dataclasses.replace(fwd, block_rows_bwd=r,
@@ -241,7 +242,7 @@ def hbm_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
     bm, hb, td, nm, nq, nd = _grid(m, d, h, blocks, backward=False)
     forward = (x * (1 if nd == 1 else nq + 1)
                + wq * (1 if nq == nd == 1 else nm)
-               + (wkv if nd == 1 else wkv * nm + wkv // nd * (nm - 1))  # block 0 again per row tile
+               + wkv * (1 if nd == 1 else nm)
                + q + kv + 12 * m)
 
     bm, hb, td, nm, nq, nd = _grid(m, d, h, blocks, backward=True)
@@ -251,7 +252,7 @@ def hbm_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
     bwd_dw = (x * (1 if nm == 1 else nq + 1)
               + 8 * m * (1 if nm == 1 else nd * (nq + 1))  # mean, rstd
               + q * (1 if nq == nm == 1 else nd)
-              + (kv if nm == 1 else kv * nd + kv // nm * (nd - 1))  # row block 0 again per D tile
+              + kv * (1 if nm == 1 else nd)
               + wq + wkv)  # dW written
     return {"forward": forward, "bwd_dx": bwd_dx, "bwd_dw": bwd_dw}
 
