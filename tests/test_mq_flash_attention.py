@@ -78,9 +78,10 @@ def _case(**kw):
     return base | kw
 
 
-# Always run through the vjp (which checks the forward too), whatever hypothesis draws: causal self-attention over several query and key
-# tiles (diagonal, skipped and masked tiles, padded keys), and T < S, where key tiles past the
-# last query are seen by no row (their dk, dv must come out zero, not uninitialised).
+# Always run through the vjp (which checks the forward too), whatever hypothesis draws: causal
+# self-attention over several query and key tiles (diagonal, skipped and masked tiles, padded
+# keys), and T < S, where key tiles past the last query are seen by no row (their dk, dv must
+# come out zero, not uninitialised).
 SELF_ATTENTION = _case()
 SHORT_QUERIES = _case(dtype="float32", heads=4, q_len=60, kv_len=300, head_dim=64, races=True)
 # PaLM's K = 256 in float32 as well (SELF_ATTENTION is bf16), small T, one tile each way.
@@ -93,9 +94,12 @@ PALM_HEAD_DIM_BF16 = _case(heads=3, q_len=20, kv_len=20, head_dim=256, causal=Fa
 @hypothesis.given(attention_cases())
 def test_forward_matches_reference(case):
     q, k, v, _ = _inputs(case)
+
+    def both(q, k, v):  # one compile per example: compiling dominates the test's time
+        return _pallas(case)(q, k, v), _reference(case)(q, k, v)
+
     with race_log(case["races"]):
-        out = run(_pallas(case), q, k, v)
-    expected = run(_reference(case), q, k, v)
+        out, expected = run(both, q, k, v)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_close(out, expected, case["dtype"], what="o")
 
@@ -123,13 +127,15 @@ def _vjp(fn):
 @hypothesis.example(SELF_ATTENTION)
 @hypothesis.given(attention_cases())
 def test_vjp_and_gradients_match_reference(case):
+    def both(q, k, v, do):  # one compile per example
+        # The truth is the reference in float32 on the same (possibly bf16-rounded) inputs: the
+        # bf16 reference's own gradients round p, dp and ds to bf16 and are no closer to it.
+        f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+        return _vjp(_pallas(case))(q, k, v, do), _vjp(_reference(case))(*f32)
+
     q, k, v, do = _inputs(case)
     with race_log(case["races"]):  # the forward and both backward kernels checked
-        out, grads = run(_vjp(_pallas(case)), q, k, v, do)
-    # The truth is the reference in float32 on the same (possibly bf16-rounded) inputs: the
-    # bf16 reference's own gradients round p, dp and ds to bf16 and are no closer to it.
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-    expected_out, expected_grads = run(_vjp(_reference(case)), *f32)
+        (out, grads), (expected_out, expected_grads) = run(both, q, k, v, do)
     assert_close(out, expected_out, case["dtype"], what="o through vjp")
     for name, got, want, x in zip(("dq", "dk", "dv"), grads, expected_grads, (q, k, v)):
         assert got.dtype == x.dtype and got.shape == x.shape, name
@@ -149,10 +155,12 @@ def test_no_races_on_two_cores():
         return mfa.mq_flash_attention(q, k, v, impl="pallas_tpu", interpret=interpret,
                                       block_sizes=case["blocks"])
 
+    def both(q, k, v, do):  # one compile
+        return _vjp(pallas)(q, k, v, do), _vjp(_reference(case))(q, k, v, do)
+
     with RaceLog() as log:
-        out, grads = run(_vjp(pallas), q, k, v, do)
+        (out, grads), (expected_out, expected_grads) = run(both, q, k, v, do)
     assert log.kernels_checked == 3
-    expected_out, expected_grads = run(_vjp(_reference(case)), q, k, v, do)
     assert_close(out, expected_out, "float32", what="o")
     for name, got, want in zip(("dq", "dk", "dv"), grads, expected_grads):
         assert_close(got, want, "float32", what=name)
