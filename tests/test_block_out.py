@@ -13,12 +13,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 import kernels.block_out as bo
 from conftest import RaceLog, assert_close, race_log
+from test_mq_flash_attention import run
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 NAMES = ("dx", "do", "dwo", "dh", "dw_down")
-# Jitted: eager jnp compiles every small op anew for each drawn shape.
-_reference = jax.jit(bo.block_out_reference)
 
 
 def _inputs(seed, b, t, d, h, k, f, dtype):
@@ -61,11 +60,15 @@ def cases(draw, max_t=20, max_width=220):
 def test_forward_matches_reference(case):
     shape, dtype, block_sizes, interpret, seed = case
     args = _inputs(seed, *shape, dtype)
+
+    def both(*a):  # one compile per example: compiling dominates the test's time
+        return (bo.block_out(*a, impl="pallas_tpu", interpret=interpret, block_sizes=block_sizes),
+                bo.block_out_reference(*a))
+
     with race_log(isinstance(interpret, pltpu.InterpretParams)):
-        out = bo.block_out(*args, impl="pallas_tpu", interpret=interpret,
-                           block_sizes=block_sizes)
+        out, expected = run(both, *args)
     assert out.shape == args[0].shape and out.dtype == dtype
-    assert_close(out, _reference(*args), dtype, what="y")
+    assert_close(out, expected, dtype, what="y")
 
 
 # The gradient cases run two kernels each plus the weight-gradient matmuls: smaller shapes than
@@ -82,10 +85,14 @@ def test_vjp_forward_and_grads_match_reference(case):
             return jnp.sum(y.astype(jnp.float32) * ct), y
         return jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
 
+    def pallas(*a):
+        return bo.block_out(*a, impl="pallas_tpu", interpret=interpret, block_sizes=block_sizes)
+
+    def both(*a):  # one compile per example
+        return weighted(pallas)(*a), weighted(bo.block_out_reference)(*a)
+
     with race_log(isinstance(interpret, pltpu.InterpretParams)):  # both kernels checked
-        grads, y = weighted(lambda *a: bo.block_out(*a, impl="pallas_tpu", interpret=interpret,
-                                                    block_sizes=block_sizes))(*args)
-    ref_grads, ref_y = jax.jit(weighted(_reference))(*args)
+        (grads, y), (ref_grads, ref_y) = run(both, *args)
     assert_close(y, ref_y, dtype, what="y through vjp")
     for name, g, r in zip(NAMES, grads, ref_grads):
         assert g.shape == r.shape and g.dtype == r.dtype, name
@@ -106,11 +113,16 @@ def test_two_cores_without_races():
 
     pallas = lambda *a: bo.block_out(*a, impl="pallas_tpu", interpret=interpret,  # noqa: E731
                                      block_sizes=block_sizes)
+
+    def both(*a):  # one compile
+        reference = bo.block_out_reference
+        return pallas(*a), loss(pallas)(*a), reference(*a), loss(reference)(*a)
+
     with RaceLog() as log:
-        out, grads = pallas(*args), loss(pallas)(*args)
+        out, grads, expected, expected_grads = run(both, *args)
     assert log.kernels_checked == 3  # forward, again inside grad, backward
-    assert_close(out, _reference(*args), jnp.float32, what="y")
-    for name, g, r in zip(NAMES, grads, jax.jit(loss(_reference))(*args)):
+    assert_close(out, expected, jnp.float32, what="y")
+    for name, g, r in zip(NAMES, grads, expected_grads):
         assert_close(g, r, jnp.float32, what=name)
 
 
@@ -119,9 +131,10 @@ def test_two_cores_without_races():
 def test_reference_bwd_matches_autodiff(dtype, b, t, d, h, k, f, seed):
     args = _inputs(seed, b, t, d, h, k, f, dtype)
     dy = _cotangent(seed, (b, t, d), dtype)
-    both = jax.jit(lambda a, dy: (bo.block_out_reference_bwd(*a, dy),
-                                  jax.vjp(_reference, *a)[1](dy)))  # one compile per shape
-    got, expected = both(args, dy)
+    def both(a, dy):  # one compile per shape
+        return bo.block_out_reference_bwd(*a, dy), jax.vjp(bo.block_out_reference, *a)[1](dy)
+
+    got, expected = run(both, args, dy)
     for name, g, r in zip(NAMES, got, expected):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         assert_close(g, r, dtype, what=name)
