@@ -213,32 +213,33 @@ def activation_bytes(config: Config, *, tokens: int, model: int, remat: str) -> 
         "saved_per_layer": saved,
         "layers": config.n_layers * saved,
         "recomputed_layer": every - saved,
-        "logits": tokens // model * config.vocab_size * 4,
+        "logits": -(-tokens // model) * config.vocab_size * 4,  # M/model rows, rounded up
     }
 
 
 def plan(config: Config, *, data: int, model: int, batch: int, seq_len: int | None = None,
-         remat: str | None = None, optimizer=None) -> dict:
+         remat: str | None = None, microbatches: int = 1, optimizer=None) -> dict:
     """Per-device memory and per-step communication of training `config` on a data x model
     mesh, from `param_specs` and `optimizer_specs` (the trees `shard` places with) and shapes
     alone: nothing is allocated, so it answers for 540B on a laptop.
 
     Memory, in bytes per device:
     - params, gradients: each leaf's shard in `config.param_dtype` (gradients are reduce-
-      scattered to the params' sharding).
+      scattered to the params' sharding, and microbatches add theirs into one buffer).
     - optimizer: optax's state for `optimizer` (default `palm.optim.make_optimizer()`), from
       `jax.eval_shape` of its init, each leaf sharded by `optimizer_specs`.
     - gathered_weights: one layer's weights all-gathered over "data" (still split over
       "model") in the compute dtype, plus the embedding's [V/model, D] for the logits; FSDP
       holds one layer's at a time.
-    - activations, per layer and device, M = batch*seq_len/data tokens; compute dtype unless
-      said. The layer input x [M, D/model] is kept split over "model" between layers (the
-      paper's 2-D layout, Xu et al. 2021: 540B's inputs alone would be 71 GB per chip
-      otherwise). A block makes xn = LN(x) [M, D] (gathered), q [M, H/model, K], k and v
-      [M, K], the attention output o [M, H/model, K] and its float32 logsumexp [M, H/model],
-      gate, up and h = swish(gate)*up [M, F/model]. remat "none" saves all of them, "dots"
-      the matmul outputs x, q, k, v, gate, up (the attention's q·k and p·v are batched dots,
-      which dots_with_no_batch_dims_saveable does not keep), "full" only x. Under "dots" and
+    - activations, per layer and device, of one microbatch of M = batch*seq_len/(data*
+      microbatches) tokens; compute dtype unless said. The layer input x [M, D/model] is
+      kept split over "model" between layers (the paper's 2-D layout, Xu et al. 2021: whole,
+      540B's saved inputs would take 71 GB per chip at batch 2048 on data=256). A block
+      makes xn = LN(x) [M, D] (gathered), q [M, H/model, K], k and v [M, K], the attention
+      output o [M, H/model, K] and its float32 logsumexp [M, H/model], gate, up and
+      h = swish(gate)*up [M, F/model]. remat "none" saves all of them, "dots" x and the
+      matmul outputs q, k, v, gate, up (the attention's q·k and p·v are batched dots, which
+      dots_with_no_batch_dims_saveable does not keep), "full" only x. Under "dots" and
       "full" the backward of one layer holds the rest of that layer again (recomputed_layer).
       The loss holds float32 logits for M/model rows (each model shard takes its share of
       the rows, with all of V) once; their gradient is assumed to reuse the buffer.
@@ -248,10 +249,12 @@ def plan(config: Config, *, data: int, model: int, batch: int, seq_len: int | No
     or reduce-scatter over g devices moves (g-1)/g of the full array per device, an all-
     reduce twice that):
     - fsdp_all_gather: every weight gathered over "data" in the compute dtype, forward and
-      again in the backward (the gathered weights are not saved).
-    - grad_reduce_scatter: every gradient reduce-scattered over "data" in param_dtype.
+      again in the backward (the gathered weights are not saved), once per microbatch.
+    - grad_reduce_scatter: every gradient reduce-scattered over "data" in param_dtype, once
+      per microbatch (the transpose of the all-gather does it).
     - replicated_grad_all_reduce: gradients of leaves not split over "model" (wk, wv, norm
-      scales) are partial sums over its shards and all-reduced over it, on their data shard.
+      scales) are partial sums over its shards and all-reduced over it, on their data shard,
+      once per microbatch.
     - layer_activations: per layer the all-gather of x [M, D] before the block and the
       reduce-scatter of its output (the paper's one all-reduce of the parallel block, as two
       halves), both transposed in the backward; remat other than "none" gathers x again.
@@ -263,10 +266,12 @@ def plan(config: Config, *, data: int, model: int, batch: int, seq_len: int | No
       batch: global batch in sequences, divisible by data.
       seq_len: tokens per sequence (default config.max_seq_len).
       remat: "none", "dots" or "full" (default config.remat).
+      microbatches: gradient accumulation steps that split each device's batch.
       optimizer: an optax GradientTransformation (default palm.optim.make_optimizer()).
 
     Raises:
-      ValueError: a sharded dimension or the batch does not divide its mesh axis.
+      ValueError: a sharded dimension does not divide its mesh axis, or the batch does not
+        divide into data * microbatches.
     """
     from palm.optim import make_optimizer
 
@@ -275,16 +280,18 @@ def plan(config: Config, *, data: int, model: int, batch: int, seq_len: int | No
     optimizer = make_optimizer() if optimizer is None else optimizer
     sizes = {DATA: data, MODEL: model}
     check_specs(config, sizes)
-    if batch % data:
-        raise ValueError(f"batch {batch} is not divisible by the data axis of size {data}")
-    tokens = batch * seq_len // data
+    if microbatches < 1 or batch % (data * microbatches):
+        raise ValueError(f"batch {batch} does not divide into data={data} x "
+                         f"microbatches={microbatches}")
+    tokens = batch * seq_len // (data * microbatches)
     param_bytes = np.dtype(config.param_dtype).itemsize
     compute_bytes = np.dtype(config.dtype).itemsize
 
     leaves = list(zip(
         jax.tree.leaves(param_shapes(config), is_leaf=_is_names),
         jax.tree.leaves(param_specs(config)),
-        [path for path, _ in jax.tree_util.tree_flatten_with_path(LOGICAL_AXES, is_leaf=_is_names)[0]]))
+        [path for path, _ in
+         jax.tree_util.tree_flatten_with_path(LOGICAL_AXES, is_leaf=_is_names)[0]]))
     shard_elems = [_per_device(shape, spec, sizes) for shape, spec, _ in leaves]
     params = sum(shard_elems) * param_bytes
 
@@ -304,7 +311,7 @@ def plan(config: Config, *, data: int, model: int, batch: int, seq_len: int | No
     gathered_weights = (gathered["blocks"] // config.n_layers + gathered["embed"]) * compute_bytes
 
     acts = activation_bytes(config, tokens=tokens, model=model, remat=remat)
-    activations = acts["layers"] + (acts["recomputed_layer"] if remat != "none" else 0) + acts["logits"]
+    activations = acts["layers"] + acts["recomputed_layer"] + acts["logits"]
 
     full_over_data = sum(math.prod(shape) // model_split(spec) for shape, spec, _ in leaves)
     replicated = sum(n for n, (_, spec, _) in zip(shard_elems, leaves) if MODEL not in spec)
@@ -317,11 +324,12 @@ def plan(config: Config, *, data: int, model: int, batch: int, seq_len: int | No
         "layer_activations": config.n_layers * gathers_per_layer * _ring(model) * x_bytes,
         "logits_all_to_all": 2 * _ring(model) * x_bytes / model,
     }
+    collectives = {name: microbatches * value for name, value in collectives.items()}
     memory = {"params": params, "optimizer": optimizer_bytes, "gradients": params,
               "gathered_weights": gathered_weights, "activations": activations}
     return {
         "mesh": {DATA: data, MODEL: model}, "batch": batch, "seq_len": seq_len, "remat": remat,
-        "tokens_per_device": tokens,
+        "microbatches": microbatches, "tokens_per_microbatch": tokens,
         "memory": {**memory, "total": sum(memory.values())},
         "activation_detail": acts,
         "collectives": {**collectives, "total": sum(collectives.values())},
@@ -334,8 +342,8 @@ def format_plan(result: dict, *, device_memory: float | None = None) -> str:
     gib = 2 ** 30
     mesh = result["mesh"]
     lines = [f"mesh data={mesh[DATA]} x model={mesh[MODEL]}, batch {result['batch']} x "
-             f"{result['seq_len']} tokens ({result['tokens_per_device']} per device), "
-             f"remat={result['remat']}",
+             f"{result['seq_len']} tokens in {result['microbatches']} microbatch(es) of "
+             f"{result['tokens_per_microbatch']} per device, remat={result['remat']}",
              "memory per device (GiB):"]
     lines += [f"  {name:<26}{value / gib:10.3f}" for name, value in result["memory"].items()]
     if device_memory is not None:

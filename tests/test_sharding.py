@@ -64,8 +64,8 @@ def test_indivisible_dimensions_name_leaf_dimension_and_axis():
         plan(preset("540b"), data=256, model=12, batch=2048)
     with pytest.raises(ValueError, match=r"dimension 1 .* size 64, .*'data' of size 3"):
         check_specs(TINY, {"data": 3, "model": 1})
-    with pytest.raises(ValueError, match="batch 3 .* data axis of size 2"):
-        plan(TINY, data=2, model=1, batch=3)
+    with pytest.raises(ValueError, match="batch 6 does not divide into data=2 x microbatches=2"):
+        plan(TINY, data=2, model=1, batch=6, microbatches=2)
 
 
 def _state_specs(transform):
@@ -102,7 +102,7 @@ def test_optimizer_specs_follow_params_and_drop_factored_dimensions():
 def test_plan_by_hand_on_tiny():
     # Mesh 2 x 4, 4 sequences of 16: M = 4 * 16 / 2 = 32 tokens per device; float32 (4 bytes).
     r = plan(TINY, data=2, model=4, batch=4, seq_len=16, remat="none")
-    assert r["tokens_per_device"] == 32
+    assert r["tokens_per_microbatch"] == 32
     # Elements per device, leaf by leaf: embed 256*64/8, norm_scale 2*64/2, wq 2*64*4*16/8,
     # wk = wv = 2*64*16/2, wo 2*4*16*64/8, w_gate = w_up = w_down 2*64*256/8, final 64/2.
     shard = {"embed": 2048, "norm_scale": 64, "wq": 1024, "wk": 1024, "wv": 1024, "wo": 1024,
@@ -149,6 +149,11 @@ def test_plan_remat_policies():
         # The re-run forward gathers x once more per layer: 5 halves of an all-reduce, not 4.
         assert (plans[remat]["collectives"]["layer_activations"]
                 == 5 / 4 * plans["none"]["collectives"]["layer_activations"])
+    # Two microbatches: half the activations, every collective twice (the weights are
+    # gathered and the gradients scattered per microbatch); layer traffic per token is equal.
+    half = plan(TINY, data=2, model=4, batch=8, seq_len=16, remat="none", microbatches=2)
+    assert half["memory"]["activations"] == plans["none"]["memory"]["activations"]
+    assert half["collectives"]["total"] == 2 * plans["none"]["collectives"]["total"]
     one = plan(TINY, data=1, model=1, batch=4, seq_len=16)
     assert one["collectives"]["total"] == 0  # nothing to exchange on one device
 
