@@ -26,15 +26,19 @@ L layers, M = B*T/data tokens per device.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from palm.config import Config
+from palm.config import Config, preset
 from palm.model import param_shapes
+from palm.optim import make_optimizer
 
 DATA, MODEL = "data", "model"
 
@@ -273,8 +277,6 @@ def plan(config: Config, *, data: int, model: int, batch: int, seq_len: int | No
       ValueError: a sharded dimension does not divide its mesh axis, or the batch does not
         divide into data * microbatches.
     """
-    from palm.optim import make_optimizer
-
     seq_len = config.max_seq_len if seq_len is None else seq_len
     remat = config.remat if remat is None else remat
     optimizer = make_optimizer() if optimizer is None else optimizer
@@ -352,3 +354,23 @@ def format_plan(result: dict, *, device_memory: float | None = None) -> str:
     lines.append("received per device per step (GiB):")
     lines += [f"  {name:<26}{value / gib:10.3f}" for name, value in result["collectives"].items()]
     return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `python -m palm plan` command: prints `format_plan`; bad input exits with code 2.
+
+    args holds preset, vocab_size (None keeps the preset's; 256008 pads 540B's for model=12),
+    data, model, batch_size, seq_len, microbatches, remat and device_memory_gib (or None).
+    """
+    try:
+        config = preset(args.preset)
+        if args.vocab_size is not None:
+            config = dataclasses.replace(config, vocab_size=args.vocab_size)
+        result = plan(config, data=args.data, model=args.model, batch=args.batch_size,
+                      seq_len=args.seq_len, remat=args.remat, microbatches=args.microbatches)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    memory = None if args.device_memory_gib is None else args.device_memory_gib * 2 ** 30
+    print(format_plan(result, device_memory=memory))
+    return 0

@@ -4,6 +4,7 @@ process keeps its one device)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import subprocess
@@ -20,7 +21,7 @@ from palm.config import PRESETS, preset
 from palm.flops import num_params
 from palm.model import param_shapes
 from palm.sharding import (LOGICAL_AXES, RULES, check_specs, format_plan, optimizer_specs,
-                           param_specs, plan)
+                           param_specs, plan, run)
 
 TINY = preset("tiny")  # V=256, D=64, L=2, H=4, K=16, F=256, float32 throughout
 
@@ -169,6 +170,22 @@ def test_plan_for_the_paper_mesh_fits_a_tpu_v4():
     assert r["memory"]["params"] == 4 * ((num_params(config) - replicated) / 3072 + replicated / 256)
     assert num_params(config) == pytest.approx(540.35e9, rel=1e-3)
     assert "free of 32 GiB" in format_plan(r, device_memory=32 * 2 ** 30)
+
+
+def _plan_args(**overrides):
+    args = dict(preset="540b", vocab_size=256_008, data=256, model=12, batch_size=2048,
+                seq_len=None, microbatches=1, remat="full", device_memory_gib=32)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def test_plan_command_prints_the_table_or_one_error_line(capsys):
+    assert run(_plan_args()) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mesh data=256 x model=12, batch 2048 x 2048 tokens")
+    assert "free of 32 GiB" in out and "layer_activations" in out
+    assert run(_plan_args(vocab_size=None)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: embed: dimension 0") and err.count("\n") == 1
 
 
 def test_shard_places_a_slice_of_every_leaf_on_each_of_8_devices():
