@@ -21,7 +21,7 @@ both axes. Here the mesh has axes ("data", "model"):
   256,008, say; Megatron does the same with --make-vocab-size-divisible-by).
 
 Dimension key: B batch, T positions, D model, H heads, K head dim, F MLP hidden, V vocab,
-L layers, M = B*T/data tokens per device.
+L layers, M tokens per device (B*T/data, per microbatch when the batch is accumulated).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def _spec(names: tuple[str, ...]) -> P:
 def param_specs(config: Config) -> dict:
     """The params tree with a PartitionSpec per leaf, from LOGICAL_AXES through RULES.
 
-    `config` fixes nothing in the specs themselves (they are the same for every size); it is
-    taken so that callers never pair specs with a params tree of another shape.
+    The specs are the same for every size; whether a mesh divides `config`'s shapes is
+    `check_specs`'s question.
     """
     del config
     return jax.tree.map(_spec, LOGICAL_AXES, is_leaf=_is_names)
@@ -158,8 +158,8 @@ def optimizer_specs(config: Config, opt_state_shapes):
 def make_mesh(data: int, model: int, devices=None) -> Mesh:
     """A ("data", "model") mesh over `devices` (default: all of them).
 
-    Both axes are Auto: the model wraps each layer in `shard_map`, which makes its axes manual
-    inside and takes placements from its in_specs, and the glue around it (embedding lookup,
+    Both axes are Auto: the model is to wrap each layer in `shard_map` (kernels know nothing
+    of meshes), which makes the axes manual inside and takes placements from its in_specs, and the glue around it (embedding lookup,
     loss) is left to the compiler's sharding propagation. Explicit axes would put shardings in
     the types of that glue and refuse every op whose output sharding is ambiguous, for nothing
     that shard_map needs.
