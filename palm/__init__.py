@@ -17,6 +17,10 @@ _LAZY = {
     "init": "palm.model",
     "loss": "palm.model",
     "param_shapes": "palm.model",
+    "make_mesh": "palm.sharding",
+    "param_specs": "palm.sharding",
+    "plan": "palm.sharding",
+    "shard": "palm.sharding",
 }
 
 

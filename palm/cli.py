@@ -130,7 +130,7 @@ def forward(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m palm", formatter_class=_Formatter,
-        description="PaLM in JAX: one forward pass, training, and plots of training runs.")
+        description="PaLM in JAX: one forward pass, training, plots of training runs, and memory plans for meshes.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fwd = commands.add_parser("forward", help="run one forward pass on random tokens",
@@ -152,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=_Formatter)
     plot.add_arguments(plt)
     plt.set_defaults(run="palm.plot:run")
+
+    pln = commands.add_parser("plan", help="per-device memory and collective bytes of training on a mesh",
+                              formatter_class=_Formatter)
+    pln.add_argument("--preset", default="8b", choices=sorted(PRESETS), help="model size")
+    pln.add_argument("--vocab-size", type=int, help="vocabulary override, to pad it to a multiple of --model")
+    pln.add_argument("--data", type=int, default=8, help="data (FSDP) axis size")
+    pln.add_argument("--model", type=int, default=1, help="model (tensor parallel) axis size")
+    pln.add_argument("--batch-size", type=int, default=256, help="global batch, sequences")
+    pln.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    pln.add_argument("--microbatches", type=int, default=1, help="gradient accumulation steps")
+    pln.add_argument("--remat", default="full", choices=REMAT_POLICIES, help="activation rematerialisation")
+    pln.add_argument("--device-memory-gib", type=float, help="show the headroom on devices of this size")
+    pln.set_defaults(run="palm.sharding:run")
     return parser
 
 

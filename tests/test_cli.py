@@ -20,7 +20,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["forward"], ["plot"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["forward"], ["plot"], ["plan"]])
 def test_help_imports_no_jax(command):
     # JAX costs about a second to import; help and argument errors must not wait for it.
     result = _python("import sys\nfrom palm.cli import main\n"
@@ -91,3 +91,13 @@ def test_make_train_resume_reuses_the_run_directory():
     assert command.endswith("-m palm train --out runs/demo-x --resume --steps 600")
     fresh = _make_dry_run("train")
     assert "--out runs/demo-$(date" in fresh and "--resume" not in fresh
+
+
+def test_plan_command_as_documented():
+    """`python -m palm plan` exactly as BUILD.md runs it: the 540B plan on the paper's mesh."""
+    result = subprocess.run([sys.executable, "-m", "palm", "plan", "--preset", "540b", "--vocab-size",
+                             "256008", "--data", "256", "--model", "12", "--batch-size", "2048",
+                             "--device-memory-gib", "32"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "memory per device (GiB)" in result.stdout and "free of 32 GiB" in result.stdout
