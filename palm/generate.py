@@ -1,42 +1,225 @@
-"""Greedy decoding by re-running the full forward pass: the simplest correct sampler.
+"""Autoregressive decoding with PaLM's multi-query KV cache: `generate` (and `greedy`).
 
-Every step recomputes all positions (O(T^2) work per token); the sequence is kept at a fixed
-padded length so one compilation serves every step. Causality makes the padding harmless:
-position t's logits never see positions after t.
+Two phases, both jitted. The prefill runs the model's layers once over the padded prompts
+[B, P] with the causal flash kernel and keeps every layer's k, v (RoPE applied) in a cache
+k, v [L, B, S, K] in the compute dtype: one key/value head, so the cache is H times smaller than
+multi-head attention's (PaLM section 2; Pope et al. 2022). The decode loop (`lax.while_loop`)
+then feeds one token per row: `block_in` on [B, 1, D] at the row's own position, the new k, v
+written into the cache, `mq_decode_attention` over the row's first position + 1 slots,
+`block_out`, the logits head, a sample. Each step costs O(S) per layer instead of re-running
+the whole sequence.
+
+Rows are left-aligned: row b's prompt is prompts[b, :prompt_lengths[b]] at positions
+0 .. len_b - 1, its new tokens go at positions len_b, len_b + 1, ... and it attends only to
+its own positions, so each row decodes as if it were alone in the batch. Prompt padding
+after len_b is harmless: causal attention never lets a real position see it, and decoding
+overwrites its cache slots before any row's attention reaches them.
+
+Compiles are shared by buckets: the prompt is padded to a power of two (at least 16) and the
+cache to a multiple of 128 slots (the TPU decode kernel's tile), and the number of new
+tokens, the sampling values and the prompt lengths are traced, so one compile serves every
+prompt length and every max_new_tokens within a bucket.
+
+Dimension key: B batch, P prompt positions, S cache slots, D model, H heads, K head dim,
+V vocab, L layers.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import kernels
+from kernels._common import layer_norm_f32, matmul_f32
 from palm.config import Config
-from palm.model import _logits, check_params, check_tokens
+from palm.model import check_params, check_tokens
+
+# Prompts pad to a power of two no shorter than this: few prefill compiles, little waste.
+_MIN_PROMPT_BUCKET = 16
+# Cache slots round up to this: the TPU decode kernel's lane-dense tile.
+_CACHE_BUCKET = 128
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"))
-def _next_token(params, tokens, position, config, impl):
-    logits = _logits(params, tokens, config, impl)  # [B, T, V]
-    return jnp.argmax(logits[:, position - 1], axis=-1).astype(tokens.dtype)  # [B]
+def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens: int,
+             prompt_lengths: jax.Array | None = None, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, key: jax.Array | None = None,
+             eos_id: int | None = None, impl: str = "auto") -> jax.Array:
+    """Extends each prompt by up to max_new_tokens sampled tokens, using a KV cache.
+
+    Args:
+      params: the nested params dict from `palm.init` (cast to `config.dtype` inside).
+      prompts: int [B, P] left-aligned prompts; row b's prompt is prompts[b, :prompt_lengths[b]].
+      config: the model configuration.
+      max_new_tokens: new tokens per row, >= 1; P + max_new_tokens <= config.max_seq_len.
+      prompt_lengths: int [B] with 1 <= prompt_lengths[b] <= P (concrete values); None means
+        every row is P tokens long.
+      temperature: 0 picks the argmax (greedy; top_k, top_p and key are then unused); > 0
+        divides the logits before sampling.
+      top_k: sample only among the k most likely tokens (k >= 1; None: all V).
+      top_p: nucleus sampling (Holtzman et al. 2019): after top_k, keep the most likely tokens
+        until their probability reaches top_p, in (0, 1] (None: 1, all).
+      key: a PRNG key, required when temperature > 0; step i samples with fold_in(key, i), so
+        a key gives the same tokens on every call with the same inputs.
+      eos_id: a row stops after emitting this token (the EOS itself is kept).
+      impl: kernel implementation, as in `palm.forward`.
+
+    Returns:
+      int32 [B, P + max_new_tokens]: row b holds its prompt, then its new tokens from column
+      prompt_lengths[b]; every column after a row's last new token (after its EOS, or past
+      prompt_lengths[b] + max_new_tokens) holds the padding id, eos_id if given, else 0.
+
+    Raises:
+      ValueError: on empty or malformed prompts or prompt_lengths, P + max_new_tokens beyond
+        config.max_seq_len, temperature < 0, top_k < 1, top_p outside (0, 1], sampling
+        without a key, an eos_id outside the vocabulary, or params that don't match config.
+    """
+    impl = kernels.resolve_impl(impl)
+    check_tokens(prompts, config, max_len=config.max_seq_len)
+    b, p = prompts.shape
+    if b < 1 or p < 1:
+        raise ValueError(f"prompts is empty: {prompts.shape=}; generate needs at least one token per row")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if p + max_new_tokens > config.max_seq_len:
+        raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds "
+                         f"config.max_seq_len={config.max_seq_len}")
+    lengths = _check_lengths(prompt_lengths, b, p)
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+    sample = temperature > 0
+    if sample and key is None:
+        raise ValueError(f"sampling (temperature={temperature}) needs a PRNG key: pass key=")
+    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+        raise ValueError(f"eos_id {eos_id} outside [0, vocab_size={config.vocab_size})")
+    check_params(params, config)
+
+    p_pad = max(_MIN_PROMPT_BUCKET, 1 << (p - 1).bit_length())
+    cache_len = -(-max(p_pad, p + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
+    padded = jnp.zeros((b, p_pad), jnp.int32).at[:, :p].set(prompts.astype(jnp.int32))
+    out = _generate_jit(
+        params, padded, lengths, jnp.int32(max_new_tokens), jnp.float32(temperature),
+        jnp.int32(min(top_k or config.vocab_size, config.vocab_size)),
+        jnp.float32(1.0 if top_p is None else top_p),
+        jax.random.key(0) if key is None else key,  # unused when greedy
+        jnp.int32(-1 if eos_id is None else eos_id),
+        config=config, impl=impl, sample=sample, cache_len=cache_len)
+    return out[:, :p + max_new_tokens]
 
 
 def greedy(params: dict, prompt: jax.Array, config: Config, *, max_new_tokens: int,
            impl: str = "auto") -> jax.Array:
-    """Extends prompt int [B, P] by max_new_tokens greedy tokens; returns [B, P + max_new_tokens]."""
-    b, p = prompt.shape
-    total = p + max_new_tokens
-    if p < 1:
-        raise ValueError("the prompt needs at least one token")
-    if total > config.max_seq_len:
-        raise ValueError(f"prompt {p} + {max_new_tokens} new tokens exceeds max_seq_len={config.max_seq_len}")
-    check_tokens(prompt, config, max_len=config.max_seq_len)
-    check_params(params, config)
-    impl = kernels.resolve_impl(impl)
-    tokens = jnp.zeros((b, total), prompt.dtype).at[:, :p].set(prompt)
-    for position in range(p, total):
-        nxt = _next_token(params, tokens, jnp.int32(position), config, impl)
-        tokens = tokens.at[:, position].set(nxt)
-    return tokens
+    """Greedy decoding of equal-length prompts int [B, P]: `generate` at temperature 0."""
+    return generate(params, prompt, config, max_new_tokens=max_new_tokens, impl=impl)
+
+
+def _check_lengths(prompt_lengths, b: int, p: int) -> jax.Array:
+    """prompt_lengths as int32 [B], checked against [1, P]; ValueError naming what is wrong."""
+    if prompt_lengths is None:
+        return jnp.full((b,), p, jnp.int32)
+    try:
+        values = np.asarray(prompt_lengths)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError("prompt_lengths must be concrete (it sets where each row's tokens go)") from e
+    if values.shape != (b,) or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"prompt_lengths must be int [B={b}], got shape {values.shape} dtype {values.dtype}")
+    if values.min() < 1 or values.max() > p:
+        raise ValueError(f"prompt_lengths must lie in [1, P={p}], got {values.tolist()}")
+    return jnp.asarray(values, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl", "sample", "cache_len"))
+def _generate_jit(params, prompts, lengths, max_new_tokens, temperature, top_k, top_p, key,
+                  eos_id, *, config, impl, sample, cache_len):
+    """prompts int32 [B, P] (padded) -> int32 [B, S]: prompts, new tokens, padding."""
+    dtype = jnp.dtype(config.dtype)
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    b, p = prompts.shape
+    rows = jnp.arange(b)
+    pad_id = jnp.maximum(eos_id, 0)
+    choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p,
+                               sample=sample)
+    block_in = functools.partial(kernels.block_in, eps=config.norm_eps, base=config.rope_base,
+                                 impl=impl)
+
+    # Prefill: the whole padded prompt at once, keeping each layer's k, v [B, P, K].
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+
+    def prefill_layer(x, w):
+        q, k, v, h = block_in(x, w["norm_scale"], w["wq"], w["wk"], w["wv"], w["w_gate"],
+                              w["w_up"], positions)
+        o = kernels.mq_flash_attention(q, k, v, causal=True, impl=impl)  # [B, P, H, K]
+        return kernels.block_out(x, o, w["wo"], h, w["w_down"], impl=impl), (k, v)
+
+    x = jnp.take(params["embed"], prompts, axis=0)  # [B, P, D]
+    x, (k_new, v_new) = jax.lax.scan(prefill_layer, x, params["blocks"])  # k, v [L, B, P, K]
+    slots = ((0, 0), (0, 0), (0, cache_len - p), (0, 0))
+    k_cache, v_cache = jnp.pad(k_new, slots), jnp.pad(v_new, slots)  # [L, B, S, K]
+    first = choose(_head(params, x[rows, lengths - 1], config), jax.random.fold_in(key, 0))
+    prompt_slots = jnp.arange(cache_len)[None, :] < lengths[:, None]  # [B, S]
+    out = jnp.where(prompt_slots, jnp.pad(prompts, ((0, 0), (0, cache_len - p))), pad_id)
+    out = out.at[rows, lengths].set(first)
+    done = first == eos_id
+
+    # Decode: step i feeds token i - 1, at position lengths + i - 1, and samples token i.
+    def decode_layer(carry, w_l):
+        x, k_cache, v_cache, position = carry
+        w, layer = w_l
+        q, k, v, h = block_in(x, w["norm_scale"], w["wq"], w["wk"], w["wv"], w["w_gate"],
+                              w["w_up"], position[:, None])  # q [B, 1, H, K]; k, v [B, 1, K]
+        k_cache = k_cache.at[layer, rows, position].set(k[:, 0])
+        v_cache = v_cache.at[layer, rows, position].set(v[:, 0])
+        o = kernels.mq_decode_attention(q[:, 0], k_cache[layer], v_cache[layer], position + 1,
+                                        impl=impl)  # [B, H, K]
+        x = kernels.block_out(x, o[:, None], w["wo"], h, w["w_down"], impl=impl)
+        return (x, k_cache, v_cache, position), None
+
+    def step(state):
+        i, last, done, out, k_cache, v_cache = state
+        position = lengths + i - 1
+        x = jnp.take(params["embed"], last, axis=0)[:, None]  # [B, 1, D]
+        layers = (params["blocks"], jnp.arange(config.n_layers))
+        (x, k_cache, v_cache, _), _ = jax.lax.scan(decode_layer, (x, k_cache, v_cache, position),
+                                                   layers)
+        token = choose(_head(params, x[:, 0], config), jax.random.fold_in(key, i))
+        token = jnp.where(done, pad_id, token)  # finished rows keep writing padding
+        out = out.at[rows, position + 1].set(token)
+        return i + 1, token, done | (token == eos_id), out, k_cache, v_cache
+
+    def more(state):
+        i, _, done, *_ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    state = (jnp.int32(1), first, done, out, k_cache, v_cache)
+    return jax.lax.while_loop(more, step, state)[3]
+
+
+def _head(params: dict, x: jax.Array, config: Config) -> jax.Array:
+    """float32 logits [B, V] of x [B, D]: the final LayerNorm and the shared embedding."""
+    h = layer_norm_f32(x, params["final_norm_scale"], config.norm_eps).astype(x.dtype)
+    return matmul_f32("BD,VD->BV", h, params["embed"]) / math.sqrt(config.d_model)
+
+
+def _choose(logits, key, *, temperature, top_k, top_p, sample):
+    """The next token int32 [B] from logits [B, V]: argmax, or a top-k/top-p filtered sample."""
+    if not sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    # One descending sort serves both filters; each becomes a per-row threshold logit, so
+    # top_k and top_p stay traced (no recompile per value). Ties at a threshold are all kept.
+    ranked = -jnp.sort(-logits, axis=-1)  # [B, V]
+    kth = jnp.take(ranked, top_k - 1, axis=-1)  # [B]
+    ranked = jnp.where(ranked >= kth[:, None], ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # A token stays while the tokens ranked above it hold less than top_p: the top one always.
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    cutoff = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1)  # [B]
+    logits = jnp.where(logits >= cutoff[:, None], logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -1,0 +1,135 @@
+"""palm.generate: the KV-cache decoder against the argmax loop over full forward passes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import palm
+from palm.generate import _generate_jit, generate
+
+TINY = palm.preset("tiny")
+NEW = 6  # new tokens per row
+PROMPTS = np.array([[252, 175, 224, 105, 160],
+                    [172, 22, 1, 223, 9],
+                    [32, 65, 2, 98, 1]], np.int32)  # [B, P]
+RAGGED = np.array([5, 2, 4], np.int32)
+
+
+def scaled_params(config):
+    # At init the residual stream is mostly the token's own embedding, so greedy decoding just
+    # repeats the last token, which would hide a wrong position or cache slot. Doubling the
+    # blocks' weights lets attention and the MLP steer it: sequences then rarely repeat.
+    params = palm.init(config, jax.random.key(0))
+    blocks = {name: w if name == "norm_scale" else 2 * w for name, w in params["blocks"].items()}
+    return {**params, "blocks": blocks}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return scaled_params(TINY)
+
+
+def forward_loop(params, prompts, lengths, new, config, impl):
+    """Each row alone, extended by argmax over full forward passes at a fixed width (one
+    compile); padding after each row's tokens is 0, as generate writes without eos_id."""
+    b, p = prompts.shape
+    out = np.zeros((b, p + new), np.int32)
+    for row, length in enumerate(lengths):
+        seq = np.zeros((1, p + new), np.int32)
+        seq[0, :length] = prompts[row, :length]
+        for t in range(length, length + new):
+            logits = palm.forward(params, jnp.asarray(seq), config, impl=impl)
+            seq[0, t] = int(jnp.argmax(logits[0, t - 1]))
+        out[row] = seq[0]
+    return out
+
+
+@pytest.mark.parametrize("lengths", [None, RAGGED], ids=["equal", "ragged"])
+def test_greedy_matches_forward_loop(params, lengths):
+    out = generate(params, jnp.asarray(PROMPTS), TINY, max_new_tokens=NEW, prompt_lengths=lengths,
+                   impl="xla")
+    assert out.dtype == jnp.int32 and out.shape == (3, 5 + NEW)
+    full = np.full(3, 5) if lengths is None else lengths
+    expected = forward_loop(params, PROMPTS, full, NEW, TINY, "xla")
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    assert len(set(expected[0, 5:])) > 2, "degenerate model: the test would not see position bugs"
+
+
+def test_greedy_pallas_tpu_interpreted():
+    # The Mosaic kernels in the TPU interpreter (any K works there; natively RoPE needs
+    # K % 128 == 0): flash prefill, decode kernel, block_in/block_out on one-token rows.
+    config = dataclasses.replace(TINY, n_layers=1)
+    params = scaled_params(config)
+    prompts, lengths = PROMPTS[:2, :4], np.array([4, 2], np.int32)
+    out = generate(params, jnp.asarray(prompts), config, max_new_tokens=3, prompt_lengths=lengths,
+                   impl="pallas_tpu")
+    expected = forward_loop(params, prompts, lengths, 3, config, "xla")
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_one_compile_per_bucket(params):
+    # Prompt lengths 3..5 share the 16-position prompt bucket, 2..6 new tokens the 128-slot cache.
+    generate(params, jnp.asarray(PROMPTS), TINY, max_new_tokens=2, impl="xla")
+    before = _generate_jit._cache_size()
+    generate(params, jnp.asarray(PROMPTS[:, :3]), TINY, max_new_tokens=6, impl="xla")
+    generate(params, jnp.asarray(PROMPTS[:, :4]), TINY, max_new_tokens=4, prompt_lengths=RAGGED - 1,
+             impl="xla")
+    assert _generate_jit._cache_size() == before
+
+
+def test_eos_stops_each_row(params):
+    greedy = np.asarray(generate(params, jnp.asarray(PROMPTS), TINY, max_new_tokens=NEW,
+                                 prompt_lengths=RAGGED, impl="xla"))
+    eos = int(greedy[0, 5 + 2])  # row 0's third new token
+    out = np.asarray(generate(params, jnp.asarray(PROMPTS), TINY, max_new_tokens=NEW,
+                              prompt_lengths=RAGGED, eos_id=eos, impl="xla"))
+    for row, length in enumerate(RAGGED):
+        new = list(greedy[row, length:length + NEW])
+        stop = new.index(eos) + 1 if eos in new else NEW
+        expected = [*greedy[row, :length], *new[:stop]]
+        expected += [eos] * (5 + NEW - len(expected))  # padding is eos_id when given
+        np.testing.assert_array_equal(out[row], expected, err_msg=f"row {row}")
+    assert list(out[0, 5 + 3:]) == [eos] * (NEW - 3)
+
+
+def test_sampling(params):
+    run = lambda **kw: np.asarray(generate(params, jnp.asarray(PROMPTS), TINY,  # noqa: E731
+                                           max_new_tokens=NEW, prompt_lengths=RAGGED, impl="xla",
+                                           **kw))
+    greedy = run()
+    key = jax.random.key(7)
+    first = run(temperature=1.0, key=key)
+    np.testing.assert_array_equal(run(temperature=1.0, key=key), first)  # reproducible
+    assert not np.array_equal(run(temperature=1.0, key=jax.random.key(8)), first)
+    np.testing.assert_array_equal(run(temperature=0.7, top_k=1, key=key), greedy)
+    np.testing.assert_array_equal(run(temperature=1.3, top_p=1e-6, key=key), greedy)
+    # Only sampled tokens change: the prompts stay.
+    for row, length in enumerate(RAGGED):
+        np.testing.assert_array_equal(first[row, :length], PROMPTS[row, :length])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=np.zeros((2, 0), np.int32)), "prompts is empty"),
+    (dict(max_new_tokens=60), "max_seq_len"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt_lengths=np.array([5, 0, 2])), "prompt_lengths"),
+    (dict(prompt_lengths=np.array([5, 6, 2])), "prompt_lengths"),
+    (dict(prompt_lengths=np.array([5, 2])), "prompt_lengths"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=1.0), "key"),
+    (dict(temperature=1.0, top_k=0, key=jax.random.key(0)), "top_k"),
+    (dict(temperature=1.0, top_p=0.0, key=jax.random.key(0)), "top_p"),
+    (dict(temperature=1.0, top_p=1.5, key=jax.random.key(0)), "top_p"),
+    (dict(eos_id=TINY.vocab_size), "eos_id"),
+    (dict(prompts=np.full((3, 5), TINY.vocab_size, np.int32)), "token id"),
+])
+def test_bad_input(params, kwargs, match):
+    args = {"prompts": PROMPTS, "max_new_tokens": NEW, **kwargs}
+    prompts = jnp.asarray(args.pop("prompts"))
+    with pytest.raises(ValueError, match=match):
+        generate(params, prompts, TINY, impl="xla", **args)
