@@ -54,7 +54,7 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
       params: the nested params dict from `palm.init` (cast to `config.dtype` inside).
       prompts: int [B, P] left-aligned prompts; row b's prompt is prompts[b, :prompt_lengths[b]].
       config: the model configuration.
-      max_new_tokens: new tokens per row, >= 1; P + max_new_tokens <= config.max_seq_len.
+      max_new_tokens: new tokens per row, >= 0; P + max_new_tokens <= config.max_seq_len.
       prompt_lengths: int [B] with 1 <= prompt_lengths[b] <= P (concrete values); None means
         every row is P tokens long.
       temperature: 0 picks the argmax (greedy; top_k, top_p and key are then unused); > 0
@@ -82,8 +82,8 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
     b, p = prompts.shape
     if b < 1 or p < 1:
         raise ValueError(f"prompts is empty: {prompts.shape=}; generate needs at least one token per row")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if p + max_new_tokens > config.max_seq_len:
         raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds "
                          f"config.max_seq_len={config.max_seq_len}")
@@ -100,6 +100,9 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
     if eos_id is not None and not 0 <= eos_id < config.vocab_size:
         raise ValueError(f"eos_id {eos_id} outside [0, vocab_size={config.vocab_size})")
     check_params(params, config)
+    pad_id = 0 if eos_id is None else eos_id
+    if max_new_tokens == 0:  # e.g. a training sample whose prompt already fills max_seq_len
+        return jnp.where(jnp.arange(p) < lengths[:, None], prompts.astype(jnp.int32), pad_id)
 
     p_pad = max(_MIN_PROMPT_BUCKET, 1 << (p - 1).bit_length())
     cache_len = -(-max(p_pad, p + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
@@ -109,7 +112,7 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
         jnp.int32(min(top_k or config.vocab_size, config.vocab_size)),
         jnp.float32(1.0 if top_p is None else top_p),
         jax.random.key(0) if key is None else key,  # unused when greedy
-        jnp.int32(-1 if eos_id is None else eos_id),
+        jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
         config=config, impl=impl, sample=sample, cache_len=cache_len)
     return out[:, :p + max_new_tokens]
 
@@ -137,13 +140,15 @@ def _check_lengths(prompt_lengths, b: int, p: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("config", "impl", "sample", "cache_len"))
 def _generate_jit(params, prompts, lengths, max_new_tokens, temperature, top_k, top_p, key,
-                  eos_id, *, config, impl, sample, cache_len):
-    """prompts int32 [B, P] (padded) -> int32 [B, S]: prompts, new tokens, padding."""
+                  eos_id, pad_id, *, config, impl, sample, cache_len):
+    """prompts int32 [B, P] (padded) -> int32 [B, S]: prompts, new tokens, padding.
+
+    eos_id -1 means none (no token matches it).
+    """
     dtype = jnp.dtype(config.dtype)
     params = jax.tree.map(lambda a: a.astype(dtype), params)
     b, p = prompts.shape
     rows = jnp.arange(b)
-    pad_id = jnp.maximum(eos_id, 0)
     choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p,
                                sample=sample)
     block_in = functools.partial(kernels.block_in, eps=config.norm_eps, base=config.rope_base,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 import palm
+from kernels import target_backend
 from palm.generate import _generate_jit, generate
+from tpu_export import export_for_tpu, mosaic_kernel_names
 
 TINY = palm.preset("tiny")
 NEW = 6  # new tokens per row
@@ -97,6 +100,13 @@ def test_eos_stops_each_row(params):
     assert list(out[0, 5 + 3:]) == [eos] * (NEW - 3)
 
 
+def test_no_new_tokens(params):
+    out = generate(params, jnp.asarray(PROMPTS), TINY, max_new_tokens=0, prompt_lengths=RAGGED,
+                   eos_id=3)
+    expected = np.where(np.arange(5) < RAGGED[:, None], PROMPTS, 3)
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
 def test_sampling(params):
     run = lambda **kw: np.asarray(generate(params, jnp.asarray(PROMPTS), TINY,  # noqa: E731
                                            max_new_tokens=NEW, prompt_lengths=RAGGED, impl="xla",
@@ -116,7 +126,7 @@ def test_sampling(params):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompts=np.zeros((2, 0), np.int32)), "prompts is empty"),
     (dict(max_new_tokens=60), "max_seq_len"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(prompt_lengths=np.array([5, 0, 2])), "prompt_lengths"),
     (dict(prompt_lengths=np.array([5, 6, 2])), "prompt_lengths"),
     (dict(prompt_lengths=np.array([5, 2])), "prompt_lengths"),
@@ -133,3 +143,22 @@ def test_bad_input(params, kwargs, match):
     prompts = jnp.asarray(args.pop("prompts"))
     with pytest.raises(ValueError, match=match):
         generate(params, prompts, TINY, impl="xla", **args)
+
+
+def test_lowers_for_tpu():
+    # Natively (K = 128 for RoPE's lane rule, bf16): the prefill's flash kernel and the decode
+    # loop's kernel both lower to Mosaic inside the one jitted program.
+    config = dataclasses.replace(TINY, d_model=128, n_layers=1, n_heads=2, head_dim=128,
+                                 dtype="bfloat16")
+    shapes = palm.param_shapes(config)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
+                          is_leaf=lambda s: isinstance(s, tuple))
+    args = (params, jnp.zeros((2, 16), jnp.int32), jnp.array([16, 3], jnp.int32), jnp.int32(8),
+            jnp.float32(0), jnp.int32(1), jnp.float32(1), jax.random.key(0), jnp.int32(-1),
+            jnp.int32(0))
+    fn = functools.partial(_generate_jit, config=config, impl="pallas_tpu", sample=False,
+                           cache_len=128)
+    with target_backend("tpu"):
+        names = mosaic_kernel_names(export_for_tpu(fn, *args))
+    for kernel in ("palm_mq_flash_attention", "palm_mq_decode", "palm_block_out"):
+        assert any(n.startswith(kernel) for n in names), (kernel, names)
