@@ -35,6 +35,7 @@ import numpy as np
 
 import kernels
 from kernels._common import layer_norm_f32, matmul_f32
+from kernels._tpu import round_up
 from palm.config import Config
 from palm.model import check_params, check_tokens
 
@@ -105,7 +106,7 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
         return jnp.where(jnp.arange(p) < lengths[:, None], prompts.astype(jnp.int32), pad_id)
 
     p_pad = max(_MIN_PROMPT_BUCKET, 1 << (p - 1).bit_length())
-    cache_len = -(-max(p_pad, p + max_new_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
+    cache_len = round_up(max(p_pad, p + max_new_tokens), _CACHE_BUCKET)
     padded = jnp.zeros((b, p_pad), jnp.int32).at[:, :p].set(prompts.astype(jnp.int32))
     out = _generate_jit(
         params, padded, lengths, jnp.int32(max_new_tokens), jnp.float32(temperature),
