@@ -17,6 +17,7 @@ _LAZY = {
     "init": "palm.model",
     "loss": "palm.model",
     "param_shapes": "palm.model",
+    "generate": "palm.generate",
     "make_mesh": "palm.sharding",
     "param_specs": "palm.sharding",
     "plan": "palm.sharding",
