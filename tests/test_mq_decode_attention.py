@@ -39,7 +39,10 @@ def _inputs(seed, batch, heads, seq_len, head_dim, dtype):
 
 @st.composite
 def _cases(draw):
-    seq_len = draw(st.integers(1, 48))
+    # About a quarter of the cases run on two simulated cores with race detection, which costs
+    # over 0.1 s of CPU per grid step (B x splits x steps): their caches are at most 24 long.
+    races = draw(st.booleans()) and draw(st.booleans())
+    seq_len = draw(st.integers(1, 24 if races else 48))
     batch = draw(st.integers(1, 3))
     edge = st.sampled_from([1, seq_len])
     lengths = draw(st.lists(st.one_of(edge, st.integers(1, seq_len)), min_size=batch, max_size=batch))
@@ -54,7 +57,7 @@ def _cases(draw):
         block_sizes=BlockSizes(block_s=draw(st.sampled_from([8, 16, 24, 32])),
                                num_splits=draw(st.integers(1, 3))),
         sm_scale=draw(st.sampled_from([None, 0.3])),
-        races=draw(st.booleans()) and draw(st.booleans()),  # about a quarter of the cases
+        races=races,
         seed=draw(st.integers(0, 2**16)),
     )
 
