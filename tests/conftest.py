@@ -6,6 +6,7 @@ import contextlib
 import os
 
 import hypothesis
+import jax
 import numpy as np
 import pytest
 
@@ -22,6 +23,19 @@ hypothesis.settings.register_profile(
 hypothesis.settings.register_profile(
     "explicit", phases=[hypothesis.Phase.explicit], deadline=None, print_blob=True)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Interpreted kernels (and a dozen-leaf optimizer update) become large CPU programs whose XLA
+# compile (seconds) dwarfs running them at test sizes. XLA:CPU's cheap settings halve that; they
+# change code generation, not what is computed. (`xla_cpu_use_fusion_emitters=False` would halve
+# it again on jax 0.10.2, but jaxlib 0.11.2 rejects the option.)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run(fn, *args):
+    """fn(*args) compiled once as one program with FAST_COMPILE: one compile per drawn shape
+    for a kernel and its reference together."""
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
+
 
 # Relative error allowed between an implementation and its reference, measured as
 # ||actual - expected|| / ||expected|| over the whole array (a norm, so one unlucky element

@@ -12,8 +12,7 @@ from hypothesis import given
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.block_out as bo
-from conftest import RaceLog, assert_close, race_log
-from test_mq_flash_attention import run
+from conftest import RaceLog, assert_close, race_log, run
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 DTYPES = (jnp.float32, jnp.bfloat16)

@@ -20,7 +20,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 import kernels
-from conftest import assert_close
+from conftest import FAST_COMPILE, assert_close
 from kernels._common import tpu_interpret
 
 F32 = jnp.float32
@@ -89,11 +89,6 @@ def _weighted_sum(out):
     leaves = jax.tree.leaves(out)
     return sum(jnp.sum(x.astype(F32) * jnp.cos(jnp.arange(x.size, dtype=F32).reshape(x.shape)))
                for x in leaves)
-
-
-# Interpreted kernels become large CPU programs whose compile dominates at these sizes; XLA's
-# cheap settings change code generation, not what is computed.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _output_and_grads(fn, n_diff):

@@ -14,7 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import RaceLog, assert_close, race_log
+from conftest import RaceLog, assert_close, race_log, run
 from kernels.mq_decode_attention import (
     BlockSizes,
     _PALLAS,
@@ -23,7 +23,6 @@ from kernels.mq_decode_attention import (
     vmem_bytes,
 )
 from kernels.mq_decode_attention.tpu import _schedule
-from test_mq_flash_attention import run
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 pallas_tpu = _PALLAS["pallas_tpu"]

@@ -16,21 +16,11 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.mq_flash_attention as mfa
-from conftest import TOLERANCE, RaceLog, assert_close, race_log
+from conftest import TOLERANCE, RaceLog, assert_close, race_log, run
 from kernels.mq_flash_attention import BlockSizes
 from kernels._tpu import vmem_budget
 from kernels.mq_flash_attention import tpu as mfa_tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
-
-# Interpret mode turns a kernel into a large CPU program whose XLA compile (seconds) dwarfs
-# running it at these sizes. XLA:CPU's cheap settings halve that; they change code
-# generation, not what is computed.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def run(fn, *args):
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
 
 @st.composite
 def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):

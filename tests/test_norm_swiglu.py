@@ -18,7 +18,7 @@ from jax.ad_checkpoint import print_saved_residuals
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.norm_swiglu as ns
-from conftest import RaceLog, assert_close, race_log
+from conftest import RaceLog, assert_close, race_log, run
 from kernels._common import layer_norm_f32, matmul_f32, row_stats
 from kernels._tpu import vmem_budget
 from kernels.norm_swiglu import tpu
@@ -30,16 +30,6 @@ EPS = 1e-6
 MIN_D = 3
 DTYPES = (jnp.float32, jnp.bfloat16)
 GRADS = ("dx", "d_norm_scale", "d_w_gate", "d_w_up")
-# Interpreted kernels become large CPU programs whose compile dominates every case here; XLA's
-# cheap settings change code generation, not what is computed.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _run(fn, *args):
-    """fn(*args) as one program: one compile per drawn shape for the kernels and the reference."""
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
-
 def _inputs(seed, b, t, d, f, dtype):
     # numpy, not jax.random: eager jax ops compile anew for every drawn shape (seconds each).
     rng = np.random.default_rng(seed)
@@ -114,7 +104,7 @@ def test_forward_with_stats_matches_reference(case):
         return got, (_reference(x, norm_scale, w_gate, w_up), pre)
 
     with race_log(isinstance(interpret, pltpu.InterpretParams)):
-        (h, saved), (ref_h, ref_pre) = _run(both, *args)
+        (h, saved), (ref_h, ref_pre) = run(both, *args)
     assert h.shape == (b, t, f) and h.dtype == dtype
     assert_close(h, ref_h, dtype, what="h")
     if not save_gate_up:
@@ -143,7 +133,7 @@ def test_vjp_forward_and_grads_match_reference(case):
         return (_value_and_grads(pallas, ct)(*a), _value_and_grads(_reference, ct)(*a), hand)
 
     with race_log(isinstance(interpret, pltpu.InterpretParams)):  # all four kernels checked
-        (h, grads), (ref_h, ref_grads), hand_grads = _run(all_three, *args)
+        (h, grads), (ref_h, ref_grads), hand_grads = run(all_three, *args)
     assert_close(h, ref_h, dtype, what="h through vjp")
     for name, g, hand, r in zip(GRADS, grads, hand_grads, ref_grads):
         assert g.shape == hand.shape == r.shape and g.dtype == hand.dtype == r.dtype, name
@@ -165,7 +155,7 @@ def test_two_cores_without_races():
                 for save in (False, True)] + [_value_and_grads(_reference, ct)(*a)]
 
     with RaceLog() as log:
-        *modes, (ref_h, ref_grads) = _run(runs, *args)
+        *modes, (ref_h, ref_grads) = run(runs, *args)
     assert log.kernels_checked == 8  # per mode: forward, gates, dx, dw
     for save, (h, grads) in zip((False, True), modes):
         assert_close(h, ref_h, jnp.float32, what=f"h save_gate_up={save}")

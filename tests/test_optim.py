@@ -15,14 +15,10 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import assert_close
+from conftest import FAST_COMPILE, assert_close
 from palm import param_shapes, preset
 from palm.optim import OptimizerConfig, make_optimizer
 
-
-# A dozen leaves make an XLA:CPU program whose compile (a second or more) dwarfs running it;
-# the cheap settings change code generation, not what is computed.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _rms(x):

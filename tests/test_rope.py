@@ -17,9 +17,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import RaceLog, assert_close, race_log
+from conftest import RaceLog, assert_close, race_log, run
 from kernels.rope import BlockSizes, rope, rope_reference, vmem_bytes
-from test_mq_flash_attention import run
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 # PaLM-8B and PaLM-540B per-chip shapes: queries [B, T, H, K] and the shared key head [B, T, K].
