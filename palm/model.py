@@ -3,7 +3,9 @@
 One layer is the paper's parallel block (section 2): LayerNorm once, multi-query attention with
 RoPE and a SwiGLU MLP side by side, `x + attn(LN(x)) + mlp(LN(x))`; no biases; the input
 embedding is shared with the output projection. Layers are stacked on a leading axis L and run
-with `lax.scan`. Each half of the block is a kernel from `kernels/`, chosen by `impl`.
+with `lax.scan`. Each half of the block is a kernel from `kernels/`, chosen by `impl`. Given a
+("data", "model") mesh, `forward` and `loss` run the model under `jax.shard_map` (FSDP over
+"data", tensor parallelism over "model"; `_sharded_logits`).
 
 Dimension key: B batch, T positions, D model, H heads, K head dim, F MLP hidden, V vocab, L layers.
 """
@@ -16,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 import kernels
 from kernels._common import current_backend, layer_norm_f32, matmul_f32
@@ -78,8 +81,10 @@ def init(config: Config, key: jax.Array) -> dict:
     }
 
 
-def _block(x: jax.Array, p: dict, positions: jax.Array, config: Config, impl: str) -> jax.Array:
-    """One parallel block on x [B, T, D]; p holds this layer's slice of params["blocks"]."""
+def _attention_and_mlp(x: jax.Array, p: dict, positions: jax.Array, config: Config,
+                       impl: str) -> tuple[jax.Array, jax.Array]:
+    """The block's two halves on x [B, T, D]: attention output o [B, T, H, K] and SwiGLU
+    activations h [B, T, F], for `kernels.block_out` to project and sum."""
     # One LayerNorm of x feeds both halves: q [B, T, H, K] with RoPE; k, v [B, T, K], one
     # key/value head shared by all query heads; h [B, T, F] the SwiGLU activations.
     # save_gate_up under every remat policy: it spares the backward a third pass of the MLP's
@@ -92,6 +97,12 @@ def _block(x: jax.Array, p: dict, positions: jax.Array, config: Config, impl: st
                                   base=config.rope_base, impl=impl,
                                   save_gate_up=True)
     o = kernels.mq_flash_attention(q, k, v, causal=True, impl=impl)  # [B, T, H, K]
+    return o, h
+
+
+def _block(x: jax.Array, p: dict, positions: jax.Array, config: Config, impl: str) -> jax.Array:
+    """One parallel block on x [B, T, D]; p holds this layer's slice of params["blocks"]."""
+    o, h = _attention_and_mlp(x, p, positions, config, impl)
     return kernels.block_out(x, o, p["wo"], h, p["w_down"], impl=impl)  # x + o·wo + h·w_down
 
 
@@ -101,15 +112,8 @@ _REMAT = {
 }
 
 
-def _logits(params: dict, tokens: jax.Array, config: Config, impl: str) -> jax.Array:
-    """The forward pass without input checks, for callers that already checked (loss, jit)."""
-    dtype = jnp.dtype(config.dtype)
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
-    b, t = tokens.shape
-    x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D], no input scaling (section 2)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-
-    block = functools.partial(_block, positions=positions, config=config, impl=impl)
+def _scan_blocks(x: jax.Array, blocks: dict, block, config: Config, impl: str) -> jax.Array:
+    """Runs `block(x, p)` over the stacked layers of `blocks` under config.remat's policy."""
     if config.remat != "none" and impl == "pallas_tpu" and current_backend() != "tpu":
         # JAX's TPU interpreter runs kernels through ordered io_callbacks, and jax.checkpoint
         # cannot partially evaluate effects; fail here rather than deep inside autodiff.
@@ -118,19 +122,117 @@ def _logits(params: dict, tokens: jax.Array, config: Config, impl: str) -> jax.A
                          "does not support; use remat='none' there")
     if config.remat != "none":
         block = jax.checkpoint(block, policy=_REMAT[config.remat])
-    x, _ = jax.lax.scan(lambda carry, p: (block(carry, p), None), x, params["blocks"])
-
-    h = layer_norm_f32(x, params["final_norm_scale"], config.norm_eps).astype(dtype)
-    logits = matmul_f32("BTD,VD->BTV", h, params["embed"])
-    return logits / math.sqrt(config.d_model)  # [B, T, V]; PaLM scales pre-softmax logits
+    x, _ = jax.lax.scan(lambda carry, p: (block(carry, p), None), x, blocks)
+    return x
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"))
-def _forward_jit(params, tokens, config, impl):
-    return _logits(params, tokens, config, impl)
+def _unembed(x: jax.Array, final_norm_scale: jax.Array, embed: jax.Array, config: Config) -> jax.Array:
+    """Logits [B, T, V] float32 of x [B, T, D] against the shared embedding [V, D]."""
+    h = layer_norm_f32(x, final_norm_scale, config.norm_eps).astype(x.dtype)
+    logits = matmul_f32("BTD,VD->BTV", h, embed)
+    return logits / math.sqrt(config.d_model)  # PaLM scales pre-softmax logits
 
 
-def forward(params: dict, tokens: jax.Array, config: Config, *, impl: str = "auto") -> jax.Array:
+def _positions(b: int, t: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # int [B, T]
+
+
+def _logits(params: dict, tokens: jax.Array, config: Config, impl: str, *, mesh=None) -> jax.Array:
+    """The forward pass without input checks, for callers that already checked (loss, jit).
+
+    With a mesh, `_sharded_logits`: the same logits, computed across the mesh's devices."""
+    if mesh is not None:
+        return _sharded_logits(params, tokens, config, impl, mesh)
+    dtype = jnp.dtype(config.dtype)
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D], no input scaling (section 2)
+    block = functools.partial(_block, positions=_positions(*tokens.shape), config=config, impl=impl)
+    x = _scan_blocks(x, params["blocks"], block, config, impl)
+    return _unembed(x, params["final_norm_scale"], params["embed"], config)  # [B, T, V]
+
+
+def check_mesh(mesh, config: Config, batch: int) -> None:
+    """Raises ValueError when `mesh` is not a ("data", "model") mesh whose axes divide the batch
+    and every sharded dimension of the params (heads, F and V over "model", D over "data")."""
+    from palm import sharding  # palm.sharding imports this module for param_shapes
+
+    if set(mesh.axis_names) != {sharding.DATA, sharding.MODEL}:
+        raise ValueError(f"mesh axes must be ('data', 'model') (palm.sharding.make_mesh), got "
+                         f"{mesh.axis_names}")
+    if batch % mesh.shape[sharding.DATA]:
+        raise ValueError(f"batch {batch} does not divide over the mesh axis 'data' of size "
+                         f"{mesh.shape[sharding.DATA]}")
+    sharding.check_specs(config, mesh)
+
+
+def _sharded_logits(params: dict, tokens: jax.Array, config: Config, impl: str, mesh) -> jax.Array:
+    """`_logits` under `jax.shard_map` over a ("data", "model") mesh, with explicit collectives.
+
+    Params enter as `palm.sharding.param_specs` places them (wherever they are, shard_map
+    moves them there), tokens split over "data". On one device's shards, with b = B/data:
+
+    - FSDP: each weight is all-gathered over "data" (its D dimension) just before use, inside
+      the layer scan, so the forward holds one layer's gathered weights at a time (autodiff
+      under remat "none" keeps them for the backward; "dots" and "full" gather again); the
+      transpose of the all-gather reduce-scatters the gradients.
+    - Tensor parallelism: the block computes its H/model heads and F/model MLP columns (wk and
+      wv replicated), so o·wo and h·w_down are partial sums over "model"; the parallel block
+      adds them before reducing, ONE psum over "model" per layer (PaLM section 2). x [b, T, D]
+      is whole on every model shard; `block_out` adds the residual, so only model shard 0
+      passes x to it (the others zeros): the psum then adds x exactly once.
+    - Embedding and logits stay vocab-parallel, on the table's [V/model, D] rows gathered over
+      "data": the lookup takes the rows this shard holds, zeros elsewhere, and one psum over
+      "model" assembles x (exact: one nonzero term per element); the logits come out
+      [b, T, V/model] and leave shard_map split over "data" and "model", so neither the table
+      nor [M, V] logits are ever all-reduced. The softmax glue of `loss` runs on them under
+      the compiler's sharding propagation.
+
+    check_vma=False: with it on, an interpreted pallas_call (impl="pallas_tpu" off TPU) fails
+    even for a trivial body ("requires varying manual axes to match"), and the kernels must
+    run here under every impl. Nothing relies on the check: the out_specs split over both
+    axes, so no output claims an invariance the collectives do not give, and
+    tests/test_model_sharded.py checks gradients through the psums and all-gathers against
+    one device.
+    """
+    from palm import sharding  # palm.sharding imports this module for param_shapes
+
+    check_mesh(mesh, config, tokens.shape[0])
+    data, model = sharding.DATA, sharding.MODEL
+    specs = sharding.param_specs(config)
+    dtype = jnp.dtype(config.dtype)
+
+    def gather(w, spec):  # FSDP: w whole along the dimension that spec splits over "data"
+        return jax.lax.all_gather(w.astype(dtype), data, axis=tuple(spec).index(data), tiled=True)
+
+    def block(x, p, positions):  # x [b, T, D]; p this layer's shards
+        p = {name: gather(w, specs["blocks"][name][1:]) for name, w in p.items()}
+        o, h = _attention_and_mlp(x, p, positions, config, impl)  # [b, T, H/model, K], [b, T, F/model]
+        residual = jnp.where(jax.lax.axis_index(model) == 0, x, jnp.zeros_like(x))
+        return jax.lax.psum(kernels.block_out(residual, o, p["wo"], h, p["w_down"], impl=impl), model)
+
+    def local(params, tokens):  # tokens [b, T]
+        embed = gather(params["embed"], specs["embed"])  # [V/model, D]
+        rows = embed.shape[0]
+        ids = tokens - jax.lax.axis_index(model) * rows  # into this shard's rows
+        mine = ((ids >= 0) & (ids < rows))[..., None]  # [b, T, 1]
+        x = jnp.where(mine, jnp.take(embed, jnp.where(mine[..., 0], ids, 0), axis=0), 0)
+        x = jax.lax.psum(x, model)  # [b, T, D]
+        step = functools.partial(block, positions=_positions(*tokens.shape))
+        x = _scan_blocks(x, params["blocks"], step, config, impl)
+        scale = gather(params["final_norm_scale"], specs["final_norm_scale"])
+        return _unembed(x, scale, embed, config)  # [b, T, V/model]
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(data, None)),
+                         out_specs=P(data, None, model), check_vma=False)(params, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl", "mesh"))
+def _forward_jit(params, tokens, config, impl, mesh):
+    return _logits(params, tokens, config, impl, mesh=mesh)
+
+
+def forward(params: dict, tokens: jax.Array, config: Config, *, impl: str = "auto",
+            mesh=None) -> jax.Array:
     """PaLM's logits for a batch of token ids.
 
     Args:
@@ -138,22 +240,26 @@ def forward(params: dict, tokens: jax.Array, config: Config, *, impl: str = "aut
       tokens: int [B, T] token ids, T <= config.max_seq_len.
       config: the model configuration.
       impl: kernel implementation, "auto" | "xla" | "pallas_tpu" | "pallas_gpu".
+      mesh: None (one device), or a ("data", "model") mesh from `palm.sharding.make_mesh`:
+        the layers then run under `jax.shard_map`, batch over "data", heads and F over
+        "model", weights FSDP over "data" (see `_sharded_logits`).
 
     Returns:
-      float32 logits [B, T, V].
+      float32 logits [B, T, V]; with a mesh, split over its "data" (B) and "model" (V) axes.
 
     Raises:
-      ValueError: on tokens of the wrong dtype, rank, length or range, or params whose tree or
-        shapes don't match config (checked before tracing; ranges only for concrete tokens).
+      ValueError: on tokens of the wrong dtype, rank, length or range, params whose tree or
+        shapes don't match config (checked before tracing; ranges only for concrete tokens),
+        or a mesh that does not divide the batch or a sharded dimension (`check_mesh`).
     """
     impl = kernels.resolve_impl(impl)
     check_tokens(tokens, config, max_len=config.max_seq_len)
     check_params(params, config)
-    return _forward_jit(params, tokens, config, impl)
+    return _forward_jit(params, tokens, config, impl, mesh)
 
 
 def loss(params: dict, tokens: jax.Array, config: Config, *, mask: jax.Array | None = None,
-         impl: str = "auto") -> tuple[jax.Array, dict]:
+         impl: str = "auto", mesh=None) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy plus PaLM's z-loss (section 5).
 
     Predicts tokens[:, 1:] from tokens[:, :-1]. Logits and softmax are float32 whatever the
@@ -165,6 +271,8 @@ def loss(params: dict, tokens: jax.Array, config: Config, *, mask: jax.Array | N
       config: the model configuration.
       mask: optional [B, T] weights (bool or float) of the targets tokens[:, 1:]; 0 drops one.
       impl: kernel implementation, as in `forward`.
+      mesh: None, or a ("data", "model") mesh, as in `forward`: the logits come from
+        `shard_map`, the softmax and means over them follow their sharding.
 
     Returns:
       (loss, metrics): loss = cross_entropy + z_loss_weight * mean(logsumexp(logits)^2) over
@@ -184,7 +292,7 @@ def loss(params: dict, tokens: jax.Array, config: Config, *, mask: jax.Array | N
             raise ValueError(f"mask must be [B, T] = {targets.shape} (one per target), got {mask.shape=}")
         weights = mask.astype(jnp.float32)
 
-    logits = _logits(params, tokens[:, :-1], config, impl)  # [B, T, V] float32
+    logits = _logits(params, tokens[:, :-1], config, impl, mesh=mesh)  # [B, T, V] float32
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     count = jnp.maximum(weights.sum(), 1.0)
