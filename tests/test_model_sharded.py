@@ -1,15 +1,25 @@
 """palm.forward and palm.loss with a mesh: shard_map over ("data", "model") on 8 CPU devices
 equals the single-device run (logits, loss, and the gradient on one mesh), one psum over "model"
 per layer in the compiled forward, and meshes that do not divide the batch or the heads are
-refused. All in one subprocess (8 host devices need XLA_FLAGS before JAX starts), so this
-process keeps its one device."""
+refused: all in one subprocess (8 host devices need XLA_FLAGS before JAX starts), so this
+process keeps its one device. In this process, the kernels' TPU lowering at their local shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from kernels import target_backend
+from palm.config import preset
+from palm.model import _logits, param_shapes
+from tpu_export import mosaic_kernel_names
 
 # Relative norm error allowed against the single-device run, float32 throughout: the sharded
 # run only reorders sums (the psum of partial projections, the gathered D), so the errors
@@ -91,3 +101,22 @@ def test_sharded_forward_and_loss_match_one_device_on_8_cpu_devices():
     done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-4000:]
+
+
+def test_kernels_lower_natively_for_tpu_on_their_local_shards():
+    """The Pallas kernels inside shard_map, exported for TPU from this 1-device process: the
+    Mosaic lowering checks their blocks at the local shapes (H/model = 2 heads, F/model = 256
+    columns, B/data = 2 rows). The mesh is abstract, so the exported module itself is a
+    1-partition one: what this checks is the kernels' lowering, not a 4-device program."""
+    config = dataclasses.replace(preset("tiny"), vocab_size=256, d_model=256, head_dim=128,
+                                 d_ff=512, max_seq_len=256)  # H = 4
+    device = AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
+    mesh = AbstractMesh((2, 2), ("data", "model"), (AxisType.Auto,) * 2, abstract_device=device)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), param_shapes(config),
+                          is_leaf=lambda s: isinstance(s, tuple))
+    tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+    fn = jax.jit(lambda p, t: _logits(p, t, config, "pallas_tpu", mesh=mesh))
+    with target_backend("tpu"), jax.sharding.use_abstract_mesh(mesh):
+        text = jax.export.export(fn, platforms=["tpu"])(params, tokens).mlir_module()
+    assert mosaic_kernel_names(text) == ["palm_norm_qkv_rope_fwd", "palm_norm_swiglu_fwd_save",
+                                         "palm_mq_flash_attention_fwd", "palm_block_out_fwd"]
