@@ -131,3 +131,18 @@ def test_gradient_exports_for_tpu():
     text = export_for_tpu(jax.grad(loss, argnums=tuple(range(len(NAMES)))), *shapes, positions)
     names = set(mosaic_kernel_names(text))
     assert any("norm_qkv_rope" in n for n in names) and any("norm_swiglu" in n for n in names), names
+
+
+def test_inference_does_not_write_gate_and_up():
+    """Without differentiation the forward runs the plain norm_swiglu kernel even with
+    save_gate_up (nothing would read the saved gate and up); under jax.vjp it saves them."""
+    args, positions = _inputs(0, 1, 8, 16, 2, 8, 24, jnp.float32)
+
+    def kernel(*a):
+        return block_in(*a, positions, eps=EPS, impl="pallas_tpu", interpret=True,
+                        save_gate_up=True)
+
+    forward = str(jax.make_jaxpr(kernel)(*args))
+    with_vjp = str(jax.make_jaxpr(lambda *a: jax.vjp(kernel, *a)[0])(*args))
+    assert "palm_norm_swiglu_fwd_save" not in forward and "palm_norm_swiglu_fwd" in forward
+    assert "palm_norm_swiglu_fwd_save" in with_vjp

@@ -72,7 +72,10 @@ def block_in_pallas_tpu(x, norm_scale, wq, wk, wv, w_gate, w_up, positions, *, e
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _block_in(settings: _Settings, x, norm_scale, wq, wk, wv, w_gate, w_up, positions):
-    return _block_in_fwd(settings, x, norm_scale, wq, wk, wv, w_gate, w_up, positions)[0]
+    # The primal runs only where nothing is differentiated (inference, generation's prefill and
+    # decode): no backward reads norm_swiglu's gate and up, so they are not written.
+    plain = dataclasses.replace(settings, mlp=dataclasses.replace(settings.mlp, save_gate_up=False))
+    return _block_in_fwd(plain, x, norm_scale, wq, wk, wv, w_gate, w_up, positions)[0]
 
 
 def _block_in_fwd(settings: _Settings, x, norm_scale, wq, wk, wv, w_gate, w_up, positions):

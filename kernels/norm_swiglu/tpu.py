@@ -540,8 +540,11 @@ def _row_stats(settings: Settings, x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _norm_swiglu(settings: Settings, x, norm_scale, w_gate, w_up):
+    # The primal runs only where nothing is differentiated (inference): no backward will read
+    # gate and up, so the forward does not write them whatever save_gate_up says.
     mean, rstd = _row_stats(settings, x)
-    return forward_with_stats(settings, x, norm_scale, w_gate, w_up, mean, rstd)[0]
+    plain = dataclasses.replace(settings, save_gate_up=False)
+    return forward_with_stats(plain, x, norm_scale, w_gate, w_up, mean, rstd)[0]
 
 
 def _norm_swiglu_fwd(settings: Settings, x, norm_scale, w_gate, w_up):
