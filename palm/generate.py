@@ -27,17 +27,15 @@ V vocab, L layers.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import kernels
-from kernels._common import layer_norm_f32, matmul_f32
 from kernels._tpu import round_up
 from palm.config import Config
-from palm.model import check_params, check_tokens
+from palm.model import _unembed, check_params, check_tokens
 
 # Prompts pad to a power of two no shorter than this: few prefill compiles, little waste.
 _MIN_PROMPT_BUCKET = 16
@@ -208,9 +206,9 @@ def _generate_jit(params, prompts, lengths, max_new_tokens, temperature, top_k, 
 
 
 def _head(params: dict, x: jax.Array, config: Config) -> jax.Array:
-    """float32 logits [B, V] of x [B, D]: the final LayerNorm and the shared embedding."""
-    h = layer_norm_f32(x, params["final_norm_scale"], config.norm_eps).astype(x.dtype)
-    return matmul_f32("BD,VD->BV", h, params["embed"]) / math.sqrt(config.d_model)
+    """float32 logits [B, V] of x [B, D]: the model's own head (final LayerNorm, shared
+    embedding, 1/sqrt(D)) on one position per row."""
+    return _unembed(x[:, None], params["final_norm_scale"], params["embed"], config)[:, 0]
 
 
 def _choose(logits, key, *, temperature, top_k, top_p, sample):
