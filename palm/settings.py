@@ -66,6 +66,9 @@ class TrainConfig:
     max_rewinds: int = 5
     # Peak FLOP/s of one device for MFU; None looks the device up (palm.flops.PEAK_FLOPS).
     peak_flops: float | None = None
+    # Device mesh (data, model) axis sizes, e.g. (2, 4) from `--mesh data=2,model=4`; None runs
+    # on one device. Their product must be the device count (palm.sharding.make_mesh).
+    mesh: tuple[int, int] | None = None
     # Greedy sample printed at the end.
     sample_prompt: str = "def __init__(self"
     sample_tokens: int = 48
@@ -75,3 +78,20 @@ class TrainConfig:
                      "keep_checkpoints", "spike_window"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.mesh is not None and (len(self.mesh) != 2 or min(self.mesh) < 1):
+            raise TrainError(f"mesh must be (data, model) sizes >= 1, got {self.mesh}")
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """`--mesh data=D,model=M` (either order) -> (D, M); TrainError on anything else."""
+    error = TrainError(f"--mesh {text!r}: expected data=D,model=M with positive integers, "
+                       "e.g. data=2,model=4")
+    sizes = {}
+    for part in text.split(","):
+        name, _, size = part.strip().partition("=")
+        if name not in ("data", "model") or name in sizes or not size.strip().isdigit():
+            raise error
+        sizes[name] = int(size)
+    if len(sizes) != 2 or min(sizes.values()) < 1:
+        raise error
+    return sizes["data"], sizes["model"]
