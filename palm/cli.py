@@ -26,7 +26,7 @@ TRAIN_DEFAULTS = {
     "eval_every": _TRAIN.eval_every, "eval_batches": _TRAIN.eval_batches,
     "checkpoint_every": _TRAIN.checkpoint_every, "keep_checkpoints": _TRAIN.keep_checkpoints,
     "spike_factor": _TRAIN.spike_factor, "spike_skip_batches": _TRAIN.spike_skip_batches,
-    "peak_flops": _TRAIN.peak_flops,
+    "peak_flops": _TRAIN.peak_flops, "mesh": None,
 }
 
 
@@ -89,6 +89,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
          help="enable the loss-spike remedy: rewind when loss > FACTOR x its recent mean")
     flag("--spike-skip-batches", type=int, help="batches skipped after a loss-spike rewind")
     flag("--peak-flops", type=float, help="peak FLOP/s of one device, for MFU")
+    flag("--mesh", metavar="data=D,model=M",
+         help="shard the run over a device mesh: batch and FSDP over data, tensor parallelism "
+              "over model; D*M must be the device count (default: one device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
