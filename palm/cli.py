@@ -168,6 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--remat", default="full", choices=REMAT_POLICIES, help="activation rematerialisation")
     pln.add_argument("--device-memory-gib", type=float, help="show the headroom on devices of this size")
     pln.set_defaults(run="palm.sharding:run")
+
+    gen = commands.add_parser("generate", help="continue a prompt with a trained run's model, printing "
+                              "the text as it is generated", formatter_class=_Formatter)
+    # dest run_dir: `run` names the function that main() dispatches to.
+    gen.add_argument("--run", required=True, metavar="DIR", dest="run_dir",
+                     help="run directory of `python -m palm train` (its --out): config, tokenizer "
+                          "and newest checkpoint")
+    gen.add_argument("--prompt", default="", help="text to continue (default: none, the model starts from a BOS token)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most; "
+                     "generation also stops at the end-of-document token")
+    gen.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
+    gen.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: all)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling: the most likely tokens holding "
+                     "probability P (default: 1, all)")
+    gen.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling")
+    gen.add_argument("--impl", default="auto", help=_IMPL_HELP)
+    gen.set_defaults(run="palm.generate:run")
     return parser
 
 
