@@ -175,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--run", required=True, metavar="DIR", dest="run_dir",
                      help="run directory of `python -m palm train` (its --out): config, tokenizer "
                           "and newest checkpoint")
-    gen.add_argument("--prompt", default="", help="text to continue (default: none, the model starts from a BOS token)")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most; "
-                     "generation also stops at the end-of-document token")
+    gen.add_argument("--prompt", default="",
+                     help="text to continue (default: none, the model starts from a BOS token)")
+    gen.add_argument("--max-new-tokens", type=int, help="tokens to generate at most; generation "
+                     "also stops at the end-of-document token (default: 64, or as many as the "
+                     "model's max_seq_len leaves after the prompt)")
     gen.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
     gen.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default: all)")
     gen.add_argument("--top-p", type=float, help="nucleus sampling: the most likely tokens holding "
