@@ -27,28 +27,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import kernels
 from palm import data as data_lib
+from palm import sharding
 from palm import tokenizer as tokenizer_lib
 from palm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, abstract
 from palm.config import Config, preset
 from palm.flops import flops_per_token, mfu
 from palm.generate import greedy
-from palm.model import init, loss
+from palm.model import check_mesh, init, loss
 from palm.optim import learning_rate_schedule, make_optimizer
-from palm.settings import OptimizerConfig, TrainConfig, TrainError
+from palm.settings import OptimizerConfig, TrainConfig, TrainError, parse_mesh
 
 
 # --- The step functions. ---
 
-def init_state(config: Config, train_config: TrainConfig) -> dict:
-    """Parameters, optimizer state, step counter and the run's PRNG key.
-
-    PaLM pre-trains without dropout, so nothing in the step consumes the key; it is part of
-    the state so that stochastic extensions (dropout, sampled evaluation) resume exactly.
-    """
+def _fresh_state(config: Config, train_config: TrainConfig) -> dict:
     key = jax.random.PRNGKey(train_config.seed)
     key, init_key = jax.random.split(key)
     params = init(config, init_key)
@@ -56,14 +53,54 @@ def init_state(config: Config, train_config: TrainConfig) -> dict:
             "step": jnp.zeros((), jnp.int32), "rng": key}
 
 
-def make_train_step(config: Config, train_config: TrainConfig):
-    """jit(state, batch int32 [B, T + 1]) -> (state, metrics); the old state is donated."""
+def state_shardings(config: Config, train_config: TrainConfig, mesh: Mesh) -> dict:
+    """NamedShardings of the train state on `mesh`: params by `param_specs`, the optimizer
+    state following them (`optimizer_specs`), step and key replicated."""
+    shapes = jax.eval_shape(lambda: _fresh_state(config, train_config))
+    specs = {"params": sharding.param_specs(config),
+             "opt_state": sharding.optimizer_specs(config, shapes["opt_state"]),
+             "step": P(), "rng": P()}
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token windows [B, T + 1]: rows split over "data", whole over "model"."""
+    return NamedSharding(mesh, P(sharding.DATA, None))
+
+
+def init_state(config: Config, train_config: TrainConfig, mesh: Mesh | None = None) -> dict:
+    """Parameters, optimizer state, step counter and the run's PRNG key.
+
+    PaLM pre-trains without dropout, so nothing in the step consumes the key; it is part of
+    the state so that stochastic extensions (dropout, sampled evaluation) resume exactly.
+
+    With a mesh, every leaf is created in place as `state_shardings` says (jit with
+    out_shardings: no device ever holds a whole weight), with the same values as on one
+    device (JAX's partitionable threefry draws the same numbers however they are split).
+    """
+    if mesh is None:
+        return _fresh_state(config, train_config)
+    sharding.check_specs(config, mesh)
+    return jax.jit(lambda: _fresh_state(config, train_config),
+                   out_shardings=state_shardings(config, train_config, mesh))()
+
+
+def make_train_step(config: Config, train_config: TrainConfig, mesh: Mesh | None = None):
+    """jit(state, batch int32 [B, T + 1]) -> (state, metrics); the old state is donated.
+
+    With a mesh the loss runs under `shard_map` (`palm.model.loss(mesh=)`: FSDP all-gathers,
+    gradients reduce-scattered to the params' sharding by the all-gathers' transpose); the
+    state comes in and goes out as `state_shardings` places it, so the optimizer updates each
+    device's shards where they lie, and the batch is split over "data" (`batch_sharding`).
+    """
     tx = make_optimizer(train_config.optimizer)
     schedule = learning_rate_schedule(train_config.optimizer)
     impl = kernels.resolve_impl(train_config.impl)
 
     def step(state, batch):
-        grad_fn = jax.value_and_grad(lambda p: loss(p, batch, config, impl=impl), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p: loss(p, batch, config, impl=impl, mesh=mesh),
+                                     has_aux=True)
         (_, metrics), grads = grad_fn(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -72,12 +109,30 @@ def make_train_step(config: Config, train_config: TrainConfig):
                      "rng": jax.random.fold_in(state["rng"], state["step"])}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    shardings = state_shardings(config, train_config, mesh)
+    return jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, NamedSharding(mesh, P())))
 
 
-def make_eval_step(config: Config, train_config: TrainConfig):
+def make_eval_step(config: Config, train_config: TrainConfig, mesh: Mesh | None = None):
+    """jit(params, batch int32 [B, T + 1]) -> metrics; with a mesh, placed as in the train step."""
     impl = kernels.resolve_impl(train_config.impl)
-    return jax.jit(lambda params, batch: loss(params, batch, config, impl=impl)[1])
+    fn = lambda params, batch: loss(params, batch, config, impl=impl, mesh=mesh)[1]  # noqa: E731
+    if mesh is None:
+        return jax.jit(fn)
+    params = state_shardings(config, train_config, mesh)["params"]
+    return jax.jit(fn, in_shardings=(params, batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
+
+
+def place_batch(batch: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A host batch as the step wants it: on the default device, or split over "data" (each
+    process passes its own rows, as palm.data.Loader gives them)."""
+    if mesh is None:
+        return jnp.asarray(batch)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)
 
 
 # --- Data. ---
@@ -259,6 +314,12 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         raise TrainError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
     if tc.batch_size % jax.process_count():
         raise TrainError(f"--batch-size {tc.batch_size} must divide over {jax.process_count()} processes")
+    mesh = None
+    if tc.mesh is not None:
+        try:
+            mesh = sharding.make_mesh(*tc.mesh)
+        except ValueError as e:
+            raise TrainError(f"--mesh data={tc.mesh[0]},model={tc.mesh[1]}: {e}") from None
     # Every path and glob is resolved once, before anything is trained or written; the files
     # found are what the tokenizer and the corpus read (the run's config keeps the patterns).
     data_lib.Mixture(sources, weights=weights, val_fraction=val_fraction)
@@ -285,6 +346,8 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                                         max_batches=1, process_count=jax.process_count())
         except ValueError as e:
             raise TrainError(f"{e}: give more text, or a smaller --batch-size or --seq-len") from e
+        if mesh is not None:  # after build_data: the vocabulary is the tokenizer's
+            check_mesh(mesh, config, tc.batch_size)
     except BaseException:
         if checkpointer is not None:
             checkpointer.close()
@@ -296,7 +359,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                              process_index=jax.process_index(), process_count=jax.process_count())
     meta = {"config": config.to_dict(), "seq_len": tc.seq_len, "batch_size": tc.batch_size,
             "seed": tc.seed, "tokenizer_sha256": tokenizer.sha256}
-    state = init_state(config, tc)
+    state = init_state(config, tc, mesh)
     if resume:
         try:
             state, latest = _restore_latest(checkpointer, state, meta, loader)
@@ -310,8 +373,8 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     # Written once the run is known to go ahead; a resumed run records its new settings.
     write_run_config(run_dir, config, tc, sources, weights, val_fraction, command)
 
-    train_step = make_train_step(config, tc)
-    eval_step = make_eval_step(config, tc)
+    train_step = make_train_step(config, tc, mesh)
+    eval_step = make_eval_step(config, tc, mesh)
     tokens_per_step = tc.batch_size * tc.seq_len
     flops = flops_per_token(config, tc.seq_len)
     # MFU counts the devices that compute the step (those holding the state), not every device
@@ -328,7 +391,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         batches = data_lib.validation_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
                                               max_batches=tc.eval_batches, process_index=jax.process_index(),
                                               process_count=jax.process_count())
-        results = [_to_float(eval_step(state["params"], jnp.asarray(b))) for b in batches]
+        results = [_to_float(eval_step(state["params"], place_batch(b, mesh))) for b in batches]
         return {k: float(np.mean([r[k] for r in results])) for k in ("loss", "cross_entropy", "accuracy")}
 
     step = int(state["step"])
@@ -343,7 +406,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     try:
         with interrupts:
             while step < tc.steps and interrupts.received is None:
-                batch = jnp.asarray(next(loader))
+                batch = place_batch(next(loader), mesh)
                 new_state, metrics = train_step(state, batch)
                 current = float(metrics["loss"])
                 first = not compiled
@@ -361,7 +424,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                     back = checkpointer.latest_step()
                     if back is None:
                         raise TrainError(f"loss spike at step {step + 1} ({current:.4g}) before any checkpoint")
-                    state = _restore(checkpointer, back, init_state(config, tc), meta, loader)
+                    state = _restore(checkpointer, back, init_state(config, tc, mesh), meta, loader)
                     loader.skip(tc.spike_skip_batches)
                     log.write({"event": "loss_spike", "step": step + 1, "loss": current, "rewound_to": back,
                                "skipped_batches": tc.spike_skip_batches})
@@ -547,7 +610,8 @@ def run(args: argparse.Namespace) -> int:
             impl=flags["impl"], log_every=flags["log_every"], eval_every=flags["eval_every"],
             eval_batches=flags["eval_batches"], checkpoint_every=flags["checkpoint_every"],
             keep_checkpoints=flags["keep_checkpoints"], spike_factor=flags["spike_factor"],
-            spike_skip_batches=flags["spike_skip_batches"], peak_flops=flags["peak_flops"])
+            spike_skip_batches=flags["spike_skip_batches"], peak_flops=flags["peak_flops"],
+            mesh=parse_mesh(flags["mesh"]) if flags["mesh"] else None)
         sources = _parse_named(flags["data"], "--data") or {"stdlib": data_lib.stdlib_corpus()}
         weights = _parse_weights(flags["weights"], sources)
         summary = train(config, train_config, sources, args.out, weights=weights, resume=args.resume,
