@@ -1,4 +1,5 @@
-"""Autoregressive decoding with PaLM's multi-query KV cache: `generate` (and `greedy`).
+"""Autoregressive decoding with PaLM's multi-query KV cache: `generate` (and `greedy`), and
+`python -m palm generate` (`run`), which streams a trained run's text (`load_run`).
 
 Two phases, both jitted. The prefill runs the model's layers once over the padded prompts
 [B, P] with the causal flash kernel and keeps every layer's k, v (RoPE applied) in a cache
@@ -26,7 +27,12 @@ V vocab, L layers.
 
 from __future__ import annotations
 
+import argparse
 import functools
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,20 +40,40 @@ import numpy as np
 
 import kernels
 from kernels._tpu import round_up
+from palm.checkpoint import CheckpointError, Checkpointer, abstract
 from palm.config import Config
 from palm.model import _unembed, check_params, check_tokens
+from palm.settings import OptimizerConfig, TrainConfig, TrainError
+from palm.tokenizer import Tokenizer
 
 # Prompts pad to a power of two no shorter than this: few prefill compiles, little waste.
 _MIN_PROMPT_BUCKET = 16
 # Cache slots round up to this: the TPU decode kernel's lane-dense tile.
 _CACHE_BUCKET = 128
 
+# `python -m palm generate` without --max-new-tokens: at most this many (see palm.cli).
+_DEFAULT_NEW_TOKENS = 64
+
+# Streaming callbacks of the generate calls in flight, by id. The jitted program passes its
+# call's id (a traced int) to the host with each step's tokens, so one compile serves every
+# callback, and concurrent calls each reach their own.
+_STREAMS: dict[int, Callable[[np.ndarray], None]] = {}
+_STREAM_IDS = itertools.count()
+
 
 def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens: int,
              prompt_lengths: jax.Array | None = None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, key: jax.Array | None = None,
-             eos_id: int | None = None, impl: str = "auto") -> jax.Array:
+             eos_id: int | None = None, impl: str = "auto",
+             callback: Callable[[np.ndarray], None] | None = None) -> jax.Array:
     """Extends each prompt by up to max_new_tokens sampled tokens, using a KV cache.
+
+    Streaming: `callback` is called on the host with each step's new tokens, in step order,
+    while the loop runs, through an ordered `jax.debug.callback` inside the jitted loop. The
+    whole decode stays one program with one compile: decoding in chunks would instead return
+    to Python every chunk and trade latency (chunk length) against dispatch overhead. The
+    price is a device-to-host transfer of B ints per step, paid only when a callback is given
+    (without one the program has no callback in it).
 
     Args:
       params: the nested params dict from `palm.init` (cast to `config.dtype` inside).
@@ -65,6 +91,10 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
         a key gives the same tokens on every call with the same inputs.
       eos_id: a row stops after emitting this token (the EOS itself is kept).
       impl: kernel implementation, as in `palm.forward`.
+      callback: called with int32 numpy [B] once per generated position: step i's tokens
+        are column prompt_lengths[b] + i of the result; rows already finished get the padding
+        id. generate returns after its last call. An exception it raises surfaces from
+        generate as a JAX runtime error.
 
     Returns:
       int32 [B, P + max_new_tokens]: row b holds its prompt, then its new tokens from column
@@ -106,13 +136,24 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
     p_pad = max(_MIN_PROMPT_BUCKET, 1 << (p - 1).bit_length())
     cache_len = round_up(max(p_pad, p + max_new_tokens), _CACHE_BUCKET)
     padded = jnp.zeros((b, p_pad), jnp.int32).at[:, :p].set(prompts.astype(jnp.int32))
-    out = _generate_jit(
-        params, padded, lengths, jnp.int32(max_new_tokens), jnp.float32(temperature),
-        jnp.int32(min(top_k or config.vocab_size, config.vocab_size)),
-        jnp.float32(1.0 if top_p is None else top_p),
-        jax.random.key(0) if key is None else key,  # unused when greedy
-        jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
-        config=config, impl=impl, sample=sample, cache_len=cache_len)
+    stream_id = -1
+    if callback is not None:
+        stream_id = next(_STREAM_IDS)
+        _STREAMS[stream_id] = callback
+    try:
+        out = _generate_jit(
+            params, padded, lengths, jnp.int32(max_new_tokens), jnp.float32(temperature),
+            jnp.int32(min(top_k or config.vocab_size, config.vocab_size)),
+            jnp.float32(1.0 if top_p is None else top_p),
+            jax.random.key(0) if key is None else key,  # unused when greedy
+            jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), jnp.int32(stream_id),
+            config=config, impl=impl, sample=sample, cache_len=cache_len,
+            stream=callback is not None)
+        if callback is not None:
+            out.block_until_ready()
+            jax.effects_barrier()  # the last callbacks may still be in flight after the result
+    finally:
+        _STREAMS.pop(stream_id, None)
     return out[:, :p + max_new_tokens]
 
 
@@ -120,6 +161,112 @@ def greedy(params: dict, prompt: jax.Array, config: Config, *, max_new_tokens: i
            impl: str = "auto") -> jax.Array:
     """Greedy decoding of equal-length prompts int [B, P]: `generate` at temperature 0."""
     return generate(params, prompt, config, max_new_tokens=max_new_tokens, impl=impl)
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, Config, Tokenizer]:
+    """(params, config, tokenizer) of a run directory written by `python -m palm train`.
+
+    The config comes from its config.json, the tokenizer from its tokenizer.model, the params
+    from its newest checkpoint. The checkpoint holds the whole train state and is restored as
+    such (`Checkpointer` restores whole states); only the params are kept.
+
+    Raises:
+        TrainError: no such directory, or a config.json that is missing or unreadable.
+        FileNotFoundError: no tokenizer.model.
+        CheckpointError: no checkpoint, or one that does not match config.json or the
+            tokenizer (written by another configuration, or damaged); the message names it.
+    """
+    # palm.train imports this module (for `greedy`), so it can only be imported here.
+    from palm.train import RUN_TOKENIZER, init_state, read_run_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrainError(f"run directory {run_dir} not found")
+    record = read_run_config(run_dir)
+    try:
+        config = Config(**record["model"])
+        train = dict(record["train"], optimizer=OptimizerConfig(**record["train"]["optimizer"]))
+        train_config = TrainConfig(**train)
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainError(f"{run_dir / 'config.json'} does not describe a run: {e}") from None
+    tokenizer = Tokenizer.load(run_dir / RUN_TOKENIZER)
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():  # Checkpointer would create it
+        raise CheckpointError(f"no checkpoint in {directory}: train the run first")
+    checkpointer = Checkpointer(directory)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {directory}: train the run first")
+        meta = checkpointer.read_meta(step)
+        where = f"checkpoint step {step} in {directory}"
+        if meta.get("config") != config.to_dict():
+            raise CheckpointError(f"{where} was written with config={meta.get('config')!r}, "
+                                  f"{run_dir / 'config.json'} has {config.to_dict()!r}")
+        if meta.get("tokenizer_sha256") != tokenizer.sha256:
+            raise CheckpointError(f"{where} was written with another tokenizer than "
+                                  f"{run_dir / RUN_TOKENIZER}")
+        # Shapes only: eval_shape builds the template without initialising anything.
+        template = abstract(jax.eval_shape(lambda: init_state(config, train_config)))
+        state, _ = checkpointer.restore(step, template)
+    finally:
+        checkpointer.close()
+    return state["params"], config, tokenizer
+
+
+class _TextStream:
+    """A streaming callback that prints text as tokens arrive: the prompt, then each new text.
+
+    SentencePiece pieces do not map one to one onto characters (byte-fallback pieces carry
+    one UTF-8 byte each), so each call decodes all the ids so far and prints what the text
+    gained; a text that ends in U+FFFD, a character still missing bytes, waits for them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], file):
+        self._tokenizer, self._ids, self._file = tokenizer, list(prompt), file
+        self._printed = ""
+
+    def __call__(self, tokens: np.ndarray) -> None:  # tokens [1]
+        self._ids.append(int(tokens[0]))
+        text = self._tokenizer.decode(self._ids)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def finish(self) -> None:
+        self._write(self._tokenizer.decode(self._ids))
+        self._file.write("\n")
+        self._file.flush()
+
+    def _write(self, text: str) -> None:
+        self._file.write(text[len(self._printed):])
+        self._file.flush()
+        self._printed = text
+
+
+def run(args: argparse.Namespace) -> int:
+    """`python -m palm generate`: prints the prompt, then the continuation as it is generated,
+    until --max-new-tokens or the end-of-document token; bad input exits with code 2 and a
+    one-line message. The prompt shows with the first new token, once the inputs have passed
+    every check."""
+    try:
+        impl = kernels.resolve_impl(args.impl)
+        params, config, tokenizer = load_run(args.run_dir)
+        prompt = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
+        room = config.max_seq_len - len(prompt)
+        new = min(_DEFAULT_NEW_TOKENS, room) if args.max_new_tokens is None else args.max_new_tokens
+        if not 0 <= new <= room:
+            raise ValueError(f"--max-new-tokens {new} must be in [0, {room}]: the prompt is "
+                             f"{len(prompt)} tokens of the model's max_seq_len {config.max_seq_len}")
+        stream = _TextStream(tokenizer, prompt, sys.stdout)
+        generate(params, jnp.asarray([prompt], jnp.int32), config, max_new_tokens=new,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 key=jax.random.key(args.seed), eos_id=tokenizer.eos_id, impl=impl,
+                 callback=stream)
+    except (TrainError, CheckpointError, ValueError, FileNotFoundError, UnicodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stream.finish()
+    return 0
 
 
 def _check_lengths(prompt_lengths, b: int, p: int) -> jax.Array:
@@ -137,13 +284,23 @@ def _check_lengths(prompt_lengths, b: int, p: int) -> jax.Array:
     return jnp.asarray(values, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "sample", "cache_len"))
+def _emit(stream_id, tokens) -> None:
+    """Host side of streaming: hands one step's tokens [B] to its call's callback."""
+    _STREAMS[int(stream_id)](np.asarray(tokens))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl", "sample", "cache_len", "stream"))
 def _generate_jit(params, prompts, lengths, max_new_tokens, temperature, top_k, top_p, key,
-                  eos_id, pad_id, *, config, impl, sample, cache_len):
+                  eos_id, pad_id, stream_id, *, config, impl, sample, cache_len, stream):
     """prompts int32 [B, P] (padded) -> int32 [B, S]: prompts, new tokens, padding.
 
-    eos_id -1 means none (no token matches it).
+    eos_id -1 means none (no token matches it). With `stream`, each step's tokens [B] go to
+    `_emit` with stream_id.
     """
+    def emit(tokens):
+        if stream:
+            jax.debug.callback(_emit, stream_id, tokens, ordered=True)
+
     dtype = jnp.dtype(config.dtype)
     params = jax.tree.map(lambda a: a.astype(dtype), params)
     b, p = prompts.shape
@@ -170,6 +327,7 @@ def _generate_jit(params, prompts, lengths, max_new_tokens, temperature, top_k, 
     prompt_slots = jnp.arange(cache_len)[None, :] < lengths[:, None]  # [B, S]
     out = jnp.where(prompt_slots, jnp.pad(prompts, ((0, 0), (0, cache_len - p))), pad_id)
     out = out.at[rows, lengths].set(first)
+    emit(first)
     done = first == eos_id
 
     # Decode: step i feeds token i - 1, at position lengths + i - 1, and samples token i.
@@ -195,6 +353,7 @@ def _generate_jit(params, prompts, lengths, max_new_tokens, temperature, top_k, 
         token = choose(_head(params, x[:, 0], config), jax.random.fold_in(key, i))
         token = jnp.where(done, pad_id, token)  # finished rows keep writing padding
         out = out.at[rows, position + 1].set(token)
+        emit(token)
         return i + 1, token, done | (token == eos_id), out, k_cache, v_cache
 
     def more(state):

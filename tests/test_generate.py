@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +17,16 @@ import pytest
 
 import palm
 from kernels import target_backend
-from palm.generate import _generate_jit, generate
+from palm import data as data_lib
+from palm import tokenizer as tokenizer_lib
+from palm.checkpoint import Checkpointer
+from palm.cli import main
+from palm.generate import _generate_jit, generate, load_run
+from palm.settings import TrainConfig
+from palm.train import init_state, write_run_config
 from tpu_export import export_for_tpu, mosaic_kernel_names
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = palm.preset("tiny")
 NEW = 6  # new tokens per row
@@ -123,6 +136,27 @@ def test_sampling(params):
         np.testing.assert_array_equal(first[row, :length], PROMPTS[row, :length])
 
 
+def test_callback_streams_the_generated_tokens_in_order(params):
+    # Ragged rows and an EOS that stops row 0 early: step i's tokens are column len_b + i of
+    # the result (padding once a row is done), and the loop ends when every row is done.
+    greedy = np.asarray(generate(params, jnp.asarray(PROMPTS), TINY, max_new_tokens=NEW,
+                                 prompt_lengths=RAGGED, impl="xla"))
+    eos = int(greedy[0, 5 + 1])
+    steps = []
+    out = np.asarray(generate(params, jnp.asarray(PROMPTS), TINY, max_new_tokens=NEW,
+                              prompt_lengths=RAGGED, eos_id=eos, impl="xla",
+                              callback=lambda tokens: steps.append(tokens.copy())))
+    assert all(t.dtype == np.int32 and t.shape == (3,) for t in steps)
+    rows = np.arange(3)[:, None]
+    np.testing.assert_array_equal(np.stack(steps, axis=1),
+                                  out[rows, RAGGED[:, None] + np.arange(len(steps))])
+    news = [list(row[length:length + NEW]) for row, length in zip(out, RAGGED)]
+    assert len(steps) == max(new.index(eos) + 1 if eos in new else NEW for new in news)
+    np.testing.assert_array_equal(out, np.asarray(generate(
+        params, jnp.asarray(PROMPTS), TINY, max_new_tokens=NEW, prompt_lengths=RAGGED, eos_id=eos,
+        impl="xla")))  # streaming changes nothing in the result
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompts=np.zeros((2, 0), np.int32)), "prompts is empty"),
     (dict(max_new_tokens=60), "max_seq_len"),
@@ -155,10 +189,78 @@ def test_lowers_for_tpu():
                           is_leaf=lambda s: isinstance(s, tuple))
     args = (params, jnp.zeros((2, 16), jnp.int32), jnp.array([16, 3], jnp.int32), jnp.int32(8),
             jnp.float32(0), jnp.int32(1), jnp.float32(1), jax.random.key(0), jnp.int32(-1),
-            jnp.int32(0))
+            jnp.int32(0), jnp.int32(-1))
     fn = functools.partial(_generate_jit, config=config, impl="pallas_tpu", sample=False,
-                           cache_len=128)
+                           cache_len=128, stream=False)
     with target_backend("tpu"):
         names = mosaic_kernel_names(export_for_tpu(fn, *args))
     for kernel in ("palm_mq_flash_attention", "palm_mq_decode", "palm_block_out"):
         assert any(n.startswith(kernel) for n in names), (kernel, names)
+
+
+# --- A training run's model from the command line: `python -m palm generate`. ---
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory as `python -m palm train` leaves it, without the training: config.json,
+    tokenizer.model and a checkpoint of the initial state (step 0) with the same record."""
+    path = tmp_path_factory.mktemp("run")
+    tokenizer = tokenizer_lib.train(data_lib.stdlib_corpus(limit=4), 512, path / "tokenizer.model")
+    config = dataclasses.replace(TINY, vocab_size=tokenizer.vocab_size)
+    tc = TrainConfig(steps=1, batch_size=2, seq_len=16)
+    write_run_config(path, config, tc, {"stdlib": "none"}, None, 0.02)
+    meta = {"config": config.to_dict(), "seq_len": tc.seq_len, "batch_size": tc.batch_size,
+            "seed": tc.seed, "tokenizer_sha256": tokenizer.sha256}
+    checkpointer = Checkpointer(path / "checkpoints")
+    checkpointer.save(0, init_state(config, tc), meta)
+    checkpointer.wait()
+    checkpointer.close()
+    return path
+
+
+def test_generate_command_streams_a_runs_text(run_dir):
+    command = [sys.executable, "-m", "palm", "generate", "--run", str(run_dir), "--prompt", "def",
+               "--max-new-tokens", "8", "--seed", "0"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    # The same tokens as generate with the flags' values (temperature 0.8, key 0, stop at EOS).
+    params, config, tokenizer = load_run(run_dir)
+    prompt = tokenizer.encode("def")
+    out = generate(params, jnp.asarray([prompt]), config, max_new_tokens=8, temperature=0.8,
+                   key=jax.random.key(0), eos_id=tokenizer.eos_id, impl="xla")
+    assert result.stdout == tokenizer.decode([int(t) for t in out[0]]) + "\n"
+    assert result.stdout.startswith("def")
+
+
+def _broken(run_dir, tmp_path, damage):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    damage(copy)
+    return copy
+
+
+def _edit_config(path, **model):
+    record = json.loads((path / "config.json").read_text())
+    record["model"].update(model)
+    (path / "config.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("damage, args, message", [
+    (None, ["--max-new-tokens", "70"], "--max-new-tokens 70 must be in [0, 63]"),
+    (None, ["--temperature", "-1"], "temperature must be >= 0"),
+    (None, ["--top-p", "2"], "top_p must lie in (0, 1]"),
+    (lambda p: shutil.rmtree(p), [], "not found"),
+    (lambda p: (p / "config.json").unlink(), [], "config.json not found"),
+    (lambda p: (p / "tokenizer.model").unlink(), [], "tokenizer.model"),
+    (lambda p: shutil.rmtree(p / "checkpoints"), [], "no checkpoint in"),
+    (lambda p: _edit_config(p, n_layers=3), [], "was written with config="),
+], ids=["too-many-tokens", "temperature", "top-p", "no-dir", "no-config", "no-tokenizer",
+        "no-checkpoint", "other-config"])
+def test_generate_command_bad_input_is_one_line(run_dir, tmp_path, capsys, damage, args, message):
+    path = run_dir if damage is None else _broken(run_dir, tmp_path, damage)
+    assert main(["generate", "--run", str(path), "--prompt", "def", *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1, captured.err
+    assert captured.out == ""
+    if damage is not None and message != "not found":
+        assert str(path) in captured.err  # names what is wrong where
