@@ -7,6 +7,12 @@ cache. Resuming restores parameters, optimizer state, step, RNG key and the data
 run continues exactly as if never stopped (bitwise on the same machine; see
 tests/test_train.py). SIGINT or SIGTERM ends a run cleanly: the step in hand finishes and a
 checkpoint is written; a second signal aborts at once.
+
+`TrainConfig.mesh` (`--mesh data=D,model=M`) shards the run over a device mesh: the state is
+created and kept sharded (`state_shardings`), the loss runs under `shard_map`
+(`palm.model.loss(mesh=)`), batches split over "data". Checkpoints hold the sharded arrays
+and resume onto the same mesh; a run cannot yet move to another mesh (`--resume` refuses a
+different --mesh).
 """
 
 from __future__ import annotations
