@@ -1,7 +1,9 @@
 """PaLM in JAX on our own Pallas kernels: `palm.forward(params, tokens, config)` and friends.
 
 The names below load on first use (PEP 562), so `python -m palm --help` and `import palm.config`
-do not pay for importing JAX.
+do not pay for importing JAX. No module of the package shares a name with one of them: importing
+a submodule sets the package attribute of its name, which would shadow the function (hence
+`palm.generate` lives in palm/decoding.py).
 """
 
 import importlib
@@ -17,7 +19,7 @@ _LAZY = {
     "init": "palm.model",
     "loss": "palm.model",
     "param_shapes": "palm.model",
-    "generate": "palm.generate",
+    "generate": "palm.decoding",
     "make_mesh": "palm.sharding",
     "param_specs": "palm.sharding",
     "plan": "palm.sharding",

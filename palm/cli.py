@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "probability P (default: 1, all)")
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling")
     gen.add_argument("--impl", default="auto", help=_IMPL_HELP)
-    gen.set_defaults(run="palm.generate:run")
+    gen.set_defaults(run="palm.decoding:run")
     return parser
 
 

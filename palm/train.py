@@ -43,7 +43,7 @@ from palm import tokenizer as tokenizer_lib
 from palm.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, abstract
 from palm.config import Config, preset
 from palm.flops import flops_per_token, mfu
-from palm.generate import greedy
+from palm.decoding import greedy
 from palm.model import check_mesh, init, loss
 from palm.optim import learning_rate_schedule, make_optimizer
 from palm.settings import OptimizerConfig, TrainConfig, TrainError, parse_mesh

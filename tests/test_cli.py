@@ -101,3 +101,17 @@ def test_plan_command_as_documented():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "memory per device (GiB)" in result.stdout and "free of 32 GiB" in result.stdout
+
+
+def test_lazy_names_are_not_shadowed_by_submodules():
+    """`palm.generate` and friends stay functions after every submodule has been imported
+    (importing palm.x sets the package attribute x, which would shadow a lazy name x)."""
+    result = _python("import pkgutil, importlib, palm\n"
+                     "for m in pkgutil.iter_modules(palm.__path__):\n"
+                     "    if m.name != '__main__':  # it runs the command line\n"
+                     "        importlib.import_module('palm.' + m.name)\n"
+                     "bad = [n for n in palm._LAZY if not callable(getattr(palm, n)) or "
+                     "type(getattr(palm, n)).__name__ == 'module']\n"
+                     "print(bad)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -21,7 +21,7 @@ from palm import data as data_lib
 from palm import tokenizer as tokenizer_lib
 from palm.checkpoint import Checkpointer
 from palm.cli import main
-from palm.generate import _generate_jit, generate, load_run
+from palm.decoding import _generate_jit, generate, load_run
 from palm.settings import TrainConfig
 from palm.train import init_state, write_run_config
 from tpu_export import export_for_tpu, mosaic_kernel_names
