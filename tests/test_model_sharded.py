@@ -26,6 +26,7 @@ from tpu_export import mosaic_kernel_names
 # seen are under 1e-6 (logits ~3e-7, gradients ~6e-7); 2e-5 is conftest.TOLERANCE["float32"].
 _SCRIPT = textwrap.dedent("""
     import dataclasses
+    import math
     import re
 
     import jax
@@ -38,6 +39,15 @@ _SCRIPT = textwrap.dedent("""
     from tests.conftest import assert_close
 
     assert jax.device_count() == 8
+
+
+    def group_size(groups: str) -> int:
+        named = re.match(r"mesh\\[(.*)\\] \\{(.*)\\}", groups)
+        if named is None:
+            return groups.count(",") + 1  # {{0,1,...}: the first group's devices
+        axes = {k.strip("'"): int(v) for k, v in (a.split("=") for a in named.group(1).split(","))}
+        return math.prod(axes[n.strip().strip("'")] for n in named.group(2).split(","))
+
     # H = 8 so that every mesh of 8 devices splits the heads (tiny's H = 4 does not: below).
     config = dataclasses.replace(preset("tiny"), vocab_size=64, d_model=32, n_heads=8,
                                  head_dim=8, d_ff=64, max_seq_len=16)
@@ -67,9 +77,11 @@ _SCRIPT = textwrap.dedent("""
         assert bodies, what
         for body in bodies:
             text = re.search(rf"^%{re.escape(body)} .*?^}}", hlo, re.S | re.M).group(0)
-            groups = re.findall(r"all-reduce\\(.*?replica_groups=\\{(\\{[\\d,]+\\})", text)
-            assert len(groups) == 1, (what, groups)
-            assert all(g.count(",") + 1 == model for g in groups), (what, groups)
+            # Replica groups print as {{0,1},{2,3}} (jax 0.10.2's XLA), or by mesh axes as
+            # mesh['data'=1,'model'=8] {'model'} (0.11.2's): either way, one group's size.
+            groups = re.findall(r"all-reduce\\(.*?replica_groups=(\\{\\{[\\d,]+\\}|mesh\\[[^\\]]*\\] \\{[^}]*\\})", text)
+            sizes = [group_size(g) for g in groups]
+            assert sizes == [model], (what, groups)
 
     # Gradients through the psums and all-gathers (shard_map runs with check_vma=False).
     grad = lambda mesh: jax.jit(jax.grad(  # noqa: E731
