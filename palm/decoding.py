@@ -42,7 +42,7 @@ import kernels
 from kernels._tpu import round_up
 from palm.checkpoint import CheckpointError, Checkpointer, abstract
 from palm.config import Config
-from palm.model import _unembed, check_params, check_tokens
+from palm.model import _attention_and_mlp, _positions, _unembed, check_params, check_tokens
 from palm.settings import OptimizerConfig, TrainConfig, TrainError
 from palm.tokenizer import Tokenizer
 
@@ -177,7 +177,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, Config, Tokenizer]:
             tokenizer (written by another configuration, or damaged); the message names it.
     """
     # palm.train imports this module (for `greedy`), so it can only be imported here.
-    from palm.train import RUN_TOKENIZER, init_state, read_run_config
+    from palm.train import RUN_TOKENIZER, check_meta, init_state, read_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -198,14 +198,8 @@ def load_run(run_dir: str | Path) -> tuple[dict, Config, Tokenizer]:
         step = checkpointer.latest_step()
         if step is None:
             raise CheckpointError(f"no checkpoint in {directory}: train the run first")
-        meta = checkpointer.read_meta(step)
-        where = f"checkpoint step {step} in {directory}"
-        if meta.get("config") != config.to_dict():
-            raise CheckpointError(f"{where} was written with config={meta.get('config')!r}, "
-                                  f"{run_dir / 'config.json'} has {config.to_dict()!r}")
-        if meta.get("tokenizer_sha256") != tokenizer.sha256:
-            raise CheckpointError(f"{where} was written with another tokenizer than "
-                                  f"{run_dir / RUN_TOKENIZER}")
+        check_meta(checkpointer, step, {"config": config.to_dict(),
+                                        "tokenizer_sha256": tokenizer.sha256})
         # Shapes only: eval_shape builds the template without initialising anything.
         template = abstract(jax.eval_shape(lambda: init_state(config, train_config)))
         state, _ = checkpointer.restore(step, template)
@@ -310,14 +304,12 @@ def _generate_jit(params, prompts, lengths, max_new_tokens, temperature, top_k, 
     block_in = functools.partial(kernels.block_in, eps=config.norm_eps, base=config.rope_base,
                                  impl=impl)
 
-    # Prefill: the whole padded prompt at once, keeping each layer's k, v [B, P, K].
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    # Prefill: the model's block over the whole padded prompt, keeping each layer's k, v.
+    positions = _positions(b, p)
 
     def prefill_layer(x, w):
-        q, k, v, h = block_in(x, w["norm_scale"], w["wq"], w["wk"], w["wv"], w["w_gate"],
-                              w["w_up"], positions)
-        o = kernels.mq_flash_attention(q, k, v, causal=True, impl=impl)  # [B, P, H, K]
-        return kernels.block_out(x, o, w["wo"], h, w["w_down"], impl=impl), (k, v)
+        o, h, kv = _attention_and_mlp(x, w, positions, config, impl)  # kv: k, v [B, P, K]
+        return kernels.block_out(x, o, w["wo"], h, w["w_down"], impl=impl), kv
 
     x = jnp.take(params["embed"], prompts, axis=0)  # [B, P, D]
     x, (k_new, v_new) = jax.lax.scan(prefill_layer, x, params["blocks"])  # k, v [L, B, P, K]

@@ -82,9 +82,10 @@ def init(config: Config, key: jax.Array) -> dict:
 
 
 def _attention_and_mlp(x: jax.Array, p: dict, positions: jax.Array, config: Config,
-                       impl: str) -> tuple[jax.Array, jax.Array]:
+                       impl: str) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     """The block's two halves on x [B, T, D]: attention output o [B, T, H, K] and SwiGLU
-    activations h [B, T, F], for `kernels.block_out` to project and sum."""
+    activations h [B, T, F], for `kernels.block_out` to project and sum, and the layer's
+    (k, v) [B, T, K] each, which generation's prefill keeps as its cache."""
     # One LayerNorm of x feeds both halves: q [B, T, H, K] with RoPE; k, v [B, T, K], one
     # key/value head shared by all query heads; h [B, T, F] the SwiGLU activations.
     # save_gate_up under every remat policy: it spares the backward a third pass of the MLP's
@@ -97,12 +98,12 @@ def _attention_and_mlp(x: jax.Array, p: dict, positions: jax.Array, config: Conf
                                   base=config.rope_base, impl=impl,
                                   save_gate_up=True)
     o = kernels.mq_flash_attention(q, k, v, causal=True, impl=impl)  # [B, T, H, K]
-    return o, h
+    return o, h, (k, v)
 
 
 def _block(x: jax.Array, p: dict, positions: jax.Array, config: Config, impl: str) -> jax.Array:
     """One parallel block on x [B, T, D]; p holds this layer's slice of params["blocks"]."""
-    o, h = _attention_and_mlp(x, p, positions, config, impl)
+    o, h, _ = _attention_and_mlp(x, p, positions, config, impl)
     return kernels.block_out(x, o, p["wo"], h, p["w_down"], impl=impl)  # x + o·wo + h·w_down
 
 
@@ -206,7 +207,7 @@ def _sharded_logits(params: dict, tokens: jax.Array, config: Config, impl: str, 
 
     def block(x, p, positions):  # x [b, T, D]; p this layer's shards
         p = {name: gather(w, specs["blocks"][name][1:]) for name, w in p.items()}
-        o, h = _attention_and_mlp(x, p, positions, config, impl)  # [b, T, H/model, K], [b, T, F/model]
+        o, h, _ = _attention_and_mlp(x, p, positions, config, impl)  # [b, T, H/model, K], [b, T, F/model]
         residual = jnp.where(jax.lax.axis_index(model) == 0, x, jnp.zeros_like(x))
         return jax.lax.psum(kernels.block_out(residual, o, p["wo"], h, p["w_down"], impl=impl), model)
 

@@ -502,14 +502,20 @@ def _mfu(tokens_per_second: float | None, config: Config, tc: TrainConfig,
 def _restore(checkpointer: Checkpointer, step: int, template: dict, meta: dict,
              loader: data_lib.Loader) -> dict:
     """Restores the train state and the loader; refuses a checkpoint of another run's config."""
+    check_meta(checkpointer, step, meta)
+    state, saved = checkpointer.restore(step, abstract(template))
+    loader.restore(saved["loader"])
+    return state
+
+
+def check_meta(checkpointer: Checkpointer, step: int, meta: dict) -> None:
+    """Raises CheckpointMismatch naming the first entry of `meta` (config, tokenizer hash, ...)
+    that checkpoint `step` was written with differently."""
     saved = checkpointer.read_meta(step)
     for key, value in meta.items():
         if saved.get(key) != value:
             raise CheckpointMismatch(f"checkpoint step {step} in {checkpointer.directory} was written "
                                      f"with {key}={saved.get(key)!r}, this run has {key}={value!r}")
-    state, saved = checkpointer.restore(step, abstract(template))
-    loader.restore(saved["loader"])
-    return state
 
 
 def _restore_latest(checkpointer: Checkpointer, template: dict, meta: dict,
