@@ -20,6 +20,8 @@ _LAZY = {
     "loss": "palm.model",
     "param_shapes": "palm.model",
     "generate": "palm.decoding",
+    "evaluate": "palm.evaluation",
+    "perplexity": "palm.evaluation",
     "make_mesh": "palm.sharding",
     "param_specs": "palm.sharding",
     "plan": "palm.sharding",

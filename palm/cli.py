@@ -133,7 +133,8 @@ def forward(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m palm", formatter_class=_Formatter,
-        description="PaLM in JAX: one forward pass, training, plots of training runs, and memory plans for meshes.")
+        description="PaLM in JAX: one forward pass, training, generation, evaluation, plots of training "
+                    "runs, and memory plans for meshes.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fwd = commands.add_parser("forward", help="run one forward pass on random tokens",
@@ -187,6 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling")
     gen.add_argument("--impl", default="auto", help=_IMPL_HELP)
     gen.set_defaults(run="palm.decoding:run")
+
+    evl = commands.add_parser("eval", help="score a trained run's model: a few-shot task's accuracy, "
+                              "or the perplexity and bits per byte of text", formatter_class=_Formatter)
+    evl.add_argument("--run", required=True, metavar="DIR", dest="run_dir",
+                     help="run directory of `python -m palm train` (its --out)")
+    evl.add_argument("--task", metavar="FILE", help="a JSONL task file (README: Evaluating)")
+    evl.add_argument("--text", nargs="+", metavar="GLOB", help="held-out text files: perplexity and bits per byte")
+    evl.add_argument("--shots", type=int, default=0, help="exemplars: the task file's first SHOTS examples")
+    evl.add_argument("--cot", action="store_true",
+                     help="chain-of-thought: exemplars show their rationale; the answer is read from the model's")
+    evl.add_argument("--calculator", action="store_true",
+                     help="with --cot: complete <<expr= annotations with the calculator's result")
+    evl.add_argument("--limit", type=int, help="evaluate at most this many questions (default: all)")
+    evl.add_argument("--max-new-tokens", type=int,
+                     help="generative tasks: tokens per answer at most (default: 32, or 128 with --cot)")
+    evl.add_argument("--batch-size", type=int, default=8, help="questions decoded, or text windows scored, at once")
+    evl.add_argument("--out", metavar="JSON", help="also write the result with every question's record here")
+    evl.add_argument("--impl", default="auto", help=_IMPL_HELP)
+    evl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evl.set_defaults(run="palm.evaluation:run")
     return parser
 
 

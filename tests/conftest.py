@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import hypothesis
 import jax
 import numpy as np
 import pytest
+
+import palm
+from palm import data as data_lib
+from palm import tokenizer as tokenizer_lib
+from palm.checkpoint import Checkpointer
+from palm.settings import TrainConfig
+from palm.train import init_state, write_run_config
 
 # "ci": the same number of examples for every property (no per-test reductions); `make test`
 # stays inside its budget on 2 cores by drawing small shapes. "dev" searches harder before a
@@ -147,3 +155,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """A run directory as `python -m palm train` leaves it, without the training: config.json,
+    tokenizer.model (512 pieces) and a checkpoint of the tiny preset's initial state (step 0)
+    with the same record. Tests that damage it work on a copy."""
+    path = tmp_path_factory.mktemp("run")
+    tokenizer = tokenizer_lib.train(data_lib.stdlib_corpus(limit=4), 512, path / "tokenizer.model")
+    config = dataclasses.replace(palm.preset("tiny"), vocab_size=tokenizer.vocab_size)
+    tc = TrainConfig(steps=1, batch_size=2, seq_len=16)
+    write_run_config(path, config, tc, {"stdlib": "none"}, None, 0.02)
+    meta = {"config": config.to_dict(), "seq_len": tc.seq_len, "batch_size": tc.batch_size,
+            "seed": tc.seed, "tokenizer_sha256": tokenizer.sha256}
+    checkpointer = Checkpointer(path / "checkpoints")
+    checkpointer.save(0, init_state(config, tc), meta)
+    checkpointer.wait()
+    checkpointer.close()
+    return path

@@ -20,7 +20,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["forward"], ["plot"], ["plan"], ["generate"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["forward"], ["plot"], ["plan"], ["generate"], ["eval"]])
 def test_help_imports_no_jax(command):
     # JAX costs about a second to import; help and argument errors must not wait for it.
     result = _python("import sys\nfrom palm.cli import main\n"

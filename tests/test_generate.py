@@ -17,13 +17,8 @@ import pytest
 
 import palm
 from kernels import target_backend
-from palm import data as data_lib
-from palm import tokenizer as tokenizer_lib
-from palm.checkpoint import Checkpointer
 from palm.cli import main
 from palm.decoding import _generate_jit, generate, load_run
-from palm.settings import TrainConfig
-from palm.train import init_state, write_run_config
 from tpu_export import export_for_tpu, mosaic_kernel_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,25 +193,7 @@ def test_lowers_for_tpu():
         assert any(n.startswith(kernel) for n in names), (kernel, names)
 
 
-# --- A training run's model from the command line: `python -m palm generate`. ---
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run directory as `python -m palm train` leaves it, without the training: config.json,
-    tokenizer.model and a checkpoint of the initial state (step 0) with the same record."""
-    path = tmp_path_factory.mktemp("run")
-    tokenizer = tokenizer_lib.train(data_lib.stdlib_corpus(limit=4), 512, path / "tokenizer.model")
-    config = dataclasses.replace(TINY, vocab_size=tokenizer.vocab_size)
-    tc = TrainConfig(steps=1, batch_size=2, seq_len=16)
-    write_run_config(path, config, tc, {"stdlib": "none"}, None, 0.02)
-    meta = {"config": config.to_dict(), "seq_len": tc.seq_len, "batch_size": tc.batch_size,
-            "seed": tc.seed, "tokenizer_sha256": tokenizer.sha256}
-    checkpointer = Checkpointer(path / "checkpoints")
-    checkpointer.save(0, init_state(config, tc), meta)
-    checkpointer.wait()
-    checkpointer.close()
-    return path
-
+# --- A training run's model from the command line: `python -m palm generate` (conftest.run_dir). ---
 
 def test_generate_command_streams_a_runs_text(run_dir):
     command = [sys.executable, "-m", "palm", "generate", "--run", str(run_dir), "--prompt", "def",
