@@ -157,3 +157,25 @@ def train_step(tokens: int, model_flops_per_token: float, state_bytes: int, batc
       plus the batch read: 2*state_bytes + batch_bytes.
     """
     return Cost(tokens * model_flops_per_token, 2 * state_bytes + batch_bytes)
+
+
+def decode(batch: int, prompt: int, steps: int, *, matmul_params: int, param_bytes: int,
+           layers: int, heads: int, head_dim: int, itemsize: int) -> Cost:
+    """`palm.generate`: a prefill of B x P positions, then `steps` decode steps of one token
+    per sequence (the last step's token is sampled, not fed, so steps - 1 are fed after the
+    prefill's).
+
+    flops: 2 * matmul_params per position fed (every weight once, the shared embedding as the
+      logits matmul), plus attention 4*L*H*K per (query, key) pair: the causal prefill's
+      B*P*(P+1)/2 pairs and, at step i, B*(P+i) pairs.
+    bytes: the weights read once per pass (the prefill and each step), each step's cache read
+      up to its current length and its new slot written (2*L*B*K*itemsize per slot: one K and
+      one V head), the prefill's cache written. This is the "weight-and-cache read time" that
+      decoding at small batch is bound by.
+    """
+    fed = steps - 1
+    pairs = batch * prompt * (prompt + 1) / 2 + batch * sum(prompt + i for i in range(1, fed + 1))
+    flops = 2.0 * matmul_params * batch * (prompt + fed) + 4.0 * layers * heads * head_dim * pairs
+    slot = 2 * layers * batch * head_dim * itemsize
+    cache = slot * (prompt + sum(prompt + i for i in range(1, fed + 1)) + fed)
+    return Cost(flops, param_bytes * (1 + fed) + cache)

@@ -71,6 +71,8 @@ def _extras(info: dict) -> str:
         parts.append(f"fwd MFU {_pct(info['forward_mfu'])}")
     if "ms_per_token" in info:
         parts.append(f"{info['ms_per_token']:.3g} ms/token")
+    if "speedup_vs_recompute" in info:
+        parts.append(f"{info['speedup_vs_recompute']:.1f}x recompute")
     return ", ".join(parts)
 
 
