@@ -80,6 +80,19 @@ class Checkpointer:
         self._manager.close()
 
 
-def abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs for a pytree of arrays, as restore wants them."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+def abstract(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs for a pytree of arrays (or of their `jax.eval_shape`), as restore wants
+    them: restore places each leaf by its struct's sharding, whatever mesh or device the
+    checkpoint was written from (orbax reads each device's slice of the saved array).
+
+    Args:
+      tree: arrays, or anything with .shape and .dtype.
+      shardings: one Sharding for every leaf, or a tree of them like `tree`; None keeps each
+        array's own (`tree` must then hold placed jax.Arrays).
+    """
+    if shardings is None:
+        shardings = jax.tree.map(lambda a: a.sharding, tree)
+    elif isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)

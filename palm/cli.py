@@ -91,15 +91,28 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--peak-flops", type=float, help="peak FLOP/s of one device, for MFU")
     flag("--mesh", metavar="data=D,model=M",
          help="shard the run over a device mesh: batch and FSDP over data, tensor parallelism "
-              "over model; D*M must be the device count (default: one device)")
+              "over model; D*M must be the device count (default: one device). A resumed run "
+              "may change it: checkpoints are restored onto whatever mesh the run has now")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Where this launch's processes meet: given on every launch, never saved with the run nor
+    # compared on --resume (a run may move to another cluster).
+    launch = parser.add_argument_group(
+        "multi-process runs", "one process per host (or per GPU), all with the same flags but "
+                              "--process-id; the run directory must be one that every process sees")
+    launch.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="address of process 0, where the processes meet (jax.distributed)")
+    launch.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    launch.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+    launch.add_argument("--coordinator-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="give up, with an error, when the processes have not all met by then")
 
 
-# Settings a resumed run may change: they steer its end point, logging, checkpointing, caching
-# and which kernels run, not what is learned from which data.
+# Settings a resumed run may change: they steer its end point, logging, checkpointing, caching,
+# which kernels run and on which devices (the mesh: the batch is the same global batch on any
+# mesh), not what is learned from which data.
 RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                        "keep_checkpoints", "peak_flops", "impl", "cache_dir", "spike_factor",
-                       "spike_skip_batches"})
+                       "spike_skip_batches", "mesh"})
 
 
 def forward(args: argparse.Namespace) -> int:

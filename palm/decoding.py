@@ -40,7 +40,7 @@ import numpy as np
 
 import kernels
 from kernels._tpu import round_up
-from palm.checkpoint import CheckpointError, Checkpointer, abstract
+from palm.checkpoint import CheckpointError, Checkpointer
 from palm.config import Config
 from palm.model import _attention_and_mlp, _positions, _unembed, check_params, check_tokens
 from palm.settings import OptimizerConfig, TrainConfig, TrainError
@@ -167,8 +167,9 @@ def load_run(run_dir: str | Path) -> tuple[dict, Config, Tokenizer]:
     """(params, config, tokenizer) of a run directory written by `python -m palm train`.
 
     The config comes from its config.json, the tokenizer from its tokenizer.model, the params
-    from its newest checkpoint. The checkpoint holds the whole train state and is restored as
-    such (`Checkpointer` restores whole states); only the params are kept.
+    from its newest checkpoint, on one device even when the run was trained sharded over a
+    mesh. The checkpoint holds the whole train state and is restored as such (`Checkpointer`
+    restores whole states); only the params are kept.
 
     Raises:
         TrainError: no such directory, or a config.json that is missing or unreadable.
@@ -177,7 +178,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, Config, Tokenizer]:
             tokenizer (written by another configuration, or damaged); the message names it.
     """
     # palm.train imports this module (for `greedy`), so it can only be imported here.
-    from palm.train import RUN_TOKENIZER, check_meta, init_state, read_run_config
+    from palm.train import RUN_TOKENIZER, abstract_state, check_meta, read_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -200,9 +201,8 @@ def load_run(run_dir: str | Path) -> tuple[dict, Config, Tokenizer]:
             raise CheckpointError(f"no checkpoint in {directory}: train the run first")
         check_meta(checkpointer, step, {"config": config.to_dict(),
                                         "tokenizer_sha256": tokenizer.sha256})
-        # Shapes only: eval_shape builds the template without initialising anything.
-        template = abstract(jax.eval_shape(lambda: init_state(config, train_config)))
-        state, _ = checkpointer.restore(step, template)
+        # Onto this process's first device, whatever mesh the run was trained on.
+        state, _ = checkpointer.restore(step, abstract_state(config, train_config))
     finally:
         checkpointer.close()
     return state["params"], config, tokenizer

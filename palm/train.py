@@ -11,8 +11,10 @@ checkpoint is written; a second signal aborts at once.
 `TrainConfig.mesh` (`--mesh data=D,model=M`) shards the run over a device mesh: the state is
 created and kept sharded (`state_shardings`), the loss runs under `shard_map`
 (`palm.model.loss(mesh=)`), batches split over "data". Checkpoints hold the sharded arrays
-and resume onto the same mesh; a run cannot yet move to another mesh (`--resume` refuses a
-different --mesh).
+and do not depend on the mesh: a restore places every leaf as the resuming run's mesh wants
+(`abstract_state`), so `--resume --mesh data=4,model=2` continues a run trained on 2x4 (the
+data order is the global batch's, whatever the mesh), and `palm.decoding.load_run` loads it
+onto one device.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -92,6 +96,18 @@ def init_state(config: Config, train_config: TrainConfig, mesh: Mesh | None = No
                    out_shardings=state_shardings(config, train_config, mesh))()
 
 
+def abstract_state(config: Config, train_config: TrainConfig, mesh: Mesh | None = None) -> dict:
+    """The train state's shapes, dtypes and placements, nothing allocated: what a checkpoint
+    is restored into. Leaves go where this run keeps them (`state_shardings` on `mesh`, or this
+    process's first device without one), whichever mesh wrote the checkpoint: a run may
+    resume on another mesh, and `palm.decoding.load_run` loads a sharded run onto one device.
+    """
+    shapes = jax.eval_shape(lambda: _fresh_state(config, train_config))
+    if mesh is None:
+        return abstract(shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return abstract(shapes, state_shardings(config, train_config, mesh))
+
+
 def make_train_step(config: Config, train_config: TrainConfig, mesh: Mesh | None = None):
     """jit(state, batch int32 [B, T + 1]) -> (state, metrics); the old state is donated.
 
@@ -135,10 +151,32 @@ def make_eval_step(config: Config, train_config: TrainConfig, mesh: Mesh | None 
 
 def place_batch(batch: np.ndarray, mesh: Mesh | None) -> jax.Array:
     """A host batch as the step wants it: on the default device, or split over "data" (each
-    process passes its own rows, as palm.data.Loader gives them)."""
+    process passes its own rows, `batch_rows`' block, as palm.data.Loader gives them)."""
     if mesh is None:
         return jnp.asarray(batch)
     return jax.make_array_from_process_local_data(batch_sharding(mesh), batch)
+
+
+def batch_rows(mesh: Mesh | None, batch_size: int) -> tuple[int, int]:
+    """(index, count): this process's devices hold block `index` of `count` equal blocks of
+    rows of the global batch, as `batch_sharding` places it; palm.data.Loader's process_index
+    and process_count. Processes whose devices hold the same rows (replicas over "model")
+    read the same block; one process reads the whole batch.
+
+    Raises:
+      TrainError: the process's devices hold rows that are not one block.
+    """
+    if mesh is None:
+        return 0, 1
+    indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+    rows = sorted({index[0].indices(batch_size)[:2] for index in indices})
+    start, stop = rows[0][0], rows[-1][1]
+    size = stop - start
+    if any(a[1] != b[0] for a, b in zip(rows, rows[1:])) or batch_size % size or start % size:
+        raise TrainError(f"--mesh data={mesh.shape[sharding.DATA]},model={mesh.shape[sharding.MODEL]}: "
+                         f"process {jax.process_index()}'s devices hold rows {rows} of the batch of "
+                         f"{batch_size}, not one of equal blocks")
+    return start // size, batch_size // size
 
 
 # --- Data. ---
@@ -242,13 +280,99 @@ def read_run_config(run_dir: Path) -> dict:
         raise TrainError(f"{path} is not readable JSON: {e}") from None
 
 
+# --- Processes. ---
+
+def initialize_processes(coordinator: str | None, num_processes: int | None,
+                         process_id: int | None, timeout: float) -> None:
+    """Joins this process to a job of `num_processes` (`jax.distributed.initialize`), which
+    must happen before anything touches JAX's devices; nothing to do when all three are None.
+
+    Raises:
+      TrainError: some of the three are missing or out of range. A process that has not met
+        all the others within `timeout` seconds prints a one-line error and exits with code 2.
+    """
+    given = {"--coordinator": coordinator, "--num-processes": num_processes,
+             "--process-id": process_id}
+    if all(v is None for v in given.values()):
+        return
+    missing = [flag for flag, v in given.items() if v is None]
+    if missing:
+        raise TrainError(f"{', '.join(missing)} missing: a multi-process run needs --coordinator, "
+                         "--num-processes and --process-id")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TrainError(f"--coordinator {coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise TrainError(f"--process-id {process_id} must be in [0, {num_processes}) "
+                         f"(--num-processes {num_processes})")
+    if not timeout > 0:
+        raise TrainError(f"--coordinator-timeout {timeout} must be > 0 seconds")
+    # CPU processes exchange collectives through gloo (XLA:CPU has none across processes
+    # otherwise); GPUs and TPUs bring their own and ignore the setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    # initialize does not raise when the others stay away: its deadline aborts the process
+    # with a C++ stack trace. The watchdog ends it first, in one line; initialize's own
+    # deadline is set past the watchdog's.
+    def give_up():
+        waiting = "the other processes did not all connect" if process_id == 0 else "no answer"
+        print(f"error: process {process_id} of {num_processes} could not join the job at "
+              f"--coordinator {coordinator} within --coordinator-timeout {timeout:g} s "
+              f"({waiting})", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id,
+                                   initialization_timeout=math.ceil(timeout) + 60)
+    finally:
+        watchdog.cancel()
+
+
+def _is_primary() -> bool:
+    """Process 0 writes the run's files and prints; the others only compute."""
+    return jax.process_index() == 0
+
+
+def _say(text: str, file=None) -> None:
+    if _is_primary():
+        tqdm.write(text, file=file)
+
+
+def _primary_first(fn):
+    """fn() on process 0, then on the others, which find what it wrote (the tokenizer, the
+    token cache) instead of racing it to write the same files. An error on process 0 is
+    raised there and stops the others too, which would otherwise wait for it forever."""
+    if jax.process_count() == 1:
+        return fn()
+    error, result = None, None
+    if _is_primary():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the others
+            error = e
+    # A barrier that also tells the others whether process 0 succeeded.
+    succeeded = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if error is not None:
+        raise error
+    if not succeeded:
+        raise TrainError("process 0 could not prepare the run; its error says why")
+    return result if _is_primary() else fn()
+
+
 # --- The loop. ---
 
 class _MetricsLog:
-    """Appends one JSON object per line and flushes, so a crash loses at most the line in hand."""
+    """Appends one JSON object per line and flushes, so a crash loses at most the line in hand.
+    With no path (processes other than 0) it writes nothing."""
 
-    def __init__(self, path: Path):
-        self._file = open(path, "a+", encoding="utf-8")
+    def __init__(self, path: Path | None):
+        self._file = None if path is None else open(path, "a+", encoding="utf-8")
+        if self._file is None:
+            return
         # A process killed mid-line leaves a fragment; the next line must not be glued to it.
         if self._file.tell() > 0:
             self._file.seek(self._file.tell() - 1)
@@ -256,11 +380,13 @@ class _MetricsLog:
                 self._file.write("\n")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class _Interrupts:
@@ -290,7 +416,7 @@ class _Interrupts:
         if self.received is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted")
         self.received = signal.Signals(signum)
-        tqdm.write(f"{self.received.name}: finishing this step and writing a checkpoint "
+        _say(f"{self.received.name}: finishing this step and writing a checkpoint "
                    "(send it again to abort without one)")
 
 
@@ -318,8 +444,9 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     tc = train_config
     if tc.seq_len > config.max_seq_len:
         raise TrainError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
-    if tc.batch_size % jax.process_count():
-        raise TrainError(f"--batch-size {tc.batch_size} must divide over {jax.process_count()} processes")
+    if jax.process_count() > 1 and tc.mesh is None:
+        raise TrainError(f"{jax.process_count()} processes need --mesh over their "
+                         f"{jax.device_count()} devices")
     mesh = None
     if tc.mesh is not None:
         try:
@@ -331,12 +458,14 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     data_lib.Mixture(sources, weights=weights, val_fraction=val_fraction)
     files = {name: tokenizer_lib.resolve_paths(source) if isinstance(source, (str, Path, list, tuple))
              else source for name, source in sources.items()}
-    if not resume:
+    def check_fresh():
         previous = [n for n in (RUN_CONFIG, "metrics.jsonl", "checkpoints") if (run_dir / n).exists()]
         if previous:
             raise TrainError(f"{run_dir} already holds a run ({', '.join(previous)}); pass --resume "
                              "to continue it or choose another --out")
 
+    if not resume:  # every process looks before any writes
+        _primary_first(check_fresh)
     created = not run_dir.exists()
     checkpointer = None
     try:
@@ -344,31 +473,33 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
         if resume and checkpointer.latest_step() is None:
             raise TrainError(f"--resume: no checkpoint in {checkpointer.directory}")
-        tokenizer, corpus, config = build_data(files, weights, config, run_dir, tokenizer_path,
-                                               cache_dir, val_fraction, fit_vocab=fit_vocab,
-                                               progress=progress)
-        try:  # fails now rather than at the first validation, after compiling and training
-            data_lib.validation_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
-                                        max_batches=1, process_count=jax.process_count())
-        except ValueError as e:
-            raise TrainError(f"{e}: give more text, or a smaller --batch-size or --seq-len") from e
+        tokenizer, corpus, config = _primary_first(lambda: build_data(
+            files, weights, config, run_dir, tokenizer_path, cache_dir, val_fraction,
+            fit_vocab=fit_vocab, progress=progress))
         if mesh is not None:  # after build_data: the vocabulary is the tokenizer's
             check_mesh(mesh, config, tc.batch_size)
+        row_block, row_blocks = batch_rows(mesh, tc.batch_size)
+        try:  # fails now rather than at the first validation, after compiling and training
+            data_lib.validation_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                        max_batches=1, process_index=row_block,
+                                        process_count=row_blocks)
+        except ValueError as e:
+            raise TrainError(f"{e}: give more text, or a smaller --batch-size or --seq-len") from e
     except BaseException:
         if checkpointer is not None:
             checkpointer.close()
-        if created:
+        if created and _is_primary():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
     loader = data_lib.Loader(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+                             process_index=row_block, process_count=row_blocks)
     meta = {"config": config.to_dict(), "seq_len": tc.seq_len, "batch_size": tc.batch_size,
             "seed": tc.seed, "tokenizer_sha256": tokenizer.sha256}
-    state = init_state(config, tc, mesh)
+    template = abstract_state(config, tc, mesh)
     if resume:
         try:
-            state, latest = _restore_latest(checkpointer, state, meta, loader)
+            state, latest = _restore_latest(checkpointer, template, meta, loader)
             if tc.steps <= latest:
                 raise TrainError(f"--steps {tc.steps} is not above step {latest}, where the run "
                                  f"in {run_dir} stands; pass a larger --steps to train further")
@@ -376,8 +507,11 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
             checkpointer.close()
             loader.close()
             raise
+    else:
+        state = init_state(config, tc, mesh)
     # Written once the run is known to go ahead; a resumed run records its new settings.
-    write_run_config(run_dir, config, tc, sources, weights, val_fraction, command)
+    if _is_primary():
+        write_run_config(run_dir, config, tc, sources, weights, val_fraction, command)
 
     train_step = make_train_step(config, tc, mesh)
     eval_step = make_eval_step(config, tc, mesh)
@@ -386,7 +520,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     # MFU counts the devices that compute the step (those holding the state), not every device
     # the process can see.
     n_devices = len(state["params"]["embed"].devices())
-    log = _MetricsLog(run_dir / "metrics.jsonl")
+    log = _MetricsLog(run_dir / "metrics.jsonl" if _is_primary() else None)
     if resume:
         log.write({"event": "resume", "step": latest})
 
@@ -395,8 +529,8 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
 
     def validate():
         batches = data_lib.validation_batches(corpus, seq_len=tc.seq_len, batch_size=tc.batch_size,
-                                              max_batches=tc.eval_batches, process_index=jax.process_index(),
-                                              process_count=jax.process_count())
+                                              max_batches=tc.eval_batches, process_index=row_block,
+                                              process_count=row_blocks)
         results = [_to_float(eval_step(state["params"], place_batch(b, mesh))) for b in batches]
         return {k: float(np.mean([r[k] for r in results])) for k in ("loss", "cross_entropy", "accuracy")}
 
@@ -406,7 +540,8 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     rewinds = 0
     last = {}
     compiled = False
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and _is_primary()), unit="step",
+               dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
     interrupts = _Interrupts()
     try:
@@ -421,7 +556,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                     compiled = True
                     seconds = time.perf_counter() - window_start
                     log.write({"event": "compiled", "step": step + 1, "seconds": seconds})
-                    tqdm.write(f"compiled the train step and ran it once in {seconds:.1f} s")
+                    _say(f"compiled the train step and ran it once in {seconds:.1f} s")
                 if tc.spike_factor is not None and _is_spike(current, recent, tc):
                     rewinds += 1
                     if rewinds > tc.max_rewinds:
@@ -430,11 +565,11 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                     back = checkpointer.latest_step()
                     if back is None:
                         raise TrainError(f"loss spike at step {step + 1} ({current:.4g}) before any checkpoint")
-                    state = _restore(checkpointer, back, init_state(config, tc, mesh), meta, loader)
+                    state = _restore(checkpointer, back, template, meta, loader)
                     loader.skip(tc.spike_skip_batches)
                     log.write({"event": "loss_spike", "step": step + 1, "loss": current, "rewound_to": back,
                                "skipped_batches": tc.spike_skip_batches})
-                    tqdm.write(f"loss spike at step {step + 1} ({current:.4g}): back to step {back}, "
+                    _say(f"loss spike at step {step + 1} ({current:.4g}): back to step {back}, "
                                f"skipping {tc.spike_skip_batches} batches")
                     step, recent = back, []
                     bar.n = step
@@ -476,7 +611,18 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         log.close()
 
     interrupted = interrupts.received.name if interrupts.received is not None else None
-    sample = None if interrupted else _sample(state["params"], config, tc, tokenizer)
+    sample = None
+    if not interrupted:
+        params = state["params"]
+        if jax.process_count() > 1:
+            # Sharded over processes, no process holds the params whole: gather them to every
+            # process (a collective: all must take part) and sample on process 0's own
+            # device, as in a one-device run. Sampling under the mesh instead would need the
+            # prompt and every decoded token placed globally, and GSPMD to split the decoder
+            # and its Pallas kernels; a model whose sample is worth printing fits one device.
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if _is_primary():
+            sample = _sample(params, config, tc, tokenizer)
     return {"step": step, "final": last, "sample": sample, "interrupted": interrupted,
             "checkpoint": str(checkpointer.directory / str(step)),
             "wall_seconds": time.perf_counter() - start_time,
@@ -501,9 +647,10 @@ def _mfu(tokens_per_second: float | None, config: Config, tc: TrainConfig,
 
 def _restore(checkpointer: Checkpointer, step: int, template: dict, meta: dict,
              loader: data_lib.Loader) -> dict:
-    """Restores the train state and the loader; refuses a checkpoint of another run's config."""
+    """Restores the train state into `template` (`abstract_state`) and the loader; refuses a
+    checkpoint of another run's config."""
     check_meta(checkpointer, step, meta)
-    state, saved = checkpointer.restore(step, abstract(template))
+    state, saved = checkpointer.restore(step, template)
     loader.restore(saved["loader"])
     return state
 
@@ -531,7 +678,7 @@ def _restore_latest(checkpointer: Checkpointer, template: dict, meta: dict,
             raise
         except CheckpointError as e:
             damaged.append(step)
-            tqdm.write(f"warning: {e}; trying an older checkpoint")
+            _say(f"warning: {e}; trying an older checkpoint")
     raise CheckpointError(f"no intact checkpoint in {checkpointer.directory} (damaged: steps "
                           f"{', '.join(map(str, damaged))})")
 
@@ -594,7 +741,7 @@ def _command_settings(args: argparse.Namespace) -> dict:
         if value == settings[name]:
             continue
         if name in RESUMABLE:
-            print(f"note: {_flag(name)} {value} (was {settings[name]})", file=sys.stderr)
+            _say(f"note: {_flag(name)} {value} (was {settings[name]})", file=sys.stderr)
             settings[name] = value
         else:
             conflicts.append(f"{_flag(name)} {value} (the run has {settings[name]})")
@@ -609,6 +756,9 @@ def run(args: argparse.Namespace) -> int:
     """`python -m palm train`: bad input exits with code 2 and a one-line message; SIGINT or
     SIGTERM writes a checkpoint and exits with 128 + the signal number (130, 143)."""
     try:
+        # First: nothing may touch JAX's devices before the processes have met.
+        initialize_processes(args.coordinator, args.num_processes, args.process_id,
+                             args.coordinator_timeout)
         flags = _command_settings(args)
         config = preset(flags["preset"])
         overrides = {k: flags[k] for k in ("remat", "dtype", "vocab_size") if flags[k] is not None}
@@ -640,10 +790,12 @@ def run(args: argparse.Namespace) -> int:
     final = summary["final"]
     if summary["interrupted"]:
         signum = int(getattr(signal, summary["interrupted"]))
-        print(f"{summary['interrupted']}: stopped at step {summary['step']}; checkpoint "
-              f"{summary['checkpoint']}\nresume with: python -m palm train --out {args.out} --resume",
-              file=sys.stderr)
+        _say(f"{summary['interrupted']}: stopped at step {summary['step']}; checkpoint "
+             f"{summary['checkpoint']}\nresume with: python -m palm train --out {args.out} --resume",
+             file=sys.stderr)
         return 128 + signum
+    if not _is_primary():
+        return 0
     tokens_per_second = final.get("tokens_per_second")
     print(f"step {summary['step']}: loss {final.get('loss', float('nan')):.3f} "
           f"(val {final.get('val_cross_entropy', float('nan')):.3f} nats/token; unigram entropy "
