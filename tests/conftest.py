@@ -32,11 +32,17 @@ hypothesis.settings.register_profile(
     "explicit", phases=[hypothesis.Phase.explicit], deadline=None, print_blob=True)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Interpreted kernels (and a dozen-leaf optimizer update) become large CPU programs whose XLA
-# compile (seconds) dwarfs running them at test sizes. XLA:CPU's cheap settings halve that; they
-# change code generation, not what is computed. (`xla_cpu_use_fusion_emitters=False` would halve
-# it again on jax 0.10.2, but jaxlib 0.11.2 rejects the option.)
+# Test programs are small and run once or a few times, so XLA's compile (seconds) dwarfs running
+# them: XLA:CPU's cheap settings halve it (2.3x on tests/test_model.py's property tests); they
+# change code generation, not what is computed. They go into XLA_FLAGS, read when JAX creates its
+# CPU client (after this conftest is imported, before any test computes), so every compile of
+# the session and of the subprocesses it starts gets them; flags already in XLA_FLAGS come after
+# ours and win. `pytest bench/ --benchmark-only` does not load this file: timed runs keep XLA's
+# full optimisation. (`xla_cpu_use_fusion_emitters=False` would halve compiles again on jax
+# 0.10.2, but jaxlib 0.11.2 rejects the option.)
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE_FLAGS = " ".join(f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE.items())
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 
 def run(fn, *args):

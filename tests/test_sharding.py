@@ -215,7 +215,7 @@ def test_shard_places_a_slice_of_every_leaf_on_each_of_8_devices():
                    for s in params["embed"].addressable_shards)  # fully sharded: 1/8 each
         print("ok")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=180)

@@ -307,7 +307,7 @@ def test_a_signal_checkpoints_and_the_run_resumes(tmp_path, corpus_glob, tokeniz
     args = _train_args(out, [corpus_glob], tokenizer_path, cache_dir, "--steps", "100000",
                        "--checkpoint-every", "100000", "--eval-every", "100000",
                        "--peak-flops", "1e12")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2")
     process = subprocess.Popen([sys.executable, "-m", "palm", *args], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
