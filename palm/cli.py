@@ -98,9 +98,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     # compared on --resume (a run may move to another cluster).
     launch = parser.add_argument_group(
         "multi-process runs", "one process per host (or per GPU), all with the same flags but "
-                              "--process-id; the run directory must be one that every process sees")
+                              "--process-id;\nthe run directory must be one that every process sees")
     launch.add_argument("--coordinator", metavar="HOST:PORT",
-                        help="address of process 0, where the processes meet (jax.distributed)")
+                        help="address of process 0, where the processes meet (jax.distributed); "
+                             "auto: detected with the process count and index on Cloud TPU, "
+                             "Slurm or Open MPI")
     launch.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
     launch.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
     launch.add_argument("--coordinator-timeout", type=float, default=60.0, metavar="SECONDS",

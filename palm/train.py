@@ -15,6 +15,12 @@ and do not depend on the mesh: a restore places every leaf as the resuming run's
 (`abstract_state`), so `--resume --mesh data=4,model=2` continues a run trained on 2x4 (the
 data order is the global batch's, whatever the mesh), and `palm.decoding.load_run` loads it
 onto one device.
+
+Several processes (one per host; `--coordinator`, `--num-processes`, `--process-id`, see
+`initialize_processes`) train one mesh over all their devices: each reads only its block of
+every global batch (`batch_rows`), process 0 alone writes the run's files (config.json,
+metrics, tokenizer, token cache) and prints, and every process takes part in each checkpoint
+(orbax writes each process's shards), so the run directory must be one they all see.
 """
 
 from __future__ import annotations
@@ -284,31 +290,47 @@ def read_run_config(run_dir: Path) -> dict:
 
 def initialize_processes(coordinator: str | None, num_processes: int | None,
                          process_id: int | None, timeout: float) -> None:
-    """Joins this process to a job of `num_processes` (`jax.distributed.initialize`), which
-    must happen before anything touches JAX's devices; nothing to do when all three are None.
+    """Joins this process to a multi-process job (`jax.distributed.initialize`), which must
+    happen before anything touches JAX's devices; nothing to do when all three are None.
+
+    `coordinator` is process 0's HOST:PORT, given with `num_processes` and `process_id`; or
+    "auto", which leaves all three to JAX's detection of the cluster (Cloud TPU, Slurm, Open
+    MPI).
 
     Raises:
-      TrainError: some of the three are missing or out of range. A process that has not met
-        all the others within `timeout` seconds prints a one-line error and exits with code 2.
+      TrainError: a missing, extra or out-of-range setting, or no cluster to detect. A process
+        that has not met all the others within `timeout` seconds prints a one-line error and
+        exits with code 2.
     """
     given = {"--coordinator": coordinator, "--num-processes": num_processes,
              "--process-id": process_id}
     if all(v is None for v in given.values()):
         return
-    missing = [flag for flag, v in given.items() if v is None]
-    if missing:
-        raise TrainError(f"{', '.join(missing)} missing: a multi-process run needs --coordinator, "
-                         "--num-processes and --process-id")
-    host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise TrainError(f"--coordinator {coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
-    if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise TrainError(f"--process-id {process_id} must be in [0, {num_processes}) "
-                         f"(--num-processes {num_processes})")
     if not timeout > 0:
         raise TrainError(f"--coordinator-timeout {timeout} must be > 0 seconds")
-    # CPU processes exchange collectives through gloo (XLA:CPU has none across processes
-    # otherwise); GPUs and TPUs bring their own and ignore the setting.
+    if coordinator == "auto":
+        if num_processes is not None or process_id is not None:
+            raise TrainError("--coordinator auto detects the processes: drop --num-processes "
+                             "and --process-id")
+        job, settings = "this process", {}
+    else:
+        missing = [flag for flag, v in given.items() if v is None]
+        if missing:
+            raise TrainError(f"{', '.join(missing)} missing: a multi-process run needs "
+                             "--coordinator, --num-processes and --process-id")
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise TrainError(f"--coordinator {coordinator!r}: expected HOST:PORT, e.g. "
+                             "10.0.0.1:1234, or auto")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise TrainError(f"--process-id {process_id} must be in [0, {num_processes}) "
+                             f"(--num-processes {num_processes})")
+        job = f"process {process_id} of {num_processes}"
+        settings = dict(coordinator_address=coordinator, num_processes=num_processes,
+                        process_id=process_id)
+    # CPU processes exchange collectives through gloo (JAX's default for CPU since 0.10, named
+    # so that an environment setting another cannot break the job); GPUs and TPUs bring their
+    # own and ignore the setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     # initialize does not raise when the others stay away: its deadline aborts the process
@@ -316,18 +338,17 @@ def initialize_processes(coordinator: str | None, num_processes: int | None,
     # deadline is set past the watchdog's.
     def give_up():
         waiting = "the other processes did not all connect" if process_id == 0 else "no answer"
-        print(f"error: process {process_id} of {num_processes} could not join the job at "
-              f"--coordinator {coordinator} within --coordinator-timeout {timeout:g} s "
-              f"({waiting})", file=sys.stderr, flush=True)
+        print(f"error: {job} could not join the job at --coordinator {coordinator} within "
+              f"--coordinator-timeout {timeout:g} s ({waiting})", file=sys.stderr, flush=True)
         os._exit(2)
 
     watchdog = threading.Timer(timeout, give_up)
     watchdog.daemon = True
     watchdog.start()
     try:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id,
-                                   initialization_timeout=math.ceil(timeout) + 60)
+        jax.distributed.initialize(**settings, initialization_timeout=math.ceil(timeout) + 60)
+    except (ValueError, RuntimeError) as e:  # "auto" where JAX detects no cluster; JAX in use
+        raise TrainError(f"--coordinator {coordinator}: cannot start the job: {e}") from None
     finally:
         watchdog.cancel()
 
@@ -340,6 +361,11 @@ def _is_primary() -> bool:
 def _say(text: str, file=None) -> None:
     if _is_primary():
         tqdm.write(text, file=file)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _primary_first(fn):
@@ -416,8 +442,18 @@ class _Interrupts:
         if self.received is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted")
         self.received = signal.Signals(signum)
-        _say(f"{self.received.name}: finishing this step and writing a checkpoint "
+        tqdm.write(f"{self.received.name}: finishing this step and writing a checkpoint "
                    "(send it again to abort without one)")
+
+
+def _agreed_signal(received: signal.Signals | None) -> signal.Signals | None:
+    """The signal that stops the run, the same on every process: one process's stops them all
+    at the same step, since each must take part in the same collectives (the checkpoint's
+    too). Several processes compare at every call (a collective of one number)."""
+    if jax.process_count() == 1:
+        return received
+    number = int(multihost_utils.process_allgather(np.int32(received or 0)).max())
+    return signal.Signals(number) if number else None
 
 
 def _to_float(tree: dict) -> dict:
@@ -433,7 +469,9 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
 
     The model's vocabulary follows the tokenizer's (see `build_data`). A fresh run refuses a
     directory that already holds a run; on a bad input the directory is not left behind if
-    this call created it.
+    this call created it. In a multi-process job every process calls this with the same
+    arguments (after `initialize_processes`), and `train_config.mesh` must span their devices;
+    the summary's sample is process 0's alone.
 
     Raises:
         TrainError, CheckpointError, ValueError, FileNotFoundError: bad input, named.
@@ -458,15 +496,15 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     data_lib.Mixture(sources, weights=weights, val_fraction=val_fraction)
     files = {name: tokenizer_lib.resolve_paths(source) if isinstance(source, (str, Path, list, tuple))
              else source for name, source in sources.items()}
-    def check_fresh():
+    if not resume:
         previous = [n for n in (RUN_CONFIG, "metrics.jsonl", "checkpoints") if (run_dir / n).exists()]
         if previous:
             raise TrainError(f"{run_dir} already holds a run ({', '.join(previous)}); pass --resume "
                              "to continue it or choose another --out")
-
-    if not resume:  # every process looks before any writes
-        _primary_first(check_fresh)
     created = not run_dir.exists()
+    # Every process has looked (and, seeing the same directory, decided alike) before any
+    # process writes.
+    _barrier("palm.train: run directory checked")
     checkpointer = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -546,7 +584,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
     interrupts = _Interrupts()
     try:
         with interrupts:
-            while step < tc.steps and interrupts.received is None:
+            while step < tc.steps and _agreed_signal(interrupts.received) is None:
                 batch = place_batch(next(loader), mesh)
                 new_state, metrics = train_step(state, batch)
                 current = float(metrics["loss"])
@@ -601,7 +639,8 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                 if step % tc.checkpoint_every == 0 or step == tc.steps:
                     save(step)
                     saved_step = step
-            if interrupts.received is not None and saved_step != step:
+            stopped_by = _agreed_signal(interrupts.received)
+            if stopped_by is not None and saved_step != step:
                 save(step)
     finally:
         bar.close()
@@ -610,7 +649,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
         loader.close()
         log.close()
 
-    interrupted = interrupts.received.name if interrupts.received is not None else None
+    interrupted = stopped_by.name if stopped_by is not None else None
     sample = None
     if not interrupted:
         params = state["params"]

@@ -25,7 +25,7 @@ import pytest
 
 from palm.cli import main
 from palm.settings import TrainError, parse_mesh
-from conftest import FAST_COMPILE
+from conftest import FAST_COMPILE_FLAGS
 
 _SCRIPT = textwrap.dedent("""
     import dataclasses
@@ -145,10 +145,9 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_train_steps_match_one_device_on_8_cpu_devices():
-    # conftest.FAST_COMPILE as XLA flags, so that they reach every compile (init_state's
-    # too): the ten compiles are nearly all of this test's time, and the flags halve them.
-    fast = " ".join(f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE.items())
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {fast}",
+    # conftest's cheap compile settings, so that they reach every compile (init_state's
+    # too): the compiles are nearly all of this test's time, and the flags halve them.
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}",
                JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
