@@ -513,7 +513,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
             raise TrainError(f"--resume: no checkpoint in {checkpointer.directory}")
         tokenizer, corpus, config = _primary_first(lambda: build_data(
             files, weights, config, run_dir, tokenizer_path, cache_dir, val_fraction,
-            fit_vocab=fit_vocab, progress=progress))
+            fit_vocab=fit_vocab, progress=progress and _is_primary()))
         if mesh is not None:  # after build_data: the vocabulary is the tokenizer's
             check_mesh(mesh, config, tc.batch_size)
         row_block, row_blocks = batch_rows(mesh, tc.batch_size)
