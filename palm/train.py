@@ -181,7 +181,7 @@ def batch_rows(mesh: Mesh | None, batch_size: int) -> tuple[int, int]:
     if any(a[1] != b[0] for a, b in zip(rows, rows[1:])) or batch_size % size or start % size:
         raise TrainError(f"--mesh data={mesh.shape[sharding.DATA]},model={mesh.shape[sharding.MODEL]}: "
                          f"process {jax.process_index()}'s devices hold rows {rows} of the batch of "
-                         f"{batch_size}, not one of equal blocks")
+                         f"{batch_size}, not one block of an equal split (the loader reads one)")
     return start // size, batch_size // size
 
 
@@ -397,10 +397,8 @@ class _MetricsLog:
 
     def __init__(self, path: Path | None):
         self._file = None if path is None else open(path, "a+", encoding="utf-8")
-        if self._file is None:
-            return
         # A process killed mid-line leaves a fragment; the next line must not be glued to it.
-        if self._file.tell() > 0:
+        if self._file is not None and self._file.tell() > 0:
             self._file.seek(self._file.tell() - 1)
             if self._file.read(1) != "\n":
                 self._file.write("\n")
@@ -608,7 +606,7 @@ def train(config: Config, train_config: TrainConfig, sources: dict[str, Any], ru
                     log.write({"event": "loss_spike", "step": step + 1, "loss": current, "rewound_to": back,
                                "skipped_batches": tc.spike_skip_batches})
                     _say(f"loss spike at step {step + 1} ({current:.4g}): back to step {back}, "
-                               f"skipping {tc.spike_skip_batches} batches")
+                         f"skipping {tc.spike_skip_batches} batches")
                     step, recent = back, []
                     bar.n = step
                     window_start, window_steps = time.perf_counter(), 0

@@ -5,7 +5,8 @@ equal those of one process with 4 devices on the same mesh and global batch. Onl
 writes the run's files and prints; both restore the checkpoint to resume, and a SIGTERM to
 one stops both at the same step with a checkpoint. A process whose
 coordinator never answers exits within --coordinator-timeout with a one-line error, and so
-does one told to detect a cluster (--coordinator auto) where there is none.
+do one told to detect a cluster (--coordinator auto) where there is none and a pair of
+processes without a --mesh to share.
 
 Tolerance: conftest.TOLERANCE["float32"] = 2e-5 relative on every logged loss, gradient norm
 and validation loss (float32 throughout): the two jobs run the same program on the same mesh,
@@ -125,21 +126,26 @@ def test_two_processes_train_as_one_with_four_devices(tmp_path):
 
 
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
-    # Side by side: a process whose coordinator never answers, and one told to detect a
-    # cluster on a machine that is none.
-    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    # Side by side: a process whose coordinator never answers, one told to detect a cluster on
+    # a machine that is none, and a pair that meets but has no --mesh to share.
+    address, pair = (f"127.0.0.1:{_free_port()}" for _ in range(2))  # nothing listens at address
     flags = ["train", "--out", str(tmp_path / "run"), "--coordinator-timeout", "3"]
-    logs = [tmp_path / "p1.log", tmp_path / "auto.log"]
+    logs = [tmp_path / name for name in ("p1.log", "auto.log", "pair0.log", "pair1.log")]
     start = time.monotonic()
     codes = _launch([([*flags, "--coordinator", address, "--num-processes", "2", "--process-id", "1"],
                       _env(2)),
-                     ([*flags, "--coordinator", "auto"], _env(2))], logs, timeout=60)
+                     ([*flags, "--coordinator", "auto"], _env(2))]
+                    + [([*flags, "--coordinator-timeout", "60", "--coordinator", pair,
+                         "--num-processes", "2", "--process-id", str(i)], _env(2)) for i in range(2)],
+                    logs, timeout=90)
     seconds = time.monotonic() - start
-    lines, auto = [log.read_text().strip().splitlines() for log in logs]
-    assert codes == [2, 2], (lines, auto)
+    lines, auto, *pairs = [[line for line in log.read_text().strip().splitlines()
+                            if not line.startswith("[Gloo]")] for log in logs]
+    assert codes == [2, 2, 2, 2], (lines, auto, pairs)
     assert lines == [f"error: process 1 of 2 could not join the job at --coordinator {address} "
                      "within --coordinator-timeout 3 s (no answer)"]
     assert len(auto) == 1 and auto[0].startswith("error: --coordinator auto: cannot start the job: "), auto
+    assert pairs == [["error: 2 processes need --mesh over their 4 devices"]] * 2
     assert seconds < 3 + 30  # the timeout, plus starting Python and importing JAX on a busy machine
     assert not (tmp_path / "run").exists()
 
