@@ -327,9 +327,10 @@ def test_a_signal_checkpoints_and_the_run_resumes(tmp_path, corpus_glob, tokeniz
     assert (out / "checkpoints" / str(step)).is_dir()
     flops = records[-1]["model_flops_per_token"]
     assert records[-1]["mfu"] == pytest.approx(records[-1]["tokens_per_second"] * flops / 1e12)
-    assert main(["train", "--out", str(out), "--resume", "--steps", str(step + 1),
-                 "--no-progress"]) == 0
-    assert [r["step"] for r in read_metrics(out) if "loss" in r][-1] == step + 1
+    if signum == signal.SIGINT:  # the resume path does not depend on the signal: run it once
+        assert main(["train", "--out", str(out), "--resume", "--steps", str(step + 1),
+                     "--no-progress"]) == 0
+        assert [r["step"] for r in read_metrics(out) if "loss" in r][-1] == step + 1
 
 
 def _lines(out):
