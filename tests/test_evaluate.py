@@ -235,7 +235,7 @@ def test_load_task_reads_kinds_and_template(tmp_path):
     assert task.kind == "generate" and task.lines == (2, 4) and task.name == "task"
     assert task.template == Template(prompt="Q: {question}\nA:", separator="\n")
     assert few_shot_prompt(task.examples[:1], task.examples[1], task.template) == "Q: a?\nA: b\nQ: c?\nA:"
-    for name in ("arithmetic", "python_next_line"):  # the project's own task files
+    for name in ("arithmetic", "python_next_line", "python_word_order"):  # the project's own task files
         assert len(load_task(ROOT / "tasks" / f"{name}.jsonl").examples) >= 50
 
 

@@ -1,6 +1,6 @@
 """Writes the project's own few-shot task files (tasks/*.jsonl) for `python -m palm eval`.
 
-    python tools/make_tasks.py            # rewrites tasks/arithmetic.jsonl, tasks/python_next_line.jsonl
+    python tools/make_tasks.py            # rewrites tasks/*.jsonl
 
 Both are deterministic for a given seed and source tree, and small: they exist to exercise
 the evaluation paths end to end and to give the demo model a real score, not to rank models.
@@ -10,8 +10,11 @@ the evaluation paths end to end and to give the demo model a real score, not to 
   `<<expr=value>>` annotations, so the calculator path has something to do.
 - python_next_line: multiple choice. Six lines of this project's own Python source (not part of
   the demo's training text, the standard library), then which of four lines comes next: the
-  real one and three lines of similar length from elsewhere. A model that has learnt Python
+  real one and three lines of the same indentation and similar length from other files. A model that has learnt Python
   scores above the chance level of 0.25.
+- python_word_order: multiple choice, the same contexts, but the three wrong choices are the
+  real next line's words shuffled (same indentation and bytes): a test of syntax rather than
+  of knowing this code base, which a small model trained on the standard library can pass.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def arithmetic(rng: random.Random, n: int) -> list[dict]:
 
 def python_next_line(rng: random.Random, n: int, context_lines: int = 6) -> list[dict]:
     """n questions from the project's own .py files: context_lines lines, then the next line
-    among itself and three lines of similar length from other files."""
+    among itself and three lines of the same indentation and similar length from other files."""
     files = sorted(p for d in ("palm", "kernels", "tools") for p in (ROOT / d).rglob("*.py"))
     texts = {p: lines for p in files if len(lines := p.read_text().splitlines()) > context_lines}
     pool = [(p, line) for p, lines in texts.items() for line in lines if 20 <= len(line.strip()) <= 90]
@@ -89,14 +92,47 @@ def python_next_line(rng: random.Random, n: int, context_lines: int = 6) -> list
         context = lines[at - context_lines:at]
         if not 20 <= len(answer.strip()) <= 90 or not all(line.strip() for line in context[-2:]):
             continue
+        # Same indentation and about the same length: the choice turns on what the line says,
+        # not on whitespace, which is cheap to predict (per-byte scores would favour it).
+        indent = len(answer) - len(answer.lstrip())
         others = [line for p, line in pool if p != path and abs(len(line) - len(answer)) <= 10
-                  and line.strip() != answer.strip()]
+                  and len(line) - len(line.lstrip()) == indent and line.strip() != answer.strip()]
         if len(others) < 3:
             continue
         choices = rng.sample(others, 3)
         right = rng.randrange(4)
         choices.insert(right, answer)
         examples.append({"input": "\n".join(context) + "\n", "choices": choices, "answer": right})
+    return examples
+
+
+def python_word_order(rng: random.Random, n: int, context_lines: int = 6) -> list[dict]:
+    """n questions from the project's own .py files: context_lines lines, then which of four
+    versions of the next line is the real one; the other three hold the same words in another
+    order (same indentation, same bytes), so only knowing how Python reads can tell them apart."""
+    files = sorted(p for d in ("palm", "kernels", "tools") for p in (ROOT / d).rglob("*.py"))
+    texts = {p: lines for p in files if len(lines := p.read_text().splitlines()) > context_lines}
+    examples = []
+    while len(examples) < n:
+        lines = texts[rng.choice(list(texts))]
+        at = rng.randrange(context_lines, len(lines))
+        answer = lines[at]
+        words = answer.split()
+        if not 4 <= len(words) <= 12:
+            continue
+        indent = answer[:len(answer) - len(answer.lstrip())]
+        versions = {answer}
+        for _ in range(50):
+            if len(versions) == 4:
+                break
+            versions.add(indent + " ".join(rng.sample(words, len(words))))
+        if len(versions) < 4:
+            continue
+        choices = sorted(versions - {answer})
+        right = rng.randrange(4)
+        choices.insert(right, answer)
+        examples.append({"input": "\n".join(lines[at - context_lines:at]) + "\n", "choices": choices,
+                         "answer": right})
     return examples
 
 
@@ -115,6 +151,8 @@ def main() -> None:
     write(args.out / "arithmetic.jsonl", arithmetic(random.Random(args.seed), 60))
     # Code continues on the next line: the choice follows the context with no space.
     write(args.out / "python_next_line.jsonl", python_next_line(random.Random(args.seed), 100),
+          {"target": "{target}"})
+    write(args.out / "python_word_order.jsonl", python_word_order(random.Random(args.seed), 100),
           {"target": "{target}"})
 
 
