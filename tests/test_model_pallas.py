@@ -1,19 +1,23 @@
-"""The model on Pallas kernels: `palm.forward(impl="pallas_tpu")` against `impl="xla"`, and the
-whole PaLM layer lowered for real TPUs at PaLM-8B and PaLM-540B shapes."""
+"""The model on Pallas kernels: `palm.forward(impl="pallas_tpu")` against `impl="xla"`, the
+whole PaLM layer lowered for real TPUs at PaLM-8B and PaLM-540B shapes, and a PaLM-8B layer's
+loss and gradient under shard_map on a 4x2 TPU mesh."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 import palm
 from conftest import assert_close
 from kernels import target_backend
-from palm.model import _block
+from palm.model import _block, loss
 from tpu_export import export_for_tpu, mosaic_kernel_names
 
 # Small but not toy: two layers, several heads, T not a multiple of any block size.
@@ -82,3 +86,36 @@ def test_layer_lowers_for_tpu(name):
     # The backward runs the forward kernels again (residuals) and the Pallas backward kernels.
     assert any("bwd" in n for n in backward), backward
 
+
+
+def test_sharded_layer_lowers_for_tpu_on_a_4x2_mesh():
+    """One PaLM-8B layer (D 4096, H 16, K 256, F 16384, V 256,000), its loss and gradient under
+    shard_map on an abstract 4x2 ("data", "model") mesh of TPU v5p chips, exported for TPU:
+    the Pallas kernels lower natively at their local shapes (8 heads, 8192 MLP columns and one
+    sequence of 2048 per chip), and the module holds the layout's collectives (the FSDP
+    all-gathers, the psums over "model", and in the gradient the reduce-scatters)."""
+    config = dataclasses.replace(palm.preset("8b"), n_layers=1, dtype="bfloat16")
+    device = AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
+    mesh = AbstractMesh((4, 2), ("data", "model"), (AxisType.Auto,) * 2, abstract_device=device)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), palm.param_shapes(config),
+                          is_leaf=lambda s: isinstance(s, tuple))
+    tokens = jax.ShapeDtypeStruct((4, 2049), jnp.int32)  # B = 4 over data = 4, T = 2048
+
+    def value(p, t):
+        return loss(p, t, config, impl="pallas_tpu", mesh=mesh)[0]
+
+    modules = {}
+    for name, fn in [("loss", value), ("gradient", jax.grad(value))]:
+        with target_backend("tpu"), jax.sharding.use_abstract_mesh(mesh):
+            modules[name] = jax.export.export(jax.jit(fn), platforms=["tpu"])(params, tokens).mlir_module()
+    collectives = {name: set(re.findall(r"stablehlo\.(all_gather|all_reduce|reduce_scatter)", text))
+                   for name, text in modules.items()}
+    assert collectives == {"loss": {"all_gather", "all_reduce"},
+                           "gradient": {"all_gather", "all_reduce", "reduce_scatter"}}
+    forward, gradient = (mosaic_kernel_names(modules[n]) for n in ("loss", "gradient"))
+    for kernel in KERNELS:
+        assert any(n.startswith(kernel) for n in forward), (kernel, forward)
+    assert {"palm_mq_flash_attention_bwd_dq", "palm_norm_qkv_rope_bwd_dx",
+            "palm_norm_swiglu_bwd_dx"} <= set(gradient), gradient
+    # Local shapes: the flash kernel's q block is one chip's 8 of the 16 heads.
+    assert "tensor<1x2048x8x256xbf16>" in modules["loss"]
