@@ -2,8 +2,8 @@
 jax.distributed (gloo collectives, coordinator on 127.0.0.1) and train one data=2,model=2 mesh
 over their 4 devices, each process reading its half of every global batch; their losses
 equal those of one process with 4 devices on the same mesh and global batch. Only process 0
-writes the run's files and prints; both restore the checkpoint to resume, and a SIGTERM to
-one stops both at the same step with a checkpoint. A process whose coordinator never answers
+writes the run's files and prints; both restore the checkpoint to resume and continue as the
+uninterrupted run does, and a SIGTERM to one stops both at the same step with a checkpoint. A process whose coordinator never answers
 exits within --coordinator-timeout with a one-line error, and so do one told to detect a
 cluster (--coordinator auto) where there is none and a pair of processes without a --mesh to
 share. About 75 s on 2 busy cores, nearly all of it compiling in the five training processes.
@@ -81,7 +81,8 @@ def test_two_processes_train_as_one_with_four_devices(tmp_path):
               "--data", *files]
     one, two = tmp_path / "one", tmp_path / "two"
     logs = [tmp_path / "one.log", tmp_path / "p0.log", tmp_path / "p1.log"]
-    codes = _launch([([*common, "--out", str(one)], _env(4))], logs[:1], timeout=150)
+    # One step further than the pair: the pair's resumed run must continue as this one did.
+    codes = _launch([([*common, "--steps", "4", "--out", str(one)], _env(4))], logs[:1], timeout=150)
     assert codes == [0], logs[0].read_text()[-3000:]
 
     address = f"127.0.0.1:{_free_port()}"
@@ -103,7 +104,8 @@ def test_two_processes_train_as_one_with_four_devices(tmp_path):
     assert "step 3" not in out1 and "sample:" not in out1, out1[-2000:]
 
     # Resumed by two processes (each restores its own shards), then a SIGTERM to process 1
-    # alone stops both at the same step, where they write the checkpoint together.
+    # alone stops both at the same step, where they write the checkpoint together. The signal
+    # comes once the first step after the restore (step 4) has run and been logged.
     def terminate_process_1_once_training(procs, deadline):
         while "compiled the train step" not in logs[1].read_text():
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
@@ -122,6 +124,10 @@ def test_two_processes_train_as_one_with_four_devices(tmp_path):
     stopped = records[-1]["step"]
     assert {"event": "resume", "step": 3} in records and stopped > 3
     assert str(stopped) in os.listdir(two / "checkpoints")
+    # The step after the restore equals the uninterrupted run's step 4.
+    [resumed] = [r for r in records if r.get("step") == 4 and "loss" in r]
+    for name in ("loss", "grad_norm"):
+        assert_close(resumed[name], want[3][name], "float32", what=f"resumed step 4 {name}")
     assert f"SIGTERM: stopped at step {stopped}" in out0 and "stopped at" not in out1
     assert "SIGTERM: finishing this step" in out1
 
