@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels
 from kernels._common import current_backend, layer_norm_f32, matmul_f32
+from palm import collective
 from palm.config import Config
 
 
@@ -127,10 +128,12 @@ def _scan_blocks(x: jax.Array, blocks: dict, block, config: Config, impl: str) -
     return x
 
 
-def _unembed(x: jax.Array, final_norm_scale: jax.Array, embed: jax.Array, config: Config) -> jax.Array:
-    """Logits [B, T, V] float32 of x [B, T, D] against the shared embedding [V, D]."""
+def _unembed(x: jax.Array, final_norm_scale: jax.Array, embed, config: Config,
+             matmul=matmul_f32) -> jax.Array:
+    """Logits [B, T, V] float32 of x [B, T, D] against the shared embedding [V, D], multiplied
+    by `matmul` (the sharded model's collective matmul passes its own, and its shard)."""
     h = layer_norm_f32(x, final_norm_scale, config.norm_eps).astype(x.dtype)
-    logits = matmul_f32("BTD,VD->BTV", h, embed)
+    logits = matmul("BTD,VD->BTV", h, embed)
     return logits / math.sqrt(config.d_model)  # PaLM scales pre-softmax logits
 
 
@@ -138,12 +141,16 @@ def _positions(b: int, t: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # int [B, T]
 
 
-def _logits(params: dict, tokens: jax.Array, config: Config, impl: str, *, mesh=None) -> jax.Array:
+def _logits(params: dict, tokens: jax.Array, config: Config, impl: str, *, mesh=None,
+            collective_matmul: bool = False) -> jax.Array:
     """The forward pass without input checks, for callers that already checked (loss, jit).
 
     With a mesh, `_sharded_logits`: the same logits, computed across the mesh's devices."""
     if mesh is not None:
-        return _sharded_logits(params, tokens, config, impl, mesh)
+        return _sharded_logits(params, tokens, config, impl, mesh, collective_matmul)
+    if collective_matmul:
+        raise ValueError("collective_matmul=True needs a mesh: it replaces all-gathers over its "
+                         "'data' axis")
     dtype = jnp.dtype(config.dtype)
     params = jax.tree.map(lambda p: p.astype(dtype), params)
     x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D], no input scaling (section 2)
@@ -166,7 +173,8 @@ def check_mesh(mesh, config: Config, batch: int) -> None:
     sharding.check_specs(config, mesh)
 
 
-def _sharded_logits(params: dict, tokens: jax.Array, config: Config, impl: str, mesh) -> jax.Array:
+def _sharded_logits(params: dict, tokens: jax.Array, config: Config, impl: str, mesh,
+                    collective_matmul: bool = False) -> jax.Array:
     """`_logits` under `jax.shard_map` over a ("data", "model") mesh, with explicit collectives.
 
     Params enter as `palm.sharding.param_specs` places them (wherever they are, shard_map
@@ -188,6 +196,29 @@ def _sharded_logits(params: dict, tokens: jax.Array, config: Config, impl: str, 
       nor [M, V] logits are ever all-reduced. The softmax glue of `loss` runs on them under
       the compiler's sharding propagation.
 
+    collective_matmul=True replaces the all-gathers of the weights whose D meets a matmul
+    outside our fused kernels' LayerNorm with rings of ppermutes over "data"
+    (`palm.collective`), so those weights are never whole on a device:
+    - wo and w_down (`block_out`): D is their output dimension, so each ring step runs the
+      `block_out` kernel itself on the shard in hand, for the residual's matching D/data
+      columns, and the steps' columns are placed side by side.
+    - the embedding [V/model, D/data], twice: the lookup (output columns, as above) and the
+      logits, whose contraction over D is split across the ring (each step multiplies the
+      final LayerNorm's D-slice matching the shard in hand; partial logits summed). XLA's CSE
+      merges the two rings' permutes of the same table, so it travels round once.
+    The input projections wq, wk, wv, w_gate and w_up (65% of a layer's weight bytes at
+    PaLM-8B, 62B and 540B alike) and the norm scales stay all-gathered: `kernels.block_in`
+    fuses the LayerNorm, which needs all of D per row, with those projections and their RoPE
+    and SwiGLU epilogues, so splitting their contraction over D would need a kernel that
+    takes and returns partial sums. In the compiled HLO (tests/test_model_sharded.py) the
+    all-gathers of wo's, w_down's and the table's D disappear, collective-permutes of their
+    shards take their place, and in the backward the ring's transpose replaces their
+    reduce-scatters. A CPU run shows that much: equal logits, loss and gradients (impl "xla";
+    interpreted Pallas TPU kernels inside the ring did not finish in 10 minutes on a 2x2 CPU
+    mesh, their simulated devices waiting on each other), and which collectives run. Whether
+    a permute overlaps its step's matmul, and what that saves, is the GPU/TPU scheduler's to
+    decide and a device's profile to show; no CPU run measures it.
+
     check_vma=False: with it on, an interpreted pallas_call (impl="pallas_tpu" off TPU) fails
     even for a trivial body ("requires varying manual axes to match"), and the kernels must
     run here under every impl. Nothing relies on the check: the out_specs split over both
@@ -202,38 +233,61 @@ def _sharded_logits(params: dict, tokens: jax.Array, config: Config, impl: str, 
     specs = sharding.param_specs(config)
     dtype = jnp.dtype(config.dtype)
 
-    def gather(w, spec):  # FSDP: w whole along the dimension that spec splits over "data"
+    def weight(w, spec, ring=False):  # FSDP: w gathered over "data", or its shard for a ring
+        if ring and collective_matmul:
+            return w.astype(dtype)
         return jax.lax.all_gather(w.astype(dtype), data, axis=tuple(spec).index(data), tiled=True)
 
+    def by_columns(fn, w, *xs):
+        """fn(w, *xs), whose output's last dimension is D, as are those of xs and w (from
+        `weight(ring=True)`, a pytree): at once, or shard by shard round the ring, each shard
+        with the columns of xs it meets."""
+        if not collective_matmul:
+            return fn(w, *xs)
+        return collective.ring_concat(
+            lambda j, shard: fn(shard, *(collective.shard_of(x, j, data) for x in xs)), w, axis=data)
+
+    def ring_matmul(subscripts, x, w):  # x [..., D] contracted with w's D/data shards
+        return collective.ring_sum(
+            lambda j, shard: matmul_f32(subscripts, collective.shard_of(x, j, data), shard), w,
+            axis=data)
+
     def block(x, p, positions):  # x [b, T, D]; p this layer's shards
-        p = {name: gather(w, specs["blocks"][name][1:]) for name, w in p.items()}
+        p = {name: weight(w, specs["blocks"][name][1:], ring=name in ("wo", "w_down"))
+             for name, w in p.items()}
         o, h, _ = _attention_and_mlp(x, p, positions, config, impl)  # [b, T, H/model, K], [b, T, F/model]
         residual = jnp.where(jax.lax.axis_index(model) == 0, x, jnp.zeros_like(x))
-        return jax.lax.psum(kernels.block_out(residual, o, p["wo"], h, p["w_down"], impl=impl), model)
+        out = by_columns(lambda w, r: kernels.block_out(r, o, w["wo"], h, w["w_down"], impl=impl),
+                         {"wo": p["wo"], "w_down": p["w_down"]}, residual)
+        return jax.lax.psum(out, model)
 
     def local(params, tokens):  # tokens [b, T]
-        embed = gather(params["embed"], specs["embed"])  # [V/model, D]
+        embed = weight(params["embed"], specs["embed"], ring=True)  # [V/model, D] (ring: D/data)
         rows = embed.shape[0]
         ids = tokens - jax.lax.axis_index(model) * rows  # into this shard's rows
         mine = ((ids >= 0) & (ids < rows))[..., None]  # [b, T, 1]
-        x = jnp.where(mine, jnp.take(embed, jnp.where(mine[..., 0], ids, 0), axis=0), 0)
-        x = jax.lax.psum(x, model)  # [b, T, D]
+
+        def lookup(table):  # table [V/model, C] -> [b, T, C]
+            return jnp.where(mine, jnp.take(table, jnp.where(mine[..., 0], ids, 0), axis=0), 0)
+
+        x = jax.lax.psum(by_columns(lookup, embed), model)  # [b, T, D]
         step = functools.partial(block, positions=_positions(*tokens.shape))
         x = _scan_blocks(x, params["blocks"], step, config, impl)
-        scale = gather(params["final_norm_scale"], specs["final_norm_scale"])
-        return _unembed(x, scale, embed, config)  # [b, T, V/model]
+        scale = weight(params["final_norm_scale"], specs["final_norm_scale"])
+        matmul = ring_matmul if collective_matmul else matmul_f32
+        return _unembed(x, scale, embed, config, matmul)  # [b, T, V/model]
 
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(data, None)),
                          out_specs=P(data, None, model), check_vma=False)(params, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "mesh"))
-def _forward_jit(params, tokens, config, impl, mesh):
-    return _logits(params, tokens, config, impl, mesh=mesh)
+@functools.partial(jax.jit, static_argnames=("config", "impl", "mesh", "collective_matmul"))
+def _forward_jit(params, tokens, config, impl, mesh, collective_matmul):
+    return _logits(params, tokens, config, impl, mesh=mesh, collective_matmul=collective_matmul)
 
 
 def forward(params: dict, tokens: jax.Array, config: Config, *, impl: str = "auto",
-            mesh=None) -> jax.Array:
+            mesh=None, collective_matmul: bool = False) -> jax.Array:
     """PaLM's logits for a batch of token ids.
 
     Args:
@@ -244,6 +298,9 @@ def forward(params: dict, tokens: jax.Array, config: Config, *, impl: str = "aut
       mesh: None (one device), or a ("data", "model") mesh from `palm.sharding.make_mesh`:
         the layers then run under `jax.shard_map`, batch over "data", heads and F over
         "model", weights FSDP over "data" (see `_sharded_logits`).
+      collective_matmul: with a mesh, compute with wo, w_down and the embedding shard by
+        shard round a ring of ppermutes over "data" instead of all-gathering them
+        (`palm.collective`; which weights and why: `_sharded_logits`). Same results.
 
     Returns:
       float32 logits [B, T, V]; with a mesh, split over its "data" (B) and "model" (V) axes.
@@ -251,16 +308,17 @@ def forward(params: dict, tokens: jax.Array, config: Config, *, impl: str = "aut
     Raises:
       ValueError: on tokens of the wrong dtype, rank, length or range, params whose tree or
         shapes don't match config (checked before tracing; ranges only for concrete tokens),
-        or a mesh that does not divide the batch or a sharded dimension (`check_mesh`).
+        or a mesh that does not divide the batch or a sharded dimension (`check_mesh`), or
+        collective_matmul without a mesh.
     """
     impl = kernels.resolve_impl(impl)
     check_tokens(tokens, config, max_len=config.max_seq_len)
     check_params(params, config)
-    return _forward_jit(params, tokens, config, impl, mesh)
+    return _forward_jit(params, tokens, config, impl, mesh, collective_matmul)
 
 
 def loss(params: dict, tokens: jax.Array, config: Config, *, mask: jax.Array | None = None,
-         impl: str = "auto", mesh=None) -> tuple[jax.Array, dict]:
+         impl: str = "auto", mesh=None, collective_matmul: bool = False) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy plus PaLM's z-loss (section 5).
 
     Predicts tokens[:, 1:] from tokens[:, :-1]. Logits and softmax are float32 whatever the
@@ -274,6 +332,8 @@ def loss(params: dict, tokens: jax.Array, config: Config, *, mask: jax.Array | N
       impl: kernel implementation, as in `forward`.
       mesh: None, or a ("data", "model") mesh, as in `forward`: the logits come from
         `shard_map`, the softmax and means over them follow their sharding.
+      collective_matmul: with a mesh, rings of ppermutes instead of some FSDP all-gathers,
+        as in `forward`.
 
     Returns:
       (loss, metrics): loss = cross_entropy + z_loss_weight * mean(logsumexp(logits)^2) over
@@ -293,7 +353,8 @@ def loss(params: dict, tokens: jax.Array, config: Config, *, mask: jax.Array | N
             raise ValueError(f"mask must be [B, T] = {targets.shape} (one per target), got {mask.shape=}")
         weights = mask.astype(jnp.float32)
 
-    logits = _logits(params, tokens[:, :-1], config, impl, mesh=mesh)  # [B, T, V] float32
+    logits = _logits(params, tokens[:, :-1], config, impl, mesh=mesh,
+                     collective_matmul=collective_matmul)  # [B, T, V] float32
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     count = jnp.maximum(weights.sum(), 1.0)

@@ -1,8 +1,9 @@
 """palm.forward and palm.loss with a mesh: shard_map over ("data", "model") on 8 CPU devices
 equals the single-device run (logits, loss, and the gradient on one mesh), one psum over "model"
-per layer in the compiled forward, and meshes that do not divide the batch or the heads are
-refused: all in one subprocess (8 host devices need XLA_FLAGS before JAX starts), so this
-process keeps its one device. In this process, the kernels' TPU lowering at their local shapes."""
+per layer in the compiled forward, collective_matmul=True gives the same results on 2x4 and 4x2
+with collective-permutes in place of the all-gathers it replaces, and meshes that do not divide
+the batch or the heads are refused: all in one subprocess (8 host devices need XLA_FLAGS before
+JAX starts), so this process keeps its one device. In this process, the kernels' TPU lowering at their local shapes."""
 
 from __future__ import annotations
 
@@ -54,15 +55,26 @@ _SCRIPT = textwrap.dedent("""
     params = init(config, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (8, 9), 0, config.vocab_size)  # B=8, T+1=9
 
-    def run(impl, mesh):  # logits and loss in one compile
-        fn = jax.jit(lambda p, t: (forward(p, t[:, :-1], config, impl=impl, mesh=mesh),
-                                   loss(p, t, config, impl=impl, mesh=mesh)[0]))
-        return fn, fn(params, tokens)
+    def compiled(fn, *args):  # one compile: the program's HLO text and its results
+        program = jax.jit(fn).lower(*args).compile()
+        return program.as_text(), program(*args)
 
-    _, (want_logits, want_loss) = run("xla", None)
+    def logits_and_loss(impl, mesh, **options):
+        return lambda p, t: (forward(p, t[:, :-1], config, impl=impl, mesh=mesh, **options),
+                             loss(p, t, config, impl=impl, mesh=mesh, **options)[0])
+
+    def grad(mesh, **options):
+        return jax.grad(lambda p, t: loss(p, t, config, impl="xla", mesh=mesh, **options)[0])
+
+    def results(op, hlo):  # the result shapes of the program's `op` collectives
+        return set(re.findall(rf"= (\\w+\\[[\\d,]*\\])\\S* {op}(?:-start)?\\(", hlo))
+
+    _, (want_logits, want_loss) = compiled(logits_and_loss("xla", None), params, tokens)
+    sharded = {}
     for data, model in [(1, 8), (2, 4), (4, 2), (8, 1)]:
         mesh = make_mesh(data, model)
-        fn, (logits, value) = run("xla", mesh)
+        hlo, (logits, value) = compiled(logits_and_loss("xla", mesh), params, tokens)
+        sharded[data, model] = hlo, logits, value
         what = f"mesh {data}x{model}"
         assert_close(logits, want_logits, "float32", what=what + " logits")
         assert_close(value, want_loss, "float32", what=what + " loss")
@@ -72,7 +84,6 @@ _SCRIPT = textwrap.dedent("""
         # The scan over the layers compiles to a while loop (XLA merges forward's and loss's
         # identical ones) whose body holds exactly one all-reduce, over groups of the model
         # axis's size (on one device each when model = 1: XLA keeps it).
-        hlo = fn.lower(params, tokens).compile().as_text()
         bodies = re.findall(r"while\\(.*?body=%([\\w.-]+)", hlo)
         assert bodies, what
         for body in bodies:
@@ -84,17 +95,49 @@ _SCRIPT = textwrap.dedent("""
             assert sizes == [model], (what, groups)
 
     # Gradients through the psums and all-gathers (shard_map runs with check_vma=False).
-    grad = lambda mesh: jax.jit(jax.grad(  # noqa: E731
-        lambda p: loss(p, tokens, config, impl="xla", mesh=mesh)[0]))(params)
-    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grad(make_mesh(2, 4)))[0],
-                                 jax.tree.leaves(grad(None))):
-        assert_close(got, want, "float32", what="2x4 grad" + jax.tree_util.keystr(path))
+    def assert_grads_close(got, want, what):
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+            assert_close(a, b, "float32", what=what + jax.tree_util.keystr(path))
+
+    _, want_grad = compiled(grad(None), params, tokens)
+    grad_hlo, grad_2x4 = compiled(grad(make_mesh(2, 4)), params, tokens)
+    assert_grads_close(grad_2x4, want_grad, "2x4 grad")
+
+    # Collective matmul, logits, loss and gradients in one program per mesh: the plain sharded
+    # run's results (4x2's gradients against one device's, which the plain run matches). On
+    # 2x4, where no other weight gathers to their shapes, the all-gathers over "data" of wo
+    # [H/model, K, D], w_down [F/model, D] and the table [V/model, D] are gone, collective-
+    # permutes of their D/data shards in their place; the backward's reduce-scatter of wo's
+    # gradient goes too (the other two shards' shapes are also w_gate's and w_up's).
+    collective_hlo = {}
+    for data, model in [(2, 4), (4, 2)]:
+        what = f"collective matmul {data}x{model}"
+        mesh = make_mesh(data, model)
+        hlo, ((logits, value), grads) = compiled(
+            lambda p, t: (logits_and_loss("xla", mesh, collective_matmul=True)(p, t),
+                          grad(mesh, collective_matmul=True)(p, t)), params, tokens)
+        collective_hlo[data, model] = hlo
+        _, plain_logits, plain_value = sharded[data, model]
+        assert_close(logits, plain_logits, "float32", what=what + " logits")
+        assert_close(value, plain_value, "float32", what=what + " loss")
+        assert_grads_close(grads, grad_2x4 if data == 2 else want_grad, what + " grad")
+    hlo, plain_hlo = collective_hlo[2, 4], sharded[2, 4][0]
+    h, f, v = config.n_heads // 4, config.d_ff // 4, config.vocab_size // 4  # over "model"
+    k, d = config.head_dim, config.d_model
+    wo, w_down, table = (h, k), (f,), (v,)  # all but D
+    kept, plain = results("all-gather", hlo), results("all-gather", plain_hlo)
+    assert plain - kept == {f"f32[{','.join(map(str, (*w, d)))}]" for w in (wo, w_down, table)}, kept
+    assert kept <= plain, kept
+    assert not results("collective-permute", plain_hlo + grad_hlo)
+    shards = {f"f32[{','.join(map(str, (*w, d // 2)))}]" for w in (wo, w_down, table)}
+    assert results("collective-permute", hlo) == shards, hlo
+    assert f"f32[{h},{k},{d // 2}]" in results("reduce-scatter", grad_hlo) - results("reduce-scatter", hlo)
 
     # The Pallas TPU kernels, interpreted, on their local shards: one 2x2 mesh of 4 devices.
     # On 8 host devices the TPU interpreter made no progress in 10 minutes on our 2-core
     # machine (its simulated devices wait on each other); 2 and 4 devices run in seconds.
     mesh = make_mesh(2, 2, devices=jax.devices()[:4])
-    _, (logits, value) = run("pallas_tpu", mesh)
+    _, (logits, value) = compiled(logits_and_loss("pallas_tpu", mesh), params, tokens)
     assert_close(logits, want_logits, "float32", what="pallas_tpu 2x2 logits")
     assert_close(value, want_loss, "float32", what="pallas_tpu 2x2 loss")
 
