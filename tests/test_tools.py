@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
 
 
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def _load_profile_module():
@@ -51,6 +53,23 @@ def test_profile_train_tiny_writes_trace_and_summary(tmp_path):
     assert summary["step_ms"] > 0 and summary["mfu"] is None  # CPU: no known peak
     assert f"tensorboard --logdir {out}" in result.stdout
     assert "MFU n/a" in result.stdout
+
+
+def test_profile_train_on_a_mesh_of_2_cpu_devices(tmp_path):
+    """--mesh data=2,model=1 on 2 host devices (XLA_FLAGS must be set before JAX starts, hence
+    the subprocess): the sharded train step is traced and summarised, the FSDP collectives of
+    `_sharded_logits` among its ops; a mesh the devices cannot fill is a one-line error."""
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2")
+    args = [str(TOOLS / "profile.py"), "--preset", "tiny", "--what", "train", "--steps", "1", "--warmup", "1",
+            "--batch-size", "2", "--seq-len", "16", "--out", str(tmp_path / "trace")]
+    result = _run(*args, "--mesh", "data=2,model=1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "trace").glob("plugins/profile/*/*.trace.json.gz"))
+    summary = json.loads((tmp_path / "trace" / "summary.json").read_text())
+    assert summary["mesh"] == "data=2,model=1" and "mesh data=2,model=1" in result.stdout
+    assert any("_sharded_logits" in o["where"] for o in summary["ops"]), summary["ops"]
+    bad = _run(*args, "--mesh", "data=2,model=2", env=env)
+    assert bad.returncode == 2 and bad.stderr == "error: mesh data=2 x model=2 needs 4 devices; 2 given\n", bad.stderr
 
 
 def test_profile_rejects_bad_input(tmp_path):

@@ -2,6 +2,7 @@
 
     python tools/profile.py --preset demo --what train --steps 5 --out runs/profile
     python tools/profile.py --preset tiny --what forward --impl pallas_tpu --steps 2 --out /tmp/p
+    python tools/profile.py --preset demo --what train --mesh data=2,model=4 --out runs/p-2x4
 
 Runs `--warmup` untimed calls (compilation), times `--steps` calls, then traces `--steps`
 more on the current backend (TPU, GPU or CPU) into OUT, where TensorBoard/XProf and Perfetto
@@ -10,7 +11,10 @@ per step, by self time (time inside nested ops is charged to them, not to their 
 the time per kernel of ours: Pallas kernels are named `palm_<op>_fwd`/`_bwd...` and run under
 a `jax.named_scope` of the same name, so whether they compile natively or run in interpret
 mode on CPU, every operation they lower to is recognisable through its HLO metadata. With
-`--impl xla` the plain-jnp references run instead and XLA's fusion names appear. Also written:
+`--impl xla` the plain-jnp references run instead and XLA's fusion names appear. With
+`--mesh data=D,model=M` the step runs sharded over all D*M devices as `python -m palm train
+--mesh` runs it (palm.train's init_state, make_train_step and place_batch; the forward under
+`palm.forward(mesh=)`), and the summary's op times add up every device's. Also written:
 OUT/summary.txt and OUT/summary.json. Batches are random tokens: the data pipeline is not
 what is being profiled.
 """
@@ -297,9 +301,13 @@ def format_summary(summary: dict) -> str:
 # The command.
 
 def _build(args):
-    """(fn, inputs(i), hlo_text(), tokens per step, model FLOPs per step, config)."""
+    """(fn, inputs(i), hlo_text(), tokens per step, model FLOPs per step, config, devices)."""
+    import numpy as np
+
     import palm
-    from palm.train import TrainConfig, init_state, make_train_step
+    from palm.model import check_mesh
+    from palm.settings import parse_mesh
+    from palm.train import TrainConfig, init_state, make_train_step, place_batch
 
     config = palm.preset(args.preset)
     if args.n_layers:
@@ -309,14 +317,19 @@ def _build(args):
     b, t = args.batch_size, args.seq_len
     tokens = b * t
     per_token = palm.flops_per_token(config, t)
+    mesh = None if args.mesh is None else palm.make_mesh(*parse_mesh(args.mesh))
+    if mesh is not None:
+        check_mesh(mesh, config, b)
+    devices = 1 if mesh is None else mesh.size
 
-    def batch(i, length):
-        return jax.random.randint(jax.random.key(i), (b, length), 0, config.vocab_size, jax.numpy.int32)
+    def batch(i, length):  # int32 [B, length], split over "data" with a mesh
+        ids = jax.random.randint(jax.random.key(i), (b, length), 0, config.vocab_size, jax.numpy.int32)
+        return place_batch(np.asarray(ids), mesh)
 
     if args.what == "train":
         train_config = TrainConfig(batch_size=b, seq_len=t, impl=args.impl)
-        carry = {"state": init_state(config, train_config)}
-        step = make_train_step(config, train_config)
+        carry = {"state": init_state(config, train_config, mesh)}
+        step = make_train_step(config, train_config, mesh)
 
         def fn(tokens_):
             carry["state"], metrics = step(carry["state"], tokens_)
@@ -324,16 +337,20 @@ def _build(args):
 
         batches = [batch(i, t + 1) for i in range(3)]
         return (fn, lambda i: (batches[i % 3],),
-                lambda: step.lower(carry["state"], batches[0]).compile().as_text(), tokens, per_token * tokens, config)
+                lambda: step.lower(carry["state"], batches[0]).compile().as_text(), tokens, per_token * tokens,
+                config, devices)
 
     params = palm.init(config, jax.random.key(0))
-    forward = jax.jit(lambda p, x: palm.forward(p, x, config, impl=args.impl))
+    if mesh is not None:
+        params = palm.shard(params, mesh, config)
+    forward = jax.jit(lambda p, x: palm.forward(p, x, config, impl=args.impl, mesh=mesh))
     batches = [batch(i, t) for i in range(3)]
     return (forward, lambda i: (params, batches[i % 3]),
-            lambda: forward.lower(params, batches[0]).compile().as_text(), tokens, per_token * tokens / 3.0, config)
+            lambda: forward.lower(params, batches[0]).compile().as_text(), tokens, per_token * tokens / 3.0,
+            config, devices)
 
 
-def _utilisation(flops_per_step: float, step_s: float, config) -> tuple[float | None, str]:
+def _utilisation(flops_per_step: float, step_s: float, config, devices: int) -> tuple[float | None, str]:
     from palm.flops import device_peak_flops
 
     peak = device_peak_flops()
@@ -341,13 +358,14 @@ def _utilisation(flops_per_step: float, step_s: float, config) -> tuple[float | 
         return None, f"n/a (no peak FLOP/s known for device kind {jax.devices()[0].device_kind!r})"
     if config.dtype not in ("bfloat16", "float16"):
         return None, f"n/a (the known peak is bf16; this config computes in {config.dtype})"
-    value = flops_per_step / step_s / peak
-    return value, f"{value:.1%} of {peak / 1e12:.0f} TFLOP/s"
+    value = flops_per_step / step_s / (peak * devices)
+    return value, f"{value:.1%} of {devices} x {peak / 1e12:.0f} TFLOP/s"
 
 
 def main(argv: list[str] | None = None) -> int:
     import kernels
     import palm
+    from palm.settings import TrainError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -361,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="default: 128, or the preset's max_seq_len if less")
     parser.add_argument("--n-layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument("--top", type=int, default=20, help="operations listed")
+    parser.add_argument("--mesh", metavar="data=D,model=M", default=None,
+                        help="run sharded over a device mesh as `python -m palm train --mesh` does; "
+                             "D*M must be the device count (default: one device)")
     args = parser.parse_args(argv)
     if args.seq_len is None:
         args.seq_len = min(128, palm.preset(args.preset).max_seq_len)
@@ -369,15 +390,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
 
     try:
-        fn, inputs, hlo_text, tokens, flops_per_step, config = _build(args)
+        fn, inputs, hlo_text, tokens, flops_per_step, config, devices = _build(args)
         impl = kernels.resolve_impl(args.impl)
+        where = jax.devices()[0].device_kind + (f", mesh {args.mesh}" if args.mesh else "")
         print(f"{args.what} {args.preset} (L={config.n_layers}, {config.dtype}) impl={impl} B={args.batch_size} "
-              f"T={args.seq_len} on {jax.devices()[0].device_kind} (jax {jax.__version__})", flush=True)
+              f"T={args.seq_len} on {where} (jax {jax.__version__})", flush=True)
         start = time.perf_counter()
         for i in range(args.warmup):
             jax.block_until_ready(fn(*inputs(i)))
         print(f"warm-up: {args.warmup} steps in {time.perf_counter() - start:.1f} s", flush=True)
-    except (ValueError, NotImplementedError) as e:
+    except (ValueError, NotImplementedError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -390,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     run_dir = capture(fn, inputs, args.steps, out)
     summary = summarize(run_dir, [hlo_text()], args.steps, top=args.top)
-    mfu, mfu_text = _utilisation(flops_per_step, step_s, config)
-    summary.update(what=args.what, preset=args.preset, impl=impl, batch_size=args.batch_size,
+    mfu, mfu_text = _utilisation(flops_per_step, step_s, config, devices)
+    summary.update(what=args.what, preset=args.preset, impl=impl, mesh=args.mesh, batch_size=args.batch_size,
                    seq_len=args.seq_len, device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__,
                    step_ms=step_s * 1e3, tokens_per_s=tokens / step_s,
                    mfu=mfu, mfu_kind="MFU" if args.what == "train" else "forward MFU")
