@@ -6,8 +6,9 @@ Large Deep Learning Models"; JAX's shard_map tutorial builds the same ring).
 For use inside `jax.shard_map`, where `axis` is manual and a weight w is split into n shards
 w_0 ... w_{n-1} along one dimension (its D, "embed", over "data" in palm.sharding). Device i
 starts with w_i and passes its shard to device i - 1, so at step s it holds w_{(i + s) mod n}:
-n steps and n - 1 permutes, and no device ever holds more than two shards (the one in hand,
-the one arriving). Two ways to use a shard without the whole weight:
+n steps and n - 1 permutes, each step needing two shards (the one in hand, the one arriving)
+and never the whole weight (autodiff without remat still keeps every shard for the backward,
+as it keeps a gathered weight). Two ways to use a shard without the whole weight:
 
 - `ring_sum`: the gathered dimension is contracted, so the product is the sum over shards of
   the activation's matching slice times the shard (`shard_of` cuts the slice).

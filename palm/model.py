@@ -198,7 +198,8 @@ def _sharded_logits(params: dict, tokens: jax.Array, config: Config, impl: str, 
 
     collective_matmul=True replaces the all-gathers of the weights whose D meets a matmul
     outside our fused kernels' LayerNorm with rings of ppermutes over "data"
-    (`palm.collective`), so those weights are never whole on a device:
+    (`palm.collective`), so those weights are never assembled whole (under remat "none"
+    autodiff keeps the shards it used for the backward, as it keeps the gathered weights):
     - wo and w_down (`block_out`): D is their output dimension, so each ring step runs the
       `block_out` kernel itself on the shard in hand, for the residual's matching D/data
       columns, and the steps' columns are placed side by side.
