@@ -26,7 +26,7 @@ TRAIN_DEFAULTS = {
     "eval_every": _TRAIN.eval_every, "eval_batches": _TRAIN.eval_batches,
     "checkpoint_every": _TRAIN.checkpoint_every, "keep_checkpoints": _TRAIN.keep_checkpoints,
     "spike_factor": _TRAIN.spike_factor, "spike_skip_batches": _TRAIN.spike_skip_batches,
-    "peak_flops": _TRAIN.peak_flops, "mesh": None,
+    "peak_flops": _TRAIN.peak_flops, "mesh": None, "collective_matmul": _TRAIN.collective_matmul,
 }
 
 
@@ -93,6 +93,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
          help="shard the run over a device mesh: batch and FSDP over data, tensor parallelism "
               "over model; D*M must be the device count (default: one device). A resumed run "
               "may change it: checkpoints are restored onto whatever mesh the run has now")
+    flag("--collective-matmul", action="store_true",
+         help="with --mesh: compute wo, w_down and the embedding shard by shard round a ring of "
+              "ppermutes instead of all-gathering them (same results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     # Where this launch's processes meet: given on every launch, never saved with the run nor
     # compared on --resume (a run may move to another cluster).
@@ -114,7 +117,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 # mesh), not what is learned from which data.
 RESUMABLE = frozenset({"steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                        "keep_checkpoints", "peak_flops", "impl", "cache_dir", "spike_factor",
-                       "spike_skip_batches", "mesh"})
+                       "spike_skip_batches", "mesh", "collective_matmul"})
 
 
 def forward(args: argparse.Namespace) -> int:

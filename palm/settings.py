@@ -69,6 +69,10 @@ class TrainConfig:
     # Device mesh (data, model) axis sizes, e.g. (2, 4) from `--mesh data=2,model=4`; None runs
     # on one device. Their product must be the device count (palm.sharding.make_mesh).
     mesh: tuple[int, int] | None = None
+    # With a mesh: wo, w_down and the embedding computed shard by shard round a ring of
+    # ppermutes over "data" instead of all-gathered (palm.collective; `palm.forward`'s
+    # collective_matmul). Same results; how the schedule overlaps them is the hardware's.
+    collective_matmul: bool = False
     # Greedy sample printed at the end.
     sample_prompt: str = "def __init__(self"
     sample_tokens: int = 48
@@ -80,6 +84,9 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.mesh is not None and (len(self.mesh) != 2 or min(self.mesh) < 1):
             raise TrainError(f"mesh must be (data, model) sizes >= 1, got {self.mesh}")
+        if self.collective_matmul and self.mesh is None:
+            raise TrainError("--collective-matmul replaces all-gathers over a mesh's data axis: "
+                             "it needs --mesh")
 
 
 def parse_mesh(text: str) -> tuple[int, int]:

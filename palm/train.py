@@ -127,7 +127,8 @@ def make_train_step(config: Config, train_config: TrainConfig, mesh: Mesh | None
     impl = kernels.resolve_impl(train_config.impl)
 
     def step(state, batch):
-        grad_fn = jax.value_and_grad(lambda p: loss(p, batch, config, impl=impl, mesh=mesh),
+        grad_fn = jax.value_and_grad(lambda p: loss(p, batch, config, impl=impl, mesh=mesh,
+                                                    collective_matmul=train_config.collective_matmul),
                                      has_aux=True)
         (_, metrics), grads = grad_fn(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -147,7 +148,8 @@ def make_train_step(config: Config, train_config: TrainConfig, mesh: Mesh | None
 def make_eval_step(config: Config, train_config: TrainConfig, mesh: Mesh | None = None):
     """jit(params, batch int32 [B, T + 1]) -> metrics; with a mesh, placed as in the train step."""
     impl = kernels.resolve_impl(train_config.impl)
-    fn = lambda params, batch: loss(params, batch, config, impl=impl, mesh=mesh)[1]  # noqa: E731
+    fn = lambda params, batch: loss(params, batch, config, impl=impl, mesh=mesh,  # noqa: E731
+                                    collective_matmul=train_config.collective_matmul)[1]
     if mesh is None:
         return jax.jit(fn)
     params = state_shardings(config, train_config, mesh)["params"]
@@ -810,7 +812,8 @@ def run(args: argparse.Namespace) -> int:
             eval_batches=flags["eval_batches"], checkpoint_every=flags["checkpoint_every"],
             keep_checkpoints=flags["keep_checkpoints"], spike_factor=flags["spike_factor"],
             spike_skip_batches=flags["spike_skip_batches"], peak_flops=flags["peak_flops"],
-            mesh=parse_mesh(flags["mesh"]) if flags["mesh"] else None)
+            mesh=parse_mesh(flags["mesh"]) if flags["mesh"] else None,
+            collective_matmul=flags["collective_matmul"])
         sources = _parse_named(flags["data"], "--data") or {"stdlib": data_lib.stdlib_corpus()}
         weights = _parse_weights(flags["weights"], sources)
         summary = train(config, train_config, sources, args.out, weights=weights, resume=args.resume,

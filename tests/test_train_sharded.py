@@ -1,6 +1,7 @@
 """The train step on a ("data", "model") mesh: five steps on 8 CPU devices (meshes 1x8, 2x4,
 4x2, 8x1) equal the single-device run, every device holds its 1/N of the params and optimizer
-state, a 2x4 checkpoint restores onto 2x4, 4x2 and one device with identical values, and
+state (also with --collective-matmul on 2x4), a 2x4 checkpoint restores onto 2x4, 4x2 and
+one device with identical values, and
 `python -m palm train --mesh data=2,model=4` trains, resumes onto 4x2 and continues the
 uninterrupted run's losses, and `load_run` brings the run onto one device: all in one
 subprocess (8 host devices need XLA_FLAGS before JAX starts). In this process, `--mesh` errors.
@@ -54,7 +55,7 @@ _SCRIPT = textwrap.dedent("""
     tc = TrainConfig(batch_size=8, seq_len=8, impl="xla")
     batches = np.asarray(jax.random.randint(jax.random.key(1), (5, 8, 9), 0, config.vocab_size))
 
-    def five_steps(mesh):
+    def five_steps(mesh, tc=tc):
         state = init_state(config, tc, mesh)
         step = make_train_step(config, tc, mesh)
         for b in batches:
@@ -89,6 +90,15 @@ _SCRIPT = textwrap.dedent("""
                 assert leaf.size <= 2, (what, name)
             if leaf.size > 2 and any(w in name for w in ("'wq'", "'wo'", "'w_gate'", "'w_up'", "'w_down'", "'embed'")):
                 assert split == 8, (what, name, leaf.sharding.spec)
+
+    # --collective-matmul (wo, w_down and the embedding round rings of ppermutes): the same
+    # five steps on 2x4.
+    ring = dataclasses.replace(tc, mesh=(2, 4), collective_matmul=True)
+    _, state, metrics = five_steps(make_mesh(2, 4), ring)
+    for (path, got), (_, expected) in zip(jax.tree_util.tree_flatten_with_path(state)[0], want_leaves):
+        assert_close(got, expected, "float32", what="collective matmul" + jax.tree_util.keystr(path))
+    for name, value in metrics.items():
+        assert_close(value, want_metrics[name], "float32", what=f"collective matmul {name}")
 
     # Checkpoints are mesh-independent: the 2x4 state restores onto 2x4, 4x2 and one device
     # with every value identical and every leaf placed as abstract_state asks, and each
@@ -165,15 +175,17 @@ def test_mesh_flag_parses_either_order():
     assert parse_mesh("data=2,model=4") == parse_mesh("model=4, data=2") == (2, 4)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("data=2;model=4", "--mesh 'data=2;model=4': expected data=D,model=M with positive "
-                       "integers, e.g. data=2,model=4"),
-    ("data=2,model=4", "--mesh data=2,model=4: mesh data=2 x model=4 needs 8 devices; 1 given"),
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh", "data=2;model=4"], "--mesh 'data=2;model=4': expected data=D,model=M with positive "
+                                   "integers, e.g. data=2,model=4"),
+    (["--mesh", "data=2,model=4"], "--mesh data=2,model=4: mesh data=2 x model=4 needs 8 devices; 1 given"),
+    (["--collective-matmul"], "--collective-matmul replaces all-gathers over a mesh's data axis: "
+                              "it needs --mesh"),
 ])
-def test_mesh_flag_errors_are_one_line(tmp_path, capsys, text, message):
+def test_mesh_flag_errors_are_one_line(tmp_path, capsys, flags, message):
     (tmp_path / "a.txt").write_text("text\n")
     code = main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress",
-                 "--seq-len", "16", "--batch-size", "8", "--data", str(tmp_path / "a.txt"), "--mesh", text])
+                 "--seq-len", "16", "--batch-size", "8", "--data", str(tmp_path / "a.txt"), *flags])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.strip() == f"error: {message}"

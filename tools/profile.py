@@ -317,7 +317,8 @@ def _build(args):
     b, t = args.batch_size, args.seq_len
     tokens = b * t
     per_token = palm.flops_per_token(config, t)
-    mesh = None if args.mesh is None else palm.make_mesh(*parse_mesh(args.mesh))
+    mesh_shape = None if args.mesh is None else parse_mesh(args.mesh)  # (data, model)
+    mesh = None if mesh_shape is None else palm.make_mesh(*mesh_shape)
     if mesh is not None:
         check_mesh(mesh, config, b)
     devices = 1 if mesh is None else mesh.size
@@ -327,7 +328,8 @@ def _build(args):
         return place_batch(np.asarray(ids), mesh)
 
     if args.what == "train":
-        train_config = TrainConfig(batch_size=b, seq_len=t, impl=args.impl)
+        train_config = TrainConfig(batch_size=b, seq_len=t, impl=args.impl, mesh=mesh_shape,
+                                   collective_matmul=args.collective_matmul)
         carry = {"state": init_state(config, train_config, mesh)}
         step = make_train_step(config, train_config, mesh)
 
@@ -343,7 +345,8 @@ def _build(args):
     params = palm.init(config, jax.random.key(0))
     if mesh is not None:
         params = palm.shard(params, mesh, config)
-    forward = jax.jit(lambda p, x: palm.forward(p, x, config, impl=args.impl, mesh=mesh))
+    forward = jax.jit(lambda p, x: palm.forward(p, x, config, impl=args.impl, mesh=mesh,
+                                                collective_matmul=args.collective_matmul))
     batches = [batch(i, t) for i in range(3)]
     return (forward, lambda i: (params, batches[i % 3]),
             lambda: forward.lower(params, batches[0]).compile().as_text(), tokens, per_token * tokens / 3.0,
@@ -382,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh", metavar="data=D,model=M", default=None,
                         help="run sharded over a device mesh as `python -m palm train --mesh` does; "
                              "D*M must be the device count (default: one device)")
+    parser.add_argument("--collective-matmul", action="store_true",
+                        help="with --mesh: rings of ppermutes instead of some weight all-gathers "
+                             "(as `python -m palm train --collective-matmul`)")
     args = parser.parse_args(argv)
     if args.seq_len is None:
         args.seq_len = min(128, palm.preset(args.preset).max_seq_len)
