@@ -133,7 +133,7 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
     if max_new_tokens == 0:  # e.g. a training sample whose prompt already fills max_seq_len
         return jnp.where(jnp.arange(p) < lengths[:, None], prompts.astype(jnp.int32), pad_id)
 
-    p_pad = max(_MIN_PROMPT_BUCKET, 1 << (p - 1).bit_length())
+    p_pad = length_bucket(p)
     cache_len = round_up(max(p_pad, p + max_new_tokens), _CACHE_BUCKET)
     padded = jnp.zeros((b, p_pad), jnp.int32).at[:, :p].set(prompts.astype(jnp.int32))
     stream_id = -1
@@ -155,6 +155,12 @@ def generate(params: dict, prompts: jax.Array, config: Config, *, max_new_tokens
     finally:
         _STREAMS.pop(stream_id, None)
     return out[:, :p + max_new_tokens]
+
+
+def length_bucket(length: int) -> int:
+    """The padded length that sequences of `length` tokens share a compile at: the next power
+    of two, at least _MIN_PROMPT_BUCKET."""
+    return max(_MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
 
 
 def greedy(params: dict, prompt: jax.Array, config: Config, *, max_new_tokens: int,

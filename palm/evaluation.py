@@ -51,13 +51,11 @@ from palm import calculator as calculator_lib
 from palm import tokenizer as tokenizer_lib
 from palm.checkpoint import CheckpointError
 from palm.config import Config
-from palm.decoding import generate, load_run
+from palm.decoding import generate, length_bucket, load_run
 from palm.model import _logits, check_params
 from palm.settings import TrainError
 from palm.tokenizer import Tokenizer
 
-# Scored sequences pad to a power of two no shorter than this (few compiles, little waste).
-_MIN_BUCKET = 16
 # Calculator decoding runs this many tokens at a time, then looks for an annotation to complete.
 _CALCULATOR_CHUNK = 16
 # Default new tokens of generative tasks: a short answer, or a rationale and its answer.
@@ -219,7 +217,8 @@ def _token_scores(params, tokens, config, impl):
 
 
 def _bucket(length: int, cap: int) -> int:
-    return min(cap, max(_MIN_BUCKET, 1 << (length - 1).bit_length()))
+    """Scored sequences share compiles as prompts do (`length_bucket`), up to the model's cap."""
+    return min(cap, length_bucket(length))
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], width: int, n_rows: int | None = None) -> jax.Array:
