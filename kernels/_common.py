@@ -51,18 +51,38 @@ def current_backend() -> str:
     return getattr(_target, "backend", None) or jax.default_backend()
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps `impl` to a concrete implementation name.
+# What `impl="auto"` runs on a GPU, per kernel: the implementation that measured fastest on an
+# H100/H200 (bench/results/). No GPU run has measured the pallas_gpu kernels yet, so every entry
+# is XLA's until one does; a kernel missing here is XLA's too.
+GPU_AUTO: dict[str, str] = {
+    "block_in": "xla",
+    "block_out": "xla",
+    "mq_decode_attention": "xla",
+    "mq_flash_attention": "xla",
+    "norm_qkv_rope": "xla",
+    "norm_swiglu": "xla",
+    "rope": "xla",
+}
 
-    `auto` is `pallas_tpu` on TPU and `xla` everywhere else: the Pallas kernels only pay off
-    where they compile natively, and interpret mode on CPU is a correctness tool, not a path to
-    speed.
+
+def resolve_impl(impl: str, kernel: str | None = None) -> str:
+    """Maps `impl` to a concrete implementation name for `kernel` (a kernel package's name).
+
+    `auto` is `pallas_tpu` on TPU; on a GPU it is the kernel's entry in `GPU_AUTO` (what
+    measured fastest there; `xla` with no kernel named); `xla` everywhere else: the Pallas
+    kernels only pay off where they compile natively, and interpret mode on CPU is a
+    correctness tool, not a path to speed.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
-    return "pallas_tpu" if current_backend() == "tpu" else "xla"
+    backend = current_backend()
+    if backend == "tpu":
+        return "pallas_tpu"
+    if backend == "gpu" and kernel is not None:
+        return GPU_AUTO.get(kernel, "xla")
+    return "xla"
 
 
 def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:

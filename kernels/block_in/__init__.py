@@ -56,7 +56,7 @@ def block_in(
     Returns:
       q [B, T, H, K], k [B, T, K], v [B, T, K], h [B, T, F] in x's dtype.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, "block_in")
     if impl == "xla":
         return block_in_reference(x, norm_scale, wq, wk, wv, w_gate, w_up, positions, eps=eps,
                                   base=base)

@@ -47,7 +47,7 @@ def block_out(
     Returns:
       [B, T, D] in x's dtype.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, "block_out")
     if impl == "xla":
         return block_out_reference(x, o, wo, h, w_down)
     fn = pallas_impl("block_out", impl, _PALLAS)

@@ -51,7 +51,7 @@ def mq_decode_attention(
     Returns:
       [B, H, K] in q's dtype.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, "mq_decode_attention")
     if impl == "xla":
         check_args(q, k_cache, v_cache, lengths)
         check_lengths(lengths, k_cache.shape[1])

@@ -54,7 +54,7 @@ def mq_flash_attention(
     Returns:
       [B, T, H, K] in q's dtype.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, "mq_flash_attention")
     if impl == "xla":
         return mq_flash_attention_reference(q, k, v, causal=causal, sm_scale=sm_scale)
     fn = pallas_impl("mq_flash_attention", impl, _PALLAS)

@@ -49,7 +49,7 @@ def norm_qkv_rope(
     Returns:
       q [B, T, H, K], k [B, T, K], v [B, T, K] in x's dtype.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, "norm_qkv_rope")
     if impl == "xla":
         return norm_qkv_rope_reference(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base)
     fn = pallas_impl("norm_qkv_rope", impl, _PALLAS)

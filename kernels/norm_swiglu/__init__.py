@@ -54,7 +54,7 @@ def norm_swiglu(
     Returns:
       [B, T, F] in x's dtype.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, "norm_swiglu")
     if impl == "xla":
         return norm_swiglu_reference(x, norm_scale, w_gate, w_up, eps=eps)
     fn = pallas_impl("norm_swiglu", impl, _PALLAS)

@@ -40,7 +40,7 @@ def rope(
       interpret: None (native where it compiles, interpret elsewhere), False or True.
       block_sizes: the Pallas tiling; None picks a default for the shape.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, "rope")
     if impl == "xla":
         return rope_reference(x, positions, base=base)
     fn = pallas_impl("rope", impl, _PALLAS)

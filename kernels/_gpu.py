@@ -1,0 +1,91 @@
+"""What the Pallas GPU kernels (`impl="pallas_gpu"`) share: the Triton lowering's compiler
+parameters and its block-shape rule, interpret resolution, and the card's shared-memory budget.
+
+Pallas has two GPU lowerings. Mosaic GPU is jax's default since 0.10 and the faster one on
+Hopper, but its CPU interpreter only takes whole-array blocks (../shared/JAX_NOTES.md), so its
+kernels can only be checked on a GPU. The Triton lowering, chosen by passing Triton compiler
+parameters, runs under `interpret=True` on CPU, so the same hypothesis suite that checks the
+TPU kernels checks these here; and exporting for CUDA from a CPU machine runs the whole
+Pallas-to-Triton lowering (tests/gpu_export.py), which rejects what a GPU would (non power-of-two
+blocks, unsupported operations) before any GPU is involved. jax 0.11 deprecates the Triton
+lowering (warning `jax-pallas-triton`); it still lowers and runs there.
+
+Rules every kernel here follows, because interpret mode does not enforce them:
+  - every block dimension, and every array a kernel body computes, has a power-of-two size
+    (`check_block_shape`; the lowering refuses anything else);
+  - nothing read past an operand's end is trusted: Triton masks boundary blocks (loads there
+    are undefined), the interpreter pads them; padding a contraction or softmax axis is done
+    with zeros in the wrapper or masked in the body;
+  - grid extents reach the body as static keyword arguments (kernels/_common.py says why).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from kernels._common import current_backend
+
+# Shared memory one thread block may use on Hopper (H100/H200: 228 KiB per SM, 227 KiB per
+# block). Triton's software pipeline keeps `num_stages` copies of every tile a loop loads.
+SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def gpu_interpret(interpret: Any) -> bool:
+    """What `pl.pallas_call(interpret=...)` gets for a Triton kernel.
+
+    None: native on GPU, interpreted elsewhere. True: always interpreted (the generic Pallas
+    interpreter, on any backend). False: always native (e.g. to export for CUDA from CPU).
+    """
+    if interpret is None:
+        return current_backend() != "gpu"
+    if isinstance(interpret, bool):
+        return interpret
+    raise ValueError(
+        f"pallas_gpu: interpret must be None, True or False, got {interpret!r} (TPU "
+        "InterpretParams are for impl='pallas_tpu')")
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def check_block_shape(block_shape, what: str) -> None:
+    """Triton's rule: every dimension of every block is a power of two."""
+    for axis, size in enumerate(block_shape):
+        size = 1 if size is None else getattr(size, "block_size", size)
+        if not is_power_of_two(int(size)):
+            raise ValueError(
+                f"{what}: block shape {tuple(block_shape)}: dimension {axis} is {size}, which is "
+                "not a power of two (the Triton lowering requires one)")
+
+
+def check_shared_memory(estimate: int, what: str) -> None:
+    """Refuses tiles whose shared-memory estimate exceeds one thread block's budget."""
+    if estimate > SHARED_MEMORY_BYTES:
+        raise ValueError(
+            f"{what}: tiles need ~{estimate // 1024} KiB of shared memory, more than the "
+            f"{SHARED_MEMORY_BYTES // 1024} KiB one thread block has on Hopper; use smaller "
+            "blocks or fewer stages")
+
+
+def pallas_call(kernel, *, name: str, out_shape, grid, in_specs, out_specs, interpret: bool,
+                num_warps: int, num_stages: int):
+    """`pl.pallas_call` lowered through Triton, every block shape checked first (native and
+    interpreted alike, so CPU tests catch a tile the GPU would refuse)."""
+    for i, spec in enumerate(jax.tree.leaves(in_specs)):
+        check_block_shape(spec.block_shape, f"{name} input {i}")
+    for i, spec in enumerate(jax.tree.leaves(out_specs)):
+        check_block_shape(spec.block_shape, f"{name} output {i}")
+    return pl.pallas_call(
+        kernel, name=name, out_shape=out_shape, grid=grid, in_specs=in_specs,
+        out_specs=out_specs, interpret=interpret,
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
