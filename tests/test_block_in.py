@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels.block_in.tpu as block_in_tpu
+import kernels.block_in.compose as block_in_compose
 from conftest import assert_close
 from kernels.block_in import BlockSizes, block_in, block_in_reference
 from tpu_export import export_for_tpu, mosaic_kernel_names
@@ -82,7 +82,7 @@ def test_layer_norm_once_per_layer(monkeypatch):
     calls = {"row_stats": 0, "layer_norm_bwd": 0}
 
     def counting(name):
-        real = getattr(block_in_tpu, name)
+        real = getattr(block_in_compose, name)
 
         def wrapper(*a, **kw):
             calls[name] += 1
@@ -90,7 +90,7 @@ def test_layer_norm_once_per_layer(monkeypatch):
         return wrapper
 
     for name in calls:
-        monkeypatch.setattr(block_in_tpu, name, counting(name))
+        monkeypatch.setattr(block_in_compose, name, counting(name))
     args, positions = _inputs(0, 1, 8, 16, 2, 8, 24, jnp.float32)
 
     def loss(*a):

@@ -5,8 +5,9 @@ returns what both halves need from it, q, k, v (`norm_qkv_rope`: projections, Ro
 and h (`norm_swiglu`: the SwiGLU activations), computing the LayerNorm's row statistics once and,
 in the backward, one LayerNorm backward on the sum of the two halves' cotangents.
 
-The front door `block_in`; its plain-jnp twin `block_in_reference` (reference.py); the Pallas TPU
-composition of the two halves' kernels (tpu.py).
+The front door `block_in`; its plain-jnp twin `block_in_reference` (reference.py); the composition
+of the two halves' kernels on one LayerNorm and its `BlockSizes` (compose.py), on the halves' Pallas
+TPU kernels (tpu.py) or Pallas GPU kernels (gpu.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.block_in.reference import block_in_reference
-from kernels.block_in.tpu import BlockSizes, block_in_pallas_tpu
+from kernels.block_in.compose import BlockSizes
+from kernels.block_in.tpu import block_in_pallas_tpu
 
 __all__ = ["BlockSizes", "block_in", "block_in_reference"]
 
