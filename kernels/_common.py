@@ -66,12 +66,12 @@ GPU_AUTO: dict[str, str] = {
 
 
 def resolve_impl(impl: str, kernel: str | None = None) -> str:
-    """Maps `impl` to a concrete implementation name for `kernel` (a kernel package's name).
+    """Maps `impl` to the implementation `kernel` (a kernel package's name) runs.
 
-    `auto` is `pallas_tpu` on TPU; on a GPU it is the kernel's entry in `GPU_AUTO` (what
-    measured fastest there; `xla` with no kernel named); `xla` everywhere else: the Pallas
-    kernels only pay off where they compile natively, and interpret mode on CPU is a
-    correctness tool, not a path to speed.
+    `auto` is `pallas_tpu` on TPU and `xla` on CPU: the Pallas kernels only pay off where they
+    compile natively, and interpret mode is a correctness tool, not a path to speed. On a GPU
+    it is the kernel's entry in `GPU_AUTO` (what measured fastest there); asked for a whole
+    model (no kernel named) it stays `auto` on a GPU, so that each kernel resolves its own.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
@@ -80,8 +80,8 @@ def resolve_impl(impl: str, kernel: str | None = None) -> str:
     backend = current_backend()
     if backend == "tpu":
         return "pallas_tpu"
-    if backend == "gpu" and kernel is not None:
-        return GPU_AUTO.get(kernel, "xla")
+    if backend == "gpu":
+        return "auto" if kernel is None else GPU_AUTO.get(kernel, "xla")
     return "xla"
 
 

@@ -136,3 +136,20 @@ def test_interpreter_fills_edge_blocks_with_nan():
     out = np.asarray(out)
     assert np.all(out[0] == 8.0)
     assert np.all(np.isnan(out[1])), "the interpreter no longer poisons edge blocks"
+
+
+def test_auto_resolves_per_kernel_on_gpu():
+    """`impl="auto"`: Mosaic kernels on TPU, XLA on CPU; on a GPU each kernel its GPU_AUTO entry
+    (what measured fastest there), and a whole model passes `auto` on for its kernels to
+    resolve. The table names every kernel package, each with an implementation that exists."""
+    from kernels._common import GPU_AUTO, resolve_impl
+    assert set(GPU_AUTO) == set(KERNELS) | {"block_in"}
+    assert set(GPU_AUTO.values()) <= {"xla", "pallas_gpu"}
+    assert resolve_impl("auto", "rope") == "xla"  # CPU
+    with kernels.target_backend("tpu"):
+        assert resolve_impl("auto", "rope") == resolve_impl("auto") == "pallas_tpu"
+    with kernels.target_backend("gpu"):
+        for name, chosen in GPU_AUTO.items():
+            assert resolve_impl("auto", name) == chosen
+        assert resolve_impl("auto") == "auto"
+        assert resolve_impl("pallas_gpu", "rope") == "pallas_gpu"
