@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# Test processes (pytest-xdist): the suite's time is XLA compiles and interpreted kernels, each
+# on one core, so one worker per core; worksteal rebalances when the long tests end up together.
+# TEST_WORKERS=0 runs everything in this process (e.g. for pdb).
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The demo: ~5M parameters, 300 steps on the standard library's source: 5 to 8 minutes on 2 CPU
 # cores (about 2,300 tokens/s when the machine is otherwise idle, plus ~10 s of compiling). Each
