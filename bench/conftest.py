@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -60,14 +61,27 @@ OUR_IMPLS = tuple(i for i in kernels.IMPLS if i != "auto")
 
 def pytest_addoption(parser):
     group = parser.getgroup("palm bench")
-    group.addoption("--bench-size", choices=("auto", "small", "paper"), default="auto",
-                    help="benchmark shapes: small (CPU), paper (PaLM-8B per chip) or auto "
-                         "(small on CPU, paper on GPU/TPU)")
+    group.addoption("--bench-size", choices=("auto", "tiny", "small", "paper"), default="auto",
+                    help="benchmark shapes: tiny (rehearsing the device script on CPU), small "
+                         "(CPU), paper (PaLM-8B widths per chip) or auto (small on CPU, paper on "
+                         "GPU/TPU)")
     group.addoption("--bench-impls", default=None,
                     help="comma-separated implementations to run instead of the backend's native "
                          "ones plus its baselines, e.g. xla,pallas_tpu")
     group.addoption("--bench-batch", type=int, default=None,
                     help="batch size B of the kernel benchmarks (default: 2 small, 1 paper)")
+
+
+# A wall-clock budget for a whole run (tools/gpu_check.sh sets it): tests that would start
+# after this Unix time are skipped instead, so that the run ends and pytest-benchmark still
+# writes its JSON (a run killed from outside writes none).
+DEADLINE_ENV = "PALM_BENCH_DEADLINE"
+
+
+def pytest_runtest_setup(item):
+    deadline = os.environ.get(DEADLINE_ENV)
+    if deadline and time.time() > float(deadline):
+        pytest.skip(f"time budget: past {DEADLINE_ENV}")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads its options
@@ -106,6 +120,11 @@ class Sizes:
     model: str  # palm preset of the forward/train benchmarks, "8b-L2" = 8b with 2 layers
     model_b: int
     model_t: int
+    # (B, T) of the attention benchmarks (T = S, causal); the kernels' b and t otherwise.
+    attention_bt: tuple[tuple[int, int], ...]
+    decode_models: tuple[str, ...]  # presets that bench/test_decode.py times
+    matmul_square: int  # the card's matmul ceiling: an N x N x N product (bench/test_ceilings.py)
+    copy_bytes: int  # size of the array the copy-bandwidth benchmark copies
 
     def kernel_id(self, dims: str = "BTDHKF") -> str:
         """The shape part of a test id, e.g. "B1-T2048-H16-K256-bfloat16" for dims "BTHK"."""
@@ -113,13 +132,24 @@ class Sizes:
 
 
 SIZES = {
+    # Rehearsing tools/gpu_check.sh on CPU: every code path of the device run, at shapes where
+    # the pallas_gpu kernels' interpret mode takes seconds; the tiny model.
+    "tiny": Sizes("tiny", b=1, t=64, d=64, h=2, k=32, f=128, dtype="float32", decode_b=2, decode_s=128,
+                  model="tiny", model_b=2, model_t=32, attention_bt=((1, 64),), decode_models=("tiny",),
+                  matmul_square=128, copy_bytes=2**20),
     # 2 CPU cores: the whole --benchmark-only run in about two minutes; demo-model widths.
     "small": Sizes("small", b=2, t=256, d=256, h=4, k=64, f=1024, dtype="float32",
-                   decode_b=4, decode_s=1024, model="demo", model_b=4, model_t=128),
-    # PaLM-8B (Table 1) per chip: one 2048-token sequence, bf16. The model benchmarks keep the
-    # 8B widths and vocabulary but 2 of the 32 layers, so a training step fits one chip.
-    "paper": Sizes("paper", b=1, t=2048, d=4096, h=16, k=256, f=16384, dtype="bfloat16",
-                   decode_b=8, decode_s=2048, model="8b-L2", model_b=1, model_t=2048),
+                   decode_b=4, decode_s=1024, model="demo", model_b=4, model_t=128,
+                   attention_bt=((2, 256),), decode_models=("demo", "8b-L2"), matmul_square=1024,
+                   copy_bytes=32 * 2**20),
+    # PaLM-8B widths (Table 1), bf16: the fused projections at M = B*T = 8192 tokens (issue 9's
+    # goals), attention at T = 2048 and 8192 with H = 16. The model benchmarks run the one-GPU
+    # "1b" preset (PaLM's head dim and vocabulary, D = 2048, 16 layers) at B = 2, T = 2048: a
+    # training step with float32 master weights and Adafactor moments fits an 80 GB H100.
+    "paper": Sizes("paper", b=4, t=2048, d=4096, h=16, k=256, f=16384, dtype="bfloat16",
+                   decode_b=8, decode_s=2048, model="1b", model_b=2, model_t=2048,
+                   attention_bt=((4, 2048), (1, 8192)), decode_models=("demo", "1b"), matmul_square=8192,
+                   copy_bytes=2**30),
 }
 
 
@@ -166,8 +196,14 @@ def _impls_for(config, baselines: dict[str, Sequence[str]]) -> list[str]:
 
 
 def pytest_generate_tests(metafunc):
-    if "case" not in metafunc.fixturenames:
-        return
+    if "case" in metafunc.fixturenames:
+        _parametrize_cases(metafunc)
+    if "attention_bt" in metafunc.fixturenames:  # after `case`, so ids read <impl>-<pass>-...-B-T
+        bts = bench_sizes(metafunc.config).attention_bt
+        metafunc.parametrize("attention_bt", bts, ids=[f"B{b}-T{t}" for b, t in bts])
+
+
+def _parametrize_cases(metafunc):
     marker = metafunc.definition.get_closest_marker("bench_cases")
     options = marker.kwargs if marker else {}
     passes = options.get("passes", (None,))

@@ -3,10 +3,12 @@
 Test ids read `<model>-<method>-<impl>-B<batch>-N<new tokens>`. Each case generates N greedy
 tokens after a 16-token prompt: "kv_cache" is `palm.generate` (a prefill, then one token per
 step reading the cache); "recompute" reruns the whole forward pass over the sequence for every
-new token, the way generation worked before the cache (kept here as the baseline). The models:
-"demo" (the CPU training demo) and "8b-L2" (PaLM-8B's widths and vocabulary, 2 layers; timed
-runs only, and without the recompute baseline on CPU, where each of its forward passes takes
-seconds).
+new token, the way generation worked before the cache (kept here as the baseline, on the
+first, small model only: on the large one it would take minutes). The models are the size's
+`decode_models` (bench/conftest.py): "demo" (the CPU training demo) and, timed runs only,
+"8b-L2" on CPU (PaLM-8B's widths and vocabulary, 2 layers) or "1b" on accelerators (the
+one-GPU PaLM-shaped preset). Parameters are cast to the model's compute dtype first, as a
+server keeps them, so each step reads bf16 weights.
 
 extra_info per case: tokens_per_s (B*N over the call) and ms_per_token (the call over N steps:
 the latency a user sees per new token, prefill included), the KV cache's bytes per token of
@@ -14,9 +16,11 @@ context against a multi-head cache of the same model (`kv_cache_bytes_per_token`
 `mha_cache_bytes_per_token`: H times more), and on the kv_cache cases the speed-up over the
 recompute case of the same model, batch and N measured earlier in the same run
 (`speedup_vs_recompute`). The roofline of a kv_cache case is the time to read the weights and
-the cache once per step (bench/costs.py `decode`), known on accelerators only.
+the cache once per step (bench/costs.py `decode`) at the datasheet bandwidth;
+tools/bench_report.py also states it at the copy bandwidth measured in the same run
+(bench/test_ceilings.py, `vs_copy_bound`).
 
-Without timing (`make test`) only the demo's kv_cache case at batch 1 runs: it decodes N = 8
+Without timing (`make test`) only the first model's kv_cache case at batch 1 runs: it decodes N = 8
 tokens once, which must equal the recompute loop's tokens exactly.
 """
 
@@ -33,6 +37,7 @@ import pytest
 import kernels
 import palm
 from bench import costs
+from bench.conftest import bench_sizes
 from bench.test_model import model_config
 from palm.model import _logits
 
@@ -59,15 +64,12 @@ def recompute(params, prompts, *, config, impl, new):
     return jax.lax.fori_loop(0, new, step, tokens)
 
 
-def _models(timed: bool) -> tuple[str, ...]:
-    return ("demo", "8b-L2") if timed else ("demo",)
-
-
 def _cases(config):
     timed = not config.getoption("benchmark_disable", False)
     cpu = jax.default_backend() == "cpu"
+    models = bench_sizes(config).decode_models
     cases = []
-    for model in _models(timed):
+    for model in models if timed else models[:1]:
         # Untimed, batch 1 only: tests/test_generate.py checks batches, ragged ones included.
         for batch in BATCHES if timed else BATCHES[:1]:
             new = TIMED_NEW_TOKENS if timed else CHECKED_NEW_TOKENS
@@ -75,7 +77,7 @@ def _cases(config):
                 new = 32  # ~1.5e9 parameters read per token from CPU memory
             # The recompute baseline first: its median is the kv_cache case's yardstick. Untimed,
             # the kv_cache case checks itself against it.
-            if timed and not (cpu and (model == "8b-L2" or batch > 1)):
+            if timed and model == models[0] and not (cpu and batch > 1):
                 cases.append((model, "recompute", batch, new))
             cases.append((model, "kv_cache", batch, new))
     return cases
@@ -98,6 +100,7 @@ def _setup(model: str, new: int):
         params["blocks"] = {k: w if k == "norm_scale" else 2 * w for k, w in params["blocks"].items()}
     else:
         params = jax.jit(palm.init, static_argnums=0)(config, jax.random.key(0))
+    params = jax.tree.map(lambda w: w.astype(config.dtype), params)
     return config, params
 
 

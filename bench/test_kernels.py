@@ -8,6 +8,7 @@ PaLM. Costs: bench/costs.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -166,9 +167,11 @@ def test_block_out(case, bench):
           tolerance_factor=GRAD_TOLERANCE if case.pass_ == "fwdbwd" else 1.0)
 
 
-@pytest.mark.bench_cases(passes=costs.PASSES, baselines=baselines.ATTENTION, dims="BTHK")
-def test_mq_flash_attention(case, bench):
-    s, dtype = case.sizes, case.sizes.dtype
+@pytest.mark.bench_cases(passes=costs.PASSES, baselines=baselines.ATTENTION, dims="HK")
+def test_mq_flash_attention(case, attention_bt, bench):
+    """Causal MQA at each of the size's (B, T) (conftest's `attention_bt`), T = S."""
+    dtype = case.sizes.dtype
+    s = dataclasses.replace(case.sizes, b=attention_bt[0], t=attention_bt[1])
     scale = 1.0 / math.sqrt(s.k)
     fwdbwd = case.pass_ == "fwdbwd"
 

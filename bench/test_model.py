@@ -1,8 +1,11 @@
 """The whole model: `palm.forward` and one training step (`palm.train.make_train_step`).
 
-Test ids read `<preset>-<impl>-B<batch>-T<positions>-<dtype>`. "8b-L2" is PaLM-8B's widths
-and vocabulary with 2 of its 32 layers, so that a training step (float32 master weights and
-Adafactor moments) fits one accelerator; "demo" is the CPU training demo's model.
+Test ids read `<preset>-<impl>-B<batch>-T<positions>-<dtype>`. At paper size the model is the
+"1b" preset (PaLM's head dim 256, 8 heads and 256k vocabulary at D = 2048, 16 layers), whose
+training step (float32 master weights and Adafactor moments) fits one GPU; "<preset>-L<n>"
+names a preset cut to n layers (e.g. "8b-L2"); "demo" is the CPU training demo's model.
+tools/bench_report.py adds the MFU against the bare matmul measured in the same run
+(`mfu_vs_matmul`, bench/test_ceilings.py) beside the datasheet-peak MFU stored here.
 """
 
 from __future__ import annotations

@@ -78,6 +78,11 @@ PRESETS = {
     "8b": Config(d_model=4096, n_layers=32, n_heads=16, d_ff=4 * 4096, **_PAPER),
     "62b": Config(d_model=8192, n_layers=64, n_heads=32, d_ff=4 * 8192, **_PAPER),
     "540b": Config(d_model=18432, n_layers=118, n_heads=48, d_ff=4 * 18432, **_PAPER),
+    # PaLM-shaped at one GPU's size (issue 9's whole-model benchmark): the paper's head dim,
+    # vocabulary and 4*D MLP at D=2048; 0.96B parameters in the 16 blocks plus 0.52B in the
+    # shared embedding (1.49B). A training step at B=4, T=2048 (float32 master weights and
+    # Adafactor moments, 18 GB) fits an 80 GB H100.
+    "1b": Config(d_model=2048, n_layers=16, n_heads=8, d_ff=4 * 2048, **_PAPER),
     # Unit tests: every code path, a fraction of a second on CPU. float32 because CPUs have no
     # bf16 matrix units and the tests compare against float64.
     "tiny": Config(vocab_size=256, d_model=64, n_layers=2, n_heads=4, head_dim=16, d_ff=256,
@@ -89,7 +94,8 @@ PRESETS = {
 
 
 def preset(name: str) -> Config:
-    """One of the paper's Table 1 configs ("8b", "62b", "540b") or a small one ("tiny", "demo")."""
+    """One of the paper's Table 1 configs ("8b", "62b", "540b"), the one-GPU "1b", or a small one
+    ("tiny", "demo")."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     return PRESETS[name]
