@@ -1,4 +1,5 @@
-"""kernels.rope: the Pallas TPU kernel (TPU interpret mode) against rope_reference.
+"""kernels.rope: the Pallas TPU kernel (TPU interpret mode) and the Pallas GPU (Triton) kernel
+(generic interpret mode) against rope_reference; both exported for their hardware from CPU.
 
 Each hypothesis example compiles one program (XLA's cheap settings, `run`) holding the
 kernel's forward through jax.vjp, its backward and the reference: compiling dominates
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import RaceLog, assert_close, race_log, run
+from gpu_export import export_for_gpu, triton_kernel_names
 from kernels.rope import BlockSizes, rope, rope_reference, vmem_bytes
+from kernels.rope import gpu as rope_gpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 # PaLM-8B and PaLM-540B per-chip shapes: queries [B, T, H, K] and the shared key head [B, T, K].
@@ -37,29 +40,44 @@ def rope_cases(draw):
     k = 2 * draw(st.integers(1, 16))  # every even K from 2 to 32
     four_d = draw(st.booleans())
     shape = (b, t, draw(st.integers(1, 3)), k) if four_d else (b, t, k)
+    impl = draw(st.sampled_from(["pallas_tpu", "pallas_gpu"]))
     # Up to three row tiles and two head blocks, mostly ragged: T and H rarely divide them.
-    blocks = BlockSizes(
-        block_t=draw(st.sampled_from([8, 16])), block_h=draw(st.integers(1, 2)),
-        block_t_bwd=draw(st.sampled_from([8, 16])), block_h_bwd=draw(st.integers(1, 2)))
+    # GPU tiles are powers of two over the B*T rows (up to 48): 4 to 16 rows.
+    if impl == "pallas_tpu":
+        blocks = BlockSizes(
+            block_t=draw(st.sampled_from([8, 16])), block_h=draw(st.integers(1, 2)),
+            block_t_bwd=draw(st.sampled_from([8, 16])), block_h_bwd=draw(st.integers(1, 2)))
+    else:
+        blocks = rope_gpu.BlockSizes(
+            block_t=draw(st.sampled_from([4, 8, 16])), block_h=draw(st.sampled_from([1, 2])),
+            block_t_bwd=draw(st.sampled_from([4, 8, 16])),
+            block_h_bwd=draw(st.sampled_from([1, 2])))
     return dict(
         shape=shape,
         dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
+        impl=impl,
         blocks=draw(st.sampled_from([None, blocks, blocks])),  # mostly several grid steps
         max_pos=draw(st.sampled_from([8, 2048, 40000])),
         base=draw(st.sampled_from([10000.0, 500.0])),
-        races=draw(st.sampled_from([False, False, True])),  # race detection for a third
+        # race detection (TPU interpret mode only) for a third of the TPU cases
+        races=impl == "pallas_tpu" and draw(st.sampled_from([False, False, True])),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-def _palm_head_dim(dtype, shape):
+def _palm_head_dim(dtype, shape, impl="pallas_tpu", blocks=None):
     """PaLM's K = 256 (hypothesis draws K <= 32): two lane tiles, small T."""
-    return dict(shape=shape, dtype=dtype, blocks=None, max_pos=2048, base=10000.0, races=False,
-                seed=256)
+    return dict(shape=shape, dtype=dtype, impl=impl, blocks=blocks, max_pos=2048, base=10000.0,
+                races=False, seed=256)
 
 
 @example(_palm_head_dim(jnp.float32, (1, 12, 3, 256)))
 @example(_palm_head_dim(jnp.bfloat16, (2, 9, 256)))
+@example(_palm_head_dim(jnp.float32, (1, 12, 3, 256), "pallas_gpu",
+                        rope_gpu.BlockSizes(8, 2, 4, 1)))  # ragged rows and heads
+@example(_palm_head_dim(jnp.bfloat16, (2, 9, 256), "pallas_gpu"))
+@example(_palm_head_dim(jnp.float32, (2, 5, 3, 6), "pallas_gpu",
+                        rope_gpu.BlockSizes(4, 2, 8, 4)))  # K/2 = 3: padded, masked halves
 @given(rope_cases())
 def test_rope_matches_reference(case):
     shape, dtype = case["shape"], case["dtype"]
@@ -71,7 +89,7 @@ def test_rope_matches_reference(case):
     base = case["base"]
 
     def kernel(x):
-        return rope(x, positions, base=base, impl="pallas_tpu", interpret=interpret,
+        return rope(x, positions, base=base, impl=case["impl"], interpret=interpret,
                     block_sizes=case["blocks"])
 
     def weighted(x, g):  # the reference's gradient target: a cotangent-weighted sum
@@ -192,3 +210,38 @@ def test_decode_shape_exports():
     """T = 1 (one new token per sequence) lowers natively: the block then covers all of T."""
     assert _export((8, 1, 16, 256), grad=False) == ["palm_rope_fwd"]
     np.testing.assert_equal(BlockSizes.get_default((8, 1, 16, 256), jnp.bfloat16).block_t, 8)
+
+
+def test_gpu_exports_for_cuda_at_palm_8b():
+    """The Triton kernels lower for an H100 (forward and the vjp's backward), q and k heads."""
+    for shape in (PALM_SHAPES["8b_q"], PALM_SHAPES["8b_k"]):
+        x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+        positions = jax.ShapeDtypeStruct(shape[:2], jnp.int32)
+
+        def forward_and_vjp(x, positions):
+            out, vjp = jax.vjp(lambda x: rope(x, positions, impl="pallas_gpu"), x)
+            return out, vjp(out)[0]
+
+        names = triton_kernel_names(export_for_gpu(forward_and_vjp, x, positions))
+        assert names == ["palm_rope_fwd", "palm_rope_bwd"], shape
+
+
+def test_gpu_block_sizes_default_and_validation():
+    q8 = rope_gpu.BlockSizes.get_default(PALM_SHAPES["8b_q"], jnp.bfloat16)
+    assert (q8.block_t, q8.block_h) == (2, 16)
+    assert rope_gpu.BlockSizes.get_default(PALM_SHAPES["8b_k"], jnp.bfloat16).block_t == 32
+    for shape in PALM_SHAPES.values():
+        blocks = rope_gpu.BlockSizes.get_default(shape, jnp.bfloat16)
+        assert rope_gpu.shared_memory_bytes(shape, jnp.bfloat16, blocks) <= 227 * 1024
+    hash(q8)  # static argument
+    with pytest.raises(ValueError, match="power of two"):
+        rope_gpu.BlockSizes(block_t=12, block_h=1, block_t_bwd=8, block_h_bwd=1)
+    with pytest.raises(ValueError, match="positive int"):
+        rope_gpu.BlockSizes(block_t=8, block_h=0, block_t_bwd=8, block_h_bwd=1)
+    x = jnp.zeros((1, 8, 2, 6), jnp.float32)
+    pos = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="gpu.BlockSizes"):  # a TPU tiling for the GPU kernel
+        rope(x, pos, impl="pallas_gpu", interpret=True,
+             block_sizes=BlockSizes(block_t=8, block_h=1, block_t_bwd=8, block_h_bwd=1))
+    with pytest.raises(ValueError, match="interpret"):
+        rope(x, pos, impl="pallas_gpu", interpret=pltpu.InterpretParams())
