@@ -1,8 +1,10 @@
-"""Multi-query flash attention: the Pallas TPU kernels (TPU interpret mode) against the reference.
+"""Multi-query flash attention: the Pallas TPU kernels (TPU interpret mode) and the Pallas GPU
+(Triton) kernels (generic interpret mode) against the reference, by the same properties.
 
 Shapes are drawn small (interpret mode runs every grid step through Python callbacks) but with
-tiles of 128, so T*H and S above 128 give several query and key tiles per kernel, and T, S,
-T*H and K are mostly not multiples of the tiles (padding, masking, causal tile skipping).
+tiles of 128 (TPU) or 16..64 (GPU), so T*H and S above them give several query and key tiles
+per kernel, and T, S, T*H and K are mostly not multiples of the tiles (padding, masking, causal
+tile skipping).
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from jax.experimental.pallas import tpu as pltpu
 import kernels.mq_flash_attention as mfa
 from conftest import TOLERANCE, RaceLog, assert_close, race_log, run
 from kernels.mq_flash_attention import BlockSizes
+from kernels._gpu import SHARED_MEMORY_BYTES
 from kernels._tpu import vmem_budget
+from kernels.mq_flash_attention import gpu as mfa_gpu
 from kernels.mq_flash_attention import tpu as mfa_tpu
+from gpu_export import export_for_gpu, triton_kernel_names
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
+
+IMPLS = ("pallas_tpu", "pallas_gpu")
 
 @st.composite
 def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
@@ -32,12 +39,21 @@ def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
     head_dim = draw(st.sampled_from([8, 32, 64, 128, 256]))
     causal = draw(st.sampled_from([True, False]))  # shrinks to causal, the case PaLM runs
     sm_scale = draw(st.one_of(st.none(), st.floats(0.05, 0.5)))
-    tile = st.sampled_from([128, 256])
-    blocks = draw(st.one_of(st.none(), st.builds(BlockSizes, tile, tile, tile, tile, tile, tile)))
-    races = draw(st.integers(0, 3)) == 0  # a quarter of the cases
+    impl = draw(st.sampled_from(IMPLS))
+    if impl == "pallas_tpu":
+        tile = st.sampled_from([128, 256])
+        blocks = draw(st.one_of(st.none(),
+                                st.builds(BlockSizes, tile, tile, tile, tile, tile, tile)))
+        races = draw(st.integers(0, 3)) == 0  # a quarter of the cases
+    else:  # Triton tiles: powers of two >= 16, small enough for several tiles per axis
+        tile = st.sampled_from([16, 32, 64])
+        blocks = draw(st.one_of(st.none(), st.builds(
+            mfa_gpu.BlockSizes, tile, tile, tile, tile, tile, tile,
+            num_warps=st.sampled_from([2, 4, 8]), num_stages=st.integers(1, 3))))
+        races = False  # race detection is the TPU interpreter's
     seed = draw(st.integers(0, 2**16))
     return dict(dtype=dtype, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
-                head_dim=head_dim, causal=causal, sm_scale=sm_scale, blocks=blocks,
+                head_dim=head_dim, causal=causal, sm_scale=sm_scale, impl=impl, blocks=blocks,
                 races=races, seed=seed)
 
 
@@ -52,7 +68,7 @@ def _inputs(case):
 def _pallas(case):
     interpret = pltpu.InterpretParams(detect_races=True) if case["races"] else True
     return lambda q, k, v: mfa.mq_flash_attention(
-        q, k, v, causal=case["causal"], sm_scale=case["sm_scale"], impl="pallas_tpu",
+        q, k, v, causal=case["causal"], sm_scale=case["sm_scale"], impl=case["impl"],
         interpret=interpret, block_sizes=case["blocks"])
 
 
@@ -63,9 +79,14 @@ def _reference(case):
 
 def _case(**kw):
     base = dict(dtype="bfloat16", batch=1, heads=2, q_len=150, kv_len=150, head_dim=256,
-                causal=True, sm_scale=None, blocks=BlockSizes(128, 128, 128, 128, 128, 128),
-                races=False, seed=1)
+                causal=True, sm_scale=None, impl="pallas_tpu",
+                blocks=BlockSizes(128, 128, 128, 128, 128, 128), races=False, seed=1)
     return base | kw
+
+
+def _on_gpu(case, blocks=mfa_gpu.BlockSizes(32, 32, 32, 32, 32, 32, num_warps=4)):
+    """The same case for the Triton kernels (interpret mode), with tiles of 32."""
+    return case | dict(impl="pallas_gpu", blocks=blocks, races=False)
 
 
 # Always run through the vjp (which checks the forward too), whatever hypothesis draws: causal
@@ -77,8 +98,17 @@ SHORT_QUERIES = _case(dtype="float32", heads=4, q_len=60, kv_len=300, head_dim=6
 # PaLM's K = 256 in float32 as well (SELF_ATTENTION is bf16), small T, one tile each way.
 PALM_HEAD_DIM_F32 = _case(dtype="float32", heads=2, q_len=24, kv_len=40, head_dim=256)
 PALM_HEAD_DIM_BF16 = _case(heads=3, q_len=20, kv_len=20, head_dim=256, causal=False)
+# The same for the Triton kernels; tiles of 32 (16 for the short one) give several tiles per
+# axis, and H = 3, T*H = 60 and S = 40 are not powers of two.
+SELF_ATTENTION_GPU = _on_gpu(SELF_ATTENTION)
+SHORT_QUERIES_GPU = _on_gpu(SHORT_QUERIES)
+PALM_HEAD_DIM_F32_GPU = _on_gpu(PALM_HEAD_DIM_F32,
+                                mfa_gpu.BlockSizes(16, 16, 16, 16, 16, 16, num_stages=1))
+PALM_HEAD_DIM_BF16_GPU = _on_gpu(PALM_HEAD_DIM_BF16)
 
 
+@hypothesis.example(PALM_HEAD_DIM_BF16_GPU)
+@hypothesis.example(PALM_HEAD_DIM_F32_GPU)
 @hypothesis.example(PALM_HEAD_DIM_BF16)
 @hypothesis.example(PALM_HEAD_DIM_F32)
 @hypothesis.given(attention_cases())
@@ -112,6 +142,9 @@ def _vjp(fn):
     return value_and_grads
 
 
+@hypothesis.example(PALM_HEAD_DIM_F32_GPU)
+@hypothesis.example(SHORT_QUERIES_GPU)
+@hypothesis.example(SELF_ATTENTION_GPU)
 @hypothesis.example(PALM_HEAD_DIM_F32)
 @hypothesis.example(SHORT_QUERIES)
 @hypothesis.example(SELF_ATTENTION)
@@ -290,4 +323,56 @@ def test_export_gradient_for_tpu(heads, generation):
     text = export_for_tpu(jax.grad(loss, argnums=(0, 1, 2)), *_palm_args(heads),
                           device_kind=generation)
     assert mosaic_kernel_names(text) == FWD + BWD
+    assert "stablehlo.pad" not in text and "stablehlo.transpose" not in text
+
+
+# ---- GPU (Triton) tiles and lowering ---------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [PALM_8B, PALM_540B], ids=["8B", "540B"])
+def test_gpu_default_blocks_fit_shared_memory_at_palm_shapes(shape):
+    blocks = mfa_gpu.BlockSizes.get_default(**shape)
+    assert blocks == mfa_gpu.BlockSizes()  # nothing shrunk at PaLM shapes
+    for kernel, size in mfa_gpu.shared_memory_bytes(blocks, 256, jnp.bfloat16).items():
+        assert size <= SHARED_MEMORY_BYTES, (kernel, size)
+    wide = mfa_gpu.BlockSizes.get_default(**{**shape, "dtype": jnp.float32, "head_dim": 512})
+    assert all(size <= SHARED_MEMORY_BYTES
+               for size in mfa_gpu.shared_memory_bytes(wide, 512, jnp.float32).values())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_q=48), "block_q=48 must be a power of two"),
+    (dict(block_k_dq=8), "block_k_dq=8 must be a power of two >= 16"),
+    (dict(block_k=64.0), "block_k=64.0 must be a power of two"),
+    (dict(num_warps=3), "num_warps"),
+    (dict(num_stages=0), "num_stages"),
+])
+def test_gpu_block_sizes_reject_bad_tiles(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mfa_gpu.BlockSizes(**kwargs)
+
+
+@pytest.mark.parametrize("block_sizes, interpret, match", [
+    (mfa_gpu.BlockSizes(block_q=128, block_k=128, num_stages=3), True, "shared memory"),
+    (BlockSizes(), True, "gpu.BlockSizes"),  # the TPU kernel's tiles
+    (None, pltpu.InterpretParams(), "InterpretParams are for impl='pallas_tpu'"),
+])
+def test_gpu_bad_settings_raise_before_tracing(block_sizes, interpret, match):
+    q, k = jnp.zeros((1, 256, 1, 256), jnp.float32), jnp.zeros((1, 256, 256), jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        mfa.mq_flash_attention(q, k, k, impl="pallas_gpu", interpret=interpret,
+                               block_sizes=block_sizes)
+
+
+def test_export_forward_and_gradient_for_gpu():
+    """The whole Pallas-to-Triton lowering of the three kernels at PaLM-8B shapes, bf16."""
+    def forward_and_vjp(q, k, v):
+        def attention(q, k, v):
+            return mfa.mq_flash_attention(q, k, v, causal=True, impl="pallas_gpu",
+                                          interpret=False)
+        o, pullback = jax.vjp(attention, q, k, v)
+        return o, pullback(o)
+
+    text = export_for_gpu(forward_and_vjp, *_palm_args(16))
+    assert triton_kernel_names(text) == FWD + BWD
+    # PaLM shapes divide the tiles and the head fold is a reshape: no padding, no transposes.
     assert "stablehlo.pad" not in text and "stablehlo.transpose" not in text

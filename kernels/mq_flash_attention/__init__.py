@@ -7,7 +7,9 @@ at least column 0, so no row is ever empty.
 The front door `mq_flash_attention`; its plain-jnp twin `mq_flash_attention_reference`, with
 the logsumexp it saves and a hand-written backward (reference.py); the Pallas TPU flash
 attention kernels with their tiling (`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and
-design notes (tpu.py).
+design notes (tpu.py); the Pallas GPU (Triton) kernels, `impl="pallas_gpu"`, with the same
+residuals and backward decomposition, their own tiling (`gpu.BlockSizes`, num_warps/num_stages,
+`gpu.shared_memory_bytes`) and design notes (gpu.py).
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ from kernels.mq_flash_attention.reference import (
     mq_flash_attention_reference_bwd,
     mq_flash_attention_reference_lse,
 )
+from kernels.mq_flash_attention import gpu
+from kernels.mq_flash_attention.gpu import mq_flash_attention_pallas_gpu
 from kernels.mq_flash_attention.tpu import BlockSizes, mq_flash_attention_pallas_tpu, vmem_bytes
 
-__all__ = ["BlockSizes", "mq_flash_attention", "mq_flash_attention_reference",
+__all__ = ["BlockSizes", "gpu", "mq_flash_attention", "mq_flash_attention_reference",
            "mq_flash_attention_reference_bwd", "mq_flash_attention_reference_lse",
            "vmem_bytes"]
 
 
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {"pallas_tpu": mq_flash_attention_pallas_tpu}
+_PALLAS = {"pallas_tpu": mq_flash_attention_pallas_tpu,
+           "pallas_gpu": mq_flash_attention_pallas_gpu}
 
 
 def mq_flash_attention(
@@ -49,7 +54,8 @@ def mq_flash_attention(
       k, v: [B, S, K] the single shared key/value head.
       causal: mask key columns after each query row (top-left aligned, see module docstring).
       sm_scale: logit scale; None means 1/sqrt(K).
-      impl, interpret, block_sizes: see `kernels.rope.rope`; block_sizes is a `BlockSizes`.
+      impl, interpret, block_sizes: see `kernels.rope.rope`; block_sizes is a `BlockSizes`
+        (tpu.py's) for pallas_tpu, a `gpu.BlockSizes` for pallas_gpu.
 
     Returns:
       [B, T, H, K] in q's dtype.
