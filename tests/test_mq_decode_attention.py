@@ -1,6 +1,8 @@
-"""Pallas TPU multi-query decode attention against its reference, in TPU interpret mode.
+"""Pallas multi-query decode attention against its reference: the TPU kernel in TPU interpret
+mode, the GPU (Triton) kernel with `interpret=True`, the same properties for both; and both
+lowered for their hardware from this CPU machine (Mosaic for TPU, Triton for CUDA).
 
-The kernel has no gradient (inference only), so there is no backward to check; jax.grad must
+The kernels have no gradient (inference only), so there is no backward to check; jax.grad must
 refuse rather than return something.
 """
 
@@ -15,6 +17,8 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import RaceLog, assert_close, race_log, run
+from gpu_export import export_for_gpu, triton_kernel_names
+from kernels._gpu import SHARED_MEMORY_BYTES
 from kernels.mq_decode_attention import (
     BlockSizes,
     _PALLAS,
@@ -22,10 +26,13 @@ from kernels.mq_decode_attention import (
     mq_decode_attention_reference,
     vmem_bytes,
 )
+from kernels.mq_decode_attention.gpu import BlockSizes as GpuBlockSizes
+from kernels.mq_decode_attention.gpu import shared_memory_bytes
 from kernels.mq_decode_attention.tpu import _schedule
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 pallas_tpu = _PALLAS["pallas_tpu"]
+pallas_gpu = _PALLAS["pallas_gpu"]
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -36,40 +43,64 @@ def _inputs(seed, batch, heads, seq_len, head_dim, dtype):
     return tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for shape in shapes)
 
 
+def _gpu_blocks(draw):
+    # Power-of-two tiles of 16 or 32 rows (Triton's minimum dot size is 16), so that the drawn
+    # caches (up to 48) give several tiles and splits; warps and stages change nothing
+    # interpreted but must be accepted.
+    return GpuBlockSizes(block_k=draw(st.sampled_from([16, 32])), num_splits=draw(st.integers(1, 3)),
+                         num_warps=draw(st.sampled_from([2, 4])), num_stages=draw(st.sampled_from([1, 2])))
+
+
 @st.composite
 def _cases(draw):
-    # About a quarter of the cases run on two simulated cores with race detection, which costs
-    # over 0.1 s of CPU per grid step (B x splits x steps): their caches are at most 24 long.
-    races = draw(st.booleans()) and draw(st.booleans())
+    impl = draw(st.sampled_from(["pallas_tpu", "pallas_gpu"]))
+    # About a quarter of the TPU cases run on two simulated cores with race detection, which
+    # costs over 0.1 s of CPU per grid step (B x splits x steps): their caches are at most 24
+    # long. Race detection is the TPU interpreter's; the GPU kernel runs under interpret=True.
+    races = impl == "pallas_tpu" and draw(st.booleans()) and draw(st.booleans())
     seq_len = draw(st.integers(1, 24 if races else 48))
     batch = draw(st.integers(1, 3))
     edge = st.sampled_from([1, seq_len])
     lengths = draw(st.lists(st.one_of(edge, st.integers(1, seq_len)), min_size=batch, max_size=batch))
+    # GPU: also a head dim that is no power of two (its tiles are padded to one, masked).
+    head_dims = [2, 4, 8, 16] + ([24] if impl == "pallas_gpu" else [])
+    if impl == "pallas_gpu":
+        block_sizes = _gpu_blocks(draw)
+    else:
+        # Small tiles (8..32 rows, rarely dividing S) so several tiles and splits happen.
+        block_sizes = BlockSizes(block_s=draw(st.sampled_from([8, 16, 24, 32])),
+                                 num_splits=draw(st.integers(1, 3)))
     return dict(
+        impl=impl,
         batch=batch,
         heads=draw(st.integers(1, 4)),
         seq_len=seq_len,
-        head_dim=draw(st.sampled_from([2, 4, 8, 16])),
+        head_dim=draw(st.sampled_from(head_dims)),
         dtype=draw(st.sampled_from(DTYPES)),
         lengths=lengths,
-        # Small tiles (8..32 rows, rarely dividing S) so several tiles and splits happen.
-        block_sizes=BlockSizes(block_s=draw(st.sampled_from([8, 16, 24, 32])),
-                               num_splits=draw(st.integers(1, 3))),
+        block_sizes=block_sizes,
         sm_scale=draw(st.sampled_from([None, 0.3])),
         races=races,
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-def _palm_head_dim(dtype, lengths):
-    """PaLM's K = 256 (hypothesis draws K <= 16): two lane tiles, a short cache."""
-    return dict(batch=len(lengths), heads=4, seq_len=40, head_dim=256, dtype=dtype,
-                lengths=lengths, block_sizes=BlockSizes(block_s=16, num_splits=2),
-                sm_scale=None, races=False, seed=256)
+def _palm_head_dim(dtype, lengths, impl="pallas_tpu", num_splits=2):
+    """PaLM's K = 256 (hypothesis draws K <= 24): two lane tiles, a short cache."""
+    if impl == "pallas_tpu":
+        block_sizes = BlockSizes(block_s=16, num_splits=num_splits)
+    else:
+        block_sizes = GpuBlockSizes(block_k=16, num_splits=num_splits)
+    return dict(impl=impl, batch=len(lengths), heads=4, seq_len=40, head_dim=256, dtype=dtype,
+                lengths=lengths, block_sizes=block_sizes, sm_scale=None, races=False, seed=256)
 
 
 @example(_palm_head_dim(jnp.float32, [40, 9]))
 @example(_palm_head_dim(jnp.bfloat16, [23]))
+@example(_palm_head_dim(jnp.float32, [40, 9], "pallas_gpu"))
+@example(_palm_head_dim(jnp.bfloat16, [23], "pallas_gpu"))
+# Short rows: length 1 leaves two of three splits empty (lse = -inf in the combine).
+@example(_palm_head_dim(jnp.bfloat16, [1, 40, 17], "pallas_gpu", num_splits=3))
 @given(_cases())
 def test_matches_reference(case):
     q, k, v = _inputs(case["seed"], case["batch"], case["heads"], case["seq_len"], case["head_dim"],
@@ -81,9 +112,11 @@ def test_matches_reference(case):
                                           random_seed=case["seed"])
     else:
         interpret = True
+    kernel = _PALLAS[case["impl"]]
+
     def both(q, k, v, lengths):  # one compile per example (the wrapper's ops too)
-        return (pallas_tpu(q, k, v, lengths, sm_scale=case["sm_scale"], interpret=interpret,
-                           block_sizes=case["block_sizes"]),
+        return (kernel(q, k, v, lengths, sm_scale=case["sm_scale"], interpret=interpret,
+                       block_sizes=case["block_sizes"]),
                 mq_decode_attention_reference(q, k, v, lengths, sm_scale=case["sm_scale"]))
 
     with race_log(case["races"]):
@@ -147,14 +180,18 @@ def _poison_beyond(cache, lengths):
     return jnp.where(beyond, jnp.nan, cache)
 
 
-def test_front_door_jit_and_garbage_beyond_length():
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_front_door_jit_and_garbage_beyond_length(impl):
     """Slots at or past a length may hold anything (here NaN): never read into the result."""
     reference = jax.jit(mq_decode_attention_reference)  # eager jnp compiles op by op
     q, k, v = _inputs(1, 3, 4, 40, 8, jnp.float32)
     lengths = jnp.array([1, 17, 40], jnp.int32)
     expected = reference(q, k, v, lengths)
-    blocks = BlockSizes(block_s=16, num_splits=2)
-    fn = jax.jit(lambda q, k, v, n: mq_decode_attention(q, k, v, n, impl="pallas_tpu", interpret=True,
+    if impl == "pallas_tpu":
+        blocks = BlockSizes(block_s=16, num_splits=2)
+    else:
+        blocks = GpuBlockSizes(block_k=16, num_splits=2)
+    fn = jax.jit(lambda q, k, v, n: mq_decode_attention(q, k, v, n, impl=impl, interpret=True,
                                                         block_sizes=blocks))
     out = fn(q, _poison_beyond(k, lengths), _poison_beyond(v, lengths), lengths)
     assert_close(out, expected, jnp.float32, what="jit, NaN beyond length")
@@ -163,21 +200,22 @@ def test_front_door_jit_and_garbage_beyond_length():
     lengths = jnp.array([300, 1, 129], jnp.int32)
     expected = reference(q, k, v, lengths)
     out = mq_decode_attention(q, _poison_beyond(k, lengths), _poison_beyond(v, lengths), lengths,
-                              impl="pallas_tpu", interpret=True)
+                              impl=impl, interpret=True)
     assert_close(out, expected, jnp.bfloat16, what="default blocks, bf16")
 
 
 def test_no_gradient():
     q, k, v = _inputs(2, 1, 2, 16, 4, jnp.float32)
     lengths = jnp.array([9], jnp.int32)
-    with pytest.raises(NotImplementedError):
-        jax.grad(lambda q: pallas_tpu(q, k, v, lengths, interpret=True).sum())(q)
+    for kernel in (pallas_tpu, pallas_gpu):
+        with pytest.raises(NotImplementedError):
+            jax.grad(lambda q: kernel(q, k, v, lengths, interpret=True).sum())(q)
 
 
 def test_bad_input():
     q, k, v = _inputs(3, 2, 4, 16, 8, jnp.float32)
     lengths = jnp.array([3, 16], jnp.int32)
-    for impl in ("xla", "pallas_tpu"):
+    for impl in ("xla", "pallas_tpu", "pallas_gpu"):
         call = lambda *a, **kw: mq_decode_attention(*a, impl=impl, interpret=True, **kw)  # noqa: E731
         with pytest.raises(ValueError, match="q must be"):
             call(q[0], k, v, lengths)
@@ -193,8 +231,9 @@ def test_bad_input():
             call(q, k, v, jnp.array([0, 5], jnp.int32))
         with pytest.raises(ValueError, match=r"lengths must lie in \[1, S=16\]"):
             call(q, k, v, jnp.array([5, 17], jnp.int32))
-    with pytest.raises(ValueError, match="share a dtype"):
-        pallas_tpu(q.astype(jnp.bfloat16), k, v, lengths, interpret=True)
+    for kernel in (pallas_tpu, pallas_gpu):
+        with pytest.raises(ValueError, match="share a dtype"):
+            kernel(q.astype(jnp.bfloat16), k, v, lengths, interpret=True)
     with pytest.raises(ValueError, match="block_sizes must be a BlockSizes"):
         pallas_tpu(q, k, v, lengths, interpret=True, block_sizes=(8, 1))
     for bad in (dict(block_s=0), dict(block_s=12), dict(block_s=8.0), dict(block_s=8, num_splits=0)):
@@ -212,6 +251,48 @@ def test_defaults():
     assert BlockSizes.get_default(2048, 16, 256, dtype=jnp.float32).block_s == 512
     assert BlockSizes.get_default(20, 16, 256) == BlockSizes(block_s=24, num_splits=1)
     assert hash(BlockSizes(128)) == hash(BlockSizes(128, 1))
+
+
+def test_bad_gpu_block_sizes():
+    """GPU tiles Triton would refuse, or that overflow shared memory, fail with a clear error."""
+    q, k, v = _inputs(3, 1, 4, 256, 256, jnp.bfloat16)
+    lengths = jnp.array([200], jnp.int32)
+    for bad in (dict(block_k=24), dict(block_k=8), dict(block_k=16.0), dict(block_k=16, num_splits=0),
+                dict(block_k=16, num_warps=3), dict(block_k=16, num_stages=0)):
+        with pytest.raises(ValueError, match="BlockSizes"):
+            GpuBlockSizes(**bad)
+    with pytest.raises(ValueError, match="must be a kernels.mq_decode_attention.gpu.BlockSizes"):
+        pallas_gpu(q, k, v, lengths, interpret=True, block_sizes=BlockSizes(block_s=16))
+    # 2 stages x k, v x [128, 256] bf16 = 256 KiB > 227 KiB.
+    with pytest.raises(ValueError, match="KiB of shared memory"):
+        pallas_gpu(q, k, v, lengths, interpret=True, block_sizes=GpuBlockSizes(block_k=128))
+
+
+def test_gpu_defaults():
+    """H100 defaults at PaLM shapes: 64-row tiles in 128 KiB of shared memory, splits filling
+    the 132 SMs in one wave."""
+    for batch, splits in ((1, 16), (8, 16), (64, 2), (200, 1)):
+        blocks = GpuBlockSizes.get_default(2048, 16, 256, dtype=jnp.bfloat16, batch=batch)
+        assert blocks == GpuBlockSizes(block_k=64, num_splits=splits, num_warps=4, num_stages=2)
+        assert shared_memory_bytes(blocks, 256, jnp.bfloat16) == 128 << 10 <= SHARED_MEMORY_BYTES
+    assert GpuBlockSizes.get_default(2048, 16, 256, dtype=jnp.float32, batch=8).block_k == 32
+    assert GpuBlockSizes.get_default(20, 16, 256, batch=1) == GpuBlockSizes(block_k=32)
+    assert hash(GpuBlockSizes(16)) == hash(GpuBlockSizes(16, 1, 4, 2))
+
+
+def test_export_for_gpu():
+    """The whole Pallas-to-Triton lowering for CUDA at PaLM-8B shapes (S=2048, H=16, K=256,
+    bf16): batch 1 (16 splits and the combine) and batch 64 (2 splits)."""
+    def args(batch):
+        cache = jax.ShapeDtypeStruct((batch, 2048, 256), jnp.bfloat16)
+        return (jax.ShapeDtypeStruct((batch, 16, 256), jnp.bfloat16), cache, cache,
+                jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+    def fn(q, k, v, lengths):
+        return mq_decode_attention(q, k, v, lengths, impl="pallas_gpu")
+
+    for batch in (1, 64):
+        assert triton_kernel_names(export_for_gpu(fn, *args(batch))) == ["palm_mq_decode_gpu"], batch
 
 
 @pytest.mark.parametrize("heads", [16, 48], ids=["palm8b", "palm540b"])

@@ -6,7 +6,9 @@ cheap (Pope et al. 2022).
 
 The front door `mq_decode_attention`; its plain-jnp twin `mq_decode_attention_reference`
 (reference.py); the Pallas TPU decode kernel with its tiling (`BlockSizes`, `vmem_bytes`),
-HBM and VMEM numbers and design notes (tpu.py).
+HBM and VMEM numbers and design notes (tpu.py); the Pallas GPU (Triton) flash-decoding kernel
+with its own tiling (`gpu.BlockSizes`: tiles, splits, warps, stages), FLOPs and bytes, H100
+defaults and what a CPU cannot check (gpu.py). `BlockSizes` here is the TPU one.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from kernels.mq_decode_attention.reference import (
     check_lengths,
     mq_decode_attention_reference,
 )
+from kernels.mq_decode_attention.gpu import mq_decode_attention_pallas_gpu
 from kernels.mq_decode_attention.tpu import BlockSizes, mq_decode_attention_pallas_tpu, vmem_bytes
 
 __all__ = ["BlockSizes", "mq_decode_attention", "mq_decode_attention_reference", "vmem_bytes"]
 
 
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {"pallas_tpu": mq_decode_attention_pallas_tpu}
+_PALLAS = {"pallas_tpu": mq_decode_attention_pallas_tpu, "pallas_gpu": mq_decode_attention_pallas_gpu}
 
 
 def mq_decode_attention(
@@ -46,7 +49,8 @@ def mq_decode_attention(
       k_cache, v_cache: [B, S, K] the shared key/value head for S cache slots.
       lengths: int32 [B], 1 <= lengths[b] <= S; slots at or after lengths[b] are ignored.
       sm_scale: logit scale; None means 1/sqrt(K).
-      impl, interpret, block_sizes: see `kernels.rope.rope`.
+      impl, interpret, block_sizes: see `kernels.rope.rope`; block_sizes is a tpu.BlockSizes
+        for pallas_tpu, a gpu.BlockSizes for pallas_gpu.
 
     Returns:
       [B, H, K] in q's dtype.
