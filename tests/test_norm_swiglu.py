@@ -1,6 +1,6 @@
-"""norm_swiglu: the Pallas TPU kernels (interpret mode) against the jnp reference in both modes
-(gate and up recomputed or saved), what jax.checkpoint keeps of them, and the real-TPU
-lowering at PaLM shapes."""
+"""norm_swiglu: the Pallas TPU and GPU kernels (interpret mode) against the jnp reference in
+both modes (gate and up recomputed or saved), what jax.checkpoint keeps of them, and the real-TPU
+and Triton lowerings at PaLM shapes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import kernels.norm_swiglu as ns
 from conftest import RaceLog, assert_close, race_log, run
 from kernels._common import layer_norm_f32, matmul_f32, row_stats
 from kernels._tpu import vmem_budget
-from kernels.norm_swiglu import tpu
+from gpu_export import export_for_gpu, triton_kernel_names
+from kernels.norm_swiglu import gpu, tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -30,6 +31,9 @@ EPS = 1e-6
 MIN_D = 3
 DTYPES = (jnp.float32, jnp.bfloat16)
 GRADS = ("dx", "d_norm_scale", "d_w_gate", "d_w_up")
+MODULES = {"pallas_tpu": tpu, "pallas_gpu": gpu}
+
+
 def _inputs(seed, b, t, d, f, dtype):
     # numpy, not jax.random: eager jax ops compile anew for every drawn shape (seconds each).
     rng = np.random.default_rng(seed)
@@ -48,8 +52,8 @@ def _cotangent(seed, shape, dtype=jnp.float32):
 _reference = functools.partial(ns.norm_swiglu_reference, eps=EPS)
 
 
-def _pallas(interpret, block_sizes, save_gate_up):
-    return lambda *a: ns.norm_swiglu(*a, eps=EPS, impl="pallas_tpu", interpret=interpret,  # noqa: E731
+def _pallas(interpret, block_sizes, save_gate_up, impl="pallas_tpu"):
+    return lambda *a: ns.norm_swiglu(*a, eps=EPS, impl=impl, interpret=interpret,  # noqa: E731
                                      block_sizes=block_sizes, save_gate_up=save_gate_up)
 
 
@@ -67,38 +71,62 @@ def _value_and_grads(fn, ct):
 
 @st.composite
 def cases(draw, max_t, max_width):
-    """Small shapes (often not multiples of the tiles) with small tiles: at most two tiles per
-    axis (the TPU interpreter costs ~0.1 s per grid step); either mode."""
+    """Either Pallas implementation, small shapes (often not multiples of the tiles) with small
+    tiles, either mode. TPU: at most two tiles per axis (the TPU interpreter costs ~0.1 s per
+    grid step). GPU: power-of-two tiles of 16 or 32, so shapes give several tiles per axis and
+    several steps of each in-kernel loop (the generic interpreter is cheap per step)."""
+    impl = draw(st.sampled_from(("pallas_tpu", "pallas_gpu")))
     dtype = draw(st.sampled_from(DTYPES))
-    rows = 8 if dtype == jnp.float32 else 16
     b, t = draw(st.integers(1, 2)), draw(st.integers(1, max_t))
     d, f = draw(st.integers(MIN_D, max_width)), draw(st.integers(1, max_width))
+    save_gate_up = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    if impl == "pallas_gpu":
+        tiles = [draw(st.sampled_from([16, 32])) for _ in range(6)]
+        return impl, (b, t, d, f), dtype, gpu.BlockSizes(*tiles), save_gate_up, True, seed
+    rows = 8 if dtype == jnp.float32 else 16
     bt, bt2 = draw(st.sampled_from([rows, 2 * rows])), draw(st.sampled_from([rows, 2 * rows]))
     bf, bd, bf2, bd2 = (draw(st.sampled_from([128, 256])) for _ in range(4))
     block_sizes = ns.BlockSizes(bt, bf, bd, bt2, bf2, bd2)
-    save_gate_up = draw(st.booleans())
-    # A quarter of the cases run the TPU interpreter's race detector.
+    # A quarter of the TPU cases run the TPU interpreter's race detector.
     races = draw(st.integers(0, 3)) == 0
     interpret = pltpu.InterpretParams(detect_races=True) if races else True
-    seed = draw(st.integers(0, 2**16))
-    return (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed
+    return impl, (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed
+
+
+# The GPU counterparts of the explicit TPU examples: ragged on every axis with several tiles
+# each, f32 and bf16, saving and recomputing.
+GPU_EXAMPLES = [
+    ("pallas_gpu", (2, 11, 150, 140), jnp.bfloat16, gpu.BlockSizes(16, 32, 32, 16, 32, 32),
+     True, True, 7),
+    ("pallas_gpu", (1, 13, 70, 50), jnp.float32, gpu.BlockSizes(16, 16, 32, 16, 32, 16),
+     False, True, 3),
+]
+
+
+def _gpu_examples(test):
+    for case in reversed(GPU_EXAMPLES):
+        test = example(case)(test)
+    return test
 
 
 # Ragged on every axis with two tiles each, bf16, saving, under race detection.
-@example(((2, 11, 150, 140), jnp.bfloat16, ns.BlockSizes(16, 128, 128, 16, 128, 128), True,
-          pltpu.InterpretParams(detect_races=True), 7))
+@example(("pallas_tpu", (2, 11, 150, 140), jnp.bfloat16, ns.BlockSizes(16, 128, 128, 16, 128, 128),
+          True, pltpu.InterpretParams(detect_races=True), 7))
+@_gpu_examples
 @given(cases(max_t=20, max_width=220))
 def test_forward_with_stats_matches_reference(case):
-    """The shared-LayerNorm interface: h, and the saved gate and up (rounded to x's dtype) when
-    saving, from statistics the caller computed."""
-    (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed = case
+    """The shared-LayerNorm interface (each backend module's): h, and the saved gate and up
+    (rounded to x's dtype) when saving, from statistics the caller computed."""
+    impl, (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed = case
+    module = MODULES[impl]
     args = _inputs(seed, b, t, d, f, dtype)
-    settings = tpu.prepare(*args, eps=EPS, interpret=interpret, block_sizes=block_sizes,
-                           save_gate_up=save_gate_up)
+    settings = module.prepare(*args, eps=EPS, interpret=interpret, block_sizes=block_sizes,
+                              save_gate_up=save_gate_up)
 
     def both(x, norm_scale, w_gate, w_up):
         mean, rstd = row_stats(x.reshape(b * t, d), EPS)
-        got = tpu.forward_with_stats(settings, x, norm_scale, w_gate, w_up, mean, rstd)
+        got = module.forward_with_stats(settings, x, norm_scale, w_gate, w_up, mean, rstd)
         xn = layer_norm_f32(x, norm_scale, EPS).astype(dtype).reshape(b * t, d)  # [M, D]
         pre = (matmul_f32("MD,DF->MF", xn, w_gate), matmul_f32("MD,DF->MF", xn, w_up))
         return got, (_reference(x, norm_scale, w_gate, w_up), pre)
@@ -119,14 +147,15 @@ def test_forward_with_stats_matches_reference(case):
 # the forward test. The hand-written reference backward is checked in the same program. The
 # example: ragged with two tiles per axis, bf16, saving (the in-place gates kernel) under race
 # detection, which the drawn cases rarely combine.
-@example(((2, 11, 150, 140), jnp.bfloat16, ns.BlockSizes(16, 128, 128, 16, 128, 128), True,
-          pltpu.InterpretParams(detect_races=True), 7))
+@example(("pallas_tpu", (2, 11, 150, 140), jnp.bfloat16, ns.BlockSizes(16, 128, 128, 16, 128, 128),
+          True, pltpu.InterpretParams(detect_races=True), 7))
+@_gpu_examples
 @given(cases(max_t=12, max_width=160))
 def test_vjp_forward_and_grads_match_reference(case):
-    (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed = case
+    impl, (b, t, d, f), dtype, block_sizes, save_gate_up, interpret, seed = case
     args = _inputs(seed, b, t, d, f, dtype)
     ct = _cotangent(seed, (b, t, f))
-    pallas = _pallas(interpret, block_sizes, save_gate_up)
+    pallas = _pallas(interpret, block_sizes, save_gate_up, impl)
 
     def all_three(*a):
         hand = ns.norm_swiglu_reference_bwd(*a, ct.astype(dtype), eps=EPS)
@@ -211,6 +240,38 @@ def test_bad_input_raises():
         ns.norm_swiglu(x, s, g[:, :5], u, eps=EPS, impl="pallas_tpu")
     with pytest.raises(ValueError, match="BlockSizes"):
         ns.norm_swiglu(x, s, g, u, eps=EPS, impl="pallas_tpu", block_sizes=(8, 128))
+
+
+def test_bad_gpu_block_sizes_raise():
+    x, s, g, u = _inputs(0, 1, 8, 16, 24, jnp.float32)
+    with pytest.raises(ValueError, match="block_d=24 must be a power of two"):
+        gpu.BlockSizes(block_d=24)
+    with pytest.raises(ValueError, match="block_t=8 must be a power of two >= 16"):
+        gpu.BlockSizes(block_t=8)
+    with pytest.raises(ValueError, match="num_warps=3"):
+        gpu.BlockSizes(num_warps=3)
+    with pytest.raises(ValueError, match="gpu.BlockSizes"):  # the TPU tiling on the GPU path
+        ns.norm_swiglu(x, s, g, u, eps=EPS, impl="pallas_gpu", block_sizes=ns.BlockSizes())
+    with pytest.raises(ValueError, match="shared memory"):  # 4 * (256*256 + 2*256*256) * 4 B
+        ns.norm_swiglu(x, s, g, u, eps=EPS, impl="pallas_gpu",
+                       block_sizes=gpu.BlockSizes(256, 256, 256, num_stages=4))
+    with pytest.raises(ValueError, match="InterpretParams"):
+        ns.norm_swiglu(x, s, g, u, eps=EPS, impl="pallas_gpu", interpret=pltpu.InterpretParams())
+
+
+def test_gpu_default_block_sizes():
+    """The docstring's H100 tiles and shared memory at PaLM-8B bf16; float32 and small shapes
+    shrink until every kernel fits."""
+    bs = gpu.BlockSizes.get_default(2048, 4096, 16384, jnp.bfloat16)
+    assert bs == gpu.BlockSizes()
+    used = {k: v // 1024 for k, v in gpu.shared_memory_bytes(bs, jnp.bfloat16).items()}
+    assert used == {"fwd": 144, "bwd_gates": 96, "bwd_dx": 192, "bwd_dw": 160}
+    for dtype in DTYPES:
+        for save in (False, True):
+            bs = gpu.BlockSizes.get_default(2048, 4096, 16384, dtype, save)
+            assert max(gpu.shared_memory_bytes(bs, dtype, save).values()) <= 227 * 1024
+    small = gpu.BlockSizes.get_default(20, 40, 200, jnp.float32)
+    assert (small.block_t, small.block_d, small.block_f) == (32, 64, 128)
 
 
 # ---- What jax.checkpoint keeps (palm/model.py's remat policies), natively traced ----
@@ -314,3 +375,22 @@ def test_export_grad(model, save_gate_up):
         assert mosaic_kernel_names(text) == kernels
     text = export_for_tpu(jax.grad(loss, argnums=(0, 1, 2, 3)), *_structs(*PALM[model]))
     assert mosaic_kernel_names(text) == (kernels if save_gate_up else kernels[1:])
+
+
+# ---- Triton lowering (Pallas GPU) at PaLM-8B, B=1, T=2048, bf16, exported from CPU ----
+
+
+def test_export_gpu_forward_and_vjp():
+    """Both modes' forward and backward through jax.vjp lower to the four Triton kernels."""
+    structs = (*_structs(*PALM["8B"]), jax.ShapeDtypeStruct((1, 2048, PALM["8B"][1]), jnp.bfloat16))
+    for save_gate_up in (False, True):
+        def forward_and_vjp(x, s, wg, wu, ct):
+            fn = _pallas(False, None, save_gate_up, "pallas_gpu")
+            h, pullback = jax.vjp(fn, x, s, wg, wu)
+            return h, pullback(ct)
+
+        names = triton_kernel_names(export_for_gpu(forward_and_vjp, *structs))
+        suffix = "_save" if save_gate_up else ""
+        gates = "_saved" if save_gate_up else ""
+        assert names == [f"palm_norm_swiglu_fwd{suffix}", f"palm_norm_swiglu_bwd_gates{gates}",
+                         "palm_norm_swiglu_bwd_dx", "palm_norm_swiglu_bwd_dw"]

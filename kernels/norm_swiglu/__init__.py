@@ -5,7 +5,9 @@ never reach HBM.
 
 The front door `norm_swiglu`; its plain-jnp twin `norm_swiglu_reference` and the hand-written
 backward `norm_swiglu_reference_bwd` (reference.py); the Pallas TPU kernels with their tiling
-(`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and design notes (tpu.py).
+(`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and design notes (tpu.py); the Pallas GPU
+(Triton) kernels, `impl="pallas_gpu"`, with their own tiling (`gpu.BlockSizes`,
+`gpu.shared_memory_bytes`) and the same residuals and backward decomposition (gpu.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
+from kernels.norm_swiglu.gpu import norm_swiglu_pallas_gpu
 from kernels.norm_swiglu.reference import norm_swiglu_reference, norm_swiglu_reference_bwd
 from kernels.norm_swiglu.tpu import BlockSizes, norm_swiglu_pallas_tpu, vmem_bytes
 
@@ -21,8 +24,8 @@ __all__ = ["BlockSizes", "norm_swiglu", "norm_swiglu_reference", "norm_swiglu_re
 
 
 # Pallas implementations, each taking the reference's arguments plus interpret, block_sizes and
-# save_gate_up.
-_PALLAS = {"pallas_tpu": norm_swiglu_pallas_tpu}
+# save_gate_up (a tpu.BlockSizes for pallas_tpu, a gpu.BlockSizes for pallas_gpu).
+_PALLAS = {"pallas_tpu": norm_swiglu_pallas_tpu, "pallas_gpu": norm_swiglu_pallas_gpu}
 
 
 def norm_swiglu(
