@@ -5,13 +5,16 @@
   reference's values both times, forward and gradient. jax 0.11 caches a kernel's trace by
   function and block shapes, not by grid, so a kernel body that read its grid extent through
   `pl.num_programs` kept the first call's value and left the second call's outputs unwritten
-  (NaN); see kernels/_common.py.
-- Edge blocks: the TPU interpreter fills the part of a partial edge block that lies past an
-  array's end with NaN, as undefined as real TPU memory there, so the ragged shapes the
-  kernels' property tests draw check that nothing from past the end reaches a result.
+  (NaN); see kernels/_common.py. Both backends' kernels: the TPU (Mosaic) and the GPU (Triton).
+- Edge blocks: the interpreters (TPU and generic) fill the part of a partial edge block that lies
+  past an array's end with NaN, as undefined as real memory there (Triton's masked loads leave
+  it undefined too), so the ragged shapes the kernels' property tests draw check that nothing
+  from past the end reaches a result.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +73,9 @@ def _decode_args(rng, b, t):
     return (_normal(rng, (b, 2, 16)), _normal(rng, (b, s, 16)), _normal(rng, (b, s, 16)), lengths)
 
 
-# name: (inputs, block sizes, keyword arguments, how many leading arguments are differentiable).
-# The tiles give the multi-step shape (B*T = 70 rows) at least two steps on every grid axis.
+# name: (inputs, TPU block sizes, keyword arguments, how many leading arguments are
+# differentiable). The tiles give the multi-step shape (B*T = 70 rows) at least two steps on
+# every grid axis; GPU_BLOCKS does the same for the Triton kernels (powers of two, dots >= 16).
 KERNELS = {
     "rope": (_rope_args, lambda m: m.BlockSizes(8, 2, 8, 2), {}, 1),
     "norm_qkv_rope": (_norm_qkv_rope_args, lambda m: m.BlockSizes(8, 1, 128, 8, 1, 128),
@@ -81,6 +85,16 @@ KERNELS = {
     "block_out": (_block_out_args, lambda m: m.BlockSizes(8, 128, 128, 8, 128, 128), {}, 5),
     "mq_flash_attention": (_flash_args, lambda m: m.BlockSizes(*[128] * 6), {"causal": False}, 3),
     "mq_decode_attention": (_decode_args, lambda m: m.BlockSizes(block_s=8, num_splits=2), {}, 0),
+}
+
+
+GPU_BLOCKS = {
+    "rope": lambda g: g.BlockSizes(16, 2, 16, 2),
+    "norm_qkv_rope": lambda g: g.BlockSizes(16, 64, 16, 64),
+    "norm_swiglu": lambda g: g.BlockSizes(16, 64, 64, 16, 64, 64),
+    "block_out": lambda g: g.BlockSizes(16, 64, 64, 16, 64, 64),
+    "mq_flash_attention": lambda g: g.BlockSizes(16, 64, 16, 64, 16, 64),
+    "mq_decode_attention": lambda g: g.BlockSizes(block_k=16, num_splits=2),
 }
 
 
@@ -101,13 +115,16 @@ def _output_and_grads(fn, n_diff):
     return lambda *args: jax.jit(both).lower(*args).compile(FAST_COMPILE)(*args)
 
 
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("name", sorted(KERNELS))
-def test_one_tiling_at_two_grids(name):
+def test_one_tiling_at_two_grids(name, impl):
     module = getattr(kernels, name)  # the kernel's package
     make_args, make_blocks, kwargs, n_diff = KERNELS[name]
+    if impl == "pallas_gpu":
+        make_blocks = lambda m: GPU_BLOCKS[name](importlib.import_module(f"{m.__name__}.gpu"))  # noqa: E731
     blocks = make_blocks(module)
     kernel, reference = getattr(module, name), getattr(module, f"{name}_reference")
-    pallas = _output_and_grads(lambda *a: kernel(*a, impl="pallas_tpu", interpret=True,
+    pallas = _output_and_grads(lambda *a: kernel(*a, impl=impl, interpret=True,
                                                  block_sizes=blocks, **kwargs), n_diff)
     ref = _output_and_grads(lambda *a: reference(*a, **kwargs), n_diff)
     rng = np.random.default_rng(0)
@@ -121,9 +138,11 @@ def test_one_tiling_at_two_grids(name):
             assert_close(got, want, F32, what=f"{name} gradient {i} at B={b}, T={t}")
 
 
-def test_interpreter_fills_edge_blocks_with_nan():
+@pytest.mark.parametrize("interpreter", ["tpu", "generic"])
+def test_interpreter_fills_edge_blocks_with_nan(interpreter):
     """The premise of the ragged-shape property tests: a kernel that sums a partial edge block
-    without masking it gets NaN, so a kernel that forgot a mask would fail them."""
+    without masking it gets NaN, so a kernel that forgot a mask would fail them; in the TPU
+    interpreter (pallas_tpu) and the generic one (pallas_gpu's Triton kernels) alike."""
 
     def row_sum(x_ref, o_ref):
         o_ref[...] = jnp.sum(x_ref[...], axis=0, keepdims=True)
@@ -132,7 +151,7 @@ def test_interpreter_fills_edge_blocks_with_nan():
     out = pl.pallas_call(row_sum, grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
                          out_specs=pl.BlockSpec((None, 1, 128), lambda i: (i, 0, 0)),
                          out_shape=jax.ShapeDtypeStruct((2, 1, 128), F32),
-                         interpret=tpu_interpret(True))(x)
+                         interpret=tpu_interpret(True) if interpreter == "tpu" else True)(x)
     out = np.asarray(out)
     assert np.all(out[0] == 8.0)
     assert np.all(np.isnan(out[1])), "the interpreter no longer poisons edge blocks"
