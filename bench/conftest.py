@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
 from typing import Any, Callable, Sequence
 
@@ -74,8 +75,14 @@ def pytest_addoption(parser):
 
 # A wall-clock budget for a whole run (tools/gpu_check.sh sets it): tests that would start
 # after this Unix time are skipped instead, so that the run ends and pytest-benchmark still
-# writes its JSON (a run killed from outside writes none).
+# writes its JSON (a run killed from outside writes none). With it set, SIGTERM (the script's
+# `timeout`) also ends the run as Ctrl-C would, JSON written: SIGINT may be ignored in a
+# script's background jobs (../shared/JAX_NOTES.md), SIGTERM is not.
 DEADLINE_ENV = "PALM_BENCH_DEADLINE"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_runtest_setup(item):
@@ -95,6 +102,8 @@ def pytest_configure(config):
              "benchmark_autosave")
     if not any(config.getoption(name, None) for name in timed):
         config.option.benchmark_disable = True
+    if os.environ.get(DEADLINE_ENV):
+        signal.signal(signal.SIGTERM, _interrupt)
     config.addinivalue_line(
         "markers", "bench_cases(passes=..., baselines={backend: names}, dims='BTHK', id=fn(case)): "
                    "parametrize `case` with the backend's implementations, these passes and baselines")
@@ -134,7 +143,7 @@ class Sizes:
 SIZES = {
     # Rehearsing tools/gpu_check.sh on CPU: every code path of the device run, at shapes where
     # the pallas_gpu kernels' interpret mode takes seconds; the tiny model.
-    "tiny": Sizes("tiny", b=1, t=64, d=64, h=2, k=32, f=128, dtype="float32", decode_b=2, decode_s=128,
+    "tiny": Sizes("tiny", b=1, t=64, d=64, h=2, k=32, f=128, dtype="float32", decode_b=2, decode_s=256,
                   model="tiny", model_b=2, model_t=32, attention_bt=((1, 64),), decode_models=("tiny",),
                   matmul_square=128, copy_bytes=2**20),
     # 2 CPU cores: the whole --benchmark-only run in about two minutes; demo-model widths.

@@ -34,10 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
 import palm
 from bench import costs
-from bench.conftest import bench_sizes
+from bench.conftest import _impls_for, bench_sizes
 from bench.test_model import model_config
 from palm.model import _logits
 
@@ -68,6 +67,9 @@ def _cases(config):
     timed = not config.getoption("benchmark_disable", False)
     cpu = jax.default_backend() == "cpu"
     models = bench_sizes(config).decode_models
+    # kv_cache decoding with each implementation the backend runs (--bench-impls overrides):
+    # xla and pallas_gpu on a GPU; the recompute baseline with the first only.
+    impls = _impls_for(config, {}) if timed else ["xla"]
     cases = []
     for model in models if timed else models[:1]:
         # Untimed, batch 1 only: tests/test_generate.py checks batches, ragged ones included.
@@ -78,15 +80,15 @@ def _cases(config):
             # The recompute baseline first: its median is the kv_cache case's yardstick. Untimed,
             # the kv_cache case checks itself against it.
             if timed and model == models[0] and not (cpu and batch > 1):
-                cases.append((model, "recompute", batch, new))
-            cases.append((model, "kv_cache", batch, new))
+                cases.append((model, "recompute", impls[0], batch, new))
+            cases.extend((model, "kv_cache", impl, batch, new) for impl in impls)
     return cases
 
 
 def pytest_generate_tests(metafunc):
     if "decode_case" in metafunc.fixturenames:
         cases = _cases(metafunc.config)
-        metafunc.parametrize("decode_case", cases, ids=[f"{m}-{w}-B{b}-N{n}" for m, w, b, n in cases])
+        metafunc.parametrize("decode_case", cases, ids=[f"{m}-{w}-{i}-B{b}-N{n}" for m, w, i, b, n in cases])
 
 
 def _setup(model: str, new: int):
@@ -105,9 +107,8 @@ def _setup(model: str, new: int):
 
 
 def test_generate(decode_case, bench):
-    model, method, batch, new = decode_case
+    model, method, impl, batch, new = decode_case
     config, params = _setup(model, new)
-    impl = kernels.resolve_impl("auto")
     prompts = jax.random.randint(jax.random.key(1), (batch, PROMPT), 0, config.vocab_size, jnp.int32)
     check = functools.partial(recompute, config=config, impl="xla", new=new)
     if method == "recompute":
@@ -121,7 +122,7 @@ def test_generate(decode_case, bench):
                         param_bytes=matmul_params * dtype.itemsize, layers=config.n_layers,
                         heads=config.n_heads, head_dim=config.head_dim, itemsize=dtype.itemsize)
     mqa = 2 * config.n_layers * config.head_dim * dtype.itemsize
-    key = (model, batch, new)
+    key = (model, batch, new)  # the recompute case's, whatever the kv_cache case's impl
 
     def derived(median):
         figures = {"tokens_per_s": batch * new / median, "ms_per_token": median / new * 1e3}

@@ -218,6 +218,50 @@ def test_bench_report_compares_two_runs(tmp_path):
     assert next(line for line in lines if line.startswith("test_only_b")).split()[1] == "-"
 
 
+def test_bench_report_ratios_to_the_alternatives_of_the_same_run(tmp_path):
+    gpu = dict(device_kind="NVIDIA H100 80GB HBM3", jax_version="0.11.2", dtype="bfloat16")
+    attention = "test_mq_flash_attention[{}-fwd-H16-K256-bfloat16-B4-T2048]"
+    results = _results(tmp_path / "run.json", [
+        _benchmark(attention.format("pallas_gpu"), 0.002, impl="pallas_gpu", flops=4e11, tflops=200.0, **gpu),
+        _benchmark(attention.format("cudnn"), 0.001, impl="cudnn", flops=4e11, tflops=400.0, **gpu),
+        _benchmark(attention.format("xla"), 0.004, impl="xla", flops=4e11, tflops=100.0, **gpu),
+        _benchmark("test_norm_swiglu[pallas_gpu-fwd-B4-T2048-D4096-F16384-bfloat16]", 0.002, impl="pallas_gpu",
+                   tflops=550.0, **{"pass": "fwd"}, **gpu),
+        _benchmark("test_matmul[norm_swiglu-fwd-M8192-N32768-K4096-bfloat16]", 0.002, impl="xla", tflops=600.0,
+                   ceiling="matmul", matmul_of="norm_swiglu", **{"pass": "fwd"}, **gpu),
+        _benchmark("test_matmul[square-fwd-M8192-N8192-K8192-bfloat16]", 0.0014, impl="xla", tflops=800.0,
+                   ceiling="matmul", matmul_of="square", **{"pass": "fwd"}, **gpu),
+        _benchmark("test_copy_bandwidth", 0.001, impl="xla", ceiling="copy", copy_bandwidth=3e12, **gpu),
+        _benchmark("test_train_step[1b-pallas_gpu-B2-T2048-bfloat16]", 0.1, impl="pallas_gpu", tflops=480.0,
+                   mfu=0.485, **gpu),
+        _benchmark("test_train_step[1b-xla-B2-T2048-bfloat16]", 0.12, impl="xla", tflops=400.0, mfu=0.40, **gpu),
+        _benchmark("test_generate[1b-kv_cache-xla-B1-N256]", 0.9, impl="xla", bytes=6e11, new_tokens=256,
+                   ms_per_token=0.9 / 256 * 1e3, **gpu),
+    ])
+    annotated = tmp_path / "annotated.json"
+    result = _run(str(TOOLS / "bench_report.py"), str(results), "--annotate", str(annotated), "--markdown")
+    assert result.returncode == 0, result.stderr
+    info = {b["name"]: b["extra_info"] for b in json.loads(annotated.read_text())["benchmarks"]}
+    ours = info[attention.format("pallas_gpu")]
+    assert ours["vs_cudnn"] == pytest.approx(0.5) and ours["vs_xla"] == pytest.approx(2.0)
+    assert ours["alternatives"]["cudnn"]["tflops"] == 400.0
+    assert info[attention.format("cudnn")]["vs_pallas_gpu"] == pytest.approx(2.0)
+    swiglu = info["test_norm_swiglu[pallas_gpu-fwd-B4-T2048-D4096-F16384-bfloat16]"]
+    assert swiglu["vs_matmul"] == pytest.approx(550 / 600) and swiglu["matmul_tflops"] == 600.0
+    train = info["test_train_step[1b-pallas_gpu-B2-T2048-bfloat16]"]
+    assert train["mfu_vs_matmul"] == pytest.approx(0.6) and train["vs_xla"] == pytest.approx(1.2)
+    decode = info["test_generate[1b-kv_cache-xla-B1-N256]"]
+    assert decode["copy_bound_s"] == pytest.approx(0.2) and decode["vs_copy_bound"] == pytest.approx(4.5)
+    assert decode["copy_bound_ms_per_token"] == pytest.approx(0.2 / 256 * 1e3)
+    goals = result.stdout[result.stdout.index("### Goals"):result.stdout.index("### Every")]
+    assert "| attention fwd B4-T2048: pallas_gpu / cuDNN TFLOP/s | 200 / 400 = 0.50x | >= 1.0x | no |" in goals
+    assert "| norm_swiglu fwd: pallas_gpu / bare matmul TFLOP/s | 550 / 600 = 0.92x | >= 0.9x | yes |" in goals
+    assert "48.5% (60.0%) | >= 45% | yes |" in goals and "1.20x | > 1x | yes |" in goals
+    assert "= 4.50x | <= 1.3x | no |" in goals
+    assert "| norm_qkv_rope fwd: pallas_gpu / bare matmul TFLOP/s | not run |" in goals
+    assert "bare matmul 800 TFLOP/s" in result.stdout and "copy 3e+03 GB/s" in result.stdout
+
+
 def test_bench_report_rejects_other_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text("{}")

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The device script of issue 9: one call on an H100/H200, under 8 minutes, everything into OUTDIR.
+#
+#   bash tools/gpu_check.sh OUTDIR              # on the GPU (the device tool: OUTDIR=$OUT)
+#   bash tools/gpu_check.sh OUTDIR --rehearse   # on CPU: the same stages at toy sizes
+#
+# Stages, in order of what matters most, each capped by what is left of the budget
+# (GPU_CHECK_BUDGET_S, default 420 s; --rehearse 1200 s with every cap tripled, the CPU being
+# slower), so the script ends in time whatever hangs or runs long; a stage that would start
+# with under 15 s left is skipped. GPU_CHECK_STAGES="bench-train,profile" runs only the named
+# stages (a second call for what the first cut short); merge and summary always run:
+#   env          device, driver, versions
+#   check        every kernel's pallas_gpu natively against its float32 reference, forward and
+#                gradients (tools/gpu_check.py check): kernels_check.json
+#   native       tests marked `gpu` (native-only kernels' own tests), where any exist
+#   bench-*      pytest bench/ --benchmark-only at paper sizes, one JSON per group (ceilings,
+#                attention, projections, train, decode, forward, others) so a group cut short
+#                loses only itself; PALM_BENCH_DEADLINE makes pytest skip the tests that would
+#                start too late
+#   profile      one training step of the "1b" preset (tools/profile.py) with pallas_gpu
+#                (falling back to xla if that fails): profile.txt, profile.json, the Perfetto trace
+#   merge        the groups into bench.json with the ratios (vs_cudnn, vs_matmul, mfu_vs_matmul,
+#                vs_copy_bound) in each extra_info
+#   summary      summary.md: stages, kernel checks, issue 9's goals, every benchmark, the profile
+# OUTDIR gets at most 8 flat files (the device tool returns no more): summary.md, log.txt,
+# stages.tsv, kernels_check.json, bench.json, profile.txt, profile.json, perfetto_trace.json.gz.
+# Scratch (pytest groups' JSON, the raw trace, the compilation cache) goes to a temporary folder.
+set -u -o pipefail
+
+usage() { echo "usage: $0 OUTDIR [--rehearse]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUTDIR=$1; shift
+REHEARSE=0
+for arg in "$@"; do
+  case $arg in
+    --rehearse) REHEARSE=1 ;;
+    *) usage ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$ROOT"
+# The device machine has our dependencies but no install of this package: use the checkout.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+# Stages compile some of the same programs (the training step in bench-model and profile).
+export JAX_COMPILATION_CACHE_DIR="$SCRATCH/jax-cache"
+
+if [ "$REHEARSE" = 1 ]; then
+  BUDGET=${GPU_CHECK_BUDGET_S:-1200}
+  SCALE=3
+  CHECK_ARGS=(--shapes tiny --dtype float32)
+  BENCH_ARGS=(--bench-size tiny --bench-impls xla,pallas_gpu,cudnn,pallas_gpu_mha,pallas_gpu_decode)
+  PROFILE_ARGS=(--preset tiny --batch-size 2 --seq-len 32 --steps 1 --warmup 1)
+else
+  BUDGET=${GPU_CHECK_BUDGET_S:-420}
+  SCALE=1
+  CHECK_ARGS=(--shapes paper --dtype bfloat16)
+  BENCH_ARGS=(--bench-size paper)
+  PROFILE_ARGS=(--preset 1b --batch-size 2 --seq-len 2048 --steps 2 --warmup 1)
+fi
+# Timing: each case's rounds fill half a second (at least 3), after the harness's own warm-up.
+TIMING=(--benchmark-only --benchmark-max-time=0.5 --benchmark-min-rounds=3 -q -rs
+        --benchmark-columns=median,iqr,rounds,iterations)
+
+exec > >(tee -a "$OUTDIR/log.txt") 2>&1
+: > "$OUTDIR/stages.tsv"
+echo "gpu_check: $(date -u +%FT%TZ) budget ${BUDGET}s rehearse=$REHEARSE root=$ROOT out=$OUTDIR scratch=$SCRATCH"
+
+# stage NAME CAP_S MARGIN_S COMMAND...: runs COMMAND under `timeout` for min(CAP, budget left);
+# pytest inside it skips tests once MARGIN_S remain (PALM_BENCH_DEADLINE), so it can finish
+# the test in flight and write its JSON. Appends "NAME<TAB>exit<TAB>seconds" to stages.tsv.
+stage() {
+  local name=$1 cap=$(($2 * SCALE)) margin=$(($3 * SCALE)); shift 3
+  if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ ",$GPU_CHECK_STAGES,merge,summary," != *",$name,"* ]]; then
+    printf '%s\tskipped (not selected)\t0\n' "$name" >> "$OUTDIR/stages.tsv"
+    return 0
+  fi
+  local left=$((BUDGET - SECONDS))
+  local limit=$(( cap < left ? cap : left ))
+  if [ "$limit" -lt 15 ]; then
+    echo "=== $name: skipped, ${left}s of the budget left"
+    printf '%s\tskipped (budget)\t0\n' "$name" >> "$OUTDIR/stages.tsv"
+    return 0
+  fi
+  echo "=== $name (up to ${limit}s, $(date -u +%T))"
+  local start=$SECONDS rc
+  PALM_BENCH_DEADLINE=$(( $(date +%s) + limit - margin )) \
+    timeout -k 20 -s TERM "$limit" "$@"
+  rc=$?
+  [ "$rc" = 124 ] && echo "=== $name: stopped at its ${limit}s limit"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >> "$OUTDIR/stages.tsv"
+  return 0
+}
+
+bench_group() {  # bench_group NAME CAP MARGIN PYTEST_ARGS...
+  local name=$1 cap=$2 margin=$3; shift 3
+  PARTS+=("$SCRATCH/bench-$name.json")
+  stage "bench-$name" "$cap" "$margin" "$PY" -m pytest "${TIMING[@]}" "${BENCH_ARGS[@]}" \
+    --benchmark-json="$SCRATCH/bench-$name.json" "$@"
+}
+
+PARTS=()
+stage env 60 0 "$PY" tools/gpu_check.py env
+stage check 90 0 "$PY" tools/gpu_check.py check --out "$OUTDIR/kernels_check.json" "${CHECK_ARGS[@]}"
+if [ "$REHEARSE" = 0 ] && grep -rqs "pytest.mark.gpu\b" tests/; then
+  stage native 60 10 "$PY" -m pytest -q -m gpu tests/
+fi
+bench_group ceilings 45 15 bench/test_ceilings.py
+bench_group attention 110 25 bench/test_kernels.py -k test_mq_flash_attention
+bench_group projections 70 20 bench/test_kernels.py -k "test_norm_swiglu or test_norm_qkv_rope or test_block_out"
+# The training step before the forward pass: MFU is the goal; each compiles a 16-layer model.
+bench_group train 120 50 bench/test_model.py -k test_train_step
+# The demo model's decode cases are the CPU story (cache against recompute); on a GPU only the
+# large model's and the attention kernel's are timed.
+if [ "$REHEARSE" = 1 ]; then
+  bench_group decode 120 20 bench/test_decode.py bench/test_kernels.py -k "test_generate or test_mq_decode_attention"
+else
+  bench_group decode 70 25 bench/test_decode.py bench/test_kernels.py -k "test_generate and not demo or test_mq_decode_attention"
+fi
+
+stage profile 90 0 "$PY" tools/gpu_check.py profile "$OUTDIR" "$SCRATCH/profile" -- "${PROFILE_ARGS[@]}"
+bench_group forward 60 30 bench/test_model.py -k test_forward
+bench_group others 45 15 bench/test_kernels.py -k "test_rope or test_block_in"
+
+# Bookkeeping runs whatever the budget says: it takes seconds.
+BUDGET=$((SECONDS + 60)); SCALE=1
+stage merge 30 0 "$PY" tools/gpu_check.py merge "$OUTDIR/bench.json" "${PARTS[@]}"
+stage summary 30 0 "$PY" tools/gpu_check.py summary "$OUTDIR"
+[ -f "$OUTDIR/summary.md" ] && sed -n '/^### Goals/,/^### Every/p' "$OUTDIR/summary.md"
+cat "$OUTDIR/stages.tsv"
+echo "gpu_check: done in ${SECONDS}s; files: $(ls "$OUTDIR" | tr '\n' ' ')"
+rm -rf "$SCRATCH"
