@@ -39,8 +39,8 @@ FLOPs and bytes per call (one decode step of one layer)
     B*H*L exponentials; at PaLM-8B (B=8, S=2048 full, H=16, K=256) 268 MFLOP.
   * Bytes: the cache read, 2*K*itemsize per valid position: 2*8*2048*256*2 = 16.0 MiB at full
     length in bf16, plus q and o (64 KiB each) and, split, 2*B*P*H*(K+1)*4 bytes of partials
-    written and read back by the combine. Arithmetic intensity is ~H/itemsize = 8 FLOP/byte in
-    bf16, against ~300 FLOP/byte an H100 needs to be compute bound (990 TFLOP/s dense bf16 over
+    written and read back by the combine. Arithmetic intensity is 2*H/itemsize = 16 FLOP/byte
+    in bf16, against ~300 FLOP/byte an H100 needs to be compute bound (990 TFLOP/s dense bf16 over
     3.35 TB/s): decode is bandwidth bound, and what counts is reading each cache byte once,
     with enough programs in flight to keep every SM's loads going.
 
