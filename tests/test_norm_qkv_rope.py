@@ -1,4 +1,6 @@
-"""kernels.norm_qkv_rope: the Pallas TPU kernels (TPU interpret mode) against the reference.
+"""kernels.norm_qkv_rope: the Pallas TPU kernels (TPU interpret mode) and the Pallas GPU
+(Triton) kernels (generic interpret mode) against the reference; both exported for their
+hardware from CPU.
 
 Each hypothesis example compiles one jitted program holding the kernels (forward through
 jax.vjp, both backward kernels) and the reference: compiling dominates interpret-mode cost,
@@ -22,7 +24,9 @@ from kernels._common import layer_norm_bwd, layer_norm_f32, row_stats
 from kernels._tpu import sublane, vmem_budget
 from kernels.norm_qkv_rope import (BlockSizes, hbm_bytes, norm_qkv_rope, norm_qkv_rope_reference,
                                    vmem_bytes)
+from kernels.norm_qkv_rope import gpu as nqr_gpu
 from kernels.norm_qkv_rope import tpu as nqr_tpu
+from gpu_export import export_for_gpu, triton_kernel_names
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -47,31 +51,46 @@ def _inputs(seed, b, t, d, h, k, dtype):
 @st.composite
 def cases(draw):
     """Shapes of at most two tiles per grid axis but the column axis (each grid step costs
-    interpret time), none of them required to divide: M <= 16 rows in tiles of 8 or 16, D <= 16
-    in tiles of 8 or 16 (D-resident where the tile covers D), H <= 3 heads in tiles of 1 or 2
-    plus the k/v tile."""
-    blocks = BlockSizes(
-        block_rows=draw(st.sampled_from([8, 16])), block_heads=draw(st.integers(1, 2)),
-        block_d=draw(st.sampled_from([8, 16])),
-        block_rows_bwd=draw(st.sampled_from([8, 16])), block_heads_bwd=draw(st.integers(1, 2)),
-        block_d_bwd=draw(st.sampled_from([8, 16])))
+    interpret time), none of them required to divide. pallas_tpu: M <= 16 rows in tiles of 8 or
+    16, D <= 16 in tiles of 8 or 16 (D-resident where the tile covers D), H <= 3 heads in tiles
+    of 1 or 2 plus the k/v tile. pallas_gpu (tiles are powers of two of at least 16, Triton's
+    dots): M <= 32 rows and D <= 32 in tiles of 16 (two tiles or loop steps where M or D
+    exceeds 16), one program per head."""
+    impl = draw(st.sampled_from(["pallas_tpu", "pallas_gpu"]))
+    if impl == "pallas_tpu":
+        blocks = BlockSizes(
+            block_rows=draw(st.sampled_from([8, 16])), block_heads=draw(st.integers(1, 2)),
+            block_d=draw(st.sampled_from([8, 16])),
+            block_rows_bwd=draw(st.sampled_from([8, 16])),
+            block_heads_bwd=draw(st.integers(1, 2)), block_d_bwd=draw(st.sampled_from([8, 16])))
+        t, d = draw(st.integers(1, 8)), draw(st.integers(4, 16))
+    else:
+        blocks = nqr_gpu.BlockSizes(16, 16, 16, 16)
+        t, d = draw(st.integers(1, 16)), draw(st.integers(4, 32))
     return dict(
-        b=draw(st.integers(1, 2)), t=draw(st.integers(1, 8)), d=draw(st.integers(4, 16)),
+        b=draw(st.integers(1, 2)), t=t, d=d,
         h=draw(st.integers(1, 3)), k=2 * draw(st.integers(1, 32)),  # every even K to 64
         dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
+        impl=impl,
         blocks=draw(st.sampled_from([None, blocks, blocks])),  # mostly several grid steps
-        races=draw(st.sampled_from([False, False, True])),  # race detection for a third
+        # race detection (TPU interpret mode only) for a third of the TPU cases
+        races=impl == "pallas_tpu" and draw(st.sampled_from([False, False, True])),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-def _palm_head_dim(dtype, h):
+def _palm_head_dim(dtype, h, impl="pallas_tpu", blocks=None):
     """PaLM's K = 256 (hypothesis draws K <= 64): two lane tiles, small T and D."""
-    return dict(b=1, t=11, d=48, h=h, k=256, dtype=dtype, blocks=None, races=False, seed=256)
+    return dict(b=1, t=11, d=48, h=h, k=256, dtype=dtype, impl=impl, blocks=blocks, races=False,
+                seed=256)
 
 
 @example(_palm_head_dim(jnp.float32, 2))
 @example(_palm_head_dim(jnp.bfloat16, 3))
+@example(_palm_head_dim(jnp.float32, 2, "pallas_gpu", nqr_gpu.BlockSizes(16, 32, 16, 32)))
+@example(_palm_head_dim(jnp.bfloat16, 3, "pallas_gpu"))
+@example(dict(b=2, t=9, d=20, h=3, k=6, dtype=jnp.float32, impl="pallas_gpu",  # K/2 = 3, ragged
+              blocks=nqr_gpu.BlockSizes(16, 16, 16, 16), races=False, seed=6))
 @given(cases())
 def test_matches_reference(case):
     """Forward through jax.vjp and all five gradients against the reference."""
@@ -84,7 +103,7 @@ def test_matches_reference(case):
     interpret = pltpu.InterpretParams(detect_races=True) if case["races"] else True
 
     def kernel(*args):
-        return norm_qkv_rope(*args, positions, eps=EPS, impl="pallas_tpu", interpret=interpret,
+        return norm_qkv_rope(*args, positions, eps=EPS, impl=case["impl"], interpret=interpret,
                              block_sizes=case["blocks"])
 
     def reference(*args):
@@ -304,3 +323,44 @@ def test_decode_step_exports():
     """T = 1: the row block covers the B rows; no padding, no partial tile at the edge."""
     names = mosaic_kernel_names(export_for_tpu(_forward, *_palm_args("8b", b=8, t=1)))
     assert names == ["palm_norm_qkv_rope_fwd"]
+
+
+def test_gpu_exports_for_cuda_at_palm_8b():
+    """The three Triton kernels lower for an H100 at PaLM-8B (the forward and its vjp), with
+    the default tiles."""
+    def forward_and_vjp(x, norm_scale, wq, wk, wv, positions):
+        def forward(*params):
+            return norm_qkv_rope(*params, positions, eps=EPS, impl="pallas_gpu")
+        out, vjp = jax.vjp(forward, x, norm_scale, wq, wk, wv)
+        return out, vjp(out)
+
+    names = triton_kernel_names(export_for_gpu(forward_and_vjp, *_palm_args("8b")))
+    assert names == ["palm_norm_qkv_rope_fwd", "palm_norm_qkv_rope_bwd_dx",
+                     "palm_norm_qkv_rope_bwd_dw"]
+
+
+def test_gpu_block_sizes_default_and_validation():
+    """H100 defaults at PaLM shapes fit the shared memory (float32 by fewer stages); tiles
+    shrink to small shapes; a tile that is not a power of two of at least 16 is refused."""
+    for d, h, k in PALM.values():
+        for dtype in (jnp.bfloat16, jnp.float32):
+            blocks = nqr_gpu.BlockSizes.get_default((1, 2048, d), (d, h, k), dtype)
+            sizes = nqr_gpu.shared_memory_bytes((1, 2048, d), (d, h, k), dtype, blocks)
+            assert sizes["max"] <= 227 * 1024, (d, dtype, blocks)
+    assert nqr_gpu.BlockSizes.get_default((1, 2048, 4096), (4096, 16, 256), jnp.bfloat16) == \
+        nqr_gpu.BlockSizes(128, 64, 64, 64, 8, 3, 8, 3)
+    assert nqr_gpu.BlockSizes.get_default((1, 3, 20), (20, 2, 6), jnp.float32).block_rows == 16
+    hash(nqr_gpu.BlockSizes())  # static argument
+    with pytest.raises(ValueError, match="power of two"):
+        nqr_gpu.BlockSizes(block_rows=48)
+    with pytest.raises(ValueError, match="at least 16"):
+        nqr_gpu.BlockSizes(block_d=8)
+    with pytest.raises(ValueError, match="positive int"):
+        nqr_gpu.BlockSizes(num_warps=0)
+    args = _inputs(0, 1, 4, 16, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="gpu.BlockSizes"):  # a TPU tiling for the GPU kernels
+        norm_qkv_rope(*args, eps=EPS, impl="pallas_gpu", interpret=True,
+                      block_sizes=BlockSizes(8, 1, 16, 8, 1, 16))
+    with pytest.raises(ValueError, match="shared memory"):  # 4 stages of 256-row slices
+        norm_qkv_rope(*args, eps=EPS, impl="pallas_gpu", interpret=True,
+                      block_sizes=nqr_gpu.BlockSizes(256, 256, 16, 16, num_stages=4))

@@ -5,7 +5,10 @@ multi-query attention (section 2) projects to H query heads but a single shared 
 
 The front door `norm_qkv_rope`; its plain-jnp twin `norm_qkv_rope_reference` (reference.py);
 the Pallas TPU kernels with their tiling (`BlockSizes`, `vmem_bytes`, `hbm_bytes`), HBM and VMEM
-numbers and design notes (tpu.py).
+numbers and design notes (tpu.py); the Pallas GPU (Triton) kernels with their own tiling
+(`kernels.norm_qkv_rope.gpu.BlockSizes`), FLOPs, bytes, shared memory and design notes (gpu.py).
+Both backend modules expose `Settings`, `prepare`, `forward_with_stats` and `backward_to_dh`
+with one contract, which `kernels.block_in` composes with norm_swiglu's.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from __future__ import annotations
 import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
+from kernels.norm_qkv_rope.gpu import norm_qkv_rope_pallas_gpu
 from kernels.norm_qkv_rope.reference import norm_qkv_rope_reference
 from kernels.norm_qkv_rope.tpu import BlockSizes, hbm_bytes, norm_qkv_rope_pallas_tpu, vmem_bytes
 
 __all__ = ["BlockSizes", "hbm_bytes", "norm_qkv_rope", "norm_qkv_rope_reference", "vmem_bytes"]
 
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {"pallas_tpu": norm_qkv_rope_pallas_tpu}
+_PALLAS = {"pallas_tpu": norm_qkv_rope_pallas_tpu,
+           "pallas_gpu": norm_qkv_rope_pallas_gpu}
 
 
 def norm_qkv_rope(
@@ -44,7 +49,9 @@ def norm_qkv_rope(
       wq: [D, H, K]; wk, wv: [D, K] (multi-query: one key/value head).
       positions: int [B, T] positions for RoPE.
       eps: LayerNorm epsilon. base: RoPE frequency base.
-      impl, interpret, block_sizes: see `kernels.rope.rope`.
+      impl, interpret: see `kernels.rope.rope`.
+      block_sizes: `BlockSizes` (tpu.py) for pallas_tpu, `kernels.norm_qkv_rope.gpu.BlockSizes`
+        for pallas_gpu; None picks a default for the shape.
 
     Returns:
       q [B, T, H, K], k [B, T, K], v [B, T, K] in x's dtype.
