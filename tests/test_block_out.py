@@ -1,5 +1,5 @@
-"""block_out: the Pallas TPU kernels (interpret mode) against the jnp reference, and the
-real-TPU lowering at PaLM shapes."""
+"""block_out: the Pallas TPU and GPU kernels (interpret mode) against the jnp reference, and the
+real-TPU and Triton lowerings at PaLM shapes."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.block_out as bo
 from conftest import RaceLog, assert_close, race_log, run
+from gpu_export import export_for_gpu, triton_kernel_names
+from kernels.block_out import gpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -36,12 +38,19 @@ def _cotangent(seed, shape, dtype=jnp.float32):
 
 @st.composite
 def cases(draw, max_t=20, max_width=220):
-    """Small shapes (often not multiples of the tiles) with small tiles: several grid steps."""
+    """Either Pallas implementation; small shapes (often not multiples of the tiles) with small
+    tiles: several grid steps. GPU: power-of-two tiles of 16 or 32, so shapes give several
+    tiles per axis and several steps of each in-kernel loop."""
+    impl = draw(st.sampled_from(("pallas_tpu", "pallas_gpu")))
     dtype = draw(st.sampled_from(DTYPES))
     rows = 8 if dtype == jnp.float32 else 16
     b, t = draw(st.integers(1, 2)), draw(st.integers(1, max_t))
     d, f = draw(st.integers(1, max_width)), draw(st.integers(1, max_width))
     h, k = draw(st.integers(1, 4)), draw(st.integers(1, 64))
+    if impl == "pallas_gpu":
+        tiles = [draw(st.sampled_from([16, 32])) for _ in range(6)]
+        return impl, (b, t, d, h, k, f), dtype, gpu.BlockSizes(*tiles), True, draw(
+            st.integers(0, 2**16))
     # Up to 2 tiles per axis: the TPU interpreter costs ~0.1 s per grid step. A backward D
     # tile of 384 covers every drawn D: the resident-dy path of the PaLM-8B default.
     bt, bt2 = draw(st.sampled_from([rows, 2 * rows])), draw(st.sampled_from([rows, 2 * rows]))
@@ -52,16 +61,33 @@ def cases(draw, max_t=20, max_width=220):
     races = draw(st.integers(0, 3)) == 0
     interpret = pltpu.InterpretParams(detect_races=True) if races else True
     seed = draw(st.integers(0, 2**16))
-    return (b, t, d, h, k, f), dtype, block_sizes, interpret, seed
+    return "pallas_tpu", (b, t, d, h, k, f), dtype, block_sizes, interpret, seed
 
 
+# GPU cases every run: ragged on every axis with several tiles each (and several steps of
+# both contraction loops), f32 and bf16.
+GPU_EXAMPLES = [
+    ("pallas_gpu", (1, 13, 130, 2, 40, 150), jnp.float32, gpu.BlockSizes(16, 32, 16, 16, 32, 32),
+     True, 6),
+    ("pallas_gpu", (2, 11, 150, 3, 24, 140), jnp.bfloat16, gpu.BlockSizes(16, 16, 32, 32, 16, 16),
+     True, 7),
+]
+
+
+def _gpu_examples(test):
+    for case in reversed(GPU_EXAMPLES):
+        test = example(case)(test)
+    return test
+
+
+@_gpu_examples
 @given(cases())
 def test_forward_matches_reference(case):
-    shape, dtype, block_sizes, interpret, seed = case
+    impl, shape, dtype, block_sizes, interpret, seed = case
     args = _inputs(seed, *shape, dtype)
 
     def both(*a):  # one compile per example: compiling dominates the test's time
-        return (bo.block_out(*a, impl="pallas_tpu", interpret=interpret, block_sizes=block_sizes),
+        return (bo.block_out(*a, impl=impl, interpret=interpret, block_sizes=block_sizes),
                 bo.block_out_reference(*a))
 
     with race_log(isinstance(interpret, pltpu.InterpretParams)):
@@ -72,9 +98,10 @@ def test_forward_matches_reference(case):
 
 # The gradient cases run two kernels each plus the weight-gradient matmuls: smaller shapes than
 # the forward test (at most 2 tiles per axis, fewer grid steps), the full profile's examples.
+@_gpu_examples
 @given(cases(max_t=12, max_width=160))
 def test_vjp_forward_and_grads_match_reference(case):
-    shape, dtype, block_sizes, interpret, seed = case
+    impl, shape, dtype, block_sizes, interpret, seed = case
     args = _inputs(seed, *shape, dtype)
     ct = _cotangent(seed, args[0].shape)
 
@@ -85,7 +112,7 @@ def test_vjp_forward_and_grads_match_reference(case):
         return jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
 
     def pallas(*a):
-        return bo.block_out(*a, impl="pallas_tpu", interpret=interpret, block_sizes=block_sizes)
+        return bo.block_out(*a, impl=impl, interpret=interpret, block_sizes=block_sizes)
 
     def both(*a):  # one compile per example
         return weighted(pallas)(*a), weighted(bo.block_out_reference)(*a)
@@ -174,6 +201,34 @@ def test_bad_input_raises():
         bo.block_out(x, o, wo, h, w_down, impl="pallas_tpu", block_sizes={"block_t": 8})
 
 
+def test_bad_gpu_block_sizes_raise():
+    args = _inputs(0, 1, 8, 16, 2, 8, 24, jnp.float32)
+    with pytest.raises(ValueError, match="block_c=48 must be a power of two"):
+        gpu.BlockSizes(block_c=48)
+    with pytest.raises(ValueError, match="block_t_bwd=8 must be a power of two >= 16"):
+        gpu.BlockSizes(block_t_bwd=8)
+    with pytest.raises(ValueError, match="num_stages=0"):
+        gpu.BlockSizes(num_stages=0)
+    with pytest.raises(ValueError, match="gpu.BlockSizes"):  # the TPU tiling on the GPU path
+        bo.block_out(*args, impl="pallas_gpu", block_sizes=bo.BlockSizes())
+    with pytest.raises(ValueError, match="shared memory"):  # 4 * (256*256 + 256*256) * 4 B
+        bo.block_out(*args, impl="pallas_gpu",
+                     block_sizes=gpu.BlockSizes(256, 256, 256, 256, 256, 256))
+
+
+def test_gpu_default_block_sizes():
+    """The docstring's H100 tiles and shared memory at PaLM-8B bf16; float32 and small shapes
+    shrink until both kernels fit."""
+    bs = gpu.BlockSizes.get_default(2048, 4096, 16 * 256, 16384, jnp.bfloat16)
+    assert bs == gpu.BlockSizes()
+    assert gpu.shared_memory_bytes(bs, jnp.bfloat16) == {"fwd": 128 * 1024,
+                                                         "bwd_dact": 128 * 1024}
+    bs32 = gpu.BlockSizes.get_default(2048, 4096, 16 * 256, 16384, jnp.float32)
+    assert max(gpu.shared_memory_bytes(bs32, jnp.float32).values()) <= 227 * 1024
+    small = gpu.BlockSizes.get_default(20, 40, 120, 300, jnp.bfloat16)
+    assert (small.block_t, small.block_d, small.block_c) == (32, 64, 64)
+
+
 # ---- Real-TPU lowering (Mosaic) at PaLM shapes, B=1, T=2048, bf16 ----
 PALM = {"8B": (4096, 16, 16384), "540B": (18432, 48, 73728)}
 
@@ -205,3 +260,19 @@ def test_export_grad(model):
         text = export_for_tpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)),
                               *_structs(*PALM[model]), device_kind=kind)
         assert mosaic_kernel_names(text) == ["palm_block_out_fwd", "palm_block_out_bwd_dact"]
+
+
+# ---- Triton lowering (Pallas GPU) at PaLM-8B, B=1, T=2048, bf16, exported from CPU ----
+
+
+def test_export_gpu_forward_and_vjp():
+    def forward_and_vjp(*args):
+        *primals, dy = args
+        fn = lambda *a: bo.block_out(*a, impl="pallas_gpu", interpret=False)  # noqa: E731
+        y, pullback = jax.vjp(fn, *primals)
+        return y, pullback(dy)
+
+    d = PALM["8B"][0]
+    structs = (*_structs(*PALM["8B"]), jax.ShapeDtypeStruct((1, 2048, d), jnp.bfloat16))
+    names = triton_kernel_names(export_for_gpu(forward_and_vjp, *structs))
+    assert names == ["palm_block_out_fwd", "palm_block_out_bwd_dact"]

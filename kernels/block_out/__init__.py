@@ -6,7 +6,9 @@ so the block writes its result once.
 
 The front door `block_out`; its plain-jnp twin `block_out_reference` and the hand-written
 backward `block_out_reference_bwd` (reference.py); the Pallas TPU kernels with their tiling
-(`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and design notes (tpu.py).
+(`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and design notes (tpu.py); the Pallas GPU
+(Triton) kernels, `impl="pallas_gpu"`, with their own tiling (`gpu.BlockSizes`,
+`gpu.shared_memory_bytes`) and the same residuals and backward decomposition (gpu.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
+from kernels.block_out.gpu import block_out_pallas_gpu
 from kernels.block_out.reference import block_out_reference, block_out_reference_bwd
 from kernels.block_out.tpu import BlockSizes, block_out_pallas_tpu, vmem_bytes
 
@@ -21,8 +24,9 @@ __all__ = ["BlockSizes", "block_out", "block_out_reference", "block_out_referenc
            "vmem_bytes"]
 
 
-# Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
-_PALLAS = {"pallas_tpu": block_out_pallas_tpu}
+# Pallas implementations, each taking the reference's arguments plus interpret and block_sizes
+# (a tpu.BlockSizes for pallas_tpu, a gpu.BlockSizes for pallas_gpu).
+_PALLAS = {"pallas_tpu": block_out_pallas_tpu, "pallas_gpu": block_out_pallas_gpu}
 
 
 def block_out(
