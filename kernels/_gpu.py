@@ -13,9 +13,14 @@ lowering (warning `jax-pallas-triton`); it still lowers and runs there.
 Rules every kernel here follows, because interpret mode does not enforce them:
   - every block dimension, and every array a kernel body computes, has a power-of-two size
     (`check_block_shape`; the lowering refuses anything else);
-  - nothing read past an operand's end is trusted: Triton masks boundary blocks (loads there
-    are undefined), the interpreter pads them; padding a contraction or softmax axis is done
-    with zeros in the wrapper or masked in the body;
+  - no block crosses an operand's end unless the kernel masks it: Pallas's Triton lowering
+    does NOT mask BlockSpec loads and stores at array edges (jax 0.10.2 and 0.11.2: a partial
+    edge block reads past the buffer and writes past it, corrupting memory), while the
+    interpreter pads such blocks with NaN and drops the writes, so CPU tests would not see the
+    corruption. `pallas_call` therefore refuses partial edge blocks unless the caller says
+    `masked_edges=True` (every load and store of a partial block carries a mask, e.g.
+    `pl_triton.load(ref.at[...], mask=...)`); otherwise the wrapper pads operands to whole
+    blocks (with zeros, which also makes padded contraction terms vanish);
   - grid extents reach the body as static keyword arguments (kernels/_common.py says why).
 """
 
@@ -77,15 +82,43 @@ def check_shared_memory(estimate: int, what: str) -> None:
             "blocks or fewer stages")
 
 
+def check_whole_blocks(block_shape, array_shape, what: str) -> None:
+    """Refuses a block shape that leaves a partial block at an operand's end (see the module
+    docstring: Triton would read and write past the buffer there)."""
+    for axis, (block, size) in enumerate(zip(block_shape, array_shape)):
+        block = 1 if block is None else int(getattr(block, "block_size", block))
+        if size % block:
+            raise ValueError(
+                f"{what}: block shape {tuple(block_shape)} leaves a partial block at the end of "
+                f"dimension {axis} of operand {tuple(array_shape)}: the Triton lowering does not "
+                "mask it (loads and stores would run past the buffer); pad the operand to whole "
+                "blocks, or mask every access and pass masked_edges=True")
+
+
 def pallas_call(kernel, *, name: str, out_shape, grid, in_specs, out_specs, interpret: bool,
-                num_warps: int, num_stages: int):
+                num_warps: int, num_stages: int, masked_edges: bool = False):
     """`pl.pallas_call` lowered through Triton, every block shape checked first (native and
-    interpreted alike, so CPU tests catch a tile the GPU would refuse)."""
+    interpreted alike, so CPU tests catch a tile the GPU would refuse or a partial edge block
+    that Triton would not mask); `masked_edges=True` when the kernel masks its edges itself."""
     for i, spec in enumerate(jax.tree.leaves(in_specs)):
         check_block_shape(spec.block_shape, f"{name} input {i}")
     for i, spec in enumerate(jax.tree.leaves(out_specs)):
         check_block_shape(spec.block_shape, f"{name} output {i}")
-    return pl.pallas_call(
+    call = pl.pallas_call(
         kernel, name=name, out_shape=out_shape, grid=grid, in_specs=in_specs,
         out_specs=out_specs, interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+    if masked_edges:
+        return call
+
+    def checked(*args):
+        pairs = [(f"{name} input {i}", spec, a)
+                 for i, (spec, a) in enumerate(zip(jax.tree.leaves(in_specs), args))]
+        pairs += [(f"{name} output {i}", spec, a) for i, (spec, a) in
+                  enumerate(zip(jax.tree.leaves(out_specs), jax.tree.leaves(out_shape)))]
+        for what, spec, a in pairs:
+            if getattr(spec, "block_shape", None) is not None:
+                check_whole_blocks(spec.block_shape, a.shape, what)
+        return call(*args)
+
+    return checked

@@ -293,6 +293,7 @@ def mq_decode_attention_pallas_gpu(
             interpret=interpret,
             num_warps=block_sizes.num_warps,
             num_stages=block_sizes.num_stages,
+            masked_edges=True,  # q, k, v loads and o, lse stores all carry masks
         )
     with jax.named_scope(f"palm_mq_decode_gpu bk={block_k} splits={splits} "
                          f"warps={block_sizes.num_warps} stages={block_sizes.num_stages}"):
