@@ -262,6 +262,41 @@ def test_bench_report_ratios_to_the_alternatives_of_the_same_run(tmp_path):
     assert "bare matmul 800 TFLOP/s" in result.stdout and "copy 3e+03 GB/s" in result.stdout
 
 
+def test_gpu_check_merges_groups_and_writes_the_summary(tmp_path):
+    """tools/gpu_check.sh's bookkeeping on what its stages leave behind (the whole script is
+    rehearsed by hand: `bash tools/gpu_check.sh /tmp/reh --rehearse`, about 7 minutes here)."""
+    gpu = dict(device_kind="NVIDIA H100 80GB HBM3", jax_version="0.11.2", dtype="bfloat16")
+    part1 = _results(tmp_path / "bench-ceilings.json", [
+        _benchmark("test_matmul[square-fwd-M8192-N8192-K8192-bfloat16]", 0.0014, impl="xla", tflops=800.0,
+                   ceiling="matmul", matmul_of="square", **{"pass": "fwd"}, **gpu)])
+    part2 = _results(tmp_path / "bench-train.json", [
+        _benchmark("test_train_step[1b-xla-B2-T2048-bfloat16]", 0.12, impl="xla", tflops=400.0, mfu=0.40, **gpu)])
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _run(str(TOOLS / "gpu_check.py"), "merge", str(out / "bench.json"), str(part1),
+                  str(tmp_path / "bench-decode.json"), str(part2))
+    assert result.returncode == 0, result.stderr
+    assert "bench-decode.json was not written" in result.stderr
+    merged = json.loads((out / "bench.json").read_text())
+    assert [p["file"] for p in merged["parts"]] == ["bench-ceilings.json", "bench-train.json"]
+    assert merged["benchmarks"][1]["extra_info"]["mfu_vs_matmul"] == pytest.approx(0.5)
+    (out / "stages.tsv").write_text("check\t0\t40\nbench-train\t0\t95\nbench-decode\tskipped (budget)\t0\n")
+    (out / "kernels_check.json").write_text(json.dumps({
+        "device_kind": gpu["device_kind"], "backend": "gpu", "jax_version": "0.11.2", "dtype": "bfloat16",
+        "datetime": "2026-12-01T00:00:00+00:00", "shapes": {"t": 2048},
+        "kernels": [{"kernel": "rope", "status": "ok", "fwd": [1e-3], "grad": [2e-3], "fwd_tolerance": 2e-2,
+                     "grad_tolerance": 4e-2, "seconds": 1.0},
+                    {"kernel": "block_in", "status": "missing", "fwd_tolerance": 2e-2, "grad_tolerance": 4e-2,
+                     "seconds": 0.0, "message": "block_in: impl='pallas_gpu' is not implemented yet"}]}))
+    result = _run(str(TOOLS / "gpu_check.py"), "summary", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = (out / "summary.md").read_text()
+    assert "| bench-decode | skipped (budget) | 0 |" in summary
+    assert "| rope | ok | 1.00e-03 | 2.00e-03 |" in summary and "| block_in | missing |" in summary
+    assert "| training step (pallas_gpu): MFU of 989 TFLOP/s (of bare matmul) | not run |" in summary
+    assert "bare matmul 800 TFLOP/s" in summary and "not run (no profile.txt)" in summary
+
+
 def test_bench_report_rejects_other_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text("{}")
