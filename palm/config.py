@@ -80,8 +80,9 @@ PRESETS = {
     "540b": Config(d_model=18432, n_layers=118, n_heads=48, d_ff=4 * 18432, **_PAPER),
     # PaLM-shaped at one GPU's size (issue 9's whole-model benchmark): the paper's head dim,
     # vocabulary and 4*D MLP at D=2048; 0.96B parameters in the 16 blocks plus 0.52B in the
-    # shared embedding (1.49B). A training step at B=4, T=2048 (float32 master weights and
-    # Adafactor moments, 18 GB) fits an 80 GB H100.
+    # shared embedding (1.48B). Its training state (float32 master weights and Adafactor
+    # moments) is 18 GB; a whole step at B=1, T=2048 about 47 GB, at B=2 about 67 GB (XLA's
+    # buffer assignment, compiled on CPU), so B=1 on an 80 GB H100.
     "1b": Config(d_model=2048, n_layers=16, n_heads=8, d_ff=4 * 2048, **_PAPER),
     # Unit tests: every code path, a fraction of a second on CPU. float32 because CPUs have no
     # bf16 matrix units and the tests compare against float64.

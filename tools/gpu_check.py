@@ -258,17 +258,18 @@ def check(argv: list[str]) -> int:
     device = jax.devices()[0]
     print(f"pallas_gpu against the float32 reference on {device.device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}, {args.dtype}, shapes {args.shapes} {dataclasses.asdict(shapes)}", flush=True)
-    results = []
+    results: list[dict] = []
+    summary = {"device_kind": device.device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
+               "dtype": args.dtype, "shapes": dataclasses.asdict(shapes),
+               "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "kernels": results}
     for spec in specs:
         r = check_kernel(spec, shapes, args.dtype, True if args.interpret else None)
         results.append(r)
         print(f"{spec.name:20s} {r['status']:8s} fwd {_fmt_errors(r.get('fwd'))}  grad {_fmt_errors(r.get('grad'))}"
               f"  ({r['seconds']:.1f} s){'  ' + r['message'][:200] if r.get('message') else ''}", flush=True)
-    summary = {"device_kind": device.device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
-               "dtype": args.dtype, "shapes": dataclasses.asdict(shapes),
-               "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "kernels": results}
-    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+        # Written after every kernel: a stage stopped at its time limit keeps what it checked.
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "fail", "missing", "error")}
     print(", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
     return 0

@@ -47,8 +47,11 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-# Stages compile some of the same programs (the training step in bench-model and profile).
+# Stages compile some of the same programs (the training step in bench-train and profile).
 export JAX_COMPILATION_CACHE_DIR="$SCRATCH/jax-cache"
+# One process at a time holds the GPU: let it have more than JAX's default 75% (the 1b
+# training step's state, gradients and activations take ~47 GB at B=1).
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 
 if [ "$REHEARSE" = 1 ]; then
   BUDGET=${GPU_CHECK_BUDGET_S:-1200}
@@ -60,8 +63,10 @@ else
   BUDGET=${GPU_CHECK_BUDGET_S:-420}
   SCALE=1
   CHECK_ARGS=(--shapes paper --dtype bfloat16)
-  BENCH_ARGS=(--bench-size paper)
-  PROFILE_ARGS=(--preset 1b --batch-size 2 --seq-len 2048 --steps 2 --warmup 1)
+  # GPU_CHECK_BENCH_ARGS adds to these, e.g. "--bench-model-batch 2" on an H200.
+  read -r -a EXTRA <<< "${GPU_CHECK_BENCH_ARGS:-}"
+  BENCH_ARGS=(--bench-size paper ${EXTRA[@]+"${EXTRA[@]}"})
+  PROFILE_ARGS=(--preset 1b --batch-size "${GPU_CHECK_PROFILE_BATCH:-1}" --seq-len 2048 --steps 2 --warmup 1)
 fi
 # Timing: each case's rounds fill half a second (at least 3), after the harness's own warm-up.
 TIMING=(--benchmark-only --benchmark-max-time=0.5 --benchmark-min-rounds=3 -q -rs
