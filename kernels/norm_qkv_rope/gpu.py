@@ -453,6 +453,7 @@ def _forward_call(settings: Settings, x2, scale, wq, wk, wv, pos, mean, rstd):
             interpret=settings.interpret,
             num_warps=bs.num_warps,
             num_stages=bs.num_stages,
+            masked_edges=True,  # every load and store is masked
         )(pos, mean, rstd, scale, _frequencies(k, settings.base), x2, wq, wk, wv)
 
 
@@ -521,6 +522,7 @@ def _bwd_dx_call(settings: Settings, dq, dk, dv, wq, wk, wv, pos):
             interpret=settings.interpret,
             num_warps=bs.num_warps_bwd,
             num_stages=bs.num_stages_bwd,
+            masked_edges=True,  # every load and store is masked
         )(pos, _frequencies(k, settings.base), dq, dk, dv, wq, wk, wv)
 
 
@@ -564,6 +566,7 @@ def _bwd_dw_call(settings: Settings, x2, scale, mean, rstd, gq, gk, gv, w_dtype)
             interpret=settings.interpret,
             num_warps=bs.num_warps_bwd,
             num_stages=bs.num_stages_bwd,
+            masked_edges=True,  # every load and store is masked
         )(mean, rstd, scale, x2, gq, gk, gv)
 
 

@@ -172,6 +172,7 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, settings: _Settings, block
             interpret=settings.interpret,
             num_warps=bs.num_warps,
             num_stages=bs.num_stages,
+            masked_edges=True,  # every load and store is masked
         )(positions.astype(jnp.int32).reshape(n), freq, x.reshape(n, heads, k))
     return out.reshape(x.shape)
 
