@@ -37,9 +37,11 @@ Shapes. Any B, H, T, S >= 1 and K. Triton needs every array a program computes, 
 block, to have a power-of-two size (kernels/_gpu.py), so the wrapper pads K to a power of two
 >= 16 (the smallest dot Triton emits) with zeros, which change neither logits nor outputs, and
 pads rows T*H and keys S with zeros to a multiple of the tiles. The blocks spanning a whole
-walked axis are rounded up to a power of two beyond the array (the interpreter pads them,
-Triton masks nothing but the loops never read past the padded array): no copy is made for
-that, also at PaLM-540B where T*H = 2048*48 is not a power of two. Padded keys are masked out
+walked axis are rounded up to a power of two beyond the array: Triton masks nothing there,
+but the loops' bounds come from the real tile counts, so they never load past the operand
+(the interpreter pads the block; `_pallas_call` passes masked_edges=True for these and checks
+every tile block whole). No copy is made for that, also at PaLM-540B where T*H = 2048*48 is
+not a power of two. Padded keys are masked out
 of the forward's softmax and of dq; in dk/dv they only touch their own (sliced-off) rows.
 Padded query rows (q = 0, finite lse, zero cotangent) add nothing to dk/dv. At PaLM shapes
 nothing is padded (T*H and S divide the tiles, K = 256).
@@ -94,6 +96,7 @@ from jax.experimental import pallas as pl
 from kernels._gpu import (
     SHARED_MEMORY_BYTES,
     check_shared_memory,
+    check_whole_blocks,
     gpu_interpret,
     is_power_of_two,
     next_power_of_two,
@@ -326,6 +329,30 @@ def _whole(n: int) -> int:
     return next_power_of_two(n)
 
 
+def _pallas_call(kernel, *, name: str, out_shape, grid, in_specs, out_specs,
+                 settings: _Settings, walked: tuple[int, ...]):
+    """kernels/_gpu.py's pallas_call for blocks that span a walked axis (`walked`: indices
+    into in_specs) rounded up to a power of two beyond the operand's end. Such a block is
+    partial, but only the rows a loop slices with pl.ds are ever loaded, and the loop bounds
+    come from the real tile counts, so nothing past the operand is touched: every access is
+    bounded, hence masked_edges=True. Every other block (the tiles) is checked whole here."""
+    blocks = settings.blocks
+
+    def call(*args):
+        tiled = [(f"{name} input {i}", spec, a) for i, (spec, a) in
+                 enumerate(zip(in_specs, args)) if i not in walked]
+        tiled += [(f"{name} output {i}", spec, a) for i, (spec, a) in
+                  enumerate(zip(jax.tree.leaves(out_specs), jax.tree.leaves(out_shape)))]
+        for what, spec, a in tiled:
+            check_whole_blocks(spec.block_shape, a.shape, what)
+        return gpu_pallas_call(
+            kernel, name=name, out_shape=out_shape, grid=grid, in_specs=in_specs,
+            out_specs=out_specs, interpret=settings.interpret, num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages, masked_edges=True)(*args)
+
+    return call
+
+
 def _forward(q, k, v, settings: _Settings):
     """q [B, R, Kp] (folded, padded), k/v [B, Sp, Kp] -> o [B, R, Kp], lse f32 [B, R]."""
     batch, rows, kp = q.shape
@@ -336,7 +363,7 @@ def _forward(q, k, v, settings: _Settings):
     q_spec = pl.BlockSpec((None, bq, kp), lambda i, b: (b, _rev(settings, n_q, i), 0))
     with jax.named_scope(f"palm_mq_flash_attention_fwd bq={bq} bk={bk} H={settings.num_heads} "
                          f"causal={settings.causal}"):
-        return gpu_pallas_call(
+        return _pallas_call(
             functools.partial(_fwd_kernel, settings=settings, n_tiles=n_q),
             name="palm_mq_flash_attention_fwd",
             out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -346,8 +373,7 @@ def _forward(q, k, v, settings: _Settings):
                       pl.BlockSpec(kv_block, lambda i, b: (b, 0, 0)),
                       pl.BlockSpec(kv_block, lambda i, b: (b, 0, 0))],
             out_specs=(q_spec, pl.BlockSpec((None, bq), lambda i, b: (b, _rev(settings, n_q, i)))),
-            interpret=settings.interpret,
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+            settings=settings, walked=(1, 2),  # k, v
         )(q, k, v)
 
 
@@ -408,7 +434,7 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
     kv_spec = pl.BlockSpec((None, bk, kp), lambda j, b: (b, j, 0))
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dkv bq={bq} bk={bk} "
                          f"H={settings.num_heads} causal={settings.causal}"):
-        return gpu_pallas_call(
+        return _pallas_call(
             functools.partial(_dkv_kernel, settings=settings, n_q=n_q),
             name="palm_mq_flash_attention_bwd_dkv",
             out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -416,8 +442,7 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
             grid=(n_k, batch),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
             out_specs=(kv_spec, kv_spec),
-            interpret=settings.interpret,
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+            settings=settings, walked=(0, 3, 4, 5),  # q, do, lse, delta
         )(q, k, v, do, lse, delta)
 
 
@@ -468,15 +493,14 @@ def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
     kv_spec = pl.BlockSpec((None, _whole(k.shape[1]), kp), lambda i, b: (b, 0, 0))
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dq bq={bq} bk={blocks.block_k_dq} "
                          f"H={settings.num_heads} causal={settings.causal}"):
-        return gpu_pallas_call(
+        return _pallas_call(
             functools.partial(_dq_kernel, settings=settings, n_tiles=n_q),
             name="palm_mq_flash_attention_bwd_dq",
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             grid=(n_q, batch),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
             out_specs=q_spec,
-            interpret=settings.interpret,
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+            settings=settings, walked=(1, 2),  # k, v
         )(q, k, v, do, lse, delta)
 
 
