@@ -1,5 +1,6 @@
-"""kernels.block_in: both halves' Pallas TPU kernels on one LayerNorm (interpret mode) against
-the reference, the LayerNorm computed once per layer, and the native lowering at PaLM-8B.
+"""kernels.block_in: both halves' Pallas kernels, TPU and GPU, on one LayerNorm (interpret mode)
+against the reference, the LayerNorm computed once per layer, and the native lowerings (Mosaic
+for TPU, Triton for CUDA) at PaLM-8B.
 
 Each half's kernels are tested tile by tile in test_norm_qkv_rope.py and test_norm_swiglu.py;
 here the shapes are small and the tiles default (one grid step per axis): what is new is the
@@ -16,6 +17,7 @@ import pytest
 import kernels.block_in.compose as block_in_compose
 from conftest import assert_close
 from kernels.block_in import BlockSizes, block_in, block_in_reference
+from gpu_export import export_for_gpu, triton_kernel_names
 from tpu_export import export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -33,14 +35,14 @@ def _inputs(seed, b, t, d, h, k, f, dtype):
     return [jnp.asarray(a, dtype) for a in (x, scale, *weights)], positions
 
 
-def _check(seed, b, t, d, h, k, f, dtype, save_gate_up):
+def _check(seed, b, t, d, h, k, f, dtype, save_gate_up, impl):
     args, positions = _inputs(seed, b, t, d, h, k, f, dtype)
     rng = np.random.default_rng(seed + 1)
     cotangents = tuple(jnp.asarray(rng.normal(size=s), dtype)
                        for s in ((b, t, h, k), (b, t, k), (b, t, k), (b, t, f)))
 
     def kernel(*a):
-        return block_in(*a, positions, eps=EPS, impl="pallas_tpu", interpret=True,
+        return block_in(*a, positions, eps=EPS, impl=impl, interpret=True,
                         save_gate_up=save_gate_up)
 
     def reference(*a):
@@ -63,20 +65,24 @@ def _check(seed, b, t, d, h, k, f, dtype, save_gate_up):
 
 # Fixed ragged cases rather than a hypothesis property: each example compiles both halves'
 # kernels, forward and backward (~7 CPU-seconds in interpret mode), and their shape space is
-# searched by the halves' own properties. Nothing here divides another dimension.
-@pytest.mark.parametrize("dtype, save_gate_up, shape", [
-    (jnp.float32, False, (2, 7, 20, 2, 6, 13)),
-    (jnp.float32, True, (1, 9, 12, 3, 4, 24)),
-    (jnp.bfloat16, False, (1, 5, 18, 1, 16, 9)),
-    (jnp.bfloat16, True, (2, 3, 10, 2, 10, 17)),
+# searched by the halves' own properties. Nothing here divides another dimension (nor is a
+# power of two, which the GPU kernels pad to).
+@pytest.mark.parametrize("impl, dtype, save_gate_up, shape", [
+    ("pallas_tpu", jnp.float32, False, (2, 7, 20, 2, 6, 13)),
+    ("pallas_tpu", jnp.float32, True, (1, 9, 12, 3, 4, 24)),
+    ("pallas_tpu", jnp.bfloat16, False, (1, 5, 18, 1, 16, 9)),
+    ("pallas_tpu", jnp.bfloat16, True, (2, 3, 10, 2, 10, 17)),
+    ("pallas_gpu", jnp.float32, True, (2, 7, 20, 3, 6, 13)),
+    ("pallas_gpu", jnp.bfloat16, False, (1, 9, 18, 2, 10, 24)),
 ])
-def test_matches_reference(dtype, save_gate_up, shape):
+def test_matches_reference(impl, dtype, save_gate_up, shape):
     """Forward and all seven gradients (x's is the sum of both halves' paths) against the
     reference; shape is (B, T, D, H, K, F)."""
-    _check(sum(shape), *shape, dtype, save_gate_up)
+    _check(sum(shape), *shape, dtype, save_gate_up, impl)
 
 
-def test_layer_norm_once_per_layer(monkeypatch):
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_layer_norm_once_per_layer(monkeypatch, impl):
     """One call's forward and backward compute the row statistics once and run one LayerNorm
     backward (on the summed cotangent), not one of each per half."""
     calls = {"row_stats": 0, "layer_norm_bwd": 0}
@@ -94,7 +100,7 @@ def test_layer_norm_once_per_layer(monkeypatch):
     args, positions = _inputs(0, 1, 8, 16, 2, 8, 24, jnp.float32)
 
     def loss(*a):
-        out = block_in(*a, positions, eps=EPS, impl="pallas_tpu", interpret=True)
+        out = block_in(*a, positions, eps=EPS, impl=impl, interpret=True)
         return sum(jnp.sum(o) for o in out)
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(NAMES)))))(*args))
@@ -115,9 +121,10 @@ def test_bad_inputs_raise():
         call(*args, positions, block_sizes=(8,) * 6)
 
 
-def test_gradient_exports_for_tpu():
-    """jax.grad through block_in lowers natively for TPU at PaLM-8B (B=1, T=2048): both
-    halves' forward and backward kernels, one program."""
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_gradient_exports_natively(impl):
+    """jax.grad through block_in lowers natively at PaLM-8B (B=1, T=2048), for TPU (Mosaic)
+    and for CUDA (Triton): both halves' forward and backward kernels, one program."""
     d, h, k, f = 4096, 16, 256, 16384
     bf = jnp.bfloat16
     shapes = [jax.ShapeDtypeStruct(s, bf) for s in
@@ -125,22 +132,24 @@ def test_gradient_exports_for_tpu():
     positions = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
 
     def loss(*a):
-        out = block_in(*a[:-1], a[-1], eps=EPS, impl="pallas_tpu", interpret=False)
+        out = block_in(*a[:-1], a[-1], eps=EPS, impl=impl, interpret=False)
         return sum(jnp.sum(o.astype(jnp.float32)) for o in out)
 
-    text = export_for_tpu(jax.grad(loss, argnums=tuple(range(len(NAMES)))), *shapes, positions)
-    names = set(mosaic_kernel_names(text))
+    export, kernel_names = ((export_for_tpu, mosaic_kernel_names) if impl == "pallas_tpu"
+                            else (export_for_gpu, triton_kernel_names))
+    text = export(jax.grad(loss, argnums=tuple(range(len(NAMES)))), *shapes, positions)
+    names = set(kernel_names(text))
     assert any("norm_qkv_rope" in n for n in names) and any("norm_swiglu" in n for n in names), names
 
 
-def test_inference_does_not_write_gate_and_up():
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_inference_does_not_write_gate_and_up(impl):
     """Without differentiation the forward runs the plain norm_swiglu kernel even with
     save_gate_up (nothing would read the saved gate and up); under jax.vjp it saves them."""
     args, positions = _inputs(0, 1, 8, 16, 2, 8, 24, jnp.float32)
 
     def kernel(*a):
-        return block_in(*a, positions, eps=EPS, impl="pallas_tpu", interpret=True,
-                        save_gate_up=True)
+        return block_in(*a, positions, eps=EPS, impl=impl, interpret=True, save_gate_up=True)
 
     forward = str(jax.make_jaxpr(kernel)(*args))
     with_vjp = str(jax.make_jaxpr(lambda *a: jax.vjp(kernel, *a)[0])(*args))

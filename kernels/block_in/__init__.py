@@ -7,7 +7,7 @@ in the backward, one LayerNorm backward on the sum of the two halves' cotangents
 
 The front door `block_in`; its plain-jnp twin `block_in_reference` (reference.py); the composition
 of the two halves' kernels on one LayerNorm and its `BlockSizes` (compose.py), on the halves' Pallas
-TPU kernels (tpu.py) or Pallas GPU kernels (gpu.py).
+TPU kernels (tpu.py) or Pallas GPU (Triton) kernels (gpu.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import jax
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.block_in.reference import block_in_reference
 from kernels.block_in.compose import BlockSizes
+from kernels.block_in.gpu import block_in_pallas_gpu
 from kernels.block_in.tpu import block_in_pallas_tpu
 
 __all__ = ["BlockSizes", "block_in", "block_in_reference"]
 
 # Pallas implementations, each taking the reference's arguments plus interpret, block_sizes and
 # save_gate_up.
-_PALLAS = {"pallas_tpu": block_in_pallas_tpu}
+_PALLAS = {"pallas_tpu": block_in_pallas_tpu, "pallas_gpu": block_in_pallas_gpu}
 
 
 def block_in(
