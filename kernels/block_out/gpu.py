@@ -32,9 +32,13 @@ instead would copy them, 78% larger, on every call at PaLM-540B.
 FLOPs per call at PaLM-8B (M = 2048, D = 4096, H*K = 4096, F = 16384): forward 2*M*D*(H*K + F)
 = 344 GFLOP; backward 4*M*D*(H*K + F) = 687 GFLOP (half in the kernel, half in XLA's weight
 gradients). HBM bytes (bf16, each tensor once) are tpu.py's: forward 272 MiB, backward 528 MiB.
-Tile re-reads: o and h once per D tile (D / bd = 32 at bd = 128: 2.5 GiB, mostly from L2), the
-weights once per row tile (M / bt = 16: 2.5 GiB); in the backward dy once per C tile (160 at
-bc = 128: 2.5 GiB) and the weights once per row tile; a real GPU measures what L2 absorbs.
+Tile re-reads: o and h once per D tile (D / bd = 32 at bd = 128: 2.5 GiB), the weights once
+per row tile (M / bt = 16: 2.5 GiB); in the backward dy once per C tile (160 at bc = 128:
+2.5 GiB) and the weights once per row tile. Grid axis 0 (rows) is CUDA's x, the fastest-varying
+in launch order: the 16 row tiles of one output column tile run side by side and share its
+weight slices through L2, so the weights come from HBM about once; the activations' re-reads
+(o and h: 80 MiB, more than H100's 50 MiB L2) are partly served by L2, which only a real GPU
+measures.
 
 Default tiles for H100/H200 (`BlockSizes.get_default`): 128 x 128 output tiles, a 64-wide
 contraction slice, 4 warps (one [128, 128] float32 accumulator is 128 registers per thread at

@@ -43,11 +43,15 @@ would copy them, 78% larger, on every call at PaLM-540B.
 
 FLOPs per call at PaLM-8B (M*D*F = 2048 * 4096 * 16384 = 1.37e11): forward 4*M*D*F = 550 GFLOP;
 backward 12*M*D*F = 1649 GFLOP recomputing (8*M*D*F saving). HBM bytes (bf16, each tensor once)
-are tpu.py's: forward 356 MiB (484 saving), backward 1378 MiB (1232 saving, + 128 MiB as the
-saved-gates kernel cannot reuse gate's and up's buffers). Tile re-reads: x is re-read once per F
-tile (F / bf = 128 times at bf = 128: 2 GiB, mostly from L2), the weights once per row tile
-(M / bt = 16 times: 4 GiB), so at H100's ~3 TB/s and ~990 bf16 TFLOP/s the forward is
-compute-bound only if L2 absorbs most of x's re-reads; a real GPU measures it.
+are tpu.py's: forward 356 MiB (484 saving), backward 1378 MiB (1232 saving; the saved-gates
+kernel writes new buffers, so saving adds 128 MiB to the backward's peak memory here). Tile
+re-reads: every program reads its rows of x and its columns of both weights in full, so x is
+read F / bf = 128 times (2 GiB) and the weights M / bt = 16 times (4 GiB). Grid axis 0 is
+CUDA's x, the fastest-varying in launch order: the 16 row tiles of one F tile run side by side,
+so a weight slice comes from HBM about once and from L2 for the other row tiles, and x (16 MiB)
+stays in H100's 50 MiB L2. At ~3.3 TB/s and ~990 dense bf16 TFLOP/s the forward's 0.56 ms of
+tensor-core work then outweighs its ~0.1 ms of compulsory HBM traffic; a real GPU measures how
+well L2 holds.
 
 Default tiles for H100/H200 (`BlockSizes.get_default`): 128 x 128 output tiles, a 64-wide
 contraction slice, 8 warps (the two [128, 128] float32 accumulators are 128 registers per
