@@ -71,14 +71,16 @@ def test_greedy_matches_forward_loop(params, lengths):
     assert len(set(expected[0, 5:])) > 2, "degenerate model: the test would not see position bugs"
 
 
-def test_greedy_pallas_tpu_interpreted():
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_greedy_pallas_interpreted(impl):
     # The Mosaic kernels in the TPU interpreter (any K works there; natively RoPE needs
-    # K % 128 == 0): flash prefill, decode kernel, block_in/block_out on one-token rows.
+    # K % 128 == 0), the Triton kernels in the generic one: flash prefill, decode kernel,
+    # block_in/block_out on one-token rows.
     config = dataclasses.replace(TINY, n_layers=1)
     params = scaled_params(config)
     prompts, lengths = PROMPTS[:2, :4], np.array([4, 2], np.int32)
     out = generate(params, jnp.asarray(prompts), config, max_new_tokens=3, prompt_lengths=lengths,
-                   impl="pallas_tpu")
+                   impl=impl)
     expected = forward_loop(params, prompts, lengths, 3, config, "xla")
     np.testing.assert_array_equal(np.asarray(out), expected)
 
