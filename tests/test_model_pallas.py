@@ -1,6 +1,7 @@
-"""The model on Pallas kernels: `palm.forward(impl="pallas_tpu")` against `impl="xla"`, the
-whole PaLM layer lowered for real TPUs at PaLM-8B and PaLM-540B shapes, and a PaLM-8B layer's
-loss and gradient under shard_map on a 4x2 TPU mesh."""
+"""The model on Pallas kernels: `palm.forward(impl="pallas_tpu" | "pallas_gpu")` against
+`impl="xla"`, the whole PaLM layer lowered for real TPUs (Mosaic) and NVIDIA GPUs (Triton) at
+PaLM-8B and PaLM-540B shapes, and a PaLM-8B layer's loss and gradient under shard_map on a 4x2
+TPU mesh."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import palm
 from conftest import assert_close
 from kernels import target_backend
 from palm.model import _block, loss
+from gpu_export import export_for_gpu, triton_kernel_names
 from tpu_export import export_for_tpu, mosaic_kernel_names
 
 # Small but not toy: two layers, several heads, T not a multiple of any block size.
@@ -29,20 +31,22 @@ def params():
     return palm.init(CONFIG, jax.random.key(0))
 
 
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_forward_pallas_tpu_equals_xla(params, dtype):
+def test_forward_pallas_equals_xla(params, dtype, impl):
     config = dataclasses.replace(CONFIG, dtype=dtype)
     tokens = jax.random.randint(jax.random.key(1), (2, 37), 0, config.vocab_size, dtype=jnp.int32)
-    pallas = palm.forward(params, tokens, config, impl="pallas_tpu")
+    pallas = palm.forward(params, tokens, config, impl=impl)
     xla = palm.forward(params, tokens, config, impl="xla")
     # Logits sit after L layers, each of which rounds its outputs in `dtype`.
     assert_close(pallas, xla, dtype, factor=5, what=f"logits {dtype}")
 
 
-def test_loss_gradients_pallas_tpu_equal_xla(params):
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_loss_gradients_pallas_equal_xla(params, impl):
     tokens = jax.random.randint(jax.random.key(2), (2, 30), 0, CONFIG.vocab_size, dtype=jnp.int32)
     grad = lambda impl: jax.jit(jax.grad(lambda p: palm.loss(p, tokens, CONFIG, impl=impl)[0]))(params)  # noqa: E731
-    g_pallas, g_xla = grad("pallas_tpu"), grad("xla")
+    g_pallas, g_xla = grad(impl), grad("xla")
     for path, a in jax.tree_util.tree_flatten_with_path(g_pallas)[0]:
         b = functools.reduce(lambda t, k: t[k.key], path, g_xla)
         # A gradient sums over every position and layer: allow more reordering than one op.
@@ -66,26 +70,32 @@ def _layer_structs(config: palm.Config, batch: int = 1, seq: int = 2048):
     return p, x
 
 
+# impl: (export, kernel names in the exported module, the target backend).
+NATIVE = {"pallas_tpu": (export_for_tpu, mosaic_kernel_names, "tpu"),
+          "pallas_gpu": (export_for_gpu, triton_kernel_names, "gpu")}
+
+
+@pytest.mark.parametrize("impl", sorted(NATIVE))
 @pytest.mark.parametrize("name", sorted(LAYER_SHAPES))
-def test_layer_lowers_for_tpu(name):
+def test_layer_lowers_natively(name, impl):
     config = dataclasses.replace(LAYER_SHAPES[name], dtype="bfloat16")
     p, x = _layer_structs(config)
+    export, kernel_names, backend = NATIVE[impl]
 
     def layer(p, x):
         positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        return _block(x, p, positions, config, "pallas_tpu")
+        return _block(x, p, positions, config, impl)
 
     def layer_grad(p, x):
         return jax.grad(lambda p, x: layer(p, x).astype(jnp.float32).sum(), argnums=(0, 1))(p, x)
 
-    with target_backend("tpu"):
-        forward = mosaic_kernel_names(export_for_tpu(layer, p, x))
-        backward = mosaic_kernel_names(export_for_tpu(layer_grad, p, x))
+    with target_backend(backend):
+        forward = kernel_names(export(layer, p, x))
+        backward = kernel_names(export(layer_grad, p, x))
     for kernel in KERNELS:
         assert any(n.startswith(kernel) for n in forward), (kernel, forward)
     # The backward runs the forward kernels again (residuals) and the Pallas backward kernels.
     assert any("bwd" in n for n in backward), backward
-
 
 
 def test_sharded_layer_lowers_for_tpu_on_a_4x2_mesh():
