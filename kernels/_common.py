@@ -206,3 +206,22 @@ def layer_norm_bwd(dh: jax.Array, x: jax.Array, scale: jax.Array, mean: jax.Arra
     dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
                  - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
     return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+# Padding to whole tiles, for both backends' wrappers.
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Zero-pads `a` at the end of each axis to `shape` (no copy when it already fits)."""
+    if a.shape == tuple(shape):
+        return a
+    return jnp.pad(a, [(0, want - have) for have, want in zip(a.shape, shape)])
+
+
+def pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
+    """Zero-pads a 2-D array at the end to [rows, cols]."""
+    return pad_to(a, (rows, cols))

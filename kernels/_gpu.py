@@ -39,6 +39,30 @@ from kernels._common import current_backend
 SHARED_MEMORY_BYTES = 227 * 1024
 
 
+# Triton's dots need every dimension >= 16, so tiles that meet a dot are at least this.
+MIN_BLOCK = 16
+
+
+def check_block_sizes(block_sizes, *, tiles=(), warps=(), stages=()) -> None:
+    """Validates a GPU `BlockSizes` (call it from its `__post_init__`): the named tile fields
+    are powers of two >= MIN_BLOCK, the warp counts powers of two <= 32, the stage counts >= 1;
+    a ValueError names the field otherwise."""
+    owner = type(block_sizes).__name__
+    for name in tiles:
+        value = getattr(block_sizes, name)
+        if not (isinstance(value, int) and is_power_of_two(value) and value >= MIN_BLOCK):
+            raise ValueError(f"{owner}: {name}={value!r} must be a power of two >= {MIN_BLOCK} "
+                             "(Triton: power-of-two arrays, dots >= 16)")
+    for name in warps:
+        value = getattr(block_sizes, name)
+        if not (isinstance(value, int) and is_power_of_two(value) and value <= 32):
+            raise ValueError(f"{owner}: {name}={value!r} must be a power of two <= 32")
+    for name in stages:
+        value = getattr(block_sizes, name)
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{owner}: {name}={value!r} must be a positive int")
+
+
 def gpu_interpret(interpret: Any) -> bool:
     """What `pl.pallas_call(interpret=...)` gets for a Triton kernel.
 

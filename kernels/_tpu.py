@@ -13,6 +13,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+# Re-exported: the TPU modules take their padding helpers from here with the rest.
+from kernels._common import pad2, pad_to, round_up  # noqa: F401
+
 LANE = 128
 MiB = 2**20
 # VMEM per TensorCore by device_kind (as the TPU runtime reports it), the figures of JAX's own
@@ -75,10 +78,6 @@ def vmem_limit(estimate: int, generation: str | None = None) -> int:
 
 # dot_general dimension numbers for a·bᵀ (contract both operands' minor axes).
 NT_DIMS = (((1,), (1,)), ((), ()))
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def sublane(dtype) -> int:
@@ -171,18 +170,6 @@ def pallas_call(kernel, *, name: str, out_shape, interpret, in_specs=None, out_s
         return call(*args)
 
     return checked
-
-
-def pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Zero-pads `a` at the end of each axis to `shape` (no copy when it already fits)."""
-    if a.shape == tuple(shape):
-        return a
-    return jnp.pad(a, [(0, want - have) for have, want in zip(a.shape, shape)])
-
-
-def pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
-    """Zero-pads a 2-D array at the end to [rows, cols]."""
-    return pad_to(a, (rows, cols))
 
 
 def compiler_params(*semantics: str, vmem_bytes: int) -> pltpu.CompilerParams:

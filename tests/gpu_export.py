@@ -12,6 +12,7 @@ import contextlib
 import re
 
 import jax
+import jax.extend
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from kernels import target_backend
@@ -46,3 +47,33 @@ def export_for_gpu(fn, *args, device_kind: str = H100) -> str:
 def triton_kernel_names(text: str) -> list[str]:
     """Names of the Pallas Triton kernels in an exported module, in order of appearance."""
     return re.findall(r'custom_call @__gpu\$xla\.gpu\.triton\(.*?name = "([^"]+)"', text)
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jax.extend.core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax.extend.core.Jaxpr):
+                yield item
+
+
+def _eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in _sub_jaxprs(eqn.params):
+            yield from _eqns(sub)
+
+
+def unmasked_accesses(fn, *args) -> dict[str, list[str]]:
+    """Per pallas_call in fn's jaxpr (by kernel name): the refs its body reads or writes
+    without a mask (`ref[...]` rather than `pl_triton.load/store(..., mask=...)`), loops and
+    branches included. The interpreter pads edge blocks and drops writes past an array, so a
+    missing mask only shows on a GPU; this finds one on CPU."""
+    found = {}
+    for eqn in _eqns(jax.make_jaxpr(fn)(*args).jaxpr):
+        if eqn.primitive.name == "pallas_call":
+            found[eqn.params["name"]] = sorted({
+                f"{e.primitive.name} {e.invars[0].aval}" for e in _eqns(eqn.params["jaxpr"])
+                if e.primitive.name in ("get", "swap")})
+    return found

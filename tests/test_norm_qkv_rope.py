@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from kernels.norm_qkv_rope import (BlockSizes, hbm_bytes, norm_qkv_rope, norm_qk
                                    vmem_bytes)
 from kernels.norm_qkv_rope import gpu as nqr_gpu
 from kernels.norm_qkv_rope import tpu as nqr_tpu
-from gpu_export import export_for_gpu, triton_kernel_names
+from gpu_export import export_for_gpu, triton_kernel_names, unmasked_accesses
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -367,36 +366,6 @@ def test_gpu_block_sizes_default_and_validation():
                       block_sizes=nqr_gpu.BlockSizes(256, 256, 16, 16, num_stages=4))
 
 
-def _sub_jaxprs(params):
-    for value in params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax.extend.core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jax.extend.core.Jaxpr):
-                yield item
-
-
-def _eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in _sub_jaxprs(eqn.params):
-            yield from _eqns(sub)
-
-
-def _unmasked_accesses(fn, *args) -> dict[str, list[str]]:
-    """Per pallas_call in fn's jaxpr (by kernel name): the refs its body reads or writes
-    without a mask (`ref[...]` rather than `pl_triton.load/store(..., mask=...)`), loops and
-    branches included. The interpreter pads edge blocks and drops writes past an array, so a
-    missing mask only shows on a GPU; this finds one on CPU."""
-    found = {}
-    for eqn in _eqns(jax.make_jaxpr(fn)(*args).jaxpr):
-        if eqn.primitive.name == "pallas_call":
-            found[eqn.params["name"]] = sorted({
-                f"{e.primitive.name} {e.invars[0].aval}" for e in _eqns(eqn.params["jaxpr"])
-                if e.primitive.name in ("get", "swap")})
-    return found
-
-
 def test_gpu_kernels_mask_every_access():
     """Ragged rows and D, H = 3 heads (4 in the backward's head-spanning blocks), K/2 = 3 lanes
     per half (16 in the blocks): every access is masked but the frequency row's (a whole [Kh]
@@ -412,6 +381,6 @@ def test_gpu_kernels_mask_every_access():
         return out, vjp(cotangents)
 
     plain = ["get Ref<default>{float32[16]}"]
-    assert _unmasked_accesses(forward_and_vjp, *args) == {
+    assert unmasked_accesses(forward_and_vjp, *args) == {
         "palm_norm_qkv_rope_fwd": plain, "palm_norm_qkv_rope_bwd_dx": plain,
         "palm_norm_qkv_rope_bwd_dw": []}

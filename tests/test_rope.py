@@ -11,7 +11,6 @@ race-detection cases, which pay per grid step, stay cheap.
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import RaceLog, assert_close, race_log, run
-from gpu_export import export_for_gpu, triton_kernel_names
+from gpu_export import export_for_gpu, triton_kernel_names, unmasked_accesses
 from kernels.rope import BlockSizes, rope, rope_reference, vmem_bytes
 from kernels.rope import gpu as rope_gpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
@@ -248,36 +247,6 @@ def test_gpu_block_sizes_default_and_validation():
         rope(x, pos, impl="pallas_gpu", interpret=pltpu.InterpretParams())
 
 
-def _sub_jaxprs(params):
-    for value in params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax.extend.core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jax.extend.core.Jaxpr):
-                yield item
-
-
-def _eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in _sub_jaxprs(eqn.params):
-            yield from _eqns(sub)
-
-
-def _unmasked_accesses(fn, *args) -> dict[str, list[str]]:
-    """Per pallas_call in fn's jaxpr (by kernel name): the refs its body reads or writes
-    without a mask (`ref[...]` rather than `pl_triton.load/store(..., mask=...)`), loops and
-    branches included. The interpreter pads edge blocks and drops writes past an array, so a
-    missing mask only shows on a GPU; this finds one on CPU."""
-    found = {}
-    for eqn in _eqns(jax.make_jaxpr(fn)(*args).jaxpr):
-        if eqn.primitive.name == "pallas_call":
-            found[eqn.params["name"]] = sorted({
-                f"{e.primitive.name} {e.invars[0].aval}" for e in _eqns(eqn.params["jaxpr"])
-                if e.primitive.name in ("get", "swap")})
-    return found
-
-
 def test_gpu_kernels_mask_every_access():
     """Ragged rows, heads and K/2 = 3 (halves padded to 4 lanes): every access of the x and
     out blocks is masked; only the frequency row (a whole [Kh] array) is read plainly."""
@@ -289,5 +258,5 @@ def test_gpu_kernels_mask_every_access():
         return out, vjp(out)
 
     plain = ["get Ref<default>{float32[4]}"]
-    assert _unmasked_accesses(forward_and_vjp, x) == {"palm_rope_fwd": plain,
+    assert unmasked_accesses(forward_and_vjp, x) == {"palm_rope_fwd": plain,
                                                         "palm_rope_bwd": plain}
