@@ -1,4 +1,6 @@
-"""The Pallas GPU `block_out` (Triton lowering; kernels/_gpu.py says why Triton).
+"""The Pallas GPU `block_out` (Triton lowering; kernels/_gpu.py says why Triton): its kernels and
+tiling (`forward`, `backward_dact`, `BlockSizes`, `check_tiles`: the backend interface pallas.py
+describes; the checks, the jit and the custom_vjp wiring are pallas.py's, shared with tpu.py).
 
 The math and the residuals are tpu.py's (its docstring has the decomposition and the HBM
 arithmetic); only the tiling is Triton's. Rows are the flattened B*T axis (M); o is viewed as
@@ -59,25 +61,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels._common import pad2, round_up
 from kernels._gpu import (
+    MIN_BLOCK,
     SHARED_MEMORY_BYTES,
+    check_block_sizes,
     check_shared_memory,
     gpu_interpret,
-    is_power_of_two,
     next_power_of_two,
     pallas_call,
 )
-from kernels.block_out.reference import check_args, weight_grads
+from kernels.block_out.pallas import Settings, block_out_pallas
 
+IMPL = "pallas_gpu"
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # lax.dot_general: a·bᵀ
-MIN_BLOCK = 16  # Triton's dots need every dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,20 +109,10 @@ class BlockSizes:
     num_stages_bwd: int = 4
 
     def __post_init__(self):
-        for name in ("block_t", "block_d", "block_c", "block_t_bwd", "block_c_bwd",
-                     "block_d_bwd"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and is_power_of_two(value) and value >= MIN_BLOCK):
-                raise ValueError(f"BlockSizes: {name}={value!r} must be a power of two >= "
-                                 f"{MIN_BLOCK} (Triton: power-of-two arrays, dots >= 16)")
-        for name in ("num_warps", "num_warps_bwd"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and is_power_of_two(value) and value <= 32):
-                raise ValueError(f"BlockSizes: {name}={value!r} must be a power of two <= 32")
-        for name in ("num_stages", "num_stages_bwd"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"BlockSizes: {name}={value!r} must be a positive int")
+        check_block_sizes(self, tiles=("block_t", "block_d", "block_c", "block_t_bwd",
+                                       "block_c_bwd", "block_d_bwd"),
+                          warps=("num_warps", "num_warps_bwd"),
+                          stages=("num_stages", "num_stages_bwd"))
 
     @classmethod
     def get_default(cls, rows: int, d_model: int, attn_width: int, d_ff: int,
@@ -160,21 +155,13 @@ def shared_memory_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
     return {"fwd": fwd, "bwd_dact": dact}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """The non-differentiable arguments of the custom_vjp, hashable as one static value."""
-
-    block_sizes: BlockSizes
-    interpret: bool  # see kernels._gpu.gpu_interpret
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _pad(a: jax.Array, shape) -> jax.Array:
-    """Zero-pads a at the end of each axis to `shape`."""
-    return jnp.pad(a, [(0, s - n) for n, s in zip(a.shape, shape)])
+def _pad_to_tiles(rows2, wo2, w_down, bt: int, bd: int, bc: int):
+    """rows2 [M, D] (x or dy), wo2 [H*K, D] and w_down [F, D] zero-padded to whole tiles (M to
+    bt, D to bd, H*K and F to bc: padded contraction entries multiply zeros, padded outputs are
+    sliced off), and the padded extents (Mp, Dp, H*Kp, Fp)."""
+    (m, d), hk, f = rows2.shape, wo2.shape[0], w_down.shape[0]
+    mp, dp, hkp, fp = round_up(m, bt), round_up(d, bd), round_up(hk, bc), round_up(f, bc)
+    return (pad2(rows2, mp, dp), pad2(wo2, hkp, dp), pad2(w_down, fp, dp)), (mp, dp, hkp, fp)
 
 
 def _fwd_kernel(x_ref, attn_ref, wo_ref, mlp_ref, w_down_ref, out_ref, *, n_attn: int,
@@ -193,15 +180,14 @@ def _fwd_kernel(x_ref, attn_ref, wo_ref, mlp_ref, w_down_ref, out_ref, *, n_attn
     out_ref[...] = (x_ref[...].astype(_F32) + acc).astype(out_ref.dtype)
 
 
-def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
-    """x + o·wo + h·w_down on the flattened [M, ...] views; see the module docstring."""
+def forward(settings: Settings, x2, o2, wo2, h2, w_down) -> jax.Array:
+    """x + o·wo + h·w_down on the flattened [M, ...] views (kernels/block_out/pallas.py); see the
+    module docstring."""
     bs = settings.block_sizes
     bt, bd, bc = bs.block_t, bs.block_d, bs.block_c
     m, d = x2.shape
-    hk, f = o2.shape[1], h2.shape[1]
-    mp, dp, hkp, fp = _round_up(m, bt), _round_up(d, bd), _round_up(hk, bc), _round_up(f, bc)
-    xp, op, wop = _pad(x2, (mp, dp)), _pad(o2, (mp, hkp)), _pad(wo2, (hkp, dp))
-    hp, wdp = _pad(h2, (mp, fp)), _pad(w_down, (fp, dp))
+    (xp, wop, wdp), (mp, dp, hkp, fp) = _pad_to_tiles(x2, wo2, w_down, bt, bd, bc)
+    op, hp = pad2(o2, mp, hkp), pad2(h2, mp, fp)
     hks, fs = next_power_of_two(hkp), next_power_of_two(fp)  # blocks spanning the contraction
     kernel = functools.partial(_fwd_kernel, n_attn=hkp // bc, n_mlp=fp // bc, block_c=bc)
     out = pallas_call(
@@ -248,7 +234,7 @@ def _bwd_dact_kernel(dy_ref, wo_ref, w_down_ref, do_ref, dh_ref, *, n_attn: int,
     lax.cond(pl.program_id(1) < n_attn, attention, mlp)
 
 
-def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
+def backward_dact(settings: Settings, dy2, wo2, w_down):
     """do [M, H*K] and dh [M, F] in one kernel; grid (row tile, C tile), looping over D.
 
     The idle output's and weight's block indices are clamped to a valid tile; a program stores
@@ -256,10 +242,8 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
     """
     bs = settings.block_sizes
     bt, bc, bd = bs.block_t_bwd, bs.block_c_bwd, bs.block_d_bwd
-    m, d = dy2.shape
-    hk, f = wo2.shape[0], w_down.shape[0]
-    mp, dp, hkp, fp = _round_up(m, bt), _round_up(d, bd), _round_up(hk, bc), _round_up(f, bc)
-    dyp, wop, wdp = _pad(dy2, (mp, dp)), _pad(wo2, (hkp, dp)), _pad(w_down, (fp, dp))
+    m, hk, f = dy2.shape[0], wo2.shape[0], w_down.shape[0]
+    (dyp, wop, wdp), (mp, dp, hkp, fp) = _pad_to_tiles(dy2, wo2, w_down, bt, bd, bc)
     na, nm = hkp // bc, fp // bc
     ds = next_power_of_two(dp)  # blocks spanning the contraction
 
@@ -293,72 +277,16 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
     return do[:m, :hk], dh[:m, :f]
 
 
-def _check_pallas(x, o, wo, h, w_down, block_sizes) -> BlockSizes:
-    """The reference's shape checks plus what the kernels need; returns the block sizes."""
-    check_args(x, o, wo, h, w_down)
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"block_out: x must be float32 or bfloat16, got {x.dtype=}")
-    for name, a in (("o", o), ("wo", wo), ("h", h), ("w_down", w_down)):
-        if a.dtype != x.dtype:
-            raise ValueError(f"block_out: {name} must have x's dtype {x.dtype}, got {a.dtype}")
-    b, t, d = x.shape
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(b * t, d, o.shape[2] * o.shape[3], h.shape[2],
-                                             x.dtype)
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError("block_out: impl='pallas_gpu' needs a block_out.gpu.BlockSizes, got "
-                         f"{block_sizes!r}")
-    for kernel, used in shared_memory_bytes(block_sizes, x.dtype).items():
+def check_tiles(block_sizes: BlockSizes, dtype) -> None:
+    """Each kernel's shared memory within a thread block's (kernels/block_out/pallas.py)."""
+    for kernel, used in shared_memory_bytes(block_sizes, dtype).items():
         check_shared_memory(used, f"palm_block_out {kernel} {block_sizes}")
-    return block_sizes
 
 
-def block_out_pallas_gpu(
-    x: jax.Array,  # [B, T, D]
-    o: jax.Array,  # [B, T, H, K]
-    wo: jax.Array,  # [H, K, D]
-    h: jax.Array,  # [B, T, F]
-    w_down: jax.Array,  # [F, D]
-    *,
-    interpret=None,
-    block_sizes: BlockSizes | None = None,
-) -> jax.Array:
-    """The Pallas GPU (Triton) implementation of `block_out` (see the module docstring)."""
-    block_sizes = _check_pallas(x, o, wo, h, w_down, block_sizes)
-    return _block_out_jit(x, o, wo, h, w_down, _Settings(block_sizes, gpu_interpret(interpret)))
-
-
-# Jitted so that the wrapper's reshapes, padding and slicing compile together with the kernel.
-@functools.partial(jax.jit, static_argnums=(5,))
-def _block_out_jit(x, o, wo, h, w_down, settings: _Settings):
-    return _block_out(x, o, wo, h, w_down, settings)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _block_out(x, o, wo, h, w_down, settings: _Settings):
-    return _block_out_fwd(x, o, wo, h, w_down, settings)[0]
-
-
-def _block_out_fwd(x, o, wo, h, w_down, settings: _Settings):
-    b, t, d = x.shape
-    m, hk = b * t, o.shape[2] * o.shape[3]
-    bs = settings.block_sizes
-    with jax.named_scope(f"palm_block_out_fwd bt={bs.block_t} bd={bs.block_d} bc={bs.block_c}"):
-        out = _fwd_call(x.reshape(m, d), o.reshape(m, hk), wo.reshape(hk, d), h.reshape(m, -1),
-                        w_down, settings)
-    return out.reshape(b, t, d), (o, wo, h, w_down)
-
-
-def _block_out_bwd(settings: _Settings, residuals, dy):
-    o, wo, h, w_down = residuals
-    b, t, hh, kk = o.shape
-    m, d = b * t, dy.shape[-1]
-    bs = settings.block_sizes
-    with jax.named_scope(f"palm_block_out_bwd bt={bs.block_t_bwd} bc={bs.block_c_bwd} "
-                         f"bd={bs.block_d_bwd}"):
-        do, dh = _bwd_dact_call(dy.reshape(m, d), wo.reshape(hh * kk, d), w_down, settings)
-        dwo, dw_down = weight_grads(o, h, dy, wo.dtype)
-    return dy, do.reshape(o.shape), dwo, dh.reshape(h.shape), dw_down
-
-
-_block_out.defvjp(_block_out_fwd, _block_out_bwd)
+def block_out_pallas_gpu(x, o, wo, h, w_down, *, interpret=None,
+                        block_sizes: BlockSizes | None = None) -> jax.Array:
+    """The Pallas GPU (Triton) `block_out` (module docstring): `block_out`'s arrays x [B, T, D],
+    o [B, T, H, K], wo [H, K, D], h [B, T, F], w_down [F, D], interpret and block_sizes (None:
+    `BlockSizes.get_default`)."""
+    return block_out_pallas(sys.modules[__name__], x, o, wo, h, w_down,
+                            interpret=gpu_interpret(interpret), block_sizes=block_sizes)

@@ -1,4 +1,6 @@
-"""The Pallas TPU `block_out`.
+"""The Pallas TPU `block_out`: its kernels and tiling (`forward`, `backward_dact`, `BlockSizes`,
+`check_tiles`: the backend interface pallas.py describes; the checks, the jit and the custom_vjp
+wiring are pallas.py's, shared with gpu.py).
 
 Pallas TPU forward (`palm_block_out_fwd`). Rows are the flattened B*T axis (M); o is viewed as
 [M, H*K] and wo as [H*K, D] (free reshapes). The two products share one contraction axis
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +65,9 @@ from kernels._tpu import (
     sublane,
     vmem_budget,
 )
-from kernels.block_out.reference import check_args, weight_grads
+from kernels.block_out.pallas import Settings, block_out_pallas
+
+IMPL = "pallas_tpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +132,6 @@ def vmem_bytes(block_sizes: BlockSizes, dtype) -> dict[str, int]:
     return {"fwd": fwd, "bwd_dact": dact}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """The non-differentiable arguments of the custom_vjp, hashable as one static value."""
-
-    block_sizes: BlockSizes
-    interpret: Any  # False or a pltpu.InterpretParams (see kernels._common.tpu_interpret)
-
-
 def _fwd_kernel(x_ref, attn_ref, wo_ref, mlp_ref, w_down_ref, out_ref, acc_ref, *, n_attn: int,
                 n_steps: int):
     c = pl.program_id(2)
@@ -157,8 +153,9 @@ def _fwd_kernel(x_ref, attn_ref, wo_ref, mlp_ref, w_down_ref, out_ref, acc_ref, 
         out_ref[...] = (x_ref[...].astype(jnp.float32) + acc_ref[...]).astype(out_ref.dtype)
 
 
-def _fwd_call(x2, o2, wo2, h2, w_down, settings: _Settings) -> jax.Array:
-    """x + o·wo + h·w_down on the flattened [M, ...] views; see the module docstring."""
+def forward(settings: Settings, x2, o2, wo2, h2, w_down) -> jax.Array:
+    """x + o·wo + h·w_down on the flattened [M, ...] views (kernels/block_out/pallas.py); see the
+    module docstring."""
     bs = settings.block_sizes
     bt, bd, bc = bs.block_t, bs.block_d, bs.block_c
     m, d = x2.shape
@@ -234,7 +231,7 @@ def _bwd_dact_kernel(dy_ref, wo_ref, w_down_ref, do_ref, dh_ref, acc_ref, *, n_a
         dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
 
 
-def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
+def backward_dact(settings: Settings, dy2, wo2, w_down):
     """do [M, H*K] and dh [M, F] in one kernel; grid (row tile, C tile, D tile).
 
     Output tiles run over C = [H*K | F] like the forward's contraction. Each output's block
@@ -288,71 +285,18 @@ def _bwd_dact_call(dy2, wo2, w_down, settings: _Settings):
     return do[:m, :hk], dh[:m, :f]
 
 
-def _check_pallas(x, o, wo, h, w_down, block_sizes) -> BlockSizes:
-    """The reference's shape checks plus what the kernels need; returns the block sizes."""
-    check_args(x, o, wo, h, w_down)
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"block_out: x must be float32 or bfloat16, got {x.dtype=}")
-    for name, a in (("o", o), ("wo", wo), ("h", h), ("w_down", w_down)):
-        if a.dtype != x.dtype:
-            raise ValueError(f"block_out: {name} must have x's dtype {x.dtype}, got {a.dtype}")
-    b, t, d = x.shape
-    if block_sizes is None:
-        return BlockSizes.get_default(b * t, d, o.shape[2] * o.shape[3], h.shape[2], x.dtype)
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_out: block_sizes must be a block_out.BlockSizes, got {block_sizes!r}")
-    rows = sublane(x.dtype)
+def check_tiles(block_sizes: BlockSizes, dtype) -> None:
+    """The row tiles a dtype's sublane packing needs (kernels/block_out/pallas.py)."""
+    rows = sublane(dtype)
     if block_sizes.block_t % rows or block_sizes.block_t_bwd % rows:
-        raise ValueError(f"block_out: {x.dtype} row tiles must be multiples of {rows}, got {block_sizes}")
-    return block_sizes
+        raise ValueError(f"block_out: {jnp.dtype(dtype)} row tiles must be multiples of {rows}, "
+                         f"got {block_sizes}")
 
 
-def block_out_pallas_tpu(
-    x: jax.Array,  # [B, T, D]
-    o: jax.Array,  # [B, T, H, K]
-    wo: jax.Array,  # [H, K, D]
-    h: jax.Array,  # [B, T, F]
-    w_down: jax.Array,  # [F, D]
-    *,
-    interpret=None,
-    block_sizes: BlockSizes | None = None,
-) -> jax.Array:
-    """The Pallas TPU implementation of `block_out` (see the module docstring)."""
-    block_sizes = _check_pallas(x, o, wo, h, w_down, block_sizes)
-    return _block_out_jit(x, o, wo, h, w_down, _Settings(block_sizes, tpu_interpret(interpret)))
-
-
-# Jitted so that the wrapper's reshapes, padding and slicing compile together with the kernel.
-@functools.partial(jax.jit, static_argnums=(5,))
-def _block_out_jit(x, o, wo, h, w_down, settings: _Settings):
-    return _block_out(x, o, wo, h, w_down, settings)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _block_out(x, o, wo, h, w_down, settings: _Settings):
-    return _block_out_fwd(x, o, wo, h, w_down, settings)[0]
-
-
-def _block_out_fwd(x, o, wo, h, w_down, settings: _Settings):
-    b, t, d = x.shape
-    m, hk = b * t, o.shape[2] * o.shape[3]
-    with jax.named_scope(f"palm_block_out_fwd bt={settings.block_sizes.block_t} "
-                         f"bd={settings.block_sizes.block_d} bc={settings.block_sizes.block_c}"):
-        out = _fwd_call(x.reshape(m, d), o.reshape(m, hk), wo.reshape(hk, d), h.reshape(m, -1),
-                        w_down, settings)
-    return out.reshape(b, t, d), (o, wo, h, w_down)
-
-
-def _block_out_bwd(settings: _Settings, residuals, dy):
-    o, wo, h, w_down = residuals
-    b, t, hh, kk = o.shape
-    m, d = b * t, dy.shape[-1]
-    bs = settings.block_sizes
-    with jax.named_scope(f"palm_block_out_bwd bt={bs.block_t_bwd} bc={bs.block_c_bwd} "
-                         f"bd={bs.block_d_bwd}"):
-        do, dh = _bwd_dact_call(dy.reshape(m, d), wo.reshape(hh * kk, d), w_down, settings)
-        dwo, dw_down = weight_grads(o, h, dy, wo.dtype)
-    return dy, do.reshape(o.shape), dwo, dh.reshape(h.shape), dw_down
-
-
-_block_out.defvjp(_block_out_fwd, _block_out_bwd)
+def block_out_pallas_tpu(x, o, wo, h, w_down, *, interpret=None,
+                        block_sizes: BlockSizes | None = None) -> jax.Array:
+    """The Pallas TPU `block_out` (module docstring): `block_out`'s arrays x [B, T, D],
+    o [B, T, H, K], wo [H, K, D], h [B, T, F], w_down [F, D], interpret and block_sizes (None:
+    `BlockSizes.get_default`)."""
+    return block_out_pallas(sys.modules[__name__], x, o, wo, h, w_down,
+                            interpret=tpu_interpret(interpret), block_sizes=block_sizes)
