@@ -167,7 +167,7 @@ def test_bad_inputs_raise():
         call(x.astype(jnp.float16), pos)
     with pytest.raises(ValueError, match=r"\[B, T, H, K\]"):
         call(jnp.zeros((8, 6)), pos)
-    with pytest.raises(ValueError, match="rope.BlockSizes"):
+    with pytest.raises(ValueError, match="rope.tpu.BlockSizes"):
         call(x, pos, block_sizes=(8, 8, 8, 8))
     # Native lowering needs whole (8, 128) tiles: 3 of 16 heads is not one.
     bad = BlockSizes(block_t=8, block_h=3, block_t_bwd=8, block_h_bwd=3)

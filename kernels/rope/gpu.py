@@ -2,7 +2,9 @@
 
 `rope_pallas_gpu` (registered as impl "pallas_gpu") is one elementwise Triton kernel,
 `palm_rope_fwd`; its custom_vjp backward `palm_rope_bwd` is the same kernel rotating by -angle
-(a rotation's transpose is its inverse), as in tpu.py. Nothing is saved but the positions.
+(a rotation's transpose is its inverse), as in tpu.py. Nothing is saved but the positions. The
+checks and the custom_vjp wiring are pallas.py's, shared with tpu.py; this module is the
+backend it calls (`rotate`, `BlockSizes`).
 
 Design. x [B, T, H, K] is viewed as [N, H, K] (N = B*T rows, a free reshape; a 3-D x
 [B, T, K] as [N, 1, K]) and positions as [N]. The grid is (row tiles, head tiles); a program
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 import jax
@@ -51,7 +54,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import _gpu
-from kernels.rope.reference import check_args, inv_frequencies
+from kernels.rope.pallas import Settings, rope_pallas
+from kernels.rope.reference import inv_frequencies
+
+IMPL = "pallas_gpu"
 
 # Elements of x per program the defaults aim at (see the module docstring).
 _TARGET_ELEMENTS = 8192
@@ -76,14 +82,16 @@ class BlockSizes:
     num_stages: int = 1
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        # No dot here, so the tiles may be below _gpu.MIN_BLOCK (`check_block_sizes`' tiles).
+        for name in ("block_t", "block_h", "block_t_bwd", "block_h_bwd"):
+            value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"rope.gpu.BlockSizes.{field.name} must be a positive int, "
+                raise ValueError(f"rope.gpu.BlockSizes.{name} must be a positive int, "
                                  f"got {value!r}")
-            if field.name != "num_stages" and not _gpu.is_power_of_two(value):
-                raise ValueError(f"rope.gpu.BlockSizes.{field.name} must be a power of two "
+            if not _gpu.is_power_of_two(value):
+                raise ValueError(f"rope.gpu.BlockSizes.{name} must be a power of two "
                                  f"(Triton), got {value}")
+        _gpu.check_block_sizes(self, warps=("num_warps",), stages=("num_stages",))
 
     @classmethod
     def get_default(cls, x_shape: tuple[int, ...], dtype) -> "BlockSizes":
@@ -105,15 +113,6 @@ def shared_memory_bytes(x_shape: tuple[int, ...], dtype, block_sizes: BlockSizes
     bs = block_sizes
     per_stage = max(bs.block_t * bs.block_h, bs.block_t_bwd * bs.block_h_bwd) * lanes * itemsize
     return 2 * bs.num_stages * per_stage
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """Everything about a `rope` call that is not an array: the custom_vjp's nondiff argument."""
-
-    base: float
-    interpret: bool
-    block_sizes: BlockSizes
 
 
 def _rope_kernel(pos_ref, freq_ref, x_ref, o_ref, *, n_rows: int, heads: int, half: int,
@@ -140,9 +139,10 @@ def _rope_kernel(pos_ref, freq_ref, x_ref, o_ref, *, n_rows: int, heads: int, ha
                 mask=mask)
 
 
-def _rope_call(x: jax.Array, positions: jax.Array, *, settings: _Settings, block_t: int,
-               block_h: int, inverse: bool) -> jax.Array:
-    """One pallas_call rotating x by +angle (inverse=False) or -angle (inverse=True)."""
+def rotate(settings: Settings, x: jax.Array, positions: jax.Array, *, block_t: int,
+           block_h: int, inverse: bool) -> jax.Array:
+    """One pallas_call rotating x by +angle (inverse=False) or -angle (inverse=True)
+    (kernels/rope/pallas.py)."""
     b, t = x.shape[:2]
     k = x.shape[-1]
     heads = x.shape[2] if x.ndim == 4 else 1
@@ -177,41 +177,9 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, settings: _Settings, block
     return out.reshape(x.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rope(settings: _Settings, x: jax.Array, positions: jax.Array) -> jax.Array:
-    bs = settings.block_sizes
-    return _rope_call(x, positions, settings=settings, block_t=bs.block_t, block_h=bs.block_h,
-                      inverse=False)
-
-
-def _rope_fwd(settings: _Settings, x: jax.Array, positions: jax.Array):
-    return _rope(settings, x, positions), positions
-
-
-def _rope_bwd(settings: _Settings, positions: jax.Array, g: jax.Array):
-    # A rotation's transpose is the rotation by the opposite angle: the same kernel with sin
-    # negated. positions are integers: no cotangent.
-    bs = settings.block_sizes
-    dx = _rope_call(g, positions, settings=settings, block_t=bs.block_t_bwd,
-                    block_h=bs.block_h_bwd, inverse=True)
-    return dx, None
-
-
-_rope.defvjp(_rope_fwd, _rope_bwd)
-
-
 def rope_pallas_gpu(x: jax.Array, positions: jax.Array, *, base: float = 10000.0,
                     interpret: Any = None, block_sizes: BlockSizes | None = None) -> jax.Array:
     """The Pallas GPU (Triton) `rope`: `rope_reference`'s arguments plus interpret (None, True
     or False) and block_sizes (a `kernels.rope.gpu.BlockSizes`; None: `get_default`)."""
-    check_args(x, positions)
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"rope: x must be float32 or bfloat16, got {x.dtype=}")
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(x.shape, x.dtype)
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"rope: impl='pallas_gpu' needs a kernels.rope.gpu.BlockSizes, got "
-                         f"{type(block_sizes)}")
-    settings = _Settings(base=float(base), interpret=_gpu.gpu_interpret(interpret),
-                         block_sizes=block_sizes)
-    return _rope(settings, x, positions)
+    return rope_pallas(sys.modules[__name__], x, positions, base=base,
+                       interpret=_gpu.gpu_interpret(interpret), block_sizes=block_sizes)

@@ -2,8 +2,10 @@
 
 `rope_pallas_tpu` (registered as impl "pallas_tpu") is one elementwise Mosaic kernel,
 `palm_rope_fwd`; its custom_vjp backward `palm_rope_bwd` is the same kernel rotating by -angle
-(a rotation's transpose is its inverse). cos and sin are computed in VMEM from the integer
-positions and never reach HBM. Layout and the rotation trick are explained above the kernel.
+(a rotation's transpose is its inverse). The checks and the custom_vjp wiring are pallas.py's,
+shared with gpu.py; this module is the backend it calls (`rotate`, `BlockSizes`). cos and sin
+are computed in VMEM from the integer positions and never reach HBM. Layout and the rotation
+trick are explained above the kernel.
 
 HBM traffic at PaLM-8B (B=1, T=2048, H=16, K=256, bf16), per call (forward; the backward is
 the same with the cotangent in place of x):
@@ -24,7 +26,7 @@ generation's `vmem_budget` (12 MiB on v4), and `vmem_limit_bytes` is set from th
 from __future__ import annotations
 
 import dataclasses
-import functools
+import sys
 from typing import Any
 
 import jax
@@ -35,7 +37,10 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels._common import tpu_interpret
 from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import LANE, MiB, compiler_params, round_up, sublane, tile_bytes, vmem_budget
-from kernels.rope.reference import check_args, inv_frequencies
+from kernels.rope.pallas import Settings, rope_pallas
+from kernels.rope.reference import inv_frequencies
+
+IMPL = "pallas_tpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,15 +118,6 @@ class BlockSizes:
             block_t = max(sub, block_t // 2 // sub * sub)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """Everything about a `rope` call that is not an array: the custom_vjp's nondiff argument."""
-
-    base: float
-    interpret: Any
-    block_sizes: BlockSizes
-
-
 def vmem_bytes(x_shape: tuple[int, ...], dtype, block_sizes: BlockSizes) -> int:
     """VMEM one `rope` kernel needs (the larger of forward and backward): double-buffered x and
     out blocks, positions and frequency blocks, the cos/sin scratch, and three float32 copies
@@ -180,9 +176,11 @@ def _rope_kernel(pos_ref, freq_ref, x_ref, o_ref, cos_ref, sin_ref):
     o_ref[...] = rotate_half(x, cos, sin).astype(o_ref.dtype)
 
 
-def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: Any,
-               block_t: int, block_h: int, inverse: bool) -> jax.Array:
-    """One pallas_call rotating x by +angle (inverse=False) or -angle (inverse=True)."""
+def rotate(settings: Settings, x: jax.Array, positions: jax.Array, *, block_t: int,
+           block_h: int, inverse: bool) -> jax.Array:
+    """One pallas_call rotating x by +angle (inverse=False) or -angle (inverse=True)
+    (kernels/rope/pallas.py)."""
+    base, interpret = settings.base, settings.interpret
     b, t = x.shape[:2]
     k = x.shape[-1]
     four_d = x.ndim == 4
@@ -234,39 +232,8 @@ def _rope_call(x: jax.Array, positions: jax.Array, *, base: float, interpret: An
         )(positions.astype(jnp.int32)[:, :, None], freq, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rope(settings: _Settings, x: jax.Array, positions: jax.Array) -> jax.Array:
-    bs = settings.block_sizes
-    return _rope_call(x, positions, base=settings.base, interpret=settings.interpret,
-                      block_t=bs.block_t, block_h=bs.block_h, inverse=False)
-
-
-def _rope_fwd(settings: _Settings, x: jax.Array, positions: jax.Array):
-    return _rope(settings, x, positions), positions
-
-
-def _rope_bwd(settings: _Settings, positions: jax.Array, g: jax.Array):
-    # A rotation's transpose is the rotation by the opposite angle: the same kernel, the
-    # frequency signs swapped. positions are integers: no cotangent.
-    bs = settings.block_sizes
-    dx = _rope_call(g, positions, base=settings.base, interpret=settings.interpret,
-                    block_t=bs.block_t_bwd, block_h=bs.block_h_bwd, inverse=True)
-    return dx, None
-
-
-_rope.defvjp(_rope_fwd, _rope_bwd)
-
-
 def rope_pallas_tpu(x: jax.Array, positions: jax.Array, *, base: float = 10000.0,
                     interpret: Any = None, block_sizes: BlockSizes | None = None) -> jax.Array:
     """The Pallas TPU `rope`: same arguments as `rope_reference` plus interpret, block_sizes."""
-    check_args(x, positions)
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"rope: x must be float32 or bfloat16, got {x.dtype=}")
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(x.shape, x.dtype)
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"rope: block_sizes must be a rope.BlockSizes, got {type(block_sizes)}")
-    settings = _Settings(base=float(base), interpret=tpu_interpret(interpret),
-                         block_sizes=block_sizes)
-    return _rope(settings, x, positions)
+    return rope_pallas(sys.modules[__name__], x, positions, base=base,
+                       interpret=tpu_interpret(interpret), block_sizes=block_sizes)
