@@ -27,8 +27,9 @@ Backward, as tpu.py: the forward saves x, the statistics and, with `save_gate_up
   (D / bd, F / bf), looping over M in bt slices, two accumulators; LN(x) is materialised once by
   XLA for it (tpu.py says why).
 - the LayerNorm backward in XLA (`kernels._common.layer_norm_bwd`).
-`forward_with_stats`, `backward_to_dh`, `prepare` and `Settings` have tpu.py's names, signatures
-and meaning, so `kernels.block_in` can share one LayerNorm on either backend.
+`forward_with_stats`, `backward_to_dh`, `prepare` and `Settings` are the backend interface of
+pallas.py (which also holds the custom_vjp both backends share), so `kernels.block_in` can share
+one LayerNorm on either backend.
 
 Boundaries. The Pallas Triton lowering does not mask loads or stores at an array's end: the
 wrapper zero-pads every operand to whole tiles (M to bt, D to bd, F to bf; padded x columns have
@@ -73,28 +74,30 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import layer_norm_bwd, layer_norm_rows, row_stats
+from kernels._common import layer_norm_rows, pad2, pad_to, round_up
 from kernels._gpu import (
+    MIN_BLOCK,
     SHARED_MEMORY_BYTES,
+    check_block_sizes,
     check_shared_memory,
     gpu_interpret,
-    is_power_of_two,
     next_power_of_two,
     pallas_call,
 )
-from kernels.norm_swiglu.reference import check_args, swiglu_bwd
+from kernels.norm_swiglu.pallas import check_pallas_args, norm_swiglu_pallas
+from kernels.norm_swiglu.reference import swiglu_bwd
 
 _F32 = jnp.float32
 # lax.dot_general dimension numbers: contract the last axes (a·bᵀ), the first axes (aᵀ·b).
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
-MIN_BLOCK = 16  # Triton's dots need every dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,20 +123,10 @@ class BlockSizes:
     num_stages_bwd: int = 2
 
     def __post_init__(self):
-        for name in ("block_t", "block_f", "block_d", "block_t_bwd", "block_f_bwd",
-                     "block_d_bwd"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and is_power_of_two(value) and value >= MIN_BLOCK):
-                raise ValueError(f"BlockSizes: {name}={value!r} must be a power of two >= "
-                                 f"{MIN_BLOCK} (Triton: power-of-two arrays, dots >= 16)")
-        for name in ("num_warps", "num_warps_bwd"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and is_power_of_two(value) and value <= 32):
-                raise ValueError(f"BlockSizes: {name}={value!r} must be a power of two <= 32")
-        for name in ("num_stages", "num_stages_bwd"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"BlockSizes: {name}={value!r} must be a positive int")
+        check_block_sizes(self, tiles=("block_t", "block_f", "block_d", "block_t_bwd",
+                                       "block_f_bwd", "block_d_bwd"),
+                          warps=("num_warps", "num_warps_bwd"),
+                          stages=("num_stages", "num_stages_bwd"))
 
     @classmethod
     def get_default(cls, rows: int, d_model: int, d_ff: int, dtype=jnp.bfloat16,
@@ -183,23 +176,12 @@ def shared_memory_bytes(block_sizes: BlockSizes, dtype, save_gate_up: bool = Fal
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The non-array arguments of a call (`prepare` makes them), hashable: the custom_vjp's
-    nondiff argument, and what a caller sharing the LayerNorm (`kernels.block_in`) passes to
-    `forward_with_stats` and `backward_to_dh`."""
+    """The non-array arguments of a call, from `prepare` (pallas.py describes them)."""
 
     eps: float
     block_sizes: BlockSizes
     interpret: bool  # see kernels._gpu.gpu_interpret
     save_gate_up: bool  # the forward also writes gate and up, which the backward reads
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _pad(a: jax.Array, shape) -> jax.Array:
-    """Zero-pads a at the end of each axis to `shape`."""
-    return jnp.pad(a, [(0, s - n) for n, s in zip(a.shape, shape)])
 
 
 def _span(n: int) -> int:
@@ -300,8 +282,8 @@ def _padded_inputs(x2, mean, rstd, norm_scale, mp, dp):
     """x [Mp, Dp] zero-padded; mean, rstd float32 [Mp] (padded rows: rstd 0, so they
     normalise to 0); the scale float32 [Dp] (padded features: 0)."""
     m = x2.shape[0]
-    return (_pad(x2, (mp, dp)), _pad(mean.reshape(m).astype(_F32), (mp,)),
-            _pad(rstd.reshape(m).astype(_F32), (mp,)), _pad(norm_scale.astype(_F32), (dp,)))
+    return (pad2(x2, mp, dp), pad_to(mean.reshape(m).astype(_F32), (mp,)),
+            pad_to(rstd.reshape(m).astype(_F32), (mp,)), pad_to(norm_scale.astype(_F32), (dp,)))
 
 
 def _gate_up_in_specs(bt, bf, dp):
@@ -322,9 +304,9 @@ def _fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> l
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
     (m, d), f = x2.shape, w_gate.shape[1]
-    mp, dp, fp = _round_up(m, bt), _round_up(d, bd), _round_up(f, bf)
+    mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
     inputs = _padded_inputs(x2, mean, rstd, norm_scale, mp, dp)
-    wgp, wup = _pad(w_gate, (dp, fp)), _pad(w_up, (dp, fp))
+    wgp, wup = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
     outs = 3 if settings.save_gate_up else 1
     name = "palm_norm_swiglu_fwd_save" if settings.save_gate_up else "palm_norm_swiglu_fwd"
     tile = pl.BlockSpec((bt, bf), lambda i, j: (i, j))
@@ -428,101 +410,39 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
 
 
 def forward_with_stats(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd):
-    """The forward from given LayerNorm statistics (`kernels._common.row_stats` of x).
-
-    Args:
-      settings: from `prepare`.
-      x: [B, T, D]; norm_scale: [D]; w_gate, w_up: [D, F].
-      mean, rstd: float32 [B*T, 1], the statistics of x's rows.
-
-    Returns:
-      (h [B, T, F] in x's dtype, saved): `saved` is what `backward_to_dh` needs beyond the
-      inputs and the statistics: (gate, up) [B*T, F] in x's dtype when
-      `settings.save_gate_up`, else None (the backward recomputes them).
-    """
+    """The forward from given LayerNorm statistics (the interface in pallas.py)."""
     b, t, d = x.shape
     h, *saved = _fwd_call(x.reshape(b * t, d), mean, rstd, norm_scale, w_gate, w_up, settings)
     return h.reshape(b, t, -1), (tuple(saved) or None)  # h [B, T, F]
 
 
 def backward_to_dh(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd, saved, dh_out):
-    """The backward up to the LayerNorm: its input cotangent and the weight gradients.
-
-    Args:
-      settings, x, norm_scale, w_gate, w_up, mean, rstd: as `forward_with_stats` got them.
-      saved: what `forward_with_stats` returned beside h.
-      dh_out: [B, T, F] the cotangent of h, any float dtype.
-
-    Returns:
-      (dh float32 [B*T, D], the cotangent of LN(x) (normalised and scaled); (d_w_gate,
-      d_w_up) [D, F] in the weights' dtype). `kernels._common.layer_norm_bwd` turns dh into dx
-      and d_norm_scale.
-    """
+    """The backward up to the LayerNorm's input cotangent (the interface in pallas.py)."""
     b, t, d = x.shape
     m, f = b * t, w_gate.shape[1]
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    mp, dp, fp = _round_up(m, bt), _round_up(d, bd), _round_up(f, bf)
+    mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
     x2 = x.reshape(m, d)  # [M, D]
-    wgp, wup = _pad(w_gate, (dp, fp)), _pad(w_up, (dp, fp))
-    dhp = _pad(dh_out.reshape(m, f).astype(x.dtype), (mp, fp))
+    wgp, wup = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
+    dhp = pad2(dh_out.reshape(m, f).astype(x.dtype), mp, fp)
     with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
         if saved is None:  # recompute gate and up
             inputs = _padded_inputs(x2, mean, rstd, norm_scale, mp, dp)
             d_gate, d_up = _bwd_gates_call(inputs, wgp, wup, dhp, settings)  # [Mp, Fp] each
         else:
-            gatep, upp = (_pad(a, (mp, fp)) for a in saved)
+            gatep, upp = (pad2(a, mp, fp) for a in saved)
             d_gate, d_up = _bwd_gates_saved_call(gatep, upp, dhp, settings)
         dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
-        xnp = _pad(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), (mp, dp))
+        xnp = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), mp, dp)
         dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
     return dxn, (dw_gate[:d, :f], dw_up[:d, :f])
 
 
-def _row_stats(settings: Settings, x):
-    """mean, rstd float32 [B*T, 1] of x [B, T, D]: the LayerNorm statistics pass."""
-    return row_stats(x.reshape(-1, x.shape[-1]), settings.eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _norm_swiglu(settings: Settings, x, norm_scale, w_gate, w_up):
-    # Only where nothing is differentiated: no backward reads gate and up, so none are written.
-    mean, rstd = _row_stats(settings, x)
-    plain = dataclasses.replace(settings, save_gate_up=False)
-    return forward_with_stats(plain, x, norm_scale, w_gate, w_up, mean, rstd)[0]
-
-
-def _norm_swiglu_fwd(settings: Settings, x, norm_scale, w_gate, w_up):
-    """Saves the inputs (no copies), 8 bytes of LayerNorm statistics per row, and `saved`."""
-    mean, rstd = _row_stats(settings, x)
-    h, saved = forward_with_stats(settings, x, norm_scale, w_gate, w_up, mean, rstd)
-    return h, (x, norm_scale, w_gate, w_up, mean, rstd, saved)
-
-
-def _norm_swiglu_bwd(settings: Settings, residuals, dh_out):
-    x, norm_scale, w_gate, w_up, mean, rstd, saved = residuals
-    dh, (dw_gate, dw_up) = backward_to_dh(settings, x, norm_scale, w_gate, w_up, mean, rstd,
-                                          saved, dh_out)
-    dx2, dscale = layer_norm_bwd(dh, x.reshape(dh.shape), norm_scale, mean, rstd)
-    return dx2.reshape(x.shape), dscale, dw_gate, dw_up
-
-
-_norm_swiglu.defvjp(_norm_swiglu_fwd, _norm_swiglu_bwd)
-
-
 def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret=None,
             block_sizes: BlockSizes | None = None, save_gate_up: bool = False) -> Settings:
-    """Checks the arguments (the reference's shape checks plus what the kernels need) and
-    bundles the settings of a call (default `BlockSizes` for the shape and mode when none are
-    given; `interpret` as the front door takes it)."""
-    check_args(x, norm_scale, w_gate, w_up)
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"norm_swiglu: x must be float32 or bfloat16, got {x.dtype=}")
-    if w_gate.dtype != x.dtype or w_up.dtype != x.dtype:
-        raise ValueError(f"norm_swiglu: weights must have x's dtype {x.dtype}, got "
-                         f"{w_gate.dtype=} {w_up.dtype=}")
-    if not jnp.issubdtype(norm_scale.dtype, jnp.floating):
-        raise ValueError(f"norm_swiglu: norm_scale must be floating, got {norm_scale.dtype=}")
+    """The call's `Settings` (pallas.py); default tiles for the shape and mode."""
+    check_pallas_args(x, norm_scale, w_gate, w_up)
     b, t, d = x.shape
     save_gate_up = bool(save_gate_up)
     if block_sizes is None:
@@ -549,10 +469,4 @@ def norm_swiglu_pallas_gpu(
     """The Pallas GPU (Triton) implementation of `norm_swiglu` (see the module docstring)."""
     settings = prepare(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret,
                        block_sizes=block_sizes, save_gate_up=save_gate_up)
-    return _norm_swiglu_jit(settings, x, norm_scale, w_gate, w_up)
-
-
-# Jitted so that the wrapper's statistics, padding and slicing compile with the kernels.
-@functools.partial(jax.jit, static_argnums=(0,))
-def _norm_swiglu_jit(settings: Settings, x, norm_scale, w_gate, w_up):
-    return _norm_swiglu(settings, x, norm_scale, w_gate, w_up)
+    return norm_swiglu_pallas(sys.modules[__name__], settings, x, norm_scale, w_gate, w_up)

@@ -33,7 +33,8 @@ statistics; with `save_gate_up` also gate and up (below). Then:
   D, which no D-tiled kernel sees; it is one elementwise-and-reduce pass over [M, D] (about
   64 MiB at PaLM-8B against the kernels' gigabytes), which XLA fuses well.
 `forward_with_stats` and `backward_to_dh` are these steps without the statistics pass and the
-LayerNorm backward, for a caller that shares one LayerNorm between several kernels.
+LayerNorm backward, for a caller that shares one LayerNorm between several kernels; pallas.py
+describes them and holds the custom_vjp that both backends share.
 
 Saving gate and up (`save_gate_up`). The forward kernel (`palm_norm_swiglu_fwd_save`) also
 writes the pre-activations gate and up, [M, F] each, rounded to x's dtype (h is still computed
@@ -82,6 +83,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 import jax
@@ -89,7 +91,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import layer_norm_bwd, layer_norm_rows, row_stats, tpu_interpret
+from kernels._common import layer_norm_rows, tpu_interpret
 from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import (
     LANE,
@@ -103,7 +105,8 @@ from kernels._tpu import (
     tile_bytes,
     vmem_budget,
 )
-from kernels.norm_swiglu.reference import check_args, swiglu_bwd
+from kernels.norm_swiglu.pallas import check_pallas_args, norm_swiglu_pallas
+from kernels.norm_swiglu.reference import swiglu_bwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +205,7 @@ def vmem_bytes(block_sizes: BlockSizes, dtype, save_gate_up: bool = False) -> di
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The non-array arguments of a call (`prepare` makes them), hashable: the custom_vjp's
-    nondiff argument, and what a caller sharing the LayerNorm (`kernels.block_in`) passes to
-    `forward_with_stats` and `backward_to_dh`."""
+    """The non-array arguments of a call, from `prepare` (pallas.py describes them)."""
 
     eps: float
     block_sizes: BlockSizes
@@ -480,36 +481,14 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
 
 
 def forward_with_stats(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd):
-    """The forward from given LayerNorm statistics (`kernels._common.row_stats` of x).
-
-    Args:
-      settings: from `prepare`.
-      x: [B, T, D]; norm_scale: [D]; w_gate, w_up: [D, F].
-      mean, rstd: float32 [B*T, 1], the statistics of x's rows.
-
-    Returns:
-      (h [B, T, F] in x's dtype, saved): `saved` is what `backward_to_dh` needs beyond the
-      inputs and the statistics: (gate, up) [B*T, F] in x's dtype when
-      `settings.save_gate_up`, else None (the backward recomputes them).
-    """
+    """The forward from given LayerNorm statistics (the interface in pallas.py)."""
     b, t, d = x.shape
     h, *saved = _fwd_call(x.reshape(b * t, d), mean, rstd, norm_scale, w_gate, w_up, settings)
     return h.reshape(b, t, -1), (tuple(saved) or None)  # h [B, T, F]
 
 
 def backward_to_dh(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd, saved, dh_out):
-    """The backward up to the LayerNorm: its input cotangent and the weight gradients.
-
-    Args:
-      settings, x, norm_scale, w_gate, w_up, mean, rstd: as `forward_with_stats` got them.
-      saved: what `forward_with_stats` returned beside h.
-      dh_out: [B, T, F] the cotangent of h, any float dtype.
-
-    Returns:
-      (dh float32 [B*T, D], the cotangent of LN(x) (normalised and scaled); (d_w_gate,
-      d_w_up) [D, F] in the weights' dtype). `kernels._common.layer_norm_bwd` turns dh into dx
-      and d_norm_scale.
-    """
+    """The backward up to the LayerNorm's input cotangent (the interface in pallas.py)."""
     b, t, d = x.shape
     m, f = b * t, w_gate.shape[1]
     bs = settings.block_sizes
@@ -533,51 +512,10 @@ def backward_to_dh(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd, 
     return dxn, (dw_gate[:d, :f], dw_up[:d, :f])
 
 
-def _row_stats(settings: Settings, x):
-    """mean, rstd float32 [B*T, 1] of x [B, T, D]: the LayerNorm statistics pass."""
-    return row_stats(x.reshape(-1, x.shape[-1]), settings.eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _norm_swiglu(settings: Settings, x, norm_scale, w_gate, w_up):
-    # The primal runs only where nothing is differentiated (inference): no backward will read
-    # gate and up, so the forward does not write them whatever save_gate_up says.
-    mean, rstd = _row_stats(settings, x)
-    plain = dataclasses.replace(settings, save_gate_up=False)
-    return forward_with_stats(plain, x, norm_scale, w_gate, w_up, mean, rstd)[0]
-
-
-def _norm_swiglu_fwd(settings: Settings, x, norm_scale, w_gate, w_up):
-    """Saves the inputs (no copies), 8 bytes of LayerNorm statistics per row, and `saved`."""
-    mean, rstd = _row_stats(settings, x)
-    h, saved = forward_with_stats(settings, x, norm_scale, w_gate, w_up, mean, rstd)
-    return h, (x, norm_scale, w_gate, w_up, mean, rstd, saved)
-
-
-def _norm_swiglu_bwd(settings: Settings, residuals, dh_out):
-    x, norm_scale, w_gate, w_up, mean, rstd, saved = residuals
-    dh, (dw_gate, dw_up) = backward_to_dh(settings, x, norm_scale, w_gate, w_up, mean, rstd,
-                                          saved, dh_out)
-    dx2, dscale = layer_norm_bwd(dh, x.reshape(dh.shape), norm_scale, mean, rstd)
-    return dx2.reshape(x.shape), dscale, dw_gate, dw_up
-
-
-_norm_swiglu.defvjp(_norm_swiglu_fwd, _norm_swiglu_bwd)
-
-
 def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret: Any = None,
             block_sizes: BlockSizes | None = None, save_gate_up: bool = False) -> Settings:
-    """Checks the arguments (the reference's shape checks plus what the kernels need) and
-    bundles the settings of a call (default `BlockSizes` for the target generation and the
-    mode when none are given; `interpret` as the front door takes it)."""
-    check_args(x, norm_scale, w_gate, w_up)
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"norm_swiglu: x must be float32 or bfloat16, got {x.dtype=}")
-    if w_gate.dtype != x.dtype or w_up.dtype != x.dtype:
-        raise ValueError(f"norm_swiglu: weights must have x's dtype {x.dtype}, got "
-                         f"{w_gate.dtype=} {w_up.dtype=}")
-    if not jnp.issubdtype(norm_scale.dtype, jnp.floating):
-        raise ValueError(f"norm_swiglu: norm_scale must be floating, got {norm_scale.dtype=}")
+    """The call's `Settings` (pallas.py); default tiles for the target generation and mode."""
+    check_pallas_args(x, norm_scale, w_gate, w_up)
     b, t, d = x.shape
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(b * t, d, w_gate.shape[1], x.dtype,
@@ -604,11 +542,4 @@ def norm_swiglu_pallas_tpu(
     """The Pallas TPU implementation of `norm_swiglu` (see the module docstring)."""
     settings = prepare(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret,
                        block_sizes=block_sizes, save_gate_up=save_gate_up)
-    return _norm_swiglu_jit(settings, x, norm_scale, w_gate, w_up)
-
-
-# Jitted so that the wrapper's statistics, padding and slicing compile together with the kernel
-# (op-by-op dispatch would compile each small op separately for every new shape).
-@functools.partial(jax.jit, static_argnums=(0,))
-def _norm_swiglu_jit(settings: Settings, x, norm_scale, w_gate, w_up):
-    return _norm_swiglu(settings, x, norm_scale, w_gate, w_up)
+    return norm_swiglu_pallas(sys.modules[__name__], settings, x, norm_scale, w_gate, w_up)
