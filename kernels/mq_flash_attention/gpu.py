@@ -17,10 +17,13 @@ block spanning its whole (padded) length and sliced with `pl.ds`.
     registers/shared memory), then loops over key tiles k, v [block_k, K]; carry: acc
     [block_q, K] f32, running max m and sum l [block_q] f32 (online softmax; alpha rescales
     what was summed under the old max). Writes o [block_q, K] and lse = m + log(l) [block_q].
-  * dk/dv, grid (S/block_k_dkv, B): a program loads its k, v tiles [block_k_dkv, K] once and
-    loops over query-row tiles q, do [block_q_dkv, K], lse, delta [block_q_dkv]; scores are
-    built transposed, s^T = k q^T [block_k, block_q], so lse and delta broadcast as rows;
-    carry: dk, dv [block_k_dkv, K] f32, summed over every head and query tile.
+  * dk/dv, grid (S/block_k_dkv, B, splits): a program loads its k, v tiles [block_k_dkv, K]
+    once and loops over the query-row tiles q, do [block_q_dkv, K], lse, delta [block_q_dkv]
+    of its split of the rows; scores are built transposed, s^T = k q^T [block_k, block_q], so
+    lse and delta broadcast as rows; carry: dk, dv [block_k_dkv, K] f32, summed over every
+    head and query tile of the split. One program per key tile would be only 32 programs at
+    PaLM-8B (B = 1) for an H100's 132 SMs, so the rows are split until there are as many
+    programs as SMs (`_dkv_splits`; 5 at PaLM-8B) and the f32 partials summed in XLA.
   * dq, grid (T*H/block_q_dq, B): a program loads q, do [block_q_dq, K] and lse, delta once
     and loops over key tiles k, v [block_k_dq, K]; carry: dq [block_q_dq, K] f32.
 
@@ -53,11 +56,11 @@ K/V tiles are re-read by every query tile (256 tiles of 128 rows x on average ha
 2 MiB of K/V = 256 MiB), but K/V (2 MiB) stays in the 50 MiB L2, so HBM sees about 34 MiB.
 dk/dv reads q and do once per key tile (32 tiles of 64 keys x on average half of 32 MiB =
 512 MiB, mostly from L2 only if the tiles running together share rows, so budget it as HBM)
-plus k, v, dk, dv (4 MiB); dq reads q, do, writes dq (48 MiB) and re-reads K/V from L2;
+plus k, v (2 MiB) and writes and re-reads the f32 split partials (40 MiB); dq reads q, do, writes dq (48 MiB) and re-reads K/V from L2;
 delta reads do and o (32 MiB). Arithmetic intensity against HBM is then ~1000 FLOP/byte
 forward and ~130 for dk/dv, both above an H100's ridge (~990 TFLOP/s bf16 / 3.35 TB/s = 300)
-only for the forward; dk/dv leans on L2 hits for q and do, which is why its key tile is not
-smaller than 64.
+only for the forward; dk/dv leans on L2 hits for q and do (a key tile of 128 would halve
+those re-reads but needs twice the shared memory for k and v, over budget at K = 256).
 
 Default tiles for H100/H200 (`BlockSizes.get_default`), bf16, K = 256:
   forward block_q=128, block_k=64; dk/dv 64 x 64; dq 64 x 64; num_warps=8, num_stages=2.
@@ -66,7 +69,7 @@ and do) plus `num_stages` copies of what each loop iteration loads (Triton's sof
 pipeline), <= 227 KiB (kernels/_gpu.py `SHARED_MEMORY_BYTES`):
   forward 128x256x2 + 2 x (2 x 64x256x2) = 192 KiB; dk/dv 64 KiB + 2 x 64.5 KiB = 193 KiB;
   dq 64 KiB + 2 x 64 KiB = 192 KiB.
-Three stages would not fit at K = 256; at K <= 128 the same tiles take three stages (~100 KiB
+Three stages would not fit at K = 256; at K <= 128 the same tiles take three stages (128 KiB
 for the forward). Registers: the f32 accumulator [128, 256] of the forward is 128 KiB, 128
 registers per thread over 8 warps (256 threads), leaving room under the 255 limit for the
 [128, 64] scores; a block_q of 256 would spill. f32 inputs, or K > 256, halve the largest tile
@@ -169,11 +172,16 @@ class BlockSizes:
         shared-memory budget halved until it fits (f32 inputs, K > 256)."""
         kp = padded_head_dim(head_dim)
         blocks = cls(num_warps=8 if kp >= 128 else 4, num_stages=2 if kp >= 256 else 3)
-        blocks = blocks.fit(q_len * num_heads, kv_len)
+        return blocks.fit(q_len * num_heads, kv_len).within_shared_memory(head_dim, dtype)
+
+    def within_shared_memory(self, head_dim: int, dtype: Any) -> BlockSizes:
+        """These tiles with the largest tile of each kernel over the shared-memory budget
+        halved (then, at the smallest tile, one pipeline stage fewer) until all fit."""
         pairs = {"forward": ("block_q", "block_k"), "dkv": ("block_q_dkv", "block_k_dkv"),
                  "dq": ("block_q_dq", "block_k_dq")}
+        blocks = self
         while True:
-            over = [kernel for kernel, size in shared_memory_bytes(blocks, kp, dtype).items()
+            over = [kernel for kernel, size in shared_memory_bytes(blocks, head_dim, dtype).items()
                     if size > SHARED_MEMORY_BYTES]
             if not over:
                 return blocks
@@ -385,14 +393,17 @@ def _rev(settings: _Settings, n: int, g):
 # ---- backward: dk and dv ---------------------------------------------------------------------
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                settings: _Settings, n_q: int):
-    """One (key tile, batch) program: dk, dv of its keys summed over all query-row tiles.
+                settings: _Settings, n_q: int, per_split: int):
+    """One (key tile, batch, row split) program: dk, dv of its keys summed over the query-row
+    tiles of its split, [c*per_split, (c+1)*per_split).
 
     q_ref/do_ref [Rp2, Kp] (the whole padded row axis), lse_ref/delta_ref [Rp2],
     k_ref/v_ref/dk_ref/dv_ref [bk, Kp]. Scores are transposed, [bk, bq].
     """
     bq, bk = settings.blocks.block_q_dkv, settings.blocks.block_k_dkv
     col0 = pl.program_id(0) * bk
+    lo = pl.program_id(2) * per_split
+    hi = jnp.minimum(lo + per_split, n_q)
     k, v = k_ref[...], v_ref[...]
     kp = k.shape[-1]
 
@@ -415,12 +426,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         return body
 
     carry = (jnp.zeros((bk, kp), jnp.float32), jnp.zeros((bk, kp), jnp.float32))
-    first, first_full = _query_ranges(settings, col0, bq, bk, n_q)
-    if settings.causal:
-        carry = lax.fori_loop(first, first_full, step(True), carry)
-    dk, dv = lax.fori_loop(first_full, n_q, step(False), carry)
+    if settings.causal:  # an empty range where lower >= upper: fori_loop runs while i < upper
+        first, first_full = _query_ranges(settings, col0, bq, bk, n_q)
+        carry = lax.fori_loop(jnp.maximum(first, lo), jnp.minimum(first_full, hi), step(True),
+                              carry)
+        lo = jnp.maximum(first_full, lo)
+    dk, dv = lax.fori_loop(lo, hi, step(False), carry)
     dk_ref[...] = (dk * settings.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# Streaming multiprocessors of an H100 SXM and an H200.
+SM_COUNT = 132
+
+
+def _dkv_splits(programs: int, n_q: int) -> int:
+    """Row splits of the dk/dv grid: one key tile per program gives only S/block_k_dkv x B
+    programs (32 at PaLM-8B, B = 1, for 132 SMs), so the query-row walk is cut into splits
+    run by separate programs until there are at least as many programs as SMs, each split
+    still walking several query tiles; their partial dk, dv are summed in XLA."""
+    return max(1, min(n_q, pl.cdiv(SM_COUNT, programs)))
 
 
 def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
@@ -428,22 +453,31 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
     blocks = settings.blocks
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     n_q, n_k = rows // bq, pl.cdiv(settings.kv_len, bk)  # key tiles of padding only: sliced off
+    per_split = pl.cdiv(n_q, _dkv_splits(n_k * batch, n_q))
+    n_split = pl.cdiv(n_q, per_split)  # no split left empty
     whole = _whole(rows)
-    q_spec = pl.BlockSpec((None, whole, kp), lambda j, b: (b, 0, 0))
-    row_spec = pl.BlockSpec((None, whole), lambda j, b: (b, 0))
-    kv_spec = pl.BlockSpec((None, bk, kp), lambda j, b: (b, j, 0))
-    with jax.named_scope(f"palm_mq_flash_attention_bwd_dkv bq={bq} bk={bk} "
+    q_spec = pl.BlockSpec((None, whole, kp), lambda j, b, c: (b, 0, 0))
+    row_spec = pl.BlockSpec((None, whole), lambda j, b, c: (b, 0))
+    kv_spec = pl.BlockSpec((None, bk, kp), lambda j, b, c: (b, j, 0))
+    # Partial sums per split: f32 (summed below), or k's dtype when there is one split.
+    out_dtype = k.dtype if n_split == 1 else jnp.float32
+    out = jax.ShapeDtypeStruct((batch, n_split, *k.shape[1:]), out_dtype)
+    out_spec = pl.BlockSpec((None, None, bk, kp), lambda j, b, c: (b, c, j, 0))
+    with jax.named_scope(f"palm_mq_flash_attention_bwd_dkv bq={bq} bk={bk} splits={n_split} "
                          f"H={settings.num_heads} causal={settings.causal}"):
-        return _pallas_call(
-            functools.partial(_dkv_kernel, settings=settings, n_q=n_q),
+        dk, dv = _pallas_call(
+            functools.partial(_dkv_kernel, settings=settings, n_q=n_q, per_split=per_split),
             name="palm_mq_flash_attention_bwd_dkv",
-            out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
-                       jax.ShapeDtypeStruct(v.shape, v.dtype)),
-            grid=(n_k, batch),
+            out_shape=(out, out),
+            grid=(n_k, batch, n_split),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-            out_specs=(kv_spec, kv_spec),
+            out_specs=(out_spec, out_spec),
             settings=settings, walked=(0, 3, 4, 5),  # q, do, lse, delta
         )(q, k, v, do, lse, delta)
+        # One split: a reshape. Several: one fused XLA pass over the f32 partials, n_split x
+        # 2 x S x K x 4 bytes (20 MiB at PaLM-8B's 5 splits) written and read, against the
+        # 512 MiB of q and do the kernel reads.
+        return tuple(jnp.sum(x, axis=1).astype(k.dtype) for x in (dk, dv))
 
 
 # ---- backward: dq ----------------------------------------------------------------------------
