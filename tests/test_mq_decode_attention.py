@@ -234,7 +234,7 @@ def test_bad_input():
     for kernel in (pallas_tpu, pallas_gpu):
         with pytest.raises(ValueError, match="share a dtype"):
             kernel(q.astype(jnp.bfloat16), k, v, lengths, interpret=True)
-    with pytest.raises(ValueError, match="block_sizes must be a BlockSizes"):
+    with pytest.raises(ValueError, match="block_sizes must be a kernels.mq_decode_attention.tpu.BlockSizes"):
         pallas_tpu(q, k, v, lengths, interpret=True, block_sizes=(8, 1))
     for bad in (dict(block_s=0), dict(block_s=12), dict(block_s=8.0), dict(block_s=8, num_splits=0)):
         with pytest.raises(ValueError, match="BlockSizes"):

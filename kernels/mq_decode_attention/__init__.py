@@ -8,7 +8,8 @@ The front door `mq_decode_attention`; its plain-jnp twin `mq_decode_attention_re
 (reference.py); the Pallas TPU decode kernel with its tiling (`BlockSizes`, `vmem_bytes`),
 HBM and VMEM numbers and design notes (tpu.py); the Pallas GPU (Triton) flash-decoding kernel
 with its own tiling (`gpu.BlockSizes`: tiles, splits, warps, stages), FLOPs and bytes, H100
-defaults and what a CPU cannot check (gpu.py). `BlockSizes` here is the TPU one.
+defaults and what a CPU cannot check (gpu.py); what the two share, the argument checks and the
+combine of the splits (pallas.py). `BlockSizes` here is the TPU one.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -80,18 +80,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from kernels._gpu import (
+    MIN_BLOCK,
+    check_block_sizes,
     check_shared_memory,
     gpu_interpret,
-    is_power_of_two,
     next_power_of_two,
     pallas_call,
 )
-from kernels.mq_decode_attention.reference import check_args, check_lengths
+from kernels.mq_decode_attention.pallas import check_pallas_args, combine_splits
 
+IMPL = "pallas_gpu"
 # Streaming multiprocessors of an H100 SXM (the H200 has the same 132): what num_splits fills.
 NUM_SMS = 132
-# Smallest dimension of a Triton dot operand.
-MIN_DOT = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,16 +113,9 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_k", "num_splits", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"BlockSizes: {name} must be an int >= 1, got {value!r}")
-        if self.block_k < MIN_DOT or not is_power_of_two(self.block_k):
-            raise ValueError(
-                f"BlockSizes: block_k must be a power of two >= {MIN_DOT} (Triton blocks and "
-                f"dots), got {self.block_k!r}")
-        if not is_power_of_two(self.num_warps) or self.num_warps > 32:
-            raise ValueError(f"BlockSizes: num_warps must be a power of two <= 32, got {self.num_warps!r}")
+        check_block_sizes(self, tiles=("block_k",), warps=("num_warps",), stages=("num_stages",))
+        if not (isinstance(self.num_splits, int) and self.num_splits >= 1):
+            raise ValueError(f"BlockSizes: num_splits must be an int >= 1, got {self.num_splits!r}")
 
     @classmethod
     def get_default(cls, seq_len: int, num_heads: int, head_dim: int, *, dtype=jnp.bfloat16,
@@ -130,10 +123,10 @@ class BlockSizes:
         """H100 tiles for a cache of seq_len slots; the module docstring says why."""
         del num_heads  # the heads live in registers; they do not bound the tiles
         itemsize = jnp.dtype(dtype).itemsize
-        k_pad = max(MIN_DOT, next_power_of_two(head_dim))
+        k_pad = max(MIN_BLOCK, next_power_of_two(head_dim))
         rows = (64 << 10) // (2 * k_pad * itemsize)
-        block_k = min(max(MIN_DOT, 1 << (max(rows, 1).bit_length() - 1)), 128,
-                      max(MIN_DOT, next_power_of_two(seq_len)))
+        block_k = min(max(MIN_BLOCK, 1 << (max(rows, 1).bit_length() - 1)), 128,
+                      max(MIN_BLOCK, next_power_of_two(seq_len)))
         tiles = -(-seq_len // block_k)
         splits = max(1, min(NUM_SMS // max(batch or 1, 1), tiles // 2))
         return cls(block_k=block_k, num_splits=splits)
@@ -141,7 +134,7 @@ class BlockSizes:
 
 def shared_memory_bytes(block_sizes: BlockSizes, head_dim: int, dtype=jnp.bfloat16) -> int:
     """Shared memory of the k, v pipeline: num_stages buffers of a [block_k, K_pad] tile each."""
-    k_pad = max(MIN_DOT, next_power_of_two(head_dim))
+    k_pad = max(MIN_BLOCK, next_power_of_two(head_dim))
     tile = block_sizes.block_k * k_pad * jnp.dtype(dtype).itemsize
     return block_sizes.num_stages * 2 * tile
 
@@ -226,39 +219,24 @@ def _inference_only_jvp(call, primals, tangents):
                               "only); differentiate impl='xla'")
 
 
-def mq_decode_attention_pallas_gpu(
-    q: jax.Array,  # [B, H, K]
-    k_cache: jax.Array,  # [B, S, K]
-    v_cache: jax.Array,  # [B, S, K]
-    lengths: jax.Array,  # int32 [B]
-    *,
-    sm_scale: float | None = None,
-    interpret=None,
-    block_sizes: BlockSizes | None = None,
-) -> jax.Array:
-    """Pallas GPU (Triton) decode attention; same arguments and result as the reference.
+def mq_decode_attention_pallas_gpu(q, k_cache, v_cache, lengths, *, sm_scale=None,
+                                   interpret=None,
+                                   block_sizes: BlockSizes | None = None) -> jax.Array:
+    """Pallas GPU (Triton) decode attention on q [B, H, K], k_cache and v_cache [B, S, K], lengths
+    int32 [B]; the reference's arguments and result, plus interpret and block_sizes.
 
     No gradient. Under jit the lengths cannot be checked; they are clipped to [0, S] as in
     tpu.py, so that no load leaves the cache.
     """
-    check_args(q, k_cache, v_cache, lengths)
-    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"mq_decode_attention: q, k_cache and v_cache must share a dtype, got "
-                         f"{q.dtype=} {k_cache.dtype=} {v_cache.dtype=}")
+    block_sizes, scale = check_pallas_args(sys.modules[__name__], q, k_cache, v_cache, lengths,
+                                           sm_scale=sm_scale, block_sizes=block_sizes)
     batch, heads, head_dim = q.shape
     seq_len = k_cache.shape[1]
-    check_lengths(lengths, seq_len)
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(seq_len, heads, head_dim, dtype=q.dtype, batch=batch)
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"mq_decode_attention: pallas_gpu block_sizes must be a "
-                         f"kernels.mq_decode_attention.gpu.BlockSizes, got {block_sizes!r}")
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     interpret = gpu_interpret(interpret)
 
-    h_pad = max(MIN_DOT, next_power_of_two(heads))
-    k_pad = max(MIN_DOT, next_power_of_two(head_dim))
-    block_k = min(block_sizes.block_k, max(MIN_DOT, next_power_of_two(seq_len)))
+    h_pad = max(MIN_BLOCK, next_power_of_two(heads))
+    k_pad = max(MIN_BLOCK, next_power_of_two(head_dim))
+    block_k = min(block_sizes.block_k, max(MIN_BLOCK, next_power_of_two(seq_len)))
     check_shared_memory(
         shared_memory_bytes(dataclasses.replace(block_sizes, block_k=block_k), head_dim, q.dtype),
         "palm_mq_decode_gpu")
@@ -302,7 +280,4 @@ def mq_decode_attention_pallas_gpu(
         if not split:
             return outs[0][:, 0]  # [B, H, K]
         o_parts, lse = outs  # [B, P, H, K] f32, [B, P, H] f32
-        lse = lse[..., None]
-        weights = jnp.exp(lse - jnp.max(lse, axis=1, keepdims=True))  # finite max: split 0
-        o = jnp.sum(weights * o_parts, axis=1) / jnp.sum(weights, axis=1)
-        return o.astype(q.dtype)
+        return combine_splits(o_parts, lse[..., None], q.dtype)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,9 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels._common import tpu_interpret
 from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import LANE, compiler_params, pad_to, round_up, vmem_budget
-from kernels.mq_decode_attention.reference import check_args, check_lengths
+from kernels.mq_decode_attention.pallas import check_pallas_args, combine_splits
+
+IMPL = "pallas_tpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,34 +210,20 @@ def _decode_kernel(lengths_ref, valid_tiles_ref, per_split_ref,  # scalar prefet
             lse_ref[...] = jnp.where(empty, -jnp.inf, m_scratch[...] + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def mq_decode_attention_pallas_tpu(
-    q: jax.Array,  # [B, H, K]
-    k_cache: jax.Array,  # [B, S, K]
-    v_cache: jax.Array,  # [B, S, K]
-    lengths: jax.Array,  # int32 [B]
-    *,
-    sm_scale: float | None = None,
-    interpret=None,
-    block_sizes: BlockSizes | None = None,
-) -> jax.Array:
-    """Pallas TPU decode attention; same arguments and result as the reference. No gradient.
+def mq_decode_attention_pallas_tpu(q, k_cache, v_cache, lengths, *, sm_scale=None,
+                                   interpret=None,
+                                   block_sizes: BlockSizes | None = None) -> jax.Array:
+    """Pallas TPU decode attention on q [B, H, K], k_cache and v_cache [B, S, K], lengths
+    int32 [B]; the reference's arguments and result, plus interpret and block_sizes. No gradient.
 
     Under jit the lengths cannot be checked; they are clipped to [0, S] so that no DMA leaves the
     cache and no row past S enters the softmax. A length above S then means S and a length of 0
     gives NaN, both as in the reference.
     """
-    check_args(q, k_cache, v_cache, lengths)
-    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"mq_decode_attention: q, k_cache and v_cache must share a dtype, got "
-                         f"{q.dtype=} {k_cache.dtype=} {v_cache.dtype=}")
+    block_sizes, scale = check_pallas_args(sys.modules[__name__], q, k_cache, v_cache, lengths,
+                                           sm_scale=sm_scale, block_sizes=block_sizes)
     batch, heads, head_dim = q.shape
     seq_len = k_cache.shape[1]
-    check_lengths(lengths, seq_len)
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(seq_len, heads, head_dim, dtype=q.dtype, batch=batch)
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"mq_decode_attention: block_sizes must be a BlockSizes, got {block_sizes!r}")
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     interpret = tpu_interpret(interpret)
     if interpret is False and head_dim % LANE:
         # [H, K] and [bs, K] tiles narrower than 128 lanes are no legal Mosaic layout: natively
@@ -306,7 +295,4 @@ def mq_decode_attention_pallas_tpu(
         if not split:
             return outs[0][:, 0]  # [B, H, K]
         o_parts, lse = outs  # [B, P, H, K] f32, [B, P, H, 1] f32
-        lse_max = jnp.max(lse, axis=1, keepdims=True)  # finite: split 0 always has a tile
-        weights = jnp.exp(lse - lse_max)  # [B, P, H, 1]
-        o = jnp.sum(weights * o_parts, axis=1) / jnp.sum(weights, axis=1)
-        return o.astype(q.dtype)
+        return combine_splits(o_parts, lse, q.dtype)

@@ -5,7 +5,8 @@ The first half of the head dimension K is paired with the second half: for i < K
 
 The front door `rope`; its plain-jnp twin `rope_reference` (reference.py); the Pallas TPU
 kernel with its tiling (`BlockSizes`, `vmem_bytes`) and design notes (tpu.py); the Pallas GPU
-(Triton) kernel with its own tiling (`kernels.rope.gpu.BlockSizes`) and design notes (gpu.py).
+(Triton) kernel with its own tiling (`kernels.rope.gpu.BlockSizes`) and design notes (gpu.py);
+what the two share, the checks and the custom_vjp wiring over a backend module (pallas.py).
 """
 
 from __future__ import annotations
