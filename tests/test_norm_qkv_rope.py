@@ -351,12 +351,14 @@ def test_gpu_block_sizes_default_and_validation():
         nqr_gpu.BlockSizes(128, 64, 64, 64, 8, 3, 8, 3)
     assert nqr_gpu.BlockSizes.get_default((1, 3, 20), (20, 2, 6), jnp.float32).block_rows == 16
     hash(nqr_gpu.BlockSizes())  # static argument
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="block_rows=48 must be a power of two"):
         nqr_gpu.BlockSizes(block_rows=48)
-    with pytest.raises(ValueError, match="at least 16"):
+    with pytest.raises(ValueError, match="block_d=8 must be a power of two >= 16"):
         nqr_gpu.BlockSizes(block_d=8)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="num_warps=0 must be a power of two"):
         nqr_gpu.BlockSizes(num_warps=0)
+    with pytest.raises(ValueError, match="num_stages_bwd=0 must be a positive int"):
+        nqr_gpu.BlockSizes(num_stages_bwd=0)
     args = _inputs(0, 1, 4, 16, 2, 8, jnp.float32)
     with pytest.raises(ValueError, match="gpu.BlockSizes"):  # a TPU tiling for the GPU kernels
         norm_qkv_rope(*args, eps=EPS, impl="pallas_gpu", interpret=True,

@@ -8,7 +8,9 @@ the Pallas TPU kernels with their tiling (`BlockSizes`, `vmem_bytes`, `hbm_bytes
 numbers and design notes (tpu.py); the Pallas GPU (Triton) kernels with their own tiling
 (`kernels.norm_qkv_rope.gpu.BlockSizes`), FLOPs, bytes, shared memory and design notes (gpu.py).
 Both backend modules expose `Settings`, `prepare`, `forward_with_stats` and `backward_to_dh`
-with one contract, which `kernels.block_in` composes with norm_swiglu's.
+with one contract, which `kernels.block_in` composes with norm_swiglu's; that contract, the
+`Settings`, the argument checks and the custom_vjp over a backend module, which both backends
+share, are in pallas.py.
 """
 
 from __future__ import annotations

@@ -7,10 +7,9 @@ decomposition of tpu.py:
             palm_norm_qkv_rope_bwd_dw  LN-recompute prologue, dW = LN(x)^T·g
   XLA       the LayerNorm row statistics before the forward (`kernels._common.row_stats`) and
             the LayerNorm backward after bwd_dx (`kernels._common.layer_norm_bwd`).
-The custom_vjp is built on the same public pieces as tpu.py's, with the same names, signatures
-and meaning, so `kernels.block_in` can compose this module with norm_swiglu's by swapping the
-module: `Settings`, `prepare`, `forward_with_stats` (returns ((q, k, v), None): h is
-recomputed, never saved) and `backward_to_dh` (returns (dh [B*T, D], (dwq, dwk, dwv))).
+The custom_vjp (pallas.py, shared with tpu.py) is built on the backend interface pallas.py
+describes, `Settings`, `prepare`, `forward_with_stats` and `backward_to_dh`, so `kernels.block_in`
+can compose this module with norm_swiglu's by swapping the module.
 
 Design (M = B*T rows; "head" below means one of the H query heads, the key head or the value
 head, H + 2 in all; Kh = max(16, next_power_of_two(K/2)) lanes hold half a head):
@@ -82,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 import jax
@@ -90,11 +90,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import _gpu
-from kernels._common import current_backend, layer_norm_bwd, row_stats
-from kernels.norm_qkv_rope.reference import check_args
+from kernels._common import current_backend
+from kernels.norm_qkv_rope.pallas import Settings, check_pallas_args, norm_qkv_rope_pallas
 from kernels.rope.reference import inv_frequencies
-
-_DOT_MIN = 16  # Triton's smallest dot dimension
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,19 +119,10 @@ class BlockSizes:
     num_stages_bwd: int = 3
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"norm_qkv_rope.gpu.BlockSizes.{field.name} must be a positive "
-                                 f"int, got {value!r}")
-            if field.name.startswith("num_stages"):
-                continue
-            if not _gpu.is_power_of_two(value):
-                raise ValueError(f"norm_qkv_rope.gpu.BlockSizes.{field.name} must be a power of "
-                                 f"two (Triton), got {value}")
-            if field.name.startswith("block") and value < _DOT_MIN:
-                raise ValueError(f"norm_qkv_rope.gpu.BlockSizes.{field.name} must be at least "
-                                 f"{_DOT_MIN} (Triton's dots), got {value}")
+        _gpu.check_block_sizes(self, tiles=("block_rows", "block_d", "block_rows_bwd",
+                                            "block_d_bwd"),
+                               warps=("num_warps", "num_warps_bwd"),
+                               stages=("num_stages", "num_stages_bwd"))
 
     @classmethod
     def get_default(cls, x_shape: tuple[int, ...], wq_shape: tuple[int, ...],
@@ -144,7 +133,7 @@ class BlockSizes:
         d = x_shape[2]
 
         def fit(tile, n):
-            return max(_DOT_MIN, min(tile, _gpu.next_power_of_two(n)))
+            return max(_gpu.MIN_BLOCK, min(tile, _gpu.next_power_of_two(n)))
 
         blocks = cls(block_rows=fit(128, m), block_d=fit(64, d), block_rows_bwd=fit(64, m),
                      block_d_bwd=fit(64, d))
@@ -153,14 +142,14 @@ class BlockSizes:
             if sizes["forward"] > _gpu.SHARED_MEMORY_BYTES:
                 if blocks.num_stages > 2:
                     blocks = dataclasses.replace(blocks, num_stages=blocks.num_stages - 1)
-                elif blocks.block_d > _DOT_MIN:
+                elif blocks.block_d > _gpu.MIN_BLOCK:
                     blocks = dataclasses.replace(blocks, block_d=blocks.block_d // 2)
                 else:
                     return blocks
             elif sizes["max"] > _gpu.SHARED_MEMORY_BYTES:
                 if blocks.num_stages_bwd > 2:
                     blocks = dataclasses.replace(blocks, num_stages_bwd=blocks.num_stages_bwd - 1)
-                elif blocks.block_d_bwd > _DOT_MIN:
+                elif blocks.block_d_bwd > _gpu.MIN_BLOCK:
                     blocks = dataclasses.replace(blocks, block_d_bwd=blocks.block_d_bwd // 2)
                 else:
                     return blocks
@@ -170,7 +159,7 @@ class BlockSizes:
 
 def _half_lanes(k: int) -> int:
     """Kh: the lanes that hold half a head (a power of two, at least Triton's dot minimum)."""
-    return max(_DOT_MIN, _gpu.next_power_of_two(k // 2))
+    return max(_gpu.MIN_BLOCK, _gpu.next_power_of_two(k // 2))
 
 
 def shared_memory_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
@@ -189,19 +178,6 @@ def shared_memory_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dty
                                   + 2 * bs.block_rows_bwd * 4)
     return {"forward": forward, "bwd_dx": bwd_dx, "bwd_dw": bwd_dw,
             "max": max(forward, bwd_dx, bwd_dw)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The non-array arguments of a call (`prepare` makes them): the custom_vjp's nondiff
-    argument, and what a caller sharing the LayerNorm (`kernels.block_in`) passes to
-    `forward_with_stats` and `backward_to_dh`. As tpu.py's, with GPU tiles and interpret a
-    bool."""
-
-    eps: float
-    base: float
-    interpret: bool
-    block_sizes: BlockSizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +227,21 @@ def _normalise(x, mean, rstd, scale, dtype):
             * scale.astype(jnp.float32)[None, :]).astype(dtype)
 
 
+def _ln_dot_halves(operands, n_steps: int, contract: int, shape, widen: bool):
+    """The two float32 halves [shape] of LN(x)·w (contract=1: the forward, over D slices) or
+    LN(x)^T·g (contract=0: bwd_dw, over row slices), summed over n_steps loop steps (registers).
+    operands(c) loads step c's x slice, its statistics and scale, and the halves of the other
+    factor, all masked: LN(x) and the halves are 0 past the edges and add nothing."""
+    def step(c, accs):
+        x, mean, rstd, scale, (o1, o2) = operands(c)
+        hx = _normalise(x, mean, rstd, scale, x.dtype)
+        return (accs[0] + _dot(hx, o1, contract, 0, widen),
+                accs[1] + _dot(hx, o2, contract, 0, widen))
+
+    zeros = jnp.zeros(shape, jnp.float32)
+    return jax.lax.fori_loop(0, n_steps, step, (zeros, zeros))
+
+
 def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref, wk_ref, wv_ref,
                 q_ref, k_ref, v_ref, *, m: int, d: int, h: int, half: int, block_d: int,
                 widen: bool):
@@ -269,19 +260,15 @@ def _fwd_kernel(pos_ref, mean_ref, rstd_ref, scale_ref, freq_ref, x_ref, wq_ref,
         mean = plgpu.load(mean_ref, mask=row_ok, other=0.0)
         rstd = plgpu.load(rstd_ref, mask=row_ok, other=0.0)
 
-        def step(c, accs):
-            d0 = c * block_d
-            col_ok = _span(d0, block_d) < d
-            x = plgpu.load(x_ref.at[:, pl.ds(d0, block_d)],
-                           mask=row_ok[:, None] & col_ok[None, :], other=0)
-            scale = plgpu.load(scale_ref.at[pl.ds(d0, block_d)], mask=col_ok, other=0)
-            hx = _normalise(x, mean, rstd, scale, x_ref.dtype)  # [bm, bd], 0 past the edges
-            w1, w2 = _load_halves(lambda s: w_ref.at[pl.ds(d0, block_d), pl.ds(starts[s], kh)],
-                                  col_ok[:, None] & lane_ok[None, :])
-            return (accs[0] + _dot(hx, w1, 1, 0, widen), accs[1] + _dot(hx, w2, 1, 0, widen))
+        def operands(c):  # D slice c: x [bm, bd], w's halves [bd, Kh]
+            cols, col_ok = pl.ds(c * block_d, block_d), _span(c * block_d, block_d) < d
+            x = plgpu.load(x_ref.at[:, cols], mask=row_ok[:, None] & col_ok[None, :], other=0)
+            scale = plgpu.load(scale_ref.at[cols], mask=col_ok, other=0)
+            w = _load_halves(lambda s: w_ref.at[cols, pl.ds(starts[s], kh)],
+                             col_ok[:, None] & lane_ok[None, :])
+            return x, mean, rstd, scale, w
 
-        zeros = jnp.zeros((bm, kh), jnp.float32)
-        return jax.lax.fori_loop(0, pl.cdiv(d, block_d), step, (zeros, zeros))
+        return _ln_dot_halves(operands, pl.cdiv(d, block_d), 1, (bm, kh), widen)
 
     out_mask = row_ok[:, None] & lane_ok[None, :]
 
@@ -370,20 +357,16 @@ def _bwd_dw_kernel(mean_ref, rstd_ref, scale_ref, x_ref, gq_ref, gk_ref, gv_ref,
     def accumulate(g_ref):
         scale = plgpu.load(scale_ref, mask=d_ok, other=0)
 
-        def step(r, accs):
-            r0 = r * br
-            row_ok = _span(r0, br) < m
-            x = plgpu.load(x_ref.at[pl.ds(r0, br), :], mask=row_ok[:, None] & d_ok[None, :],
-                           other=0)
-            mean = plgpu.load(mean_ref.at[pl.ds(r0, br)], mask=row_ok, other=0.0)
-            rstd = plgpu.load(rstd_ref.at[pl.ds(r0, br)], mask=row_ok, other=0.0)
-            hx = _normalise(x, mean, rstd, scale, x_ref.dtype)  # [br, bd], 0 past the edges
-            g1, g2 = _load_halves(lambda s: g_ref.at[pl.ds(r0, br), pl.ds(starts[s], kh)],
-                                  row_ok[:, None] & lane_ok[None, :])
-            return (accs[0] + _dot(hx, g1, 0, 0, widen), accs[1] + _dot(hx, g2, 0, 0, widen))
+        def operands(r):  # row slice r: x [br, bd], g's halves [br, Kh]
+            rows, row_ok = pl.ds(r * br, br), _span(r * br, br) < m
+            x = plgpu.load(x_ref.at[rows, :], mask=row_ok[:, None] & d_ok[None, :], other=0)
+            mean = plgpu.load(mean_ref.at[rows], mask=row_ok, other=0.0)
+            rstd = plgpu.load(rstd_ref.at[rows], mask=row_ok, other=0.0)
+            g = _load_halves(lambda s: g_ref.at[rows, pl.ds(starts[s], kh)],
+                             row_ok[:, None] & lane_ok[None, :])
+            return x, mean, rstd, scale, g
 
-        zeros = jnp.zeros((bd, kh), jnp.float32)
-        return jax.lax.fori_loop(0, pl.cdiv(m, br), step, (zeros, zeros))
+        return _ln_dot_halves(operands, pl.cdiv(m, br), 0, (bd, kh), widen)
 
     out_mask = d_ok[:, None] & lane_ok[None, :]
     for head, g_ref, o_ref in ((j < h, gq_ref, dwq_ref), (j == h, gk_ref, dwk_ref),
@@ -411,7 +394,18 @@ def _frequencies(k: int, base: float) -> jax.Array:
 
 def _fit(tile: int, n: int) -> int:
     """A tile no larger than the axis needs (its next power of two, the dot minimum at least)."""
-    return min(tile, max(_DOT_MIN, _gpu.next_power_of_two(n)))
+    return min(tile, max(_gpu.MIN_BLOCK, _gpu.next_power_of_two(n)))
+
+
+def _tiles(settings: Settings, kernel: str, m: int, d: int, wq_shape, dtype):
+    """(rows, D tile, Kh) of `kernel` ("forward", "bwd_dx", "bwd_dw") clipped to M and D, once
+    its shared memory is checked against a thread block's."""
+    bs = settings.block_sizes
+    _gpu.check_shared_memory(shared_memory_bytes((1, m, d), wq_shape, dtype, bs)[kernel],
+                             f"norm_qkv_rope {'fwd' if kernel == 'forward' else kernel}")
+    rows, depth = ((bs.block_rows, bs.block_d) if kernel == "forward"
+                   else (bs.block_rows_bwd, bs.block_d_bwd))
+    return _fit(rows, m), _fit(depth, d), _half_lanes(wq_shape[2])
 
 
 def _forward_call(settings: Settings, x2, scale, wq, wk, wv, pos, mean, rstd):
@@ -419,11 +413,8 @@ def _forward_call(settings: Settings, x2, scale, wq, wk, wv, pos, mean, rstd):
     m, d = x2.shape
     _, h, k = wq.shape
     bs = settings.block_sizes
-    kh = _half_lanes(k)
-    bm, bd = _fit(bs.block_rows, m), _fit(bs.block_d, d)
+    bm, bd, kh = _tiles(settings, "forward", m, d, wq.shape, x2.dtype)
     d_span = max(_gpu.next_power_of_two(d), bd)
-    _gpu.check_shared_memory(
-        shared_memory_bytes((1, m, d), wq.shape, x2.dtype, bs)["forward"], "norm_qkv_rope fwd")
     kernel = functools.partial(_fwd_kernel, m=m, d=d, h=h, half=k // 2, block_d=bd,
                                widen=_widen(settings))
     row = lambda i, j: (i,)  # noqa: E731
@@ -462,18 +453,7 @@ def _forward_call(settings: Settings, x2, scale, wq, wk, wv, pos, mean, rstd):
 
 
 def forward_with_stats(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd):
-    """The forward from LayerNorm row statistics computed by the caller (tpu.py's contract).
-
-    Args:
-      settings: from `prepare`.
-      x: [B, T, D]; norm_scale: [D]; wq: [D, H, K]; wk, wv: [D, K]; positions: int [B, T].
-      mean, rstd: float32 [B*T, 1], `kernels._common.row_stats(x.reshape(B*T, D), eps)`.
-
-    Returns:
-      ((q [B, T, H, K], k [B, T, K], v [B, T, K]) in x's dtype, saved), saved being the
-      residuals `backward_to_dh` needs beyond the inputs and statistics: None (h is
-      recomputed from x and the statistics, never stored).
-    """
+    """The forward from LayerNorm row statistics (the interface in pallas.py)."""
     b, t, d = x.shape
     _, h, k = wq.shape
     m = b * t
@@ -488,11 +468,8 @@ def _bwd_dx_call(settings: Settings, dq, dk, dv, wq, wk, wv, pos):
     m, h, k = dq.shape
     d = wk.shape[0]
     bs = settings.block_sizes
-    kh = _half_lanes(k)
-    bm, bd = _fit(bs.block_rows_bwd, m), _fit(bs.block_d_bwd, d)
+    bm, bd, kh = _tiles(settings, "bwd_dx", m, d, wq.shape, dq.dtype)
     h_span = _gpu.next_power_of_two(h)
-    _gpu.check_shared_memory(
-        shared_memory_bytes((1, m, d), wq.shape, dq.dtype, bs)["bwd_dx"], "norm_qkv_rope bwd_dx")
     kernel = functools.partial(_bwd_dx_kernel, m=m, d=d, h=h, half=k // 2,
                                widen=_widen(settings))
     rows = lambda i, e: (i, 0)  # noqa: E731
@@ -535,11 +512,8 @@ def _bwd_dw_call(settings: Settings, x2, scale, mean, rstd, gq, gk, gv, w_dtype)
     m, d = x2.shape
     _, h, k = gq.shape
     bs = settings.block_sizes
-    kh = _half_lanes(k)
-    br, bd = _fit(bs.block_rows_bwd, m), _fit(bs.block_d_bwd, d)
+    br, bd, kh = _tiles(settings, "bwd_dw", m, d, (d, h, k), x2.dtype)
     m_span = max(_gpu.next_power_of_two(m), br)
-    _gpu.check_shared_memory(
-        shared_memory_bytes((1, m, d), (d, h, k), x2.dtype, bs)["bwd_dw"], "norm_qkv_rope bwd_dw")
     kernel = functools.partial(_bwd_dw_kernel, m=m, d=d, h=h, half=k // 2, block_rows=br,
                                widen=_widen(settings))
     whole = lambda e, j: (0,)  # noqa: E731
@@ -576,18 +550,7 @@ def _bwd_dw_call(settings: Settings, x2, scale, mean, rstd, gq, gk, gv, w_dtype)
 
 def backward_to_dh(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd, saved,
                    cotangents):
-    """The backward up to the LayerNorm: its input cotangent and the weight gradients.
-
-    Args:
-      settings, x, norm_scale, wq, wk, wv, positions, mean, rstd: as `forward_with_stats` got.
-      saved: what `forward_with_stats` returned beside the outputs (None).
-      cotangents: (dq [B, T, H, K], dk [B, T, K], dv [B, T, K]).
-
-    Returns:
-      (dh [B*T, D] in x's dtype, the cotangent of LN(x) (normalised and scaled); (dwq [D, H, K],
-      dwk [D, K], dwv [D, K]) in the weights' dtype). `kernels._common.layer_norm_bwd` turns dh
-      into dx and dscale.
-    """
+    """The backward up to the LayerNorm's input cotangent (the interface in pallas.py)."""
     del saved  # None: the statistics and the inputs are all the backward needs
     dq, dk, dv = cotangents  # [B, T, H, K], [B, T, K], [B, T, K]
     b, t, d = x.shape
@@ -602,54 +565,11 @@ def backward_to_dh(settings: Settings, x, norm_scale, wq, wk, wv, positions, mea
     return dh2, (dwq, dwk, dwv)
 
 
-def _row_stats(settings: Settings, x):
-    """mean, rstd float32 [B*T, 1] of x [B, T, D]: the LayerNorm statistics pass."""
-    return row_stats(x.reshape(-1, x.shape[-1]), settings.eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _norm_qkv_rope(settings: Settings, x, norm_scale, wq, wk, wv, positions):
-    mean, rstd = _row_stats(settings, x)
-    return forward_with_stats(settings, x, norm_scale, wq, wk, wv, positions, mean, rstd)[0]
-
-
-def _norm_qkv_rope_fwd(settings: Settings, x, norm_scale, wq, wk, wv, positions):
-    mean, rstd = _row_stats(settings, x)
-    out, saved = forward_with_stats(settings, x, norm_scale, wq, wk, wv, positions, mean, rstd)
-    # Saved: the inputs (no copies) and 8 bytes per row; h is recomputed, never stored.
-    return out, (x, norm_scale, wq, wk, wv, positions, mean, rstd, saved)
-
-
-def _norm_qkv_rope_bwd(settings: Settings, residuals, cotangents):
-    x, norm_scale, wq, wk, wv, positions, mean, rstd, saved = residuals
-    dh2, (dwq, dwk, dwv) = backward_to_dh(settings, x, norm_scale, wq, wk, wv, positions, mean,
-                                          rstd, saved, cotangents)
-    dx2, dscale = layer_norm_bwd(dh2, x.reshape(dh2.shape), norm_scale, mean, rstd)
-    return dx2.reshape(x.shape), dscale, dwq, dwk, dwv, None
-
-
-_norm_qkv_rope.defvjp(_norm_qkv_rope_fwd, _norm_qkv_rope_bwd)
-
-
 def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 10000.0,
             interpret: Any = None, block_sizes: BlockSizes | None = None) -> Settings:
-    """Checks the arguments and bundles the settings of a call (default GPU `BlockSizes` for
-    the shape when none are given; `interpret` as the front door takes it: None, True, False)."""
-    check_args(x, norm_scale, wq, wk, wv, positions)
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"norm_qkv_rope: x must be float32 or bfloat16, got {x.dtype=}")
-    for name, w in (("wq", wq), ("wk", wk), ("wv", wv)):
-        if w.dtype != x.dtype:
-            raise ValueError(f"norm_qkv_rope: {name} must have x's dtype {x.dtype}, got {w.dtype}")
-    if wq.shape[2] % 2:
-        raise ValueError(f"norm_qkv_rope: head dim must be even for RoPE, got {wq.shape=}")
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise ValueError(f"norm_qkv_rope: positions must be integers, got {positions.dtype=}")
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(x.shape, wq.shape, x.dtype)
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"norm_qkv_rope: impl='pallas_gpu' needs a "
-                         f"kernels.norm_qkv_rope.gpu.BlockSizes, got {type(block_sizes)}")
+    """The call's `Settings` (pallas.py); default GPU tiles for the shape."""
+    block_sizes = check_pallas_args(sys.modules[__name__], x, norm_scale, wq, wk, wv, positions,
+                                    block_sizes)
     return Settings(eps=float(eps), base=float(base), interpret=_gpu.gpu_interpret(interpret),
                     block_sizes=block_sizes)
 
@@ -661,4 +581,5 @@ def norm_qkv_rope_pallas_gpu(x, norm_scale, wq, wk, wv, positions, *, eps: float
     block_sizes (a `kernels.norm_qkv_rope.gpu.BlockSizes`; None: `get_default`)."""
     settings = prepare(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base,
                        interpret=interpret, block_sizes=block_sizes)
-    return _norm_qkv_rope(settings, x, norm_scale, wq, wk, wv, positions)
+    return norm_qkv_rope_pallas(sys.modules[__name__], settings, x, norm_scale, wq, wk, wv,
+                                positions)

@@ -6,11 +6,12 @@
             palm_norm_qkv_rope_bwd_dw  LN-recompute prologue, dW = LN(x)^T·g
   XLA       the LayerNorm row statistics (mean, rstd: 8 bytes per row) before the forward, and
             the LayerNorm backward (row/column reductions of dh) after bwd_dx.
-The custom_vjp is built on three public pieces, which `kernels.block_in` also calls to share
-one LayerNorm between this op and `norm_swiglu`: `prepare` (checks, default tiles: `Settings`),
-`forward_with_stats` (the forward from row statistics the caller computed with
-`kernels._common.row_stats`) and `backward_to_dh` (both backward kernels; the caller finishes
-with `kernels._common.layer_norm_bwd`).
+The custom_vjp (pallas.py, shared with gpu.py) is built on three public pieces, which
+`kernels.block_in` also calls to share one LayerNorm between this op and `norm_swiglu`:
+`prepare` (checks, default tiles: `Settings`), `forward_with_stats` (the forward from row
+statistics the caller computed with `kernels._common.row_stats`) and `backward_to_dh` (both
+backward kernels; the caller finishes with `kernels._common.layer_norm_bwd`); pallas.py
+describes them.
 Design notes sit above the kernels; in short: the LayerNorm statistics come from a first pass
 (XLA), each x tile is normalised in the kernel prologue, so the contraction over D may be tiled
 (`block_d` < D: VMEM-bound generations, PaLM-540B) or D-resident (`block_d` = D); column tiles
@@ -73,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from typing import Any
 
 import jax
@@ -80,10 +82,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import layer_norm_bwd, row_stats, tpu_interpret
+from kernels._common import tpu_interpret
 from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import compiler_params, round_up, sublane, tile_bytes, vmem_budget
-from kernels.norm_qkv_rope.reference import check_args
+from kernels.norm_qkv_rope.pallas import Settings, check_pallas_args, norm_qkv_rope_pallas
 from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
 
 
@@ -303,18 +305,6 @@ def vmem_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dtype,
             "max": max(forward, bwd_dx, bwd_dw)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The non-array arguments of a call (`prepare` makes them): the custom_vjp's nondiff
-    argument, and what a caller sharing the LayerNorm (`kernels.block_in`) passes to
-    `forward_with_stats` and `backward_to_dh`."""
-
-    eps: float
-    base: float
-    interpret: Any
-    block_sizes: BlockSizes
-
-
 def _normalise(x_ref, mean_ref, rstd_ref, scale_ref, dtype):
     """The prologue: LN of an x tile with precomputed row statistics, rounded to x's dtype;
     `layer_norm_rows` in the order that loads each operand where it is first needed."""
@@ -507,18 +497,7 @@ def _forward_call(settings: Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd, 
 
 
 def forward_with_stats(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd):
-    """The forward from LayerNorm row statistics computed by the caller.
-
-    Args:
-      settings: from `prepare`.
-      x: [B, T, D]; norm_scale: [D]; wq: [D, H, K]; wk, wv: [D, K]; positions: int [B, T].
-      mean, rstd: float32 [B*T, 1], `kernels._common.row_stats(x.reshape(B*T, D), eps)`.
-
-    Returns:
-      ((q [B, T, H, K], k [B, T, K], v [B, T, K]) in x's dtype, saved), saved being the
-      residuals `backward_to_dh` needs beyond the inputs and statistics: None (h is
-      recomputed from x and the statistics, never stored).
-    """
+    """The forward from LayerNorm row statistics (the interface in pallas.py)."""
     b, t, d = x.shape
     _, h, k = wq.shape
     x2 = x.reshape(b * t, d)  # [M, D]
@@ -730,18 +709,7 @@ def _bwd_dw_call(settings: Settings, x2, scale, mean, rstd, gq, gk, gv, h: int, 
 
 def backward_to_dh(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd, saved,
                    cotangents):
-    """The backward up to the LayerNorm: its input cotangent and the weight gradients.
-
-    Args:
-      settings, x, norm_scale, wq, wk, wv, positions, mean, rstd: as `forward_with_stats` got.
-      saved: what `forward_with_stats` returned beside the outputs (None).
-      cotangents: (dq [B, T, H, K], dk [B, T, K], dv [B, T, K]).
-
-    Returns:
-      (dh [B*T, D] in x's dtype, the cotangent of LN(x) (normalised and scaled); (dwq [D, H, K],
-      dwk [D, K], dwv [D, K]) in the weights' dtype). `kernels._common.layer_norm_bwd` turns dh
-      into dx and dscale.
-    """
+    """The backward up to the LayerNorm's input cotangent (the interface in pallas.py)."""
     del saved  # None: the statistics and the inputs are all the backward needs
     dq, dk, dv = cotangents  # [B, T, H, K], [B, T, K], [B, T, K]
     b, t, d = x.shape
@@ -755,54 +723,11 @@ def backward_to_dh(settings: Settings, x, norm_scale, wq, wk, wv, positions, mea
     return dh2, (dwq2.reshape(d, h, k), dwk, dwv)
 
 
-def _row_stats(settings: Settings, x):
-    """mean, rstd float32 [B*T, 1] of x [B, T, D]: the LayerNorm statistics pass."""
-    return row_stats(x.reshape(-1, x.shape[-1]), settings.eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _norm_qkv_rope(settings: Settings, x, norm_scale, wq, wk, wv, positions):
-    mean, rstd = _row_stats(settings, x)
-    return forward_with_stats(settings, x, norm_scale, wq, wk, wv, positions, mean, rstd)[0]
-
-
-def _norm_qkv_rope_fwd(settings: Settings, x, norm_scale, wq, wk, wv, positions):
-    mean, rstd = _row_stats(settings, x)
-    out, saved = forward_with_stats(settings, x, norm_scale, wq, wk, wv, positions, mean, rstd)
-    # Saved: the inputs (no copies) and 8 bytes per row; h is recomputed, never stored.
-    return out, (x, norm_scale, wq, wk, wv, positions, mean, rstd, saved)
-
-
-def _norm_qkv_rope_bwd(settings: Settings, residuals, cotangents):
-    x, norm_scale, wq, wk, wv, positions, mean, rstd, saved = residuals
-    dh2, (dwq, dwk, dwv) = backward_to_dh(settings, x, norm_scale, wq, wk, wv, positions, mean,
-                                          rstd, saved, cotangents)
-    dx2, dscale = layer_norm_bwd(dh2, x.reshape(dh2.shape), norm_scale, mean, rstd)
-    return dx2.reshape(x.shape), dscale, dwq, dwk, dwv, None
-
-
-_norm_qkv_rope.defvjp(_norm_qkv_rope_fwd, _norm_qkv_rope_bwd)
-
-
 def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 10000.0,
             interpret: Any = None, block_sizes: BlockSizes | None = None) -> Settings:
-    """Checks the arguments and bundles the settings of a call (default `BlockSizes` for the
-    target generation when none are given; `interpret` as the front door takes it)."""
-    check_args(x, norm_scale, wq, wk, wv, positions)
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"norm_qkv_rope: x must be float32 or bfloat16, got {x.dtype=}")
-    for name, w in (("wq", wq), ("wk", wk), ("wv", wv)):
-        if w.dtype != x.dtype:
-            raise ValueError(f"norm_qkv_rope: {name} must have x's dtype {x.dtype}, got {w.dtype}")
-    if wq.shape[2] % 2:
-        raise ValueError(f"norm_qkv_rope: head dim must be even for RoPE, got {wq.shape=}")
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise ValueError(f"norm_qkv_rope: positions must be integers, got {positions.dtype=}")
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(x.shape, wq.shape, x.dtype)
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"norm_qkv_rope: block_sizes must be a norm_qkv_rope.BlockSizes, "
-                         f"got {type(block_sizes)}")
+    """The call's `Settings` (pallas.py); default tiles for the target generation."""
+    block_sizes = check_pallas_args(sys.modules[__name__], x, norm_scale, wq, wk, wv, positions,
+                                    block_sizes)
     return Settings(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
                     block_sizes=block_sizes)
 
@@ -813,4 +738,5 @@ def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float
     """The Pallas TPU `norm_qkv_rope`: the reference's arguments plus interpret, block_sizes."""
     settings = prepare(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base,
                        interpret=interpret, block_sizes=block_sizes)
-    return _norm_qkv_rope(settings, x, norm_scale, wq, wk, wv, positions)
+    return norm_qkv_rope_pallas(sys.modules[__name__], settings, x, norm_scale, wq, wk, wv,
+                                positions)
