@@ -26,7 +26,8 @@ Rules every kernel here follows, because interpret mode does not enforce them:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 from jax.experimental import pallas as pl
@@ -61,6 +62,31 @@ def check_block_sizes(block_sizes, *, tiles=(), warps=(), stages=()) -> None:
         value = getattr(block_sizes, name)
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{owner}: {name}={value!r} must be a positive int")
+
+
+def fit_tile(n: int, tile: int) -> int:
+    """A default tile for an axis of n: `tile`, or n rounded up to a power of two when that is
+    smaller, and never under MIN_BLOCK."""
+    return max(MIN_BLOCK, min(tile, next_power_of_two(n)))
+
+
+def shrink_to_shared_memory(block_sizes, used: Callable[[Any], int], *, stages: str,
+                            tiles: tuple[str, ...]):
+    """`block_sizes` with, while `used(block_sizes)` (bytes of shared memory) exceeds
+    SHARED_MEMORY_BYTES, first the pipeline stage count field `stages` lowered (down to 2: fewer
+    stages stop hiding the loads), then the largest of the fields `tiles` halved (down to
+    MIN_BLOCK); as small as that goes when nothing fits (the call's check then says so)."""
+    while used(block_sizes) > SHARED_MEMORY_BYTES:
+        if getattr(block_sizes, stages) > 2:
+            block_sizes = dataclasses.replace(block_sizes,
+                                              **{stages: getattr(block_sizes, stages) - 1})
+            continue
+        shrinkable = [n for n in tiles if getattr(block_sizes, n) >= 2 * MIN_BLOCK]
+        if not shrinkable:
+            break
+        name = max(shrinkable, key=lambda n: getattr(block_sizes, n))
+        block_sizes = dataclasses.replace(block_sizes, **{name: getattr(block_sizes, name) // 2})
+    return block_sizes
 
 
 def gpu_interpret(interpret: Any) -> bool:

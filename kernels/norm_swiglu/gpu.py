@@ -83,15 +83,15 @@ from jax.experimental import pallas as pl
 
 from kernels._common import layer_norm_rows, pad2, pad_to, round_up
 from kernels._gpu import (
-    MIN_BLOCK,
-    SHARED_MEMORY_BYTES,
     check_block_sizes,
     check_shared_memory,
+    fit_tile,
     gpu_interpret,
     next_power_of_two,
     pallas_call,
+    shrink_to_shared_memory,
 )
-from kernels.norm_swiglu.pallas import check_pallas_args, norm_swiglu_pallas
+from kernels.norm_swiglu import pallas
 from kernels.norm_swiglu.reference import swiglu_bwd
 
 _F32 = jnp.float32
@@ -134,27 +134,17 @@ class BlockSizes:
         """The H100 tiles (module docstring), no larger than each axis' padded extent, then a
         pipeline stage dropped (down to 2) or the largest tile of a pass halved while one of its
         kernels exceeds the shared memory of a thread block."""
-        def fit(n, tile):
-            return max(MIN_BLOCK, min(tile, next_power_of_two(n)))
-
         base = cls()
-        blocks = cls(fit(rows, base.block_t), fit(d_ff, base.block_f), fit(d_model, base.block_d),
-                     fit(rows, base.block_t_bwd), fit(d_ff, base.block_f_bwd),
-                     fit(d_model, base.block_d_bwd))
+        blocks = cls(fit_tile(rows, base.block_t), fit_tile(d_ff, base.block_f),
+                     fit_tile(d_model, base.block_d), fit_tile(rows, base.block_t_bwd),
+                     fit_tile(d_ff, base.block_f_bwd), fit_tile(d_model, base.block_d_bwd))
         passes = ((("fwd",), "num_stages", ("block_t", "block_f", "block_d")),
                   (("bwd_gates", "bwd_dx", "bwd_dw"), "num_stages_bwd",
                    ("block_t_bwd", "block_f_bwd", "block_d_bwd")))
         for kernels, stages, tiles in passes:
-            while (max(shared_memory_bytes(blocks, dtype, save_gate_up)[k] for k in kernels)
-                   > SHARED_MEMORY_BYTES):
-                if getattr(blocks, stages) > 2:
-                    blocks = dataclasses.replace(blocks, **{stages: getattr(blocks, stages) - 1})
-                    continue
-                shrinkable = [n for n in tiles if getattr(blocks, n) >= 2 * MIN_BLOCK]
-                if not shrinkable:
-                    break
-                name = max(shrinkable, key=lambda n: getattr(blocks, n))
-                blocks = dataclasses.replace(blocks, **{name: getattr(blocks, name) // 2})
+            def used(blocks, kernels=kernels):
+                return max(shared_memory_bytes(blocks, dtype, save_gate_up)[k] for k in kernels)
+            blocks = shrink_to_shared_memory(blocks, used, stages=stages, tiles=tiles)
         return blocks
 
 
@@ -299,7 +289,7 @@ def _gate_up_in_specs(bt, bf, dp):
     ]
 
 
-def _fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> list[jax.Array]:
+def fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> list[jax.Array]:
     """[h] [M, F] (and gate, up [M, F] in x's dtype when `settings.save_gate_up`)."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t, bs.block_f, bs.block_d
@@ -326,11 +316,13 @@ def _fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> l
     return [a[:m, :f] for a in outputs]
 
 
-def _bwd_gates_call(inputs, wgp, wup, dhp, settings: Settings):
-    """d_gate, d_up [Mp, Fp] in x's dtype, recomputing gate and up; grid (row, F tile)."""
+def bwd_gates_call(x2, mean, rstd, norm_scale, wgp, wup, dhp, settings: Settings):
+    """d_gate, d_up [Mp, Fp] in x's dtype, recomputing gate and up from x [M, D] and its
+    statistics; grid (row tile, F tile)."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    (mp, dp), fp = inputs[0].shape, wgp.shape[1]
+    (mp, fp), dp = dhp.shape, wgp.shape[0]
+    inputs = _padded_inputs(x2, mean, rstd, norm_scale, mp, dp)
     tile = pl.BlockSpec((bt, bf), lambda i, j: (i, j))
     return pallas_call(
         functools.partial(_bwd_gates_kernel, n_d=dp // bd, block_d=bd),
@@ -346,7 +338,7 @@ def _bwd_gates_call(inputs, wgp, wup, dhp, settings: Settings):
     )(*inputs, wgp, wup, dhp)
 
 
-def _bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
+def bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
     """d_gate, d_up [Mp, Fp] from the saved gate and up; grid (row tile, F tile)."""
     bs = settings.block_sizes
     bt, bf = bs.block_t_bwd, bs.block_f_bwd
@@ -365,7 +357,7 @@ def _bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
     )(gatep, upp, dhp)
 
 
-def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
+def bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
     """dLN float32 [Mp, Dp]; grid (row tile, D tile), looping over F."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
@@ -387,7 +379,7 @@ def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
     )(d_gate, d_up, wgp, wup)
 
 
-def _bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
+def bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
     """d_w_gate, d_w_up [Dp, Fp] in x's dtype; grid (D tile, F tile), looping over rows."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
@@ -409,40 +401,10 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
     )(xnp, d_gate, d_up)
 
 
-def forward_with_stats(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd):
-    """The forward from given LayerNorm statistics (the interface in pallas.py)."""
-    b, t, d = x.shape
-    h, *saved = _fwd_call(x.reshape(b * t, d), mean, rstd, norm_scale, w_gate, w_up, settings)
-    return h.reshape(b, t, -1), (tuple(saved) or None)  # h [B, T, F]
-
-
-def backward_to_dh(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd, saved, dh_out):
-    """The backward up to the LayerNorm's input cotangent (the interface in pallas.py)."""
-    b, t, d = x.shape
-    m, f = b * t, w_gate.shape[1]
-    bs = settings.block_sizes
-    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
-    x2 = x.reshape(m, d)  # [M, D]
-    wgp, wup = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
-    dhp = pad2(dh_out.reshape(m, f).astype(x.dtype), mp, fp)
-    with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
-        if saved is None:  # recompute gate and up
-            inputs = _padded_inputs(x2, mean, rstd, norm_scale, mp, dp)
-            d_gate, d_up = _bwd_gates_call(inputs, wgp, wup, dhp, settings)  # [Mp, Fp] each
-        else:
-            gatep, upp = (pad2(a, mp, fp) for a in saved)
-            d_gate, d_up = _bwd_gates_saved_call(gatep, upp, dhp, settings)
-        dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
-        xnp = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), mp, dp)
-        dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
-    return dxn, (dw_gate[:d, :f], dw_up[:d, :f])
-
-
 def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret=None,
             block_sizes: BlockSizes | None = None, save_gate_up: bool = False) -> Settings:
     """The call's `Settings` (pallas.py); default tiles for the shape and mode."""
-    check_pallas_args(x, norm_scale, w_gate, w_up)
+    pallas.check_pallas_args(x, norm_scale, w_gate, w_up)
     b, t, d = x.shape
     save_gate_up = bool(save_gate_up)
     if block_sizes is None:
@@ -455,18 +417,8 @@ def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret=None,
     return Settings(float(eps), block_sizes, gpu_interpret(interpret), save_gate_up)
 
 
-def norm_swiglu_pallas_gpu(
-    x: jax.Array,  # [B, T, D]
-    norm_scale: jax.Array,  # [D]
-    w_gate: jax.Array,  # [D, F]
-    w_up: jax.Array,  # [D, F]
-    *,
-    eps: float,
-    interpret=None,
-    block_sizes: BlockSizes | None = None,
-    save_gate_up: bool = False,
-) -> jax.Array:
-    """The Pallas GPU (Triton) implementation of `norm_swiglu` (see the module docstring)."""
-    settings = prepare(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret,
-                       block_sizes=block_sizes, save_gate_up=save_gate_up)
-    return norm_swiglu_pallas(sys.modules[__name__], settings, x, norm_scale, w_gate, w_up)
+# The Pallas GPU (Triton) `norm_swiglu` (the front door's arguments but impl), and pallas.py's
+# interface functions, on this module's kernels (`kernels.block_in` calls the latter).
+norm_swiglu_pallas_gpu = functools.partial(pallas.norm_swiglu_pallas, sys.modules[__name__])
+forward_with_stats = functools.partial(pallas.forward_with_stats, sys.modules[__name__])
+backward_to_dh = functools.partial(pallas.backward_to_dh, sys.modules[__name__])
