@@ -70,13 +70,13 @@ from jax.experimental import pallas as pl
 
 from kernels._common import pad2, round_up
 from kernels._gpu import (
-    MIN_BLOCK,
-    SHARED_MEMORY_BYTES,
     check_block_sizes,
     check_shared_memory,
+    fit_tile,
     gpu_interpret,
     next_power_of_two,
     pallas_call,
+    shrink_to_shared_memory,
 )
 from kernels.block_out.pallas import Settings, block_out_pallas
 
@@ -121,26 +121,17 @@ class BlockSizes:
         tiles (module docstring), no larger than each axis' padded extent, then a pipeline
         stage dropped (down to 2) or the largest tile halved while a kernel exceeds the shared
         memory of a thread block."""
-        def fit(n, tile):
-            return max(MIN_BLOCK, min(tile, next_power_of_two(n)))
-
         base = cls()
         c = max(attn_width, d_ff)
-        blocks = cls(fit(rows, base.block_t), fit(d_model, base.block_d), fit(c, base.block_c),
-                     fit(rows, base.block_t_bwd), fit(c, base.block_c_bwd),
-                     fit(d_model, base.block_d_bwd))
+        blocks = cls(fit_tile(rows, base.block_t), fit_tile(d_model, base.block_d),
+                     fit_tile(c, base.block_c), fit_tile(rows, base.block_t_bwd),
+                     fit_tile(c, base.block_c_bwd), fit_tile(d_model, base.block_d_bwd))
         passes = (("fwd", "num_stages", ("block_t", "block_d", "block_c")),
                   ("bwd_dact", "num_stages_bwd", ("block_t_bwd", "block_c_bwd", "block_d_bwd")))
         for kernel, stages, tiles in passes:
-            while shared_memory_bytes(blocks, dtype)[kernel] > SHARED_MEMORY_BYTES:
-                if getattr(blocks, stages) > 2:
-                    blocks = dataclasses.replace(blocks, **{stages: getattr(blocks, stages) - 1})
-                    continue
-                shrinkable = [n for n in tiles if getattr(blocks, n) >= 2 * MIN_BLOCK]
-                if not shrinkable:
-                    break
-                name = max(shrinkable, key=lambda n: getattr(blocks, n))
-                blocks = dataclasses.replace(blocks, **{name: getattr(blocks, name) // 2})
+            blocks = shrink_to_shared_memory(
+                blocks, lambda b, kernel=kernel: shared_memory_bytes(b, dtype)[kernel],
+                stages=stages, tiles=tiles)
         return blocks
 
 
