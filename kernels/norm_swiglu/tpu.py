@@ -91,7 +91,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import layer_norm_rows, tpu_interpret
+from kernels._common import tpu_interpret
 from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import (
     LANE,
@@ -105,7 +105,7 @@ from kernels._tpu import (
     tile_bytes,
     vmem_budget,
 )
-from kernels.norm_swiglu.pallas import check_pallas_args, norm_swiglu_pallas
+from kernels.norm_swiglu import pallas
 from kernels.norm_swiglu.reference import swiglu_bwd
 
 
@@ -281,7 +281,7 @@ def _padded_inputs(x2, mean, rstd, norm_scale, mp, dp):
     return pad2(x2, mp, dp), _lane_stats(mean, rstd, mp), scale
 
 
-def _fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> list[jax.Array]:
+def fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> list[jax.Array]:
     """[h] with h [M, F] = silu(LN(x)·w_gate) * (LN(x)·w_up) by the forward kernel; [h, gate,
     up], gate and up [M, F] in x's dtype, when `settings.save_gate_up`."""
     bs = settings.block_sizes
@@ -376,8 +376,10 @@ def _bwd_dw_kernel(xn_ref, dgate_ref, dup_ref, dwg_ref, dwu_ref, dwg_acc, dwu_ac
         dwu_ref[...] = dwu_acc[...].astype(dwu_ref.dtype)
 
 
-def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: Settings):
-    """d_gate, d_up [Mp, Fp] in x's dtype; grid (row tile, F tile, D tile) as the forward."""
+def bwd_gates_call(x2, mean, rstd, norm_scale, wgp, wup, dhp, settings: Settings):
+    """d_gate, d_up [Mp, Fp] in x's dtype, recomputing gate and up from x [M, D] and its
+    statistics; grid (row tile, F tile, D tile) as the forward."""
+    xp, sp, scp = _padded_inputs(x2, mean, rstd, norm_scale, dhp.shape[0], wgp.shape[0])
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
     (mp, dp), fp, s = xp.shape, wgp.shape[1], xp.dtype.itemsize
@@ -403,7 +405,7 @@ def _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings: Settings):
     )(xp, sp, scp, wgp, wup, dhp)
 
 
-def _bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
+def bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
     """d_gate, d_up [Mp, Fp] in x's dtype from the saved gate and up [Mp, Fp]; grid (row tile,
     F tile). They overwrite gate and up in place (input_output_aliases): the saved values are
     dead after this kernel, so saving them costs no extra peak memory in the backward."""
@@ -427,7 +429,7 @@ def _bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
     )(gatep, upp, dhp)
 
 
-def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
+def bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
     """dxn float32 [Mp, Dp], the cotangent of LN(x); grid (row tile, D tile, F tile)."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
@@ -453,7 +455,7 @@ def _bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
     )(d_gate, d_up, wgp, wup)
 
 
-def _bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
+def bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
     """d_w_gate, d_w_up [Dp, Fp] in the weights' dtype; grid (D tile, F tile, row tile)."""
     bs = settings.block_sizes
     bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
@@ -480,42 +482,10 @@ def _bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
     )(xnp, d_gate, d_up)
 
 
-def forward_with_stats(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd):
-    """The forward from given LayerNorm statistics (the interface in pallas.py)."""
-    b, t, d = x.shape
-    h, *saved = _fwd_call(x.reshape(b * t, d), mean, rstd, norm_scale, w_gate, w_up, settings)
-    return h.reshape(b, t, -1), (tuple(saved) or None)  # h [B, T, F]
-
-
-def backward_to_dh(settings: Settings, x, norm_scale, w_gate, w_up, mean, rstd, saved, dh_out):
-    """The backward up to the LayerNorm's input cotangent (the interface in pallas.py)."""
-    b, t, d = x.shape
-    m, f = b * t, w_gate.shape[1]
-    bs = settings.block_sizes
-    bt, bf, bd = bs.block_t_bwd, bs.block_f_bwd, bs.block_d_bwd
-    mp, dp, fp = round_up(m, bt), round_up(d, bd), round_up(f, bf)
-    x2 = x.reshape(m, d)  # [M, D]
-    wgp, wup = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
-    dhp = pad2(dh_out.reshape(m, f).astype(x.dtype), mp, fp)
-    with jax.named_scope(f"palm_norm_swiglu_bwd bt={bt} bf={bf} bd={bd}"):
-        if saved is None:  # recompute gate and up
-            xp, sp, scp = _padded_inputs(x2, mean, rstd, norm_scale, mp, dp)
-            d_gate, d_up = _bwd_gates_call(xp, sp, scp, wgp, wup, dhp, settings)  # [Mp, Fp] each
-        else:
-            gatep, upp = (pad2(a, mp, fp) for a in saved)
-            d_gate, d_up = _bwd_gates_saved_call(gatep, upp, dhp, settings)
-        dxn = _bwd_dx_call(d_gate, d_up, wgp, wup, settings)[:m, :d]  # f32 [M, D]
-        # LN(x) materialised once (one fused XLA pass): the dw kernel contracts over rows, so
-        # normalising in-kernel would re-read the per-row statistics for every (D, F) tile.
-        xnp = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x.dtype), mp, dp)
-        dw_gate, dw_up = _bwd_dw_call(xnp, d_gate, d_up, settings)  # [Dp, Fp] each
-    return dxn, (dw_gate[:d, :f], dw_up[:d, :f])
-
-
 def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret: Any = None,
             block_sizes: BlockSizes | None = None, save_gate_up: bool = False) -> Settings:
     """The call's `Settings` (pallas.py); default tiles for the target generation and mode."""
-    check_pallas_args(x, norm_scale, w_gate, w_up)
+    pallas.check_pallas_args(x, norm_scale, w_gate, w_up)
     b, t, d = x.shape
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(b * t, d, w_gate.shape[1], x.dtype,
@@ -528,18 +498,8 @@ def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret: Any = None,
     return Settings(float(eps), block_sizes, tpu_interpret(interpret), bool(save_gate_up))
 
 
-def norm_swiglu_pallas_tpu(
-    x: jax.Array,  # [B, T, D]
-    norm_scale: jax.Array,  # [D]
-    w_gate: jax.Array,  # [D, F]
-    w_up: jax.Array,  # [D, F]
-    *,
-    eps: float,
-    interpret=None,
-    block_sizes: BlockSizes | None = None,
-    save_gate_up: bool = False,
-) -> jax.Array:
-    """The Pallas TPU implementation of `norm_swiglu` (see the module docstring)."""
-    settings = prepare(x, norm_scale, w_gate, w_up, eps=eps, interpret=interpret,
-                       block_sizes=block_sizes, save_gate_up=save_gate_up)
-    return norm_swiglu_pallas(sys.modules[__name__], settings, x, norm_scale, w_gate, w_up)
+# The Pallas TPU `norm_swiglu` (the front door's arguments but impl), and pallas.py's
+# interface functions, on this module's kernels (`kernels.block_in` calls the latter).
+norm_swiglu_pallas_tpu = functools.partial(pallas.norm_swiglu_pallas, sys.modules[__name__])
+forward_with_stats = functools.partial(pallas.forward_with_stats, sys.modules[__name__])
+backward_to_dh = functools.partial(pallas.backward_to_dh, sys.modules[__name__])
