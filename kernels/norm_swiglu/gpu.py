@@ -27,9 +27,10 @@ Backward, as tpu.py: the forward saves x, the statistics and, with `save_gate_up
   (D / bd, F / bf), looping over M in bt slices, two accumulators; LN(x) is materialised once by
   XLA for it (tpu.py says why).
 - the LayerNorm backward in XLA (`kernels._common.layer_norm_bwd`).
-`forward_with_stats`, `backward_to_dh`, `prepare` and `Settings` are the backend interface of
-pallas.py (which also holds the custom_vjp both backends share), so `kernels.block_in` can share
-one LayerNorm on either backend.
+`forward_with_stats`, `backward_to_dh` (the backward's padding and this sequence of kernels) and
+the custom_vjp are pallas.py's, shared with tpu.py; this module gives them its kernel calls,
+`prepare` and `Settings` (pallas.py's backend interface), so `kernels.block_in` can share one
+LayerNorm on either backend.
 
 Boundaries. The Pallas Triton lowering does not mask loads or stores at an array's end: the
 wrapper zero-pads every operand to whole tiles (M to bt, D to bd, F to bf; padded x columns have

@@ -33,8 +33,9 @@ statistics; with `save_gate_up` also gate and up (below). Then:
   D, which no D-tiled kernel sees; it is one elementwise-and-reduce pass over [M, D] (about
   64 MiB at PaLM-8B against the kernels' gigabytes), which XLA fuses well.
 `forward_with_stats` and `backward_to_dh` are these steps without the statistics pass and the
-LayerNorm backward, for a caller that shares one LayerNorm between several kernels; pallas.py
-describes them and holds the custom_vjp that both backends share.
+LayerNorm backward, for a caller that shares one LayerNorm between several kernels. They (with
+the backward's padding) and the custom_vjp are pallas.py's, shared with gpu.py, over the kernel
+calls here (pallas.py's backend interface).
 
 Saving gate and up (`save_gate_up`). The forward kernel (`palm_norm_swiglu_fwd_save`) also
 writes the pre-activations gate and up, [M, F] each, rounded to x's dtype (h is still computed
