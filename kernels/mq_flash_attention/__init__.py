@@ -9,7 +9,9 @@ the logsumexp it saves and a hand-written backward (reference.py); the Pallas TP
 attention kernels with their tiling (`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and
 design notes (tpu.py); the Pallas GPU (Triton) kernels, `impl="pallas_gpu"`, with the same
 residuals and backward decomposition, their own tiling (`gpu.BlockSizes`, num_warps/num_stages,
-`gpu.shared_memory_bytes`) and design notes (gpu.py).
+`gpu.shared_memory_bytes`) and design notes (gpu.py); what both Pallas backends share, the
+argument checks, the padding and the custom_vjp over a backend module, with the interface a
+backend provides (pallas.py).
 """
 
 from __future__ import annotations

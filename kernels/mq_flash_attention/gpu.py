@@ -87,42 +87,36 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels._gpu import (
+    MIN_BLOCK,
     SHARED_MEMORY_BYTES,
+    check_block_sizes,
     check_shared_memory,
     check_whole_blocks,
     gpu_interpret,
-    is_power_of_two,
     next_power_of_two,
 )
 from kernels._gpu import pallas_call as gpu_pallas_call
-from kernels.mq_flash_attention.reference import check_args
+from kernels.mq_flash_attention.pallas import (
+    MASK_VALUE,
+    TILES,
+    Settings,
+    fit_tiles,
+    mq_flash_attention_pallas,
+)
 
-# A large finite negative logit for masked entries: exp(MASK - m) underflows to exactly 0, and
-# unlike -inf it cannot make (-inf) - (-inf) = NaN in the running-max correction.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+IMPL = "pallas_gpu"
 
 # Contract the last dims of both operands: a @ b^T without materialising the transpose.
 NT_DIMS = (((1,), (1,)), ((), ()))
-
-# Triton's dots need every dimension >= 16.
-MIN_TILE = 16
-
-_TILES = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
-
-
-def _fit(block: int, n: int) -> int:
-    """A tile no larger than needed for n rows: the next power of two >= n, at least 16."""
-    return min(block, max(MIN_TILE, next_power_of_two(n)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,19 +143,7 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in _TILES:
-            size = getattr(self, name)
-            if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
-                    size < MIN_TILE or not is_power_of_two(int(size))):
-                raise ValueError(
-                    f"BlockSizes: {name}={size!r} must be a power of two >= {MIN_TILE} (the "
-                    "Triton lowering needs power-of-two arrays and dots of at least 16)")
-        if not isinstance(self.num_warps, (int, np.integer)) or not (
-                is_power_of_two(int(self.num_warps)) and self.num_warps <= 32):
-            raise ValueError(f"BlockSizes: num_warps={self.num_warps!r} must be a power of two "
-                             "<= 32")
-        if not isinstance(self.num_stages, (int, np.integer)) or self.num_stages < 1:
-            raise ValueError(f"BlockSizes: num_stages={self.num_stages!r} must be an int >= 1")
+        check_block_sizes(self, tiles=TILES, warps=("num_warps",), stages=("num_stages",))
 
     @classmethod
     def get_default(cls, *, q_len: int, kv_len: int, num_heads: int, head_dim: int,
@@ -186,7 +168,7 @@ class BlockSizes:
             if not over:
                 return blocks
             name = max(pairs[over[0]], key=lambda n: getattr(blocks, n))
-            if getattr(blocks, name) == MIN_TILE:
+            if getattr(blocks, name) == MIN_BLOCK:
                 if blocks.num_stages == 1:
                     return blocks  # K too wide for any tile: the call will say so
                 blocks = dataclasses.replace(blocks, num_stages=blocks.num_stages - 1)
@@ -195,15 +177,19 @@ class BlockSizes:
 
     def fit(self, rows: int, kv_len: int) -> BlockSizes:
         """These tiles shrunk for `rows` folded query rows and `kv_len` keys."""
-        return dataclasses.replace(
-            self, block_q=_fit(self.block_q, rows), block_k=_fit(self.block_k, kv_len),
-            block_q_dkv=_fit(self.block_q_dkv, rows), block_k_dkv=_fit(self.block_k_dkv, kv_len),
-            block_q_dq=_fit(self.block_q_dq, rows), block_k_dq=_fit(self.block_k_dq, kv_len))
+        return fit_tiles(self, rows, kv_len, MIN_BLOCK)
 
 
 def padded_head_dim(head_dim: int) -> int:
     """K as the kernels see it: a power of two >= 16, zero-padded."""
-    return max(MIN_TILE, next_power_of_two(head_dim))
+    return max(MIN_BLOCK, next_power_of_two(head_dim))
+
+
+def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
+    """Refuses fitted tiles whose `shared_memory_bytes` exceed one thread block's budget."""
+    for kernel, size in shared_memory_bytes(blocks, head_dim, dtype).items():
+        check_shared_memory(size, f"palm_mq_flash_attention {kernel} ({blocks}, K={head_dim}, "
+                                  f"{jnp.dtype(dtype).name})")
 
 
 def shared_memory_bytes(blocks: BlockSizes, head_dim: int, dtype: Any) -> dict[str, int]:
@@ -220,20 +206,7 @@ def shared_memory_bytes(blocks: BlockSizes, head_dim: int, dtype: Any) -> dict[s
     return {"forward": forward, "dkv": dkv, "dq": dq}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """Everything static about one call: hashable, passed to the custom_vjp as one argument."""
-
-    causal: bool
-    sm_scale: float
-    num_heads: int  # H: rows per position in the folded query matrix
-    q_rows: int  # T*H before padding
-    kv_len: int  # S before padding: keys at or past it are masked
-    blocks: BlockSizes  # already fitted to the shape
-    interpret: bool
-
-
-def _visible(settings: _Settings, row0, col0, rows: int, cols: int, transposed: bool):
+def _visible(settings: Settings, row0, col0, rows: int, cols: int, transposed: bool):
     """Boolean mask of the visible (row, key) pairs of a tile: [rows, cols] (or [cols, rows]
     transposed), causal and, unless transposed (the dk/dv kernel), key < S."""
     shape = (cols, rows) if transposed else (rows, cols)
@@ -249,7 +222,7 @@ def _visible(settings: _Settings, row0, col0, rows: int, cols: int, transposed: 
     return ok
 
 
-def _key_ranges(settings: _Settings, row0, bq: int, bk: int):
+def _key_ranges(settings: Settings, row0, bq: int, bk: int):
     """(n_full, n_visible, any_masked) for a query tile starting at row0 walking key tiles of
     bk: tiles [0, n_full) need no mask, [n_full, n_visible) do, later ones are invisible.
 
@@ -268,7 +241,7 @@ def _key_ranges(settings: _Settings, row0, bq: int, bk: int):
     return n_full, n_vis, True
 
 
-def _query_ranges(settings: _Settings, col0, bq: int, bk: int, n_q: int):
+def _query_ranges(settings: Settings, col0, bq: int, bk: int, n_q: int):
     """(first, first_full) for a key tile starting at col0 walking query tiles of bq: tiles
     [first, first_full) cross the diagonal (masked), [first_full, n_q) see every key of it.
 
@@ -283,7 +256,7 @@ def _query_ranges(settings: _Settings, col0, bq: int, bk: int, n_q: int):
     return first, first_full
 
 
-def _tile_index(settings: _Settings, n_tiles: int):
+def _tile_index(settings: Settings, n_tiles: int):
     """This program's query tile: causal grids run in reverse, longest tiles first."""
     g = pl.program_id(0)
     return n_tiles - 1 - g if settings.causal else g
@@ -291,7 +264,7 @@ def _tile_index(settings: _Settings, n_tiles: int):
 
 # ---- forward ---------------------------------------------------------------------------------
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, settings: _Settings, n_tiles: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, settings: Settings, n_tiles: int):
     """One (query tile, batch) program: the online softmax over its visible key tiles.
 
     q_ref/o_ref [bq, Kp], k_ref/v_ref [Sp2, Kp] (the whole padded key axis), lse_ref [bq].
@@ -338,7 +311,7 @@ def _whole(n: int) -> int:
 
 
 def _pallas_call(kernel, *, name: str, out_shape, grid, in_specs, out_specs,
-                 settings: _Settings, walked: tuple[int, ...]):
+                 settings: Settings, walked: tuple[int, ...]):
     """kernels/_gpu.py's pallas_call for blocks that span a walked axis (`walked`: indices
     into in_specs) rounded up to a power of two beyond the operand's end. Such a block is
     partial, but only the rows a loop slices with pl.ds are ever loaded, and the loop bounds
@@ -361,7 +334,7 @@ def _pallas_call(kernel, *, name: str, out_shape, grid, in_specs, out_specs,
     return call
 
 
-def _forward(q, k, v, settings: _Settings):
+def forward(q, k, v, settings: Settings):
     """q [B, R, Kp] (folded, padded), k/v [B, Sp, Kp] -> o [B, R, Kp], lse f32 [B, R]."""
     batch, rows, kp = q.shape
     blocks = settings.blocks
@@ -385,7 +358,7 @@ def _forward(q, k, v, settings: _Settings):
         )(q, k, v)
 
 
-def _rev(settings: _Settings, n: int, g):
+def _rev(settings: Settings, n: int, g):
     """Index map twin of `_tile_index`."""
     return n - 1 - g if settings.causal else g
 
@@ -393,7 +366,7 @@ def _rev(settings: _Settings, n: int, g):
 # ---- backward: dk and dv ---------------------------------------------------------------------
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                settings: _Settings, n_q: int, per_split: int):
+                settings: Settings, n_q: int, per_split: int):
     """One (key tile, batch, row split) program: dk, dv of its keys summed over the query-row
     tiles of its split, [c*per_split, (c+1)*per_split).
 
@@ -448,7 +421,7 @@ def _dkv_splits(programs: int, n_q: int) -> int:
     return max(1, min(n_q, pl.cdiv(SM_COUNT, programs)))
 
 
-def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
+def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
     batch, rows, kp = q.shape
     blocks = settings.blocks
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
@@ -482,7 +455,7 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
 
 # ---- backward: dq ----------------------------------------------------------------------------
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, settings: _Settings,
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, settings: Settings,
                n_tiles: int):
     """One (query tile, batch) program: dq of its rows summed over the visible key tiles.
 
@@ -517,7 +490,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, setti
     dq_ref[...] = (dq * settings.sm_scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
+def backward_dq(q, k, v, do, lse, delta, settings: Settings):
     batch, rows, kp = q.shape
     blocks = settings.blocks
     bq = blocks.block_q_dq
@@ -538,84 +511,12 @@ def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
         )(q, k, v, do, lse, delta)
 
 
-# ---- custom_vjp on the folded, padded arrays ---------------------------------------------------
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mq_flash(q, k, v, settings: _Settings):
-    """q [B, R, Kp] folded and padded, k/v [B, Sp, Kp] -> o [B, R, Kp]."""
-    return _forward(q, k, v, settings)[0]
-
-
-def _mq_flash_fwd(q, k, v, settings: _Settings):
-    o, lse = _forward(q, k, v, settings)
-    return o, (q, k, v, o, lse)
-
-
-def _mq_flash_bwd(settings: _Settings, residuals, do):
-    q, k, v, o, lse = residuals
-    # delta = rowsum(do * o), f32 [B, R]: one fused elementwise-and-reduce pass.
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-    dk, dv = _backward_dkv(q, k, v, do, lse, delta, settings)
-    dq = _backward_dq(q, k, v, do, lse, delta, settings)
-    return dq, dk, dv
-
-
-_mq_flash.defvjp(_mq_flash_fwd, _mq_flash_bwd)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _pad_to(x, shape):
-    if x.shape == tuple(shape):
-        return x
-    return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
-
-
-def mq_flash_attention_pallas_gpu(
-    q: jax.Array,  # [B, T, H, K]
-    k: jax.Array,  # [B, S, K]
-    v: jax.Array,  # [B, S, K]
-    *,
-    causal: bool = True,
-    sm_scale: float | None = None,
-    interpret: Any = None,
-    block_sizes: BlockSizes | None = None,
-) -> jax.Array:
-    """The Pallas GPU (Triton) flash attention (see the module docstring), differentiable;
-    [B, T, H, K]."""
-    check_args(q, k, v)
-    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"mq_flash_attention: q, k, v must share one float dtype, got "
-                         f"{q.dtype=}, {k.dtype=}, {v.dtype=}")
-    batch, q_len, heads, head_dim = q.shape
-    kv_len = k.shape[1]
-    if min(batch, q_len, heads, head_dim, kv_len) == 0:
-        raise ValueError(f"mq_flash_attention: empty dimension in {q.shape=} or {k.shape=}")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"mq_flash_attention: block_sizes for impl='pallas_gpu' must be a "
-                         f"kernels.mq_flash_attention.gpu.BlockSizes, got {block_sizes!r}")
-    if sm_scale is not None and not isinstance(sm_scale, (int, float, np.integer, np.floating)):
-        raise ValueError(f"mq_flash_attention: sm_scale must be a Python number (it is compiled "
-                         f"into the kernels), got {type(sm_scale).__name__}")
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-    rows = q_len * heads
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(q_len=q_len, kv_len=kv_len, num_heads=heads,
-                                             head_dim=head_dim, dtype=q.dtype)
-    blocks = block_sizes.fit(rows, kv_len)
-    for kernel, size in shared_memory_bytes(blocks, head_dim, q.dtype).items():
-        check_shared_memory(size, f"palm_mq_flash_attention {kernel} ({blocks}, K={head_dim}, "
-                                  f"{jnp.dtype(q.dtype).name})")
-    # All tiles are powers of two: the largest is a multiple of the others.
-    rows_p = _round_up(rows, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
-    kv_p = _round_up(kv_len, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
-    kp = padded_head_dim(head_dim)
-    settings = _Settings(causal=bool(causal), sm_scale=scale, num_heads=heads, q_rows=rows,
-                         kv_len=kv_len, blocks=blocks, interpret=gpu_interpret(interpret))
-    qr = _pad_to(q.reshape(batch, rows, head_dim), (batch, rows_p, kp))  # [B, T*H, Kp]
-    kr = _pad_to(k, (batch, kv_p, kp))
-    vr = _pad_to(v, (batch, kv_p, kp))
-    o = _mq_flash(qr, kr, vr, settings)  # [B, Rp, Kp]
-    return o[:, :rows, :head_dim].reshape(batch, q_len, heads, head_dim)
+def mq_flash_attention_pallas_gpu(q, k, v, *, causal=True, sm_scale=None, interpret=None,
+                                  block_sizes: BlockSizes | None = None) -> jax.Array:
+    """The Pallas GPU (Triton) flash attention (module docstring), differentiable: the front
+    door's arrays and settings, block_sizes a gpu `BlockSizes` with its warps and stages (None:
+    sized for an H100/H200's shared memory) and interpret None or a bool (True: the generic
+    Pallas interpreter, which runs these kernels on CPU)."""
+    return mq_flash_attention_pallas(sys.modules[__name__], q, k, v, causal=causal,
+                                     sm_scale=sm_scale, interpret=gpu_interpret(interpret),
+                                     block_sizes=block_sizes)

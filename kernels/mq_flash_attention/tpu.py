@@ -78,12 +78,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -95,22 +94,18 @@ from kernels._tpu import (
     NT_DIMS,
     check_multiple,
     compiler_params,
-    pad_to,
     round_up,
     tile_bytes,
     vmem_budget,
 )
-from kernels.mq_flash_attention.reference import check_args
+from kernels.mq_flash_attention.pallas import (
+    MASK_VALUE,
+    Settings,
+    fit_tiles,
+    mq_flash_attention_pallas,
+)
 
-
-# A large finite negative logit for masked entries: exp(MASK - m) underflows to exactly 0, and
-# unlike -inf it cannot make (-inf) - (-inf) = NaN in the running-max correction.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def _fit(block: int, n: int) -> int:
-    """A tile no larger than needed for n rows: the next power of two >= n, at least 128."""
-    return min(block, max(LANE, 1 << max(n - 1, 0).bit_length()))
+IMPL = "pallas_tpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,17 +157,24 @@ class BlockSizes:
 
     def fit(self, rows: int, kv_len: int) -> BlockSizes:
         """These tiles shrunk for `rows` folded query rows and `kv_len` keys."""
-        return BlockSizes(
-            block_q=_fit(self.block_q, rows), block_k=_fit(self.block_k, kv_len),
-            block_q_dkv=_fit(self.block_q_dkv, rows), block_k_dkv=_fit(self.block_k_dkv, kv_len),
-            block_q_dq=_fit(self.block_q_dq, rows), block_k_dq=_fit(self.block_k_dq, kv_len))
+        return fit_tiles(self, rows, kv_len, LANE)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """K as the kernels see it: zero-padded to a multiple of 128 (lanes)."""
+    return round_up(head_dim, LANE)
+
+
+def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
+    """Nothing beyond `BlockSizes`' own checks: any tiles run, each pallas_call asks for the
+    VMEM its `vmem_bytes` estimate needs (`get_default` keeps that within the budget)."""
 
 
 def vmem_bytes(blocks: BlockSizes, head_dim: int, dtype: Any) -> dict[str, int]:
     """Bytes of VMEM each kernel needs with these tiles: double-buffered input and output
     blocks, scratch, and the f32 [block_q, block_k] temporaries (3 forward: logits, p and its
     cast; 4 backward: s, p, dp, ds), which Mosaic also keeps in VMEM."""
-    kp = round_up(head_dim, LANE)
+    kp = padded_head_dim(head_dim)
     item = jnp.dtype(dtype).itemsize
     f32 = 4
     tile = tile_bytes  # [rows, cols] in whole (sublane, 128-lane) tiles
@@ -193,18 +195,6 @@ def vmem_bytes(blocks: BlockSizes, head_dim: int, dtype: Any) -> dict[str, int]:
           + tile(bq, kp, f32) + 2 * tile(bq, LANE, f32)  # dq accumulator, lse/delta columns
           + 4 * tile(bq, bk, f32))
     return {"forward": forward, "dkv": dkv, "dq": dq}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """Everything static about one call: hashable, passed to the custom_vjp as one argument."""
-
-    causal: bool
-    sm_scale: float
-    num_heads: int  # H: rows per position in the folded query matrix
-    kv_len: int  # S before padding: keys at or past it are masked
-    blocks: BlockSizes  # already fitted to the shape
-    interpret: Any  # what pallas_call(interpret=...) gets
 
 
 def _last_kv_tile(i, block_q: int, block_k: int, num_heads: int):
@@ -241,7 +231,7 @@ def _balanced(g, n, causal: bool):
     return jnp.where(lax.rem(g, 2) == 0, half, n - 1 - half)
 
 
-def _needs_mask(settings: _Settings, row0, col0, rows: int, cols: int):
+def _needs_mask(settings: Settings, row0, col0, rows: int, cols: int):
     """Whether the [rows, cols] tile at (row0, col0) crosses the diagonal or holds padded keys.
 
     Traced booleans; None when no tile ever needs a mask (not causal, no padded keys)."""
@@ -254,7 +244,7 @@ def _needs_mask(settings: _Settings, row0, col0, rows: int, cols: int):
     return cond
 
 
-def _visible(settings: _Settings, row0, col0, shape, transposed: bool):
+def _visible(settings: Settings, row0, col0, shape, transposed: bool):
     """Boolean mask of the visible (row, key) pairs of a tile; [rows, cols] or transposed."""
     row_axis, col_axis = (1, 0) if transposed else (0, 1)
     rows = row0 + lax.broadcasted_iota(jnp.int32, shape, row_axis)
@@ -265,7 +255,7 @@ def _visible(settings: _Settings, row0, col0, shape, transposed: bool):
     return ok
 
 
-def _masked_or_not(settings: _Settings, needed, mask_cond, body):
+def _masked_or_not(settings: Settings, needed, mask_cond, body):
     """Runs body(masked) under pl.when: the masked variant only on tiles that need it."""
     if mask_cond is None:
         if needed is None:
@@ -280,7 +270,7 @@ def _masked_or_not(settings: _Settings, needed, mask_cond, body):
     pl.when(without)(lambda: body(False))
 
 
-def _visited_tiles(settings: _Settings, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
+def _visited_tiles(settings: Settings, n_q: int, n_k: int, block_q: int, block_k: int) -> int:
     """How many (query tile, key tile) pairs a causal kernel computes (for CostEstimate)."""
     if not settings.causal:
         return n_q * n_k
@@ -290,7 +280,7 @@ def _visited_tiles(settings: _Settings, n_q: int, n_k: int, block_q: int, block_
 
 # ---- forward ---------------------------------------------------------------------------------
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, settings: _Settings,
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, settings: Settings,
                 n_tiles: int, n_steps: int):
     """One (batch, query tile, key tile) step of the online softmax.
 
@@ -336,7 +326,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, s
         lse_ref[...] = jnp.transpose(lse)[:1, :]  # [1, bq]: rows onto lanes
 
 
-def _query_tile_maps(settings: _Settings, n_q: int, bq: int, bk: int):
+def _query_tile_maps(settings: Settings, n_q: int, bq: int, bk: int):
     """Index maps on a grid (query tile g, batch, key tile j), keys innermost, as the forward
     and the dq kernel walk it: the query tile (in `_balanced` order), the key tile (under the
     causal mask clamped to the query tile's last visible one: past the diagonal the block
@@ -356,7 +346,7 @@ def _query_tile_maps(settings: _Settings, n_q: int, bq: int, bk: int):
     return q_map, kv_map, row_map
 
 
-def _forward(q, k, v, settings: _Settings):
+def forward(q, k, v, settings: Settings):
     """q [B, R, Kp] (folded, padded), k/v [B, Sp, Kp] -> o [B, R, Kp], lse f32 [B, 1, R]."""
     batch, rows, kp = q.shape
     bq, bk = settings.blocks.block_q, settings.blocks.block_k
@@ -397,7 +387,7 @@ def _forward(q, k, v, settings: _Settings):
 # ---- backward: dk and dv ---------------------------------------------------------------------
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr,
-                *, settings: _Settings, n_tiles: int, n_steps: int):
+                *, settings: Settings, n_tiles: int, n_steps: int):
     """One (batch, key tile, query tile) step: dk, dv of one key tile summed over query tiles.
 
     q_ref/do_ref [bq, K], k_ref/v_ref [bk, K], lse_ref/delta_ref [1, bq] (rows on lanes),
@@ -435,7 +425,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
+def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
     batch, rows, kp = q.shape
     bq, bk = settings.blocks.block_q_dkv, settings.blocks.block_k_dkv
     n_q, n_k = rows // bq, k.shape[1] // bk
@@ -481,7 +471,7 @@ def _backward_dkv(q, k, v, do, lse, delta, settings: _Settings):
 # ---- backward: dq ----------------------------------------------------------------------------
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, lse_scr,
-               delta_scr, *, settings: _Settings, n_tiles: int, n_steps: int):
+               delta_scr, *, settings: Settings, n_tiles: int, n_steps: int):
     """One (batch, query tile, key tile) step: dq of one query tile summed over key tiles.
 
     q_ref/do_ref/dq_ref [bq, K], k_ref/v_ref [bk, K], lse_ref/delta_ref [1, bq];
@@ -516,7 +506,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr, 
         dq_ref[...] = (dq_scr[...] * settings.sm_scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
+def backward_dq(q, k, v, do, lse, delta, settings: Settings):
     batch, rows, kp = q.shape
     bq, bk = settings.blocks.block_q_dq, settings.blocks.block_k_dq
     n_q, n_k = rows // bq, pl.cdiv(settings.kv_len, bk)
@@ -552,70 +542,12 @@ def _backward_dq(q, k, v, do, lse, delta, settings: _Settings):
         )(q, k, v, do, lse, delta)
 
 
-# ---- custom_vjp on the folded, padded arrays ---------------------------------------------------
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mq_flash(q, k, v, settings: _Settings):
-    """q [B, R, Kp] folded and padded, k/v [B, Sp, Kp] -> o [B, R, Kp]."""
-    return _forward(q, k, v, settings)[0]
-
-
-def _mq_flash_fwd(q, k, v, settings: _Settings):
-    o, lse = _forward(q, k, v, settings)
-    return o, (q, k, v, o, lse)
-
-
-def _mq_flash_bwd(settings: _Settings, residuals, do):
-    q, k, v, o, lse = residuals
-    # delta = rowsum(do * o), f32 [B, 1, R]: one fused elementwise-and-reduce pass.
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, None, :]
-    dk, dv = _backward_dkv(q, k, v, do, lse, delta, settings)
-    dq = _backward_dq(q, k, v, do, lse, delta, settings)
-    return dq, dk, dv
-
-
-_mq_flash.defvjp(_mq_flash_fwd, _mq_flash_bwd)
-
-
-def mq_flash_attention_pallas_tpu(
-    q: jax.Array,  # [B, T, H, K]
-    k: jax.Array,  # [B, S, K]
-    v: jax.Array,  # [B, S, K]
-    *,
-    causal: bool = True,
-    sm_scale: float | None = None,
-    interpret: Any = None,
-    block_sizes: BlockSizes | None = None,
-) -> jax.Array:
-    """The Pallas TPU flash attention (see the module docstring), differentiable; [B, T, H, K]."""
-    check_args(q, k, v)
-    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"mq_flash_attention: q, k, v must share one float dtype, got "
-                         f"{q.dtype=}, {k.dtype=}, {v.dtype=}")
-    batch, q_len, heads, head_dim = q.shape
-    kv_len = k.shape[1]
-    if min(batch, q_len, heads, head_dim, kv_len) == 0:
-        raise ValueError(f"mq_flash_attention: empty dimension in {q.shape=} or {k.shape=}")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise ValueError(
-            f"mq_flash_attention: block_sizes must be a BlockSizes, got {block_sizes!r}")
-    if sm_scale is not None and not isinstance(sm_scale, (int, float, np.integer, np.floating)):
-        raise ValueError(f"mq_flash_attention: sm_scale must be a Python number (it is compiled "
-                         f"into the kernels), got {type(sm_scale).__name__}")
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-    rows = q_len * heads
-    if block_sizes is None:
-        block_sizes = BlockSizes.get_default(q_len=q_len, kv_len=kv_len, num_heads=heads,
-                                             head_dim=head_dim, dtype=q.dtype)
-    blocks = block_sizes.fit(rows, kv_len)
-    # One padded length serves all three kernels' tiles (all powers of two in practice).
-    rows_p = round_up(rows, math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
-    kv_p = round_up(kv_len, math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
-    kp = round_up(head_dim, LANE)
-    settings = _Settings(causal=bool(causal), sm_scale=scale, num_heads=heads, kv_len=kv_len,
-                         blocks=blocks, interpret=tpu_interpret(interpret))
-    qr = pad_to(q.reshape(batch, rows, head_dim), (batch, rows_p, kp))  # [B, T*H, Kp]
-    kr = pad_to(k, (batch, kv_p, kp))
-    vr = pad_to(v, (batch, kv_p, kp))
-    o = _mq_flash(qr, kr, vr, settings)  # [B, Rp, Kp]
-    return o[:, :rows, :head_dim].reshape(batch, q_len, heads, head_dim)
+def mq_flash_attention_pallas_tpu(q, k, v, *, causal=True, sm_scale=None, interpret=None,
+                                  block_sizes: BlockSizes | None = None) -> jax.Array:
+    """The Pallas TPU flash attention (module docstring), differentiable; `mq_flash_attention`'s
+    arguments, with block_sizes a `BlockSizes` (None: `BlockSizes.get_default`, within the
+    target generation's VMEM budget) and interpret None, a bool or a `pltpu.InterpretParams`
+    (e.g. detect_races=True)."""
+    return mq_flash_attention_pallas(sys.modules[__name__], q, k, v, causal=causal,
+                                     sm_scale=sm_scale, interpret=tpu_interpret(interpret),
+                                     block_sizes=block_sizes)
