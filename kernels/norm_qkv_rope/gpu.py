@@ -7,9 +7,9 @@ decomposition of tpu.py:
             palm_norm_qkv_rope_bwd_dw  LN-recompute prologue, dW = LN(x)^T·g
   XLA       the LayerNorm row statistics before the forward (`kernels._common.row_stats`) and
             the LayerNorm backward after bwd_dx (`kernels._common.layer_norm_bwd`).
-The custom_vjp (pallas.py, shared with tpu.py) is built on the backend interface pallas.py
-describes, `Settings`, `prepare`, `forward_with_stats` and `backward_to_dh`, so `kernels.block_in`
-can compose this module with norm_swiglu's by swapping the module.
+The custom_vjp, `forward_with_stats` and `backward_to_dh` are pallas.py's, shared with tpu.py,
+over this module's `prepare`, `forward_rows` and `backward_rows` (pallas.py's backend interface),
+so `kernels.block_in` can compose this module with norm_swiglu's by swapping the module.
 
 Design (M = B*T rows; "head" below means one of the H query heads, the key head or the value
 head, H + 2 in all; Kh = max(16, next_power_of_two(K/2)) lanes hold half a head):
@@ -91,7 +91,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels import _gpu
 from kernels._common import current_backend
-from kernels.norm_qkv_rope.pallas import Settings, check_pallas_args, norm_qkv_rope_pallas
+from kernels.norm_qkv_rope import pallas
+from kernels.norm_qkv_rope.pallas import Settings
 from kernels.rope.reference import inv_frequencies
 
 
@@ -452,15 +453,11 @@ def _forward_call(settings: Settings, x2, scale, wq, wk, wv, pos, mean, rstd):
         )(pos, mean, rstd, scale, _frequencies(k, settings.base), x2, wq, wk, wv)
 
 
-def forward_with_stats(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd):
-    """The forward from LayerNorm row statistics (the interface in pallas.py)."""
-    b, t, d = x.shape
-    _, h, k = wq.shape
-    m = b * t
-    q2, k2, v2 = _forward_call(settings, x.reshape(m, d), norm_scale, wq, wk, wv,
-                               positions.astype(jnp.int32).reshape(m), mean.reshape(m),
-                               rstd.reshape(m))
-    return (q2.reshape(b, t, h, k), k2.reshape(b, t, k), v2.reshape(b, t, k)), None
+def forward_rows(settings: Settings, x2, norm_scale, wq, wk, wv, pos, mean, rstd):
+    """The forward on rows (pallas.py's backend interface): q [M, H, K], k, v [M, K]."""
+    m = x2.shape[0]
+    return _forward_call(settings, x2, norm_scale, wq, wk, wv, pos, mean.reshape(m),
+                         rstd.reshape(m))
 
 
 def _bwd_dx_call(settings: Settings, dq, dk, dv, wq, wk, wv, pos):
@@ -548,38 +545,27 @@ def _bwd_dw_call(settings: Settings, x2, scale, mean, rstd, gq, gk, gv, w_dtype)
         )(mean, rstd, scale, x2, gq, gk, gv)
 
 
-def backward_to_dh(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd, saved,
-                   cotangents):
-    """The backward up to the LayerNorm's input cotangent (the interface in pallas.py)."""
-    del saved  # None: the statistics and the inputs are all the backward needs
-    dq, dk, dv = cotangents  # [B, T, H, K], [B, T, K], [B, T, K]
-    b, t, d = x.shape
-    _, h, k = wq.shape
-    m = b * t
-    dq2 = dq.astype(x.dtype).reshape(m, h, k)
-    dk2, dv2 = (c.astype(x.dtype).reshape(m, k) for c in (dk, dv))
-    dh2, gq, gk = _bwd_dx_call(settings, dq2, dk2, dv2, wq, wk, wv,
-                               positions.astype(jnp.int32).reshape(m))
-    dwq, dwk, dwv = _bwd_dw_call(settings, x.reshape(m, d), norm_scale, mean.reshape(m),
-                                 rstd.reshape(m), gq, gk, dv2, wq.dtype)
+def backward_rows(settings: Settings, x2, norm_scale, wq, wk, wv, pos, mean, rstd, dq, dk, dv):
+    """The backward on rows up to the LayerNorm (pallas.py's backend interface)."""
+    m = x2.shape[0]
+    dh2, gq, gk = _bwd_dx_call(settings, dq, dk, dv, wq, wk, wv, pos)
+    dwq, dwk, dwv = _bwd_dw_call(settings, x2, norm_scale, mean.reshape(m), rstd.reshape(m), gq,
+                                 gk, dv, wq.dtype)
     return dh2, (dwq, dwk, dwv)
 
 
 def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 10000.0,
             interpret: Any = None, block_sizes: BlockSizes | None = None) -> Settings:
     """The call's `Settings` (pallas.py); default GPU tiles for the shape."""
-    block_sizes = check_pallas_args(sys.modules[__name__], x, norm_scale, wq, wk, wv, positions,
-                                    block_sizes)
+    block_sizes = pallas.check_pallas_args(sys.modules[__name__], x, norm_scale, wq, wk, wv,
+                                           positions, block_sizes)
     return Settings(eps=float(eps), base=float(base), interpret=_gpu.gpu_interpret(interpret),
                     block_sizes=block_sizes)
 
 
-def norm_qkv_rope_pallas_gpu(x, norm_scale, wq, wk, wv, positions, *, eps: float,
-                             base: float = 10000.0, interpret: Any = None,
-                             block_sizes: BlockSizes | None = None):
-    """The Pallas GPU (Triton) `norm_qkv_rope`: the reference's arguments plus interpret and
-    block_sizes (a `kernels.norm_qkv_rope.gpu.BlockSizes`; None: `get_default`)."""
-    settings = prepare(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base,
-                       interpret=interpret, block_sizes=block_sizes)
-    return norm_qkv_rope_pallas(sys.modules[__name__], settings, x, norm_scale, wq, wk, wv,
-                                positions)
+# The Pallas GPU (Triton) `norm_qkv_rope` (the front door's arguments but impl; block_sizes a
+# `kernels.norm_qkv_rope.gpu.BlockSizes`), and pallas.py's interface functions, on this module's
+# kernels (`kernels.block_in` calls the latter).
+norm_qkv_rope_pallas_gpu = functools.partial(pallas.norm_qkv_rope_pallas, sys.modules[__name__])
+forward_with_stats = functools.partial(pallas.forward_with_stats, sys.modules[__name__])
+backward_to_dh = functools.partial(pallas.backward_to_dh, sys.modules[__name__])

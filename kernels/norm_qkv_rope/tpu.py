@@ -10,8 +10,8 @@ The custom_vjp (pallas.py, shared with gpu.py) is built on three public pieces, 
 `kernels.block_in` also calls to share one LayerNorm between this op and `norm_swiglu`:
 `prepare` (checks, default tiles: `Settings`), `forward_with_stats` (the forward from row
 statistics the caller computed with `kernels._common.row_stats`) and `backward_to_dh` (both
-backward kernels; the caller finishes with `kernels._common.layer_norm_bwd`); pallas.py
-describes them.
+backward kernels; the caller finishes with `kernels._common.layer_norm_bwd`); the latter two are
+pallas.py's over this module's `forward_rows` and `backward_rows` (pallas.py describes them).
 Design notes sit above the kernels; in short: the LayerNorm statistics come from a first pass
 (XLA), each x tile is normalised in the kernel prologue, so the contraction over D may be tiled
 (`block_d` < D: VMEM-bound generations, PaLM-540B) or D-resident (`block_d` = D); column tiles
@@ -85,7 +85,8 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels._common import tpu_interpret
 from kernels._tpu import pallas_call as tpu_pallas_call
 from kernels._tpu import compiler_params, round_up, sublane, tile_bytes, vmem_budget
-from kernels.norm_qkv_rope.pallas import Settings, check_pallas_args, norm_qkv_rope_pallas
+from kernels.norm_qkv_rope import pallas
+from kernels.norm_qkv_rope.pallas import Settings
 from kernels.rope.tpu import frequency_row, rotate_half, write_cos_sin
 
 
@@ -496,15 +497,13 @@ def _forward_call(settings: Settings, x2, scale, wq2, wk, wv, pos2, mean, rstd, 
           x2, wq2, wk, wv)
 
 
-def forward_with_stats(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd):
-    """The forward from LayerNorm row statistics (the interface in pallas.py)."""
-    b, t, d = x.shape
+def forward_rows(settings: Settings, x2, norm_scale, wq, wk, wv, pos, mean, rstd):
+    """The forward on rows (pallas.py's backend interface): q [M, H, K], k, v [M, K]."""
+    d = x2.shape[1]
     _, h, k = wq.shape
-    x2 = x.reshape(b * t, d)  # [M, D]
-    pos2 = positions.astype(jnp.int32).reshape(b * t, 1)
-    q2, k2, v2 = _forward_call(settings, x2, norm_scale, wq.reshape(d, h * k), wk, wv, pos2,
-                               mean, rstd, h)
-    return (q2.reshape(b, t, h, k), k2.reshape(b, t, k), v2.reshape(b, t, k)), None
+    q2, k2, v2 = _forward_call(settings, x2, norm_scale, wq.reshape(d, h * k), wk, wv,
+                               pos.reshape(-1, 1), mean, rstd, h)
+    return q2.reshape(-1, h, k), k2, v2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,36 +706,27 @@ def _bwd_dw_call(settings: Settings, x2, scale, mean, rstd, gq, gk, gv, h: int, 
         )(mean, rstd, scale.reshape(1, d), x2, gq, gk, gv)
 
 
-def backward_to_dh(settings: Settings, x, norm_scale, wq, wk, wv, positions, mean, rstd, saved,
-                   cotangents):
-    """The backward up to the LayerNorm's input cotangent (the interface in pallas.py)."""
-    del saved  # None: the statistics and the inputs are all the backward needs
-    dq, dk, dv = cotangents  # [B, T, H, K], [B, T, K], [B, T, K]
-    b, t, d = x.shape
+def backward_rows(settings: Settings, x2, norm_scale, wq, wk, wv, pos, mean, rstd, dq, dk, dv):
+    """The backward on rows up to the LayerNorm (pallas.py's backend interface)."""
+    m, d = x2.shape
     _, h, k = wq.shape
-    m = b * t
-    x2 = x.reshape(m, d)
-    pos2 = positions.astype(jnp.int32).reshape(m, 1)
-    dq2, dk2, dv2 = (c.astype(x.dtype).reshape(m, -1) for c in (dq, dk, dv))
-    dh2, gq, gk = _bwd_dx_call(settings, dq2, dk2, dv2, wq.reshape(d, h * k), wk, wv, pos2, h)
-    dwq2, dwk, dwv = _bwd_dw_call(settings, x2, norm_scale, mean, rstd, gq, gk, dv2, h, wq.dtype)
+    dh2, gq, gk = _bwd_dx_call(settings, dq.reshape(m, h * k), dk, dv, wq.reshape(d, h * k), wk,
+                               wv, pos.reshape(m, 1), h)
+    dwq2, dwk, dwv = _bwd_dw_call(settings, x2, norm_scale, mean, rstd, gq, gk, dv, h, wq.dtype)
     return dh2, (dwq2.reshape(d, h, k), dwk, dwv)
 
 
 def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 10000.0,
             interpret: Any = None, block_sizes: BlockSizes | None = None) -> Settings:
     """The call's `Settings` (pallas.py); default tiles for the target generation."""
-    block_sizes = check_pallas_args(sys.modules[__name__], x, norm_scale, wq, wk, wv, positions,
-                                    block_sizes)
+    block_sizes = pallas.check_pallas_args(sys.modules[__name__], x, norm_scale, wq, wk, wv,
+                                           positions, block_sizes)
     return Settings(eps=float(eps), base=float(base), interpret=tpu_interpret(interpret),
                     block_sizes=block_sizes)
 
 
-def norm_qkv_rope_pallas_tpu(x, norm_scale, wq, wk, wv, positions, *, eps: float,
-                             base: float = 10000.0, interpret: Any = None,
-                             block_sizes: BlockSizes | None = None):
-    """The Pallas TPU `norm_qkv_rope`: the reference's arguments plus interpret, block_sizes."""
-    settings = prepare(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base,
-                       interpret=interpret, block_sizes=block_sizes)
-    return norm_qkv_rope_pallas(sys.modules[__name__], settings, x, norm_scale, wq, wk, wv,
-                                positions)
+# The Pallas TPU `norm_qkv_rope` (the front door's arguments but impl), and pallas.py's interface
+# functions, on this module's kernels (`kernels.block_in` calls the latter).
+norm_qkv_rope_pallas_tpu = functools.partial(pallas.norm_qkv_rope_pallas, sys.modules[__name__])
+forward_with_stats = functools.partial(pallas.forward_with_stats, sys.modules[__name__])
+backward_to_dh = functools.partial(pallas.backward_to_dh, sys.modules[__name__])
