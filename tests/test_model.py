@@ -251,7 +251,7 @@ def test_peak_table_matches_specific_names_first():
 # --- Bad input. ---
 
 def test_unknown_preset_lists_valid():
-    with pytest.raises(ValueError, match="valid: 8b, 62b, 540b, tiny, demo"):
+    with pytest.raises(ValueError, match="valid: 8b, 62b, 540b, 1b, tiny, demo"):
         palm.preset("7b")
 
 

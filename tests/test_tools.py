@@ -21,6 +21,11 @@ TOOLS = ROOT / "tools"
 
 
 def _run(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command as a user runs it. Without the pytest-xdist worker's variables: a child
+    pytest that inherits PYTEST_XDIST_WORKER (`make test` runs workers) takes itself for one,
+    and pytest-benchmark then refuses --benchmark-only."""
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if not k.startswith("PYTEST_XDIST")}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)
 
