@@ -146,17 +146,19 @@ def check_whole_blocks(block_shape, array_shape, what: str) -> None:
 
 
 def pallas_call(kernel, *, name: str, out_shape, grid, in_specs, out_specs, interpret: bool,
-                num_warps: int, num_stages: int, masked_edges: bool = False):
+                num_warps: int, num_stages: int, masked_edges: bool = False,
+                input_output_aliases: dict[int, int] | None = None):
     """`pl.pallas_call` lowered through Triton, every block shape checked first (native and
     interpreted alike, so CPU tests catch a tile the GPU would refuse or a partial edge block
-    that Triton would not mask); `masked_edges=True` when the kernel masks its edges itself."""
+    that Triton would not mask); `masked_edges=True` when the kernel masks its edges itself;
+    `input_output_aliases` as pl.pallas_call takes it (an output written over an input)."""
     for i, spec in enumerate(jax.tree.leaves(in_specs)):
         check_block_shape(spec.block_shape, f"{name} input {i}")
     for i, spec in enumerate(jax.tree.leaves(out_specs)):
         check_block_shape(spec.block_shape, f"{name} output {i}")
     call = pl.pallas_call(
         kernel, name=name, out_shape=out_shape, grid=grid, in_specs=in_specs,
-        out_specs=out_specs, interpret=interpret,
+        out_specs=out_specs, interpret=interpret, input_output_aliases=input_output_aliases or {},
         compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
     if masked_edges:
         return call

@@ -58,11 +58,12 @@ def _sub_jaxprs(params):
                 yield item
 
 
-def _eqns(jaxpr):
+def jaxpr_eqns(jaxpr):
+    """Every equation of a jaxpr, those inside loops, branches and kernels included."""
     for eqn in jaxpr.eqns:
         yield eqn
         for sub in _sub_jaxprs(eqn.params):
-            yield from _eqns(sub)
+            yield from jaxpr_eqns(sub)
 
 
 def unmasked_accesses(fn, *args) -> dict[str, list[str]]:
@@ -71,9 +72,9 @@ def unmasked_accesses(fn, *args) -> dict[str, list[str]]:
     branches included. The interpreter pads edge blocks and drops writes past an array, so a
     missing mask only shows on a GPU; this finds one on CPU."""
     found = {}
-    for eqn in _eqns(jax.make_jaxpr(fn)(*args).jaxpr):
+    for eqn in jaxpr_eqns(jax.make_jaxpr(fn)(*args).jaxpr):
         if eqn.primitive.name == "pallas_call":
             found[eqn.params["name"]] = sorted({
-                f"{e.primitive.name} {e.invars[0].aval}" for e in _eqns(eqn.params["jaxpr"])
+                f"{e.primitive.name} {e.invars[0].aval}" for e in jaxpr_eqns(eqn.params["jaxpr"])
                 if e.primitive.name in ("get", "swap")})
     return found

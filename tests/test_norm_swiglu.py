@@ -21,7 +21,7 @@ import kernels.norm_swiglu as ns
 from conftest import RaceLog, assert_close, race_log, run
 from kernels._common import layer_norm_f32, matmul_f32, row_stats
 from kernels._tpu import vmem_budget
-from gpu_export import export_for_gpu, triton_kernel_names
+from gpu_export import export_for_gpu, jaxpr_eqns, triton_kernel_names
 from kernels.norm_swiglu import gpu, tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
@@ -394,3 +394,20 @@ def test_export_gpu_forward_and_vjp():
         gates = "_saved" if save_gate_up else ""
         assert names == [f"palm_norm_swiglu_fwd{suffix}", f"palm_norm_swiglu_bwd_gates{gates}",
                          "palm_norm_swiglu_bwd_dx", "palm_norm_swiglu_bwd_dw"]
+
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_saved_gates_backward_writes_over_them(impl):
+    """With save_gate_up, the backward's elementwise kernel writes d_gate and d_up over the
+    saved gate and up (input_output_aliases), so saving them adds no peak memory there."""
+    x, scale, w_gate, w_up = (jnp.ones(s, jnp.float32) for s in ((1, 16, 16), (16,), (16, 32), (16, 32)))
+
+    def grads(x):
+        return jax.grad(lambda x: ns.norm_swiglu(x, scale, w_gate, w_up, eps=1e-6, impl=impl,
+                                                 interpret=True, save_gate_up=True).sum())(x)
+
+    aliases = [e.params["input_output_aliases"] for e in jaxpr_eqns(jax.make_jaxpr(grads)(x).jaxpr)
+               if e.primitive.name == "pallas_call"
+               and e.params["name"] == "palm_norm_swiglu_bwd_gates_saved"]
+    assert aliases == [((0, 0), (1, 1))], aliases

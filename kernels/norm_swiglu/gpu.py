@@ -18,9 +18,8 @@ the reference), and adds its products with the w_gate and w_up slices [bd, bf] i
 Backward, as tpu.py: the forward saves x, the statistics and, with `save_gate_up`, gate and up.
 - `palm_norm_swiglu_bwd_gates`: the forward's grid and loop, recomputing gate and up; the
   epilogue turns the dh tile into d_gate and d_up (x's dtype). `palm_norm_swiglu_bwd_gates_saved`
-  (`save_gate_up`): elementwise on the saved gate and up, grid (M / bt, F / bf), no loop. (It
-  writes new buffers: our `kernels._gpu.pallas_call` takes no `input_output_aliases`, so unlike
-  tpu.py the cotangents do not overwrite gate and up in place.)
+  (`save_gate_up`): elementwise on the saved gate and up, grid (M / bt, F / bf), no loop; as in
+  tpu.py, d_gate and d_up overwrite gate and up in place (`input_output_aliases`).
 - `palm_norm_swiglu_bwd_dx`: dLN [bt, bd] = d_gate·w_gateᵀ + d_up·w_upᵀ, grid (M / bt, D / bd),
   looping over F in bf slices, one float32 accumulator, written in float32.
 - `palm_norm_swiglu_bwd_dw`: d_w_gate, d_w_up [bd, bf] = LN(x)ᵀ·d_gate, LN(x)ᵀ·d_up, grid
@@ -46,7 +45,7 @@ would copy them, 78% larger, on every call at PaLM-540B.
 FLOPs per call at PaLM-8B (M*D*F = 2048 * 4096 * 16384 = 1.37e11): forward 4*M*D*F = 550 GFLOP;
 backward 12*M*D*F = 1649 GFLOP recomputing (8*M*D*F saving). HBM bytes (bf16, each tensor once)
 are tpu.py's: forward 356 MiB (484 saving), backward 1378 MiB (1232 saving; the saved-gates
-kernel writes new buffers, so saving adds 128 MiB to the backward's peak memory here). Tile
+kernel writes over gate and up, so saving adds nothing to the backward's peak memory). Tile
 re-reads: every program reads its rows of x and its columns of both weights in full, so x is
 read F / bf = 128 times (2 GiB) and the weights M / bt = 16 times (4 GiB). Grid axis 0 is
 CUDA's x, the fastest-varying in launch order: the 16 row tiles of one F tile run side by side,
@@ -340,7 +339,9 @@ def bwd_gates_call(x2, mean, rstd, norm_scale, wgp, wup, dhp, settings: Settings
 
 
 def bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
-    """d_gate, d_up [Mp, Fp] from the saved gate and up; grid (row tile, F tile)."""
+    """d_gate, d_up [Mp, Fp] from the saved gate and up; grid (row tile, F tile). They
+    overwrite gate and up in place: each program reads its tiles before writing them, and the
+    saved values are dead after this kernel, so saving them adds no peak memory here."""
     bs = settings.block_sizes
     bt, bf = bs.block_t_bwd, bs.block_f_bwd
     mp, fp = gatep.shape
@@ -355,6 +356,7 @@ def bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
         interpret=settings.interpret,
         num_warps=bs.num_warps_bwd,
         num_stages=bs.num_stages_bwd,
+        input_output_aliases={0: 0, 1: 1},
     )(gatep, upp, dhp)
 
 
