@@ -208,6 +208,11 @@ def layer_norm_bwd(dh: jax.Array, x: jax.Array, scale: jax.Array, mean: jax.Arra
     return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
 
+# dot_general dimension numbers for a·bᵀ (contract both operands' minor axes), in both backends'
+# kernel bodies.
+NT_DIMS = (((1,), (1,)), ((), ()))
+
+
 # Padding to whole tiles, for both backends' wrappers.
 
 

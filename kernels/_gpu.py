@@ -40,6 +40,10 @@ from kernels._common import current_backend
 SHARED_MEMORY_BYTES = 227 * 1024
 
 
+# Streaming multiprocessors of the cards we target (H100 SXM and H200: 132): the programs a
+# grid needs to fill the card in one wave (flash attention's dk/dv split, decoding's splits).
+SM_COUNT = 132
+
 # Triton's dots need every dimension >= 16, so tiles that meet a dot are at least this.
 MIN_BLOCK = 16
 

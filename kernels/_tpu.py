@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 # Re-exported: the TPU modules take their padding helpers from here with the rest.
-from kernels._common import pad2, pad_to, round_up  # noqa: F401
+from kernels._common import NT_DIMS, pad2, pad_to, round_up  # noqa: F401
 
 LANE = 128
 MiB = 2**20
@@ -76,8 +76,6 @@ def vmem_limit(estimate: int, generation: str | None = None) -> int:
     return min(vmem_capacity(generation), max(SCOPED_VMEM, want))
 
 
-# dot_general dimension numbers for a·bᵀ (contract both operands' minor axes).
-NT_DIMS = (((1,), (1,)), ((), ()))
 
 
 def sublane(dtype) -> int:

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import pad2, round_up
+from kernels._common import NT_DIMS, pad2, round_up
 from kernels._gpu import (
     check_block_sizes,
     check_shared_memory,
@@ -82,7 +82,6 @@ from kernels.block_out.pallas import Settings, block_out_pallas
 
 IMPL = "pallas_gpu"
 _F32 = jnp.float32
-_NT = (((1,), (1,)), ((), ()))  # lax.dot_general: a·bᵀ
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +211,7 @@ def _bwd_dact_kernel(dy_ref, wo_ref, w_down_ref, do_ref, dh_ref, *, n_attn: int,
     def product(w_ref):
         def body(k, acc):
             cols = pl.ds(pl.multiple_of(k * block_d, block_d), block_d)
-            return acc + lax.dot_general(dy_ref[:, cols], w_ref[:, cols], _NT,
+            return acc + lax.dot_general(dy_ref[:, cols], w_ref[:, cols], NT_DIMS,
                                          preferred_element_type=_F32)
         return lax.fori_loop(0, n_d, body, jnp.zeros((bt, bc), _F32))
 

@@ -81,6 +81,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from kernels._gpu import (
     MIN_BLOCK,
+    SM_COUNT,
     check_block_sizes,
     check_shared_memory,
     gpu_interpret,
@@ -90,8 +91,6 @@ from kernels._gpu import (
 from kernels.mq_decode_attention.pallas import check_pallas_args, combine_splits
 
 IMPL = "pallas_gpu"
-# Streaming multiprocessors of an H100 SXM (the H200 has the same 132): what num_splits fills.
-NUM_SMS = 132
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +127,7 @@ class BlockSizes:
         block_k = min(max(MIN_BLOCK, 1 << (max(rows, 1).bit_length() - 1)), 128,
                       max(MIN_BLOCK, next_power_of_two(seq_len)))
         tiles = -(-seq_len // block_k)
-        splits = max(1, min(NUM_SMS // max(batch or 1, 1), tiles // 2))
+        splits = max(1, min(SM_COUNT // max(batch or 1, 1), tiles // 2))
         return cls(block_k=block_k, num_splits=splits)
 
 

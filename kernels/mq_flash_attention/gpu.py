@@ -95,9 +95,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels._common import NT_DIMS
 from kernels._gpu import (
     MIN_BLOCK,
     SHARED_MEMORY_BYTES,
+    SM_COUNT,
     check_block_sizes,
     check_shared_memory,
     check_whole_blocks,
@@ -114,9 +116,6 @@ from kernels.mq_flash_attention.pallas import (
 )
 
 IMPL = "pallas_gpu"
-
-# Contract the last dims of both operands: a @ b^T without materialising the transpose.
-NT_DIMS = (((1,), (1,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,10 +406,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dk, dv = lax.fori_loop(lo, hi, step(False), carry)
     dk_ref[...] = (dk * settings.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-# Streaming multiprocessors of an H100 SXM and an H200.
-SM_COUNT = 132
 
 
 def _dkv_splits(programs: int, n_q: int) -> int:

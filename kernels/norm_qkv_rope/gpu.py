@@ -393,11 +393,6 @@ def _frequencies(k: int, base: float) -> jax.Array:
     return jnp.zeros((_half_lanes(k),), jnp.float32).at[:k // 2].set(inv_frequencies(k, base))
 
 
-def _fit(tile: int, n: int) -> int:
-    """A tile no larger than the axis needs (its next power of two, the dot minimum at least)."""
-    return min(tile, max(_gpu.MIN_BLOCK, _gpu.next_power_of_two(n)))
-
-
 def _tiles(settings: Settings, kernel: str, m: int, d: int, wq_shape, dtype):
     """(rows, D tile, Kh) of `kernel` ("forward", "bwd_dx", "bwd_dw") clipped to M and D, once
     its shared memory is checked against a thread block's."""
@@ -406,7 +401,7 @@ def _tiles(settings: Settings, kernel: str, m: int, d: int, wq_shape, dtype):
                              f"norm_qkv_rope {'fwd' if kernel == 'forward' else kernel}")
     rows, depth = ((bs.block_rows, bs.block_d) if kernel == "forward"
                    else (bs.block_rows_bwd, bs.block_d_bwd))
-    return _fit(rows, m), _fit(depth, d), _half_lanes(wq_shape[2])
+    return _gpu.fit_tile(m, rows), _gpu.fit_tile(d, depth), _half_lanes(wq_shape[2])
 
 
 def _forward_call(settings: Settings, x2, scale, wq, wk, wv, pos, mean, rstd):

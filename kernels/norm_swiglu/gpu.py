@@ -81,7 +81,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import layer_norm_rows, pad2, pad_to, round_up
+from kernels._common import NT_DIMS, layer_norm_rows, pad2, pad_to, round_up
 from kernels._gpu import (
     check_block_sizes,
     check_shared_memory,
@@ -95,8 +95,7 @@ from kernels.norm_swiglu import pallas
 from kernels.norm_swiglu.reference import swiglu_bwd
 
 _F32 = jnp.float32
-# lax.dot_general dimension numbers: contract the last axes (a·bᵀ), the first axes (aᵀ·b).
-_NT = (((1,), (1,)), ((), ()))
+# lax.dot_general dimension numbers contracting the first axes (aᵀ·b); NT_DIMS is a·bᵀ.
 _TN = (((0,), (0,)), ((), ()))
 
 
@@ -240,9 +239,9 @@ def _bwd_dx_kernel(dgate_ref, dup_ref, wg_ref, wu_ref, dxn_ref, *, n_f: int, blo
 
     def body(k, acc):
         cols = pl.ds(pl.multiple_of(k * block_f, block_f), block_f)
-        acc += lax.dot_general(dgate_ref[:, cols], wg_ref[:, cols], _NT,
+        acc += lax.dot_general(dgate_ref[:, cols], wg_ref[:, cols], NT_DIMS,
                                preferred_element_type=_F32)
-        acc += lax.dot_general(dup_ref[:, cols], wu_ref[:, cols], _NT,
+        acc += lax.dot_general(dup_ref[:, cols], wu_ref[:, cols], NT_DIMS,
                                preferred_element_type=_F32)
         return acc
 
