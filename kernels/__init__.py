@@ -6,8 +6,11 @@ input side); `block_out` is its output side. One package per kernel, `kernels/<n
 `kernels.rope(x, positions)` calls it, `kernels.rope.BlockSizes` is its TPU tiling (see
 `kernels._common.KernelPackage`).
 
-Every public kernel takes `impl="auto" | "xla" | "pallas_tpu" | "pallas_gpu"` and
-`interpret=None | False | True | params`; see `kernels._common.resolve_impl`.
+Every public kernel takes `impl="auto" | "xla" | "pallas_tpu" | "pallas_gpu" |
+"pallas_mosaic_gpu"` and `interpret=None | False | True | params`; see
+`kernels._common.resolve_impl`. `pallas_gpu` is Pallas lowered through Triton;
+`pallas_mosaic_gpu` is Pallas lowered through Mosaic GPU (Hopper), which `mq_flash_attention`'s
+forward has so far, every other kernel running its Triton version under that name.
 """
 
 from kernels import (

@@ -25,7 +25,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu")
+
+# `impl="pallas_mosaic_gpu"` asks for the Mosaic GPU (Hopper) kernels; a kernel that has none
+# yet runs its Triton one, so a whole model can be asked for it.
+_FALLBACK = {"pallas_mosaic_gpu": "pallas_gpu"}
 
 _target = threading.local()
 
@@ -89,8 +93,11 @@ def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -
     """Looks a resolved Pallas `impl` up in a kernel's table, with an error naming what exists.
 
     The `xla` reference twins are called directly by each front door: they take no `interpret`
-    or block sizes, which every Pallas entry in `table` does.
+    or block sizes, which every Pallas entry in `table` does. `pallas_mosaic_gpu` runs the
+    kernel's `pallas_gpu` entry where it has no Mosaic GPU one (`_FALLBACK`).
     """
+    if impl not in table and _FALLBACK.get(impl) in table:
+        return table[_FALLBACK[impl]]
     if impl not in table:
         have = ", ".join(["xla", *sorted(table)])
         raise NotImplementedError(f"{name}: impl={impl!r} is not implemented yet (have: {have})")

@@ -1,14 +1,18 @@
-"""What the Pallas GPU kernels (`impl="pallas_gpu"`) share: the Triton lowering's compiler
-parameters and its block-shape rule, interpret resolution, and the card's shared-memory budget.
+"""What the Pallas GPU kernels (`impl="pallas_gpu"`, `"pallas_mosaic_gpu"`) share: the Triton
+lowering's compiler parameters and its block-shape rule, interpret resolution (both
+lowerings), and the card's shared-memory budget.
 
 Pallas has two GPU lowerings. Mosaic GPU is jax's default since 0.10 and the faster one on
-Hopper, but its CPU interpreter only takes whole-array blocks (../shared/JAX_NOTES.md), so its
-kernels can only be checked on a GPU. The Triton lowering, chosen by passing Triton compiler
-parameters, runs under `interpret=True` on CPU, so the same hypothesis suite that checks the
-TPU kernels checks these here; and exporting for CUDA from a CPU machine runs the whole
-Pallas-to-Triton lowering (tests/gpu_export.py), which rejects what a GPU would (non power-of-two
-blocks, unsupported operations) before any GPU is involved. jax 0.11 deprecates the Triton
-lowering (warning `jax-pallas-triton`); it still lowers and runs there.
+Hopper (TMA, wgmma, warp specialisation); its CPU interpreter runs real kernels from jax 0.11
+on (`mosaic_gpu_interpret_params`; jax 0.10's only took whole-array blocks), and exporting for
+CUDA from CPU runs its whole lowering on both. The Triton lowering, chosen by passing Triton
+compiler parameters, runs under `interpret=True` on CPU on both jax versions, so the same
+hypothesis suite that checks the TPU kernels checks these here; and exporting for CUDA from a
+CPU machine runs the whole Pallas-to-Triton lowering (tests/gpu_export.py), which rejects what
+a GPU would (non power-of-two blocks, unsupported operations) before any GPU is involved. jax
+0.11 deprecates the Triton lowering (warning `jax-pallas-triton`); it still lowers and runs
+there. Most kernels here are Triton (`impl="pallas_gpu"`); Mosaic GPU ones are
+`impl="pallas_mosaic_gpu"`.
 
 Rules every kernel here follows, because interpret mode does not enforce them:
   - every block dimension, and every array a kernel body computes, has a power-of-two size
@@ -106,6 +110,20 @@ def gpu_interpret(interpret: Any) -> bool:
     raise ValueError(
         f"pallas_gpu: interpret must be None, True or False, got {interpret!r} (TPU "
         "InterpretParams are for impl='pallas_tpu')")
+
+
+def mosaic_gpu_interpret_params():
+    """What a Mosaic GPU kernel (`plgpu.kernel`) gets to run interpreted on CPU: the Mosaic GPU
+    interpreter, which simulates shared memory, TMA, barriers, wgmma and the warpgroups as
+    threads. jax 0.10 has none that runs kernels with windows (JAX_NOTES.md); this is the one
+    place that knows."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not hasattr(plgpu, "InterpretGPUParams"):
+        raise NotImplementedError(
+            f"interpreting a Mosaic GPU kernel needs jax >= 0.11 (its Mosaic GPU interpreter); "
+            f"this is jax {jax.__version__}: run it natively on a GPU")
+    return plgpu.InterpretGPUParams()
 
 
 def is_power_of_two(n: int) -> bool:

@@ -295,7 +295,8 @@ def forward(params: dict, tokens: jax.Array, config: Config, *, impl: str = "aut
       params: the nested dict from `init` (any float dtype; cast to `config.dtype` inside).
       tokens: int [B, T] token ids, T <= config.max_seq_len.
       config: the model configuration.
-      impl: kernel implementation, "auto" | "xla" | "pallas_tpu" | "pallas_gpu".
+      impl: kernel implementation, "auto" | "xla" | "pallas_tpu" | "pallas_gpu" |
+        "pallas_mosaic_gpu" (kernels.IMPLS).
       mesh: None (one device), or a ("data", "model") mesh from `palm.sharding.make_mesh`:
         the layers then run under `jax.shard_map`, batch over "data", heads and F over
         "model", weights FSDP over "data" (see `_sharded_logits`).

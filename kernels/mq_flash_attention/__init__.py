@@ -9,7 +9,8 @@ the logsumexp it saves and a hand-written backward (reference.py); the Pallas TP
 attention kernels with their tiling (`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and
 design notes (tpu.py); the Pallas GPU (Triton) kernels, `impl="pallas_gpu"`, with the same
 residuals and backward decomposition, their own tiling (`gpu.BlockSizes`, num_warps/num_stages,
-`gpu.shared_memory_bytes`) and design notes (gpu.py); what both Pallas backends share, the
+`gpu.shared_memory_bytes`) and design notes (gpu.py); the Mosaic GPU (Hopper) forward with the Triton backward,
+`impl="pallas_mosaic_gpu"`, its `mgpu.BlockSizes` and design notes (mgpu.py); what both Pallas backends share, the
 argument checks, the padding and the custom_vjp over a backend module, with the interface a
 backend provides (pallas.py).
 """
@@ -24,18 +25,20 @@ from kernels.mq_flash_attention.reference import (
     mq_flash_attention_reference_bwd,
     mq_flash_attention_reference_lse,
 )
-from kernels.mq_flash_attention import gpu
+from kernels.mq_flash_attention import gpu, mgpu
 from kernels.mq_flash_attention.gpu import mq_flash_attention_pallas_gpu
+from kernels.mq_flash_attention.mgpu import mq_flash_attention_pallas_mosaic_gpu
 from kernels.mq_flash_attention.tpu import BlockSizes, mq_flash_attention_pallas_tpu, vmem_bytes
 
-__all__ = ["BlockSizes", "gpu", "mq_flash_attention", "mq_flash_attention_reference",
+__all__ = ["BlockSizes", "gpu", "mgpu", "mq_flash_attention", "mq_flash_attention_reference",
            "mq_flash_attention_reference_bwd", "mq_flash_attention_reference_lse",
            "vmem_bytes"]
 
 
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
 _PALLAS = {"pallas_tpu": mq_flash_attention_pallas_tpu,
-           "pallas_gpu": mq_flash_attention_pallas_gpu}
+           "pallas_gpu": mq_flash_attention_pallas_gpu,
+           "pallas_mosaic_gpu": mq_flash_attention_pallas_mosaic_gpu}
 
 
 def mq_flash_attention(
@@ -57,7 +60,8 @@ def mq_flash_attention(
       causal: mask key columns after each query row (top-left aligned, see module docstring).
       sm_scale: logit scale; None means 1/sqrt(K).
       impl, interpret, block_sizes: see `kernels.rope.rope`; block_sizes is a `BlockSizes`
-        (tpu.py's) for pallas_tpu, a `gpu.BlockSizes` for pallas_gpu.
+        (tpu.py's) for pallas_tpu, a `gpu.BlockSizes` for pallas_gpu, an `mgpu.BlockSizes`
+        for pallas_mosaic_gpu.
 
     Returns:
       [B, T, H, K] in q's dtype.

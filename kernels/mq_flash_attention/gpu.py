@@ -221,7 +221,7 @@ def _visible(settings: Settings, row0, col0, rows: int, cols: int, transposed: b
     return ok
 
 
-def _key_ranges(settings: Settings, row0, bq: int, bk: int):
+def key_ranges(settings: Settings, row0, bq: int, bk: int):
     """(n_full, n_visible, any_masked) for a query tile starting at row0 walking key tiles of
     bk: tiles [0, n_full) need no mask, [n_full, n_visible) do, later ones are invisible.
 
@@ -294,7 +294,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, settings: Settings, n_ti
 
     carry = (jnp.zeros((bq, kp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    n_full, n_vis, any_masked = _key_ranges(settings, row0, bq, bk)
+    n_full, n_vis, any_masked = key_ranges(settings, row0, bq, bk)
     carry = lax.fori_loop(0, n_full, step(False), carry)
     if any_masked:
         carry = lax.fori_loop(n_full, n_vis, step(True), carry)
@@ -478,7 +478,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, setti
         return body
 
     dq = jnp.zeros((bq, kp), jnp.float32)
-    n_full, n_vis, any_masked = _key_ranges(settings, row0, bq, bk)
+    n_full, n_vis, any_masked = key_ranges(settings, row0, bq, bk)
     dq = lax.fori_loop(0, n_full, step(False), dq)
     if any_masked:
         dq = lax.fori_loop(n_full, n_vis, step(True), dq)

@@ -1,0 +1,336 @@
+"""The Mosaic GPU `mq_flash_attention` forward (Hopper: TMA, wgmma, warp specialisation), with
+gpu.py's Triton backward: `impl="pallas_mosaic_gpu"`.
+
+Why a second GPU forward: Triton's dots on Hopper cannot keep a K = 256 accumulator and a
+software pipeline deep enough to hide HBM at once, while Mosaic GPU lets a kernel split its
+warpgroups by role (FlashAttention-3, Shah et al. 2024): one producer warpgroup only issues TMA
+copies of K/V tiles into a ring of shared-memory buffers, and the consumer warpgroups only run
+wgmma and the softmax, so loads and math overlap without registers spent on addresses.
+
+Same math and residuals as gpu.py (the design and the row fold are in tpu.py and pallas.py):
+q [B, T, H, K] viewed as [B, T*H, K], row r = t*H + h, one K/V tile serving all H heads of a
+query tile; causal is top-left aligned (row r sees key s iff r >= s*H); the forward saves
+lse [B, R] f32 (natural log of the row's sum of exp(scaled logits)). The backward is gpu.py's
+dk/dv and dq kernels on these residuals, through pallas.py's custom_vjp.
+
+  * grid (T*H / block_q, B), one thread block per query tile of block_q rows, causal tiles
+    longest first; `block_q // 64` consumer warpgroups of 64 rows (wgmma's M) and one producer.
+  * producer: copies K and V tile j into ring slot j % kv_buffers (TMA, `k_ready`/`v_ready`
+    barriers), first waiting until every consumer has released what the slot held
+    (`k_free`/`v_free`, one arrival per consumer).
+  * consumer: its q tile [64, Kp] by TMA once, then per key tile: s = q k^T (wgmma, f32
+    [64, block_k]), the online softmax in base 2 (the scale and log2(e) folded into one
+    multiply), acc = acc * alpha + p v (wgmma accumulating into the f32 [64, Kp] acc); o and
+    lse leave through shared memory by TMA. A consumer whose rows see fewer key tiles than the
+    thread block's last rows still waits for and releases the remaining slots, so that no
+    consumer can release a slot twice before the other has released it once.
+  * causal: tiles wholly visible run an unmasked loop; the tiles crossing the diagonal (and the
+    one holding the last real key when S is not a multiple of block_k) a masked one.
+
+Shapes: K is zero-padded to a power of two >= 64 (the 128-byte swizzle's 64 bf16 columns and
+gpu.py's power-of-two rule), at most 256 (registers: the acc is 128 per thread at 256); rows
+and keys are zero-padded to whole tiles by pallas.py. bf16 or f16 only (wgmma's operands here).
+
+Budget at PaLM's K = 256, bf16, block_q = 128, block_k = 64, kv_buffers = 2: shared memory q
+2 x 64 x 256 x 2 = 64 KiB, the K/V ring 2 x 2 x 64 x 256 x 2 = 128 KiB, lse 512 B: 192.5 KiB
+of 227 KiB. Registers: consumers raise theirs to 232 per thread (acc 128, s 32, p 16, the
+statistics and addresses), the producer lowers to 40: 2 x 232 + 40 = 504 x 128 threads fits
+the 64 K-register file. FLOPs and bytes as gpu.py's forward.
+
+What CPU checks cover: on jax >= 0.11 the Mosaic GPU interpreter runs this kernel on CPU
+(TMA, barriers, wgmma, the three warpgroups as threads), so the hypothesis suite checks it
+against the reference. The one step that interpreter cannot run, p @ v as a wgmma from
+registers accumulating into acc (`pl.run_state`), is a plain dot there (`_accumulate_pv`), the
+same sum. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering
+(layouts, transforms, wgmma shapes) on both jax versions. Not covered: PTX compilation,
+register allocation and speed, which the device script (tools/gpu_check.sh) measures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, gpu_interpret
+from kernels._gpu import mosaic_gpu_interpret_params, next_power_of_two
+from kernels.mq_flash_attention import gpu
+from kernels.mq_flash_attention.gpu import backward_dkv, backward_dq  # noqa: F401 (interface)
+from kernels.mq_flash_attention.pallas import MASK_VALUE, Settings, mq_flash_attention_pallas
+
+IMPL = "pallas_mosaic_gpu"
+
+# wgmma's M: the rows one consumer warpgroup owns.
+WG_ROWS = 64
+# Registers per thread after `set_max_registers` (a multiple of 8, 24..256): consumers hold the
+# [64, 256] f32 acc (128), the scores and probabilities; the producer only issues copies.
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
+# The largest padded head dim: the acc takes Kp / 2 registers per thread.
+MAX_HEAD_DIM = 256
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes(gpu.BlockSizes):
+    """gpu.BlockSizes (the Triton backward's tiles and warps) whose forward tiles drive the
+    Mosaic GPU forward: block_q 64 or 128 rows (one or two consumer warpgroups), block_k 64 or
+    128 keys; `kv_buffers` is the depth of the K/V ring in shared memory (>= 2, so that one
+    tile loads while another is used)."""
+
+    kv_buffers: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.block_q not in (WG_ROWS, 2 * WG_ROWS):
+            raise ValueError(f"BlockSizes: block_q={self.block_q} must be 64 or 128 (one or two "
+                             "consumer warpgroups of wgmma's 64 rows)")
+        if self.block_k not in (64, 128):
+            raise ValueError(f"BlockSizes: block_k={self.block_k} must be 64 or 128")
+        if not (isinstance(self.kv_buffers, int) and self.kv_buffers >= 2):
+            raise ValueError(f"BlockSizes: kv_buffers={self.kv_buffers!r} must be an int >= 2")
+
+    @classmethod
+    def get_default(cls, *, q_len: int, kv_len: int, num_heads: int, head_dim: int,
+                    dtype: Any) -> BlockSizes:
+        """gpu.py's tiles for the backward; forward 128 x 64 with as many K/V buffers (<= 4)
+        as shared memory holds (2 at K = 256, 4 at K <= 128), shrunk to the problem."""
+        backward = gpu.BlockSizes.get_default(q_len=q_len, kv_len=kv_len, num_heads=num_heads,
+                                              head_dim=head_dim, dtype=dtype)
+        blocks = cls(**{**dataclasses.asdict(backward), "block_q": 2 * WG_ROWS, "block_k": 64})
+        blocks = blocks.fit(q_len * num_heads, kv_len)
+        for buffers in (4, 3):
+            deeper = dataclasses.replace(blocks, kv_buffers=buffers)
+            if forward_shared_memory_bytes(deeper, head_dim) <= SHARED_MEMORY_BYTES:
+                return deeper
+        return blocks
+
+    def fit(self, rows: int, kv_len: int) -> BlockSizes:
+        """gpu.BlockSizes.fit, the forward tiles kept at the Mosaic kernel's smallest (64)."""
+        fitted = super().fit(rows, kv_len)
+        return dataclasses.replace(fitted, block_q=max(WG_ROWS, fitted.block_q),
+                                   block_k=max(64, fitted.block_k))
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """K as the kernels see it: a power of two >= 64 (the swizzled tile's width, and gpu.py's
+    rule for the backward), zero-padded."""
+    return max(64, next_power_of_two(head_dim))
+
+
+def forward_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
+    """The forward's shared memory (2-byte operands): q tiles, the K/V ring, lse tiles."""
+    kp = padded_head_dim(head_dim)
+    return (2 * blocks.block_q * kp + blocks.kv_buffers * 2 * 2 * blocks.block_k * kp
+            + 4 * blocks.block_q)
+
+
+def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
+    """The forward's limits (dtype, head dim), then every kernel's shared memory: this forward's
+    and gpu.py's backward kernels'."""
+    if jnp.dtype(dtype) not in _DTYPES:
+        raise ValueError(f"mq_flash_attention: impl={IMPL!r} takes bfloat16 or float16 (wgmma "
+                         f"operands), got {jnp.dtype(dtype).name}; use impl='pallas_gpu'")
+    if padded_head_dim(head_dim) > MAX_HEAD_DIM:
+        raise ValueError(f"mq_flash_attention: impl={IMPL!r} takes head dims up to "
+                         f"{MAX_HEAD_DIM} (the f32 accumulator's registers), got {head_dim}")
+    sizes = {**gpu.shared_memory_bytes(blocks, head_dim, dtype),
+             "forward": forward_shared_memory_bytes(blocks, head_dim)}  # not Triton's forward
+    for kernel, size in sizes.items():
+        check_shared_memory(size, f"palm_mq_flash_attention {kernel} ({blocks}, K={head_dim}, "
+                                  f"{jnp.dtype(dtype).name}, impl={IMPL!r})")
+
+
+def forward(q, k, v, settings: Settings):
+    """q [B, R, Kp] (folded, padded), k/v [B, Sp, Kp] -> o [B, R, Kp], lse f32 [B, R]."""
+    batch, rows, kp = q.shape
+    blocks = settings.blocks
+    consumers = blocks.block_q // WG_ROWS
+    n_tiles = rows // blocks.block_q
+    # Swizzled 128-byte rows of 64 two-byte elements: the layout TMA writes and wgmma reads.
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+        (plgpu.SMEM((consumers, WG_ROWS, kp), q.dtype, transforms=transforms),  # q, then o
+         plgpu.SMEM((blocks.kv_buffers, blocks.block_k, kp), k.dtype, transforms=transforms),
+         plgpu.SMEM((blocks.kv_buffers, blocks.block_k, kp), v.dtype, transforms=transforms),
+         plgpu.SMEM((consumers, WG_ROWS), jnp.float32)),  # lse
+        (plgpu.Barrier(num_barriers=blocks.kv_buffers),  # k_ready
+         plgpu.Barrier(num_barriers=blocks.kv_buffers),  # v_ready
+         plgpu.Barrier(num_barriers=consumers)),  # q_ready
+        (plgpu.Barrier(num_arrivals=consumers, num_barriers=blocks.kv_buffers),) * 2,  # free
+    )
+    interpret = mosaic_gpu_interpret_params() if settings.interpret else None
+
+    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+        pl.run_scoped(
+            lambda *scoped: _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scoped,
+                                            settings=settings, n_tiles=n_tiles,
+                                            interpret=interpret is not None),
+            *scratch, collective_axes="wg")
+
+    with jax.named_scope(f"palm_mq_flash_attention_fwd_mosaic bq={blocks.block_q} "
+                         f"bk={blocks.block_k} buffers={blocks.kv_buffers} "
+                         f"H={settings.num_heads} causal={settings.causal}"):
+        return plgpu.kernel(
+            entry,
+            out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                      jax.ShapeDtypeStruct((batch, rows), jnp.float32)),
+            grid=(n_tiles, batch),
+            grid_names=("tile", "batch"),
+            num_threads=consumers + 1,
+            thread_name="wg",
+            compiler_params=plgpu.CompilerParams(approx_math=True),
+            interpret=interpret,
+            kernel_name="palm_mq_flash_attention_fwd_mosaic",
+        )(q, k, v)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
+                    settings: Settings, n_tiles: int, interpret: bool):
+    q_smem, k_smem, v_smem, lse_smem = smem
+    k_ready, v_ready, q_ready = ready
+    k_free, v_free = free
+    blocks = settings.blocks
+    bk, buffers = blocks.block_k, blocks.kv_buffers
+    consumers = blocks.block_q // WG_ROWS
+    batch = lax.axis_index("batch")
+    tile = lax.axis_index("tile")
+    tile = n_tiles - 1 - tile if settings.causal else tile  # causal: longest tiles first
+    tile_row0 = tile * blocks.block_q
+    wg = lax.axis_index("wg")
+    # The thread block's last consumer holds its last rows, which see the most key tiles.
+    _, tile_steps, _ = gpu.key_ranges(settings, tile_row0 + (consumers - 1) * WG_ROWS,
+                                       WG_ROWS, bk)
+
+    def slot_of(step):
+        return lax.rem(step, jnp.int32(buffers))
+
+    def keys(ref, step):
+        return ref.at[batch, pl.ds(step * bk, bk)]
+
+    @pl.when(wg == consumers)
+    def _producer():
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+        @pl.loop(0, tile_steps)
+        def _load(step):
+            slot = slot_of(step)
+
+            @pl.when(step >= buffers)  # the slot held step - buffers: wait for its release
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(keys(k_ref, step), k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(keys(v_ref, step), v_smem.at[slot], v_ready.at[slot])
+
+        # The last releases, so that every phase of the free barriers is observed before the
+        # scratch goes away (the interpreter checks that; on the GPU it costs an idle wait).
+        @pl.loop(jnp.maximum(tile_steps - buffers, 0), tile_steps)
+        def _drain(step):
+            plgpu.barrier_wait(k_free.at[slot_of(step)])
+            plgpu.barrier_wait(v_free.at[slot_of(step)])
+
+    @pl.when(wg < consumers)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        row0 = tile_row0 + wg * WG_ROWS
+        q_tile, lse_tile = q_smem.at[wg], lse_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, WG_ROWS)], q_tile, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        kp = q_tile.shape[-1]
+        # Base-2 online softmax: m is kept in log2 units, so exp2(s * c - m) is one FMA away.
+        log2_scale = settings.sm_scale * math.log2(math.e)
+
+        def step(masked: bool):
+            def body(j, carry):
+                acc, m_prev, l_prev = carry
+                slot = slot_of(j)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def scores(s_ref):
+                    plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                    return s_ref[...]
+
+                s = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * log2_scale
+                if masked:
+                    s = jnp.where(_visible(settings, row0, j * bk, bk), s, MASK_VALUE)
+                # Key 0 is visible to every row, so m is finite after the first tile and a
+                # masked entry later gets exp2(MASK - m) = 0.
+                m_next = jnp.maximum(m_prev, s.max(axis=1))
+                alpha = jnp.exp2(m_prev - m_next)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
+                l_next = l_prev * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_ready.at[slot])
+                acc = _accumulate_pv(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_next, l_next
+            return body
+
+        carry = (plgpu.layout_cast(jnp.zeros((WG_ROWS, kp), jnp.float32), plgpu.Layout.WGMMA),
+                 plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32),
+                                   plgpu.Layout.WGMMA.reduce(1)),
+                 plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32),
+                                   plgpu.Layout.WGMMA.reduce(1)))
+        n_full, n_vis, any_masked = gpu.key_ranges(settings, row0, WG_ROWS, bk)
+        carry = lax.fori_loop(0, n_full, step(False), carry)
+        if any_masked:
+            carry = lax.fori_loop(n_full, n_vis, step(True), carry)
+        acc, m, l = carry
+
+        # The slots of key tiles only later rows of this thread block see: waited for and
+        # released in order, so this consumer never runs a phase ahead of the other.
+        @pl.loop(n_vis, tile_steps)
+        def _release(j):
+            slot = slot_of(j)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+
+        q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q_tile.dtype)
+        lse_tile[...] = (m + jnp.log2(l)) * math.log(2.0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(row0, WG_ROWS)])
+        plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch, pl.ds(row0, WG_ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _accumulate_pv(acc, p, v_tile, interpret: bool):
+    """acc + p @ v_tile, f32. Natively wgmma accumulates into acc's registers (`pl.run_state`
+    over the accumulator, p from registers). The Mosaic GPU interpreter has neither
+    `run_state` nor wgmma from registers, so there it is a plain dot (the same sum)."""
+    if interpret:
+        return acc + jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_tile))(plgpu.ACC.init(acc))
+
+
+def _visible(settings: Settings, row0, col0, bk: int):
+    """gpu.py's visibility mask ([64, bk]: causal, and key < S) in wgmma's register layout."""
+    r = row0 + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
+    c = col0 + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+    ok = c < settings.kv_len
+    if settings.causal:
+        ok = jnp.logical_and(ok, r >= c * settings.num_heads)
+    return ok
+
+
+def mq_flash_attention_pallas_mosaic_gpu(q, k, v, *, causal=True, sm_scale=None, interpret=None,
+                                         block_sizes: BlockSizes | None = None) -> jax.Array:
+    """The Mosaic GPU forward with the Triton backward (module docstring), differentiable:
+    the front door's arrays and settings, block_sizes this module's `BlockSizes` (None: sized
+    for an H100/H200) and interpret None or a bool (True: the Mosaic GPU interpreter for the
+    forward, jax >= 0.11, and the generic Pallas interpreter for the backward)."""
+    return mq_flash_attention_pallas(sys.modules[__name__], q, k, v, causal=causal,
+                                     sm_scale=sm_scale, interpret=gpu_interpret(interpret),
+                                     block_sizes=block_sizes)
