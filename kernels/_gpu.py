@@ -112,18 +112,27 @@ def gpu_interpret(interpret: Any) -> bool:
         "InterpretParams are for impl='pallas_tpu')")
 
 
-def mosaic_gpu_interpret_params():
-    """What a Mosaic GPU kernel (`plgpu.kernel`) gets to run interpreted on CPU: the Mosaic GPU
-    interpreter, which simulates shared memory, TMA, barriers, wgmma and the warpgroups as
-    threads. jax 0.10 has none that runs kernels with windows (JAX_NOTES.md); this is the one
-    place that knows."""
+def mosaic_gpu_interpret(interpret: Any):
+    """What a Mosaic GPU kernel (`plgpu.kernel(interpret=...)`) gets: False (native), or the
+    Mosaic GPU interpreter's parameters, which simulate shared memory, TMA, barriers, wgmma
+    and the warpgroups as threads on CPU.
+
+    None, True and False as `gpu_interpret`; a `plgpu.InterpretGPUParams` (e.g. with
+    detect_races=True) is used as it is. jax 0.10 has no interpreter that runs kernels with
+    windows (JAX_NOTES.md): this is the one place that knows.
+    """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if not hasattr(plgpu, "InterpretGPUParams"):
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is not None and isinstance(interpret, params):
+        return interpret
+    if not gpu_interpret(interpret):
+        return False
+    if params is None:
         raise NotImplementedError(
             f"interpreting a Mosaic GPU kernel needs jax >= 0.11 (its Mosaic GPU interpreter); "
             f"this is jax {jax.__version__}: run it natively on a GPU")
-    return plgpu.InterpretGPUParams()
+    return params()
 
 
 def is_power_of_two(n: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import dataclasses
 import os
 
@@ -84,50 +85,56 @@ def assert_close(actual, expected, dtype, *, factor: float = 1.0, what: str = ""
 
 
 class RaceLog:
-    """Every race-detection state the TPU interpreter creates while it is entered.
+    """Every race-detection state the TPU and Mosaic GPU interpreters create while it is
+    entered.
 
-    The interpreter (`pltpu.InterpretParams(detect_races=True)`) keeps its race state in a
-    module global that each kernel call replaces, so looking at it after a test would judge
-    only the last kernel run (a vjp runs three or four). This records each state as it is
-    created instead. On a clean exit it asserts that race detection really ran (some kernel
-    had its memory accesses checked: the interpreter creates a state for every call, checked
-    or not, so a created state proves nothing) and found no race; `check=False` leaves the
-    judging to the caller (the planted-race test).
+    The interpreters (`pltpu.InterpretParams(detect_races=True)`,
+    `plgpu.InterpretGPUParams(detect_races=True)`) keep their race state in a module global
+    that each kernel call replaces, so looking at it after a test would judge only the last
+    kernel run (a vjp runs three or four). This records each state as it is created instead.
+    On a clean exit it asserts that race detection really ran (some kernel had its memory
+    accesses checked: the interpreter creates a state for every call, checked or not, so a
+    created state proves nothing) and found no race; `check=False` leaves the judging to the
+    caller (the planted-race test).
 
-    Private API (`jax._src.pallas.mosaic.interpret.interpret_pallas_call`, jax 0.10 and 0.11):
-    if it moves, the recorded list stays empty and the exit check fails, on purpose, rather
-    than every race case passing without a detector.
+    Private API (`jax._src.pallas.mosaic.interpret.interpret_pallas_call`, jax 0.10 and 0.11;
+    `jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks`, jax 0.11): if it moves, the recorded
+    list stays empty and the exit check fails, on purpose, rather than every race case passing
+    without a detector.
 
         with RaceLog():
             out = kernel(..., interpret=pltpu.InterpretParams(detect_races=True))
     """
 
+    # (module, class name) of each interpreter's race-detection state.
+    _STATES = (("jax._src.pallas.mosaic.interpret.interpret_pallas_call", "RaceDetectionState"),
+               ("jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks", "GPURaceDetectionState"))
+
     def __init__(self, *, check: bool = True):
         self.check = check
         self.states: list = []
-        self._monkeypatch = None
+        self._monkeypatch = pytest.MonkeyPatch()
 
     def __enter__(self) -> "RaceLog":
-        try:
-            from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-        except ImportError:
-            return self
-        original = getattr(ipc, "RaceDetectionState", None)
-        if original is None:
-            return self
+        for module_name, name in self._STATES:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            original = getattr(module, name, None)
+            if original is not None:
+                self._monkeypatch.setattr(module, name, self._recording(original))
+        return self
 
+    def _recording(self, original):
         def recording(*args, **kwargs):
             state = original(*args, **kwargs)
             self.states.append(state)
             return state
-
-        self._monkeypatch = pytest.MonkeyPatch()
-        self._monkeypatch.setattr(ipc, "RaceDetectionState", recording)
-        return self
+        return recording
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._monkeypatch is not None:
-            self._monkeypatch.undo()
+        self._monkeypatch.undo()
         if exc_type is None and self.check:
             self.assert_clean()
 
@@ -145,7 +152,7 @@ class RaceLog:
             f"race detection was asked for but checked no kernel ({len(self.states)} "
             "interpreter states recorded; has jax's private race-detection API moved?)")
         assert not self.races_found, (
-            f"the TPU interpreter found a data race in one of {self.kernels_checked} kernel "
+            f"the interpreter found a data race in one of {self.kernels_checked} kernel "
             "calls (its RACE DETECTED report is in the captured stdout)")
 
 

@@ -1,9 +1,11 @@
-"""Exporting for an NVIDIA GPU from a CPU machine: runs the Pallas-to-Triton lowering.
+"""Exporting for an NVIDIA GPU from a CPU machine: runs the Pallas-to-Triton and
+Pallas-to-Mosaic-GPU lowerings.
 
-The Triton custom call has no compatibility guarantee, so export refuses it unless that check
-is disabled; jax 0.11 also asks which GPU is targeted (an abstract mesh names it). What runs is
-the whole lowering to Triton IR, which rejects non power-of-two arrays and unsupported
-operations; only the GPU's compile of that IR to PTX is skipped.
+The Triton and Mosaic GPU custom calls have no compatibility guarantee, so export refuses them
+unless those checks are disabled; jax 0.11 also asks which GPU is targeted (an abstract mesh
+names it). What runs is the whole lowering to Triton IR (which rejects non power-of-two arrays
+and unsupported operations) or to the Mosaic GPU module (which checks layouts, shared-memory
+transforms and wgmma shapes); only the GPU's compile to PTX is skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kernels import target_backend
 
 H100 = "NVIDIA H100 80GB HBM3"
 _TRITON_CALL = "__gpu$xla.gpu.triton"
+_MOSAIC_GPU_CALL = "mosaic_gpu_v2"
 
 
 @contextlib.contextmanager
@@ -33,15 +36,22 @@ def export_for_gpu(fn, *args, device_kind: str = H100) -> str:
     """Exports jit(fn) at args (ShapeDtypeStructs) for CUDA; returns the StableHLO text.
 
     Inside, `impl="auto"` and `interpret=None` resolve as on a GPU. Asserts the module holds
-    Triton kernels, i.e. the Pallas kernels lowered natively.
+    Pallas kernels (Triton or Mosaic GPU), i.e. the Pallas kernels lowered natively.
     """
     with targeting(device_kind):
         exported = jax.export.export(
             jax.jit(fn), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])(*args)
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL),
+                             jax.export.DisabledSafetyCheck.custom_call(_MOSAIC_GPU_CALL)])(*args)
     text = exported.mlir_module()
-    assert _TRITON_CALL in text, "no Triton kernel in the exported module"
+    assert _TRITON_CALL in text or _MOSAIC_GPU_CALL in text, "no Pallas kernel in the module"
     return text
+
+
+def mosaic_gpu_kernel_count(text: str) -> int:
+    """How many Mosaic GPU kernels an exported module calls (their names are inside the
+    serialised modules)."""
+    return len(re.findall(rf"custom_call @{_MOSAIC_GPU_CALL}\(", text))
 
 
 def triton_kernel_names(text: str) -> list[str]:

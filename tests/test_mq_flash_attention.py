@@ -1,5 +1,6 @@
-"""Multi-query flash attention: the Pallas TPU kernels (TPU interpret mode) and the Pallas GPU
-(Triton) kernels (generic interpret mode) against the reference, by the same properties.
+"""Multi-query flash attention: the Pallas TPU kernels (TPU interpret mode), the Pallas GPU
+(Triton) kernels (generic interpret mode) and, on jax >= 0.11, the Mosaic GPU forward (its
+interpreter) against the reference, by the same properties.
 
 Shapes are drawn small (interpret mode runs every grid step through Python callbacks) but with
 tiles of 128 (TPU) or 16..64 (GPU), so T*H and S above them give several query and key tiles
@@ -9,25 +10,43 @@ tile skipping).
 
 from __future__ import annotations
 
+import dataclasses
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.mq_flash_attention as mfa
 from conftest import TOLERANCE, RaceLog, assert_close, race_log, run
 from kernels.mq_flash_attention import BlockSizes
-from kernels._gpu import SHARED_MEMORY_BYTES
+from kernels._gpu import SHARED_MEMORY_BYTES, mosaic_gpu_interpret
 from kernels._tpu import vmem_budget
 from kernels.mq_flash_attention import gpu as mfa_gpu
+from kernels.mq_flash_attention import mgpu as mfa_mgpu
 from kernels.mq_flash_attention import tpu as mfa_tpu
-from gpu_export import export_for_gpu, triton_kernel_names
+from gpu_export import export_for_gpu, mosaic_gpu_kernel_count, triton_kernel_names
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
-IMPLS = ("pallas_tpu", "pallas_gpu")
+
+
+def _mosaic_interprets() -> bool:
+    try:
+        mosaic_gpu_interpret(True)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# The Mosaic GPU interpreter exists from jax 0.11 on; on 0.10 its kernel is only exported.
+MOSAIC_INTERPRETS = _mosaic_interprets()
+needs_mosaic_interpreter = pytest.mark.skipif(not MOSAIC_INTERPRETS,
+                                              reason="Mosaic GPU interpreter needs jax >= 0.11")
+IMPLS = ("pallas_tpu", "pallas_gpu") + (("pallas_mosaic_gpu",) if MOSAIC_INTERPRETS else ())
 
 @st.composite
 def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
@@ -45,6 +64,17 @@ def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
         blocks = draw(st.one_of(st.none(),
                                 st.builds(BlockSizes, tile, tile, tile, tile, tile, tile)))
         races = draw(st.integers(0, 3)) == 0  # a quarter of the cases
+    elif impl == "pallas_mosaic_gpu":  # wgmma takes bf16; forward tiles 64/128, Triton's bwd
+        dtype = "bfloat16"
+        small = st.sampled_from([16, 32, 64])
+        blocks = draw(st.one_of(st.none(), st.builds(
+            mfa_mgpu.BlockSizes, st.sampled_from([64, 128]), st.sampled_from([64, 128]),
+            small, small, small, small, num_warps=st.just(4), num_stages=st.integers(1, 2),
+            kv_buffers=st.integers(2, 3))))
+        if blocks is not None and mfa_mgpu.forward_shared_memory_bytes(
+                blocks, head_dim) > SHARED_MEMORY_BYTES:  # K = 256: 128-key ring over budget
+            blocks = dataclasses.replace(blocks, block_k=64, kv_buffers=2)
+        races = draw(st.integers(0, 3)) == 0  # the producer/consumer protocol, a quarter
     else:  # Triton tiles: powers of two >= 16, small enough for several tiles per axis
         tile = st.sampled_from([16, 32, 64])
         blocks = draw(st.one_of(st.none(), st.builds(
@@ -68,7 +98,11 @@ def _inputs(case):
 
 
 def _pallas(case):
-    interpret = pltpu.InterpretParams(detect_races=True) if case["races"] else True
+    interpret = True
+    if case["races"]:
+        interpret = (plgpu.InterpretGPUParams(detect_races=True)
+                     if case["impl"] == "pallas_mosaic_gpu"
+                     else pltpu.InterpretParams(detect_races=True))
     return lambda q, k, v: mfa.mq_flash_attention(
         q, k, v, causal=case["causal"], sm_scale=case["sm_scale"], impl=case["impl"],
         interpret=interpret, block_sizes=case["blocks"])
@@ -152,6 +186,11 @@ def _vjp(fn):
 @hypothesis.example(SELF_ATTENTION)
 @hypothesis.given(attention_cases())
 def test_vjp_and_gradients_match_reference(case):
+    check_vjp(case)
+
+
+def check_vjp(case):
+    """The kernel's output and gradients (through jax.vjp) against the f32 reference's."""
     def both(q, k, v, do):  # one compile per example
         # The truth is the reference in float32 on the same (possibly bf16-rounded) inputs: the
         # bf16 reference's own gradients round p, dp and ds to bf16 and are no closer to it.
@@ -377,4 +416,86 @@ def test_export_forward_and_gradient_for_gpu():
     text = export_for_gpu(forward_and_vjp, *_palm_args(16))
     assert triton_kernel_names(text) == FWD + BWD
     # PaLM shapes divide the tiles and the head fold is a reshape: no padding, no transposes.
+    assert "stablehlo.pad" not in text and "stablehlo.transpose" not in text
+
+
+# ---- Mosaic GPU forward ----------------------------------------------------------------------
+
+def _on_mosaic(case, blocks=None):
+    """The case for the Mosaic GPU forward, bf16, with race detection."""
+    return case | dict(impl="pallas_mosaic_gpu", dtype="bfloat16", blocks=blocks, races=True)
+
+
+# Fixed cases on top of the drawn ones: both consumer warpgroups over several query tiles
+# (causal diagonal, the release of the last rows' extra key tile, padded keys) at K = 256; one
+# consumer, a three-deep ring over T < S with padded keys and K padded from 40; non-causal
+# with a 128-key ring.
+MOSAIC_CASES = {
+    "causal_k256": _on_mosaic(SELF_ATTENTION),
+    "one_consumer_short_queries": _on_mosaic(
+        _case(heads=3, q_len=20, kv_len=300, head_dim=40),
+        mfa_mgpu.BlockSizes(64, 64, 32, 32, 32, 32, num_warps=4, kv_buffers=3)),
+    "full_k128_keys128": _on_mosaic(
+        _case(batch=2, heads=1, q_len=130, kv_len=200, head_dim=128, causal=False),
+        mfa_mgpu.BlockSizes(128, 128, 32, 32, 32, 32, num_warps=4)),
+}
+
+
+@needs_mosaic_interpreter
+@pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
+def test_mosaic_gpu_vjp_matches_reference(name):
+    check_vjp(MOSAIC_CASES[name])
+
+
+@pytest.mark.parametrize("shape", [PALM_8B, PALM_540B], ids=["8B", "540B"])
+def test_mosaic_gpu_default_blocks_at_palm_shapes(shape):
+    blocks = mfa_mgpu.BlockSizes.get_default(**shape)
+    assert blocks == mfa_mgpu.BlockSizes()  # 128 x 64, a ring of 2, gpu.py's backward
+    assert mfa_mgpu.forward_shared_memory_bytes(blocks, 256) <= SHARED_MEMORY_BYTES
+    narrow = mfa_mgpu.BlockSizes.get_default(**{**shape, "head_dim": 128})
+    assert narrow.kv_buffers == 4  # K = 128 leaves room for a deeper ring
+
+
+@pytest.mark.parametrize("dtype, head_dim, block_sizes, match", [
+    (jnp.float32, 256, None, "bfloat16 or float16"),
+    (jnp.bfloat16, 512, None, "head dims up to 256"),
+    (jnp.bfloat16, 256, mfa_mgpu.BlockSizes(block_k=128, kv_buffers=3), "shared memory"),
+    (jnp.bfloat16, 256, mfa_gpu.BlockSizes(), "mgpu.BlockSizes"),  # the Triton kernels' tiles
+])
+def test_mosaic_gpu_bad_settings_raise_before_tracing(dtype, head_dim, block_sizes, match):
+    q, k = jnp.zeros((1, 256, 1, head_dim), dtype), jnp.zeros((1, 256, head_dim), dtype)
+    with pytest.raises(ValueError, match=match):
+        mfa.mq_flash_attention(q, k, k, impl="pallas_mosaic_gpu", interpret=False,
+                               block_sizes=block_sizes)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(block_q=32), "block_q=32 must be 64 or 128"),
+                                           (dict(block_k=256), "block_k=256 must be 64 or 128"),
+                                           (dict(kv_buffers=1), "kv_buffers=1")])
+def test_mosaic_gpu_block_sizes_reject_bad_tiles(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mfa_mgpu.BlockSizes(**kwargs)
+
+
+@pytest.mark.skipif(MOSAIC_INTERPRETS, reason="jax >= 0.11 interprets Mosaic GPU kernels")
+def test_mosaic_gpu_interpret_needs_jax_0_11():
+    q, k = jnp.zeros((1, 64, 1, 64), jnp.bfloat16), jnp.zeros((1, 64, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="jax >= 0.11"):
+        mfa.mq_flash_attention(q, k, k, impl="pallas_mosaic_gpu", interpret=True)
+
+
+@pytest.mark.parametrize("heads", [16, 48], ids=["8B", "540B"])
+def test_export_mosaic_gpu_forward_and_gradient_for_gpu(heads):
+    """The Pallas-to-Mosaic-GPU lowering of the forward (layouts, swizzled transforms, wgmma
+    shapes) and the Triton lowering of the backward, at PaLM shapes, bf16."""
+    def forward_and_vjp(q, k, v):
+        def attention(q, k, v):
+            return mfa.mq_flash_attention(q, k, v, causal=True, impl="pallas_mosaic_gpu",
+                                          interpret=False)
+        o, pullback = jax.vjp(attention, q, k, v)
+        return o, pullback(o)
+
+    text = export_for_gpu(forward_and_vjp, *_palm_args(heads))
+    assert mosaic_gpu_kernel_count(text) == 1
+    assert triton_kernel_names(text) == BWD
     assert "stablehlo.pad" not in text and "stablehlo.transpose" not in text

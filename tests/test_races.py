@@ -76,3 +76,49 @@ def test_race_log_fails_when_detection_never_ran():
     assert log.states and log.kernels_checked == 0
     with pytest.raises(AssertionError, match="checked no kernel"):
         log.assert_clean()
+
+
+# ---- the Mosaic GPU interpreter (jax >= 0.11) ------------------------------------------------
+
+def _handoff(x, synchronised: bool):
+    """Warpgroup 0 writes x into shared memory, warpgroup 1 copies it out: ordered by a
+    barrier, or (planted race) not."""
+    plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    if not hasattr(plgpu, "InterpretGPUParams"):
+        pytest.skip("the Mosaic GPU interpreter needs jax >= 0.11")
+
+    def body(x_ref, o_ref, smem, written):
+        wg = jax.lax.axis_index("wg")
+
+        @pl.when(wg == 0)
+        def _():
+            smem[...] = x_ref[...]
+            if synchronised:
+                plgpu.barrier_arrive(written)
+
+        @pl.when(wg == 1)
+        def _():
+            if synchronised:
+                plgpu.barrier_wait(written)
+            o_ref[...] = smem[...]
+
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        scratch_types=[plgpu.SMEM(x.shape, x.dtype), plgpu.Barrier(num_arrivals=1)],
+        num_threads=2, thread_name="wg",
+        interpret=plgpu.InterpretGPUParams(detect_races=True))(x)
+
+
+def test_mosaic_gpu_unsynchronised_handoff_is_a_race():
+    with RaceLog(check=False) as log:
+        jax.block_until_ready(_handoff(_x()[:ROWS], synchronised=False))
+    assert log.kernels_checked == 1
+    assert log.races_found, "a shared-memory handoff without a barrier went unreported"
+
+
+def test_mosaic_gpu_handoff_through_a_barrier_is_clean():
+    x = _x()[:ROWS]
+    with RaceLog() as log:
+        out = _handoff(x, synchronised=True)
+    assert log.kernels_checked == 1
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))

@@ -59,10 +59,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, gpu_interpret
-from kernels._gpu import mosaic_gpu_interpret_params, next_power_of_two
+from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
+from kernels._gpu import next_power_of_two
 from kernels.mq_flash_attention import gpu
-from kernels.mq_flash_attention.gpu import backward_dkv, backward_dq  # noqa: F401 (interface)
 from kernels.mq_flash_attention.pallas import MASK_VALUE, Settings, mq_flash_attention_pallas
 
 IMPL = "pallas_mosaic_gpu"
@@ -114,9 +113,11 @@ class BlockSizes(gpu.BlockSizes):
 
     def fit(self, rows: int, kv_len: int) -> BlockSizes:
         """gpu.BlockSizes.fit, the forward tiles kept at the Mosaic kernel's smallest (64)."""
-        fitted = super().fit(rows, kv_len)
-        return dataclasses.replace(fitted, block_q=max(WG_ROWS, fitted.block_q),
-                                   block_k=max(64, fitted.block_k))
+        triton = {f.name: getattr(self, f.name) for f in dataclasses.fields(gpu.BlockSizes)}
+        fitted = gpu.BlockSizes(**triton).fit(rows, kv_len)
+        return dataclasses.replace(self, **{
+            **dataclasses.asdict(fitted), "block_q": max(WG_ROWS, fitted.block_q),
+            "block_k": max(64, fitted.block_k)})
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -166,7 +167,7 @@ def forward(q, k, v, settings: Settings):
          plgpu.Barrier(num_barriers=consumers)),  # q_ready
         (plgpu.Barrier(num_arrivals=consumers, num_barriers=blocks.kv_buffers),) * 2,  # free
     )
-    interpret = mosaic_gpu_interpret_params() if settings.interpret else None
+    interpret = settings.interpret or None  # False or the interpreter's parameters
 
     def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
         pl.run_scoped(
@@ -306,12 +307,32 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
         plgpu.wait_smem_to_gmem(0)
 
 
+def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
+    """gpu.py's dk/dv kernel (Triton), interpreted by the generic interpreter when this
+    forward is by the Mosaic GPU one."""
+    return gpu.backward_dkv(q, k, v, do, lse, delta, _for_triton(settings))
+
+
+def backward_dq(q, k, v, do, lse, delta, settings: Settings):
+    """gpu.py's dq kernel (Triton), interpreted as backward_dkv."""
+    return gpu.backward_dq(q, k, v, do, lse, delta, _for_triton(settings))
+
+
+def _for_triton(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, interpret=bool(settings.interpret))
+
+
 def _accumulate_pv(acc, p, v_tile, interpret: bool):
     """acc + p @ v_tile, f32. Natively wgmma accumulates into acc's registers (`pl.run_state`
     over the accumulator, p from registers). The Mosaic GPU interpreter has neither
     `run_state` nor wgmma from registers, so there it is a plain dot (the same sum)."""
     if interpret:
-        return acc + jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
+        pv = jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
+        # That read went through the generic proxy, which the producer's next TMA write
+        # (async proxy) must be ordered after: a proxy fence (wgmma reads through the async
+        # proxy itself, so the native path needs none).
+        plgpu.commit_smem()
+        return acc + pv
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_tile))(plgpu.ACC.init(acc))
 
 
@@ -329,8 +350,9 @@ def mq_flash_attention_pallas_mosaic_gpu(q, k, v, *, causal=True, sm_scale=None,
                                          block_sizes: BlockSizes | None = None) -> jax.Array:
     """The Mosaic GPU forward with the Triton backward (module docstring), differentiable:
     the front door's arrays and settings, block_sizes this module's `BlockSizes` (None: sized
-    for an H100/H200) and interpret None or a bool (True: the Mosaic GPU interpreter for the
-    forward, jax >= 0.11, and the generic Pallas interpreter for the backward)."""
+    for an H100/H200) and interpret None, a bool or a `plgpu.InterpretGPUParams` (interpreted:
+    the forward by the Mosaic GPU interpreter, jax >= 0.11, the backward by the generic Pallas
+    interpreter; `_gpu.mosaic_gpu_interpret`)."""
     return mq_flash_attention_pallas(sys.modules[__name__], q, k, v, causal=causal,
-                                     sm_scale=sm_scale, interpret=gpu_interpret(interpret),
+                                     sm_scale=sm_scale, interpret=mosaic_gpu_interpret(interpret),
                                      block_sizes=block_sizes)
