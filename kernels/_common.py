@@ -117,8 +117,11 @@ class KernelPackage(types.ModuleType):
         return self.__wrapped__(*args, **kwargs)
 
 
-def kernel_package(name: str, kernel: Callable[..., Any]) -> None:
-    """Makes the package `name` (a kernel's `__init__` passes its `__name__`) call `kernel`.
+def kernel_package(name: str, kernel: Callable[..., Any],
+                   pallas: Mapping[str, Callable[..., Any]]) -> None:
+    """Makes the package `name` (a kernel's `__init__` passes its `__name__`) call `kernel`,
+    and records the implementations it has (`IMPLEMENTATIONS`: "xla" and the keys of its
+    Pallas table `pallas`), for tools that run each one (the benchmarks, the device script).
 
     `__wrapped__` is what `inspect.signature` and `help` follow, so the package shows the
     kernel's signature.
@@ -126,6 +129,7 @@ def kernel_package(name: str, kernel: Callable[..., Any]) -> None:
     module = sys.modules[name]
     module.__class__ = KernelPackage
     module.__wrapped__ = kernel
+    module.IMPLEMENTATIONS = ("xla", *pallas)
 
 
 def tpu_interpret(interpret: Any) -> Any:

@@ -98,7 +98,7 @@ def _inputs(case):
 
 
 def _pallas(case):
-    interpret = True
+    interpret = not case.get("native", False)
     if case["races"]:
         interpret = (plgpu.InterpretGPUParams(detect_races=True)
                      if case["impl"] == "pallas_mosaic_gpu"
@@ -445,6 +445,15 @@ MOSAIC_CASES = {
 @pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
 def test_mosaic_gpu_vjp_matches_reference(name):
     check_vjp(MOSAIC_CASES[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="native: needs a GPU")
+@pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
+def test_mosaic_gpu_native_vjp_matches_reference(name):
+    """The same cases compiled for the GPU: the path the interpreter cannot run (p @ v as a
+    wgmma from registers into the accumulator) and the real barriers and TMA."""
+    check_vjp(MOSAIC_CASES[name] | dict(native=True, races=False))
 
 
 @pytest.mark.parametrize("shape", [PALM_8B, PALM_540B], ids=["8B", "540B"])

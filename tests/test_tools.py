@@ -230,6 +230,8 @@ def test_bench_report_ratios_to_the_alternatives_of_the_same_run(tmp_path):
         _benchmark(attention.format("pallas_gpu"), 0.002, impl="pallas_gpu", flops=4e11, tflops=200.0, **gpu),
         _benchmark(attention.format("cudnn"), 0.001, impl="cudnn", flops=4e11, tflops=400.0, **gpu),
         _benchmark(attention.format("xla"), 0.004, impl="xla", flops=4e11, tflops=100.0, **gpu),
+        _benchmark(attention.format("pallas_mosaic_gpu"), 0.0008, impl="pallas_mosaic_gpu", flops=4e11,
+                   tflops=500.0, **gpu),
         _benchmark("test_norm_swiglu[pallas_gpu-fwd-B4-T2048-D4096-F16384-bfloat16]", 0.002, impl="pallas_gpu",
                    tflops=550.0, **{"pass": "fwd"}, **gpu),
         _benchmark("test_matmul[norm_swiglu-fwd-M8192-N32768-K4096-bfloat16]", 0.002, impl="xla", tflops=600.0,
@@ -251,6 +253,8 @@ def test_bench_report_ratios_to_the_alternatives_of_the_same_run(tmp_path):
     assert ours["vs_cudnn"] == pytest.approx(0.5) and ours["vs_xla"] == pytest.approx(2.0)
     assert ours["alternatives"]["cudnn"]["tflops"] == 400.0
     assert info[attention.format("cudnn")]["vs_pallas_gpu"] == pytest.approx(2.0)
+    mosaic = info[attention.format("pallas_mosaic_gpu")]
+    assert mosaic["vs_cudnn"] == pytest.approx(1.25) and mosaic["vs_pallas_gpu"] == pytest.approx(2.5)
     swiglu = info["test_norm_swiglu[pallas_gpu-fwd-B4-T2048-D4096-F16384-bfloat16]"]
     assert swiglu["vs_matmul"] == pytest.approx(550 / 600) and swiglu["matmul_tflops"] == 600.0
     train = info["test_train_step[1b-pallas_gpu-B2-T2048-bfloat16]"]
@@ -260,6 +264,8 @@ def test_bench_report_ratios_to_the_alternatives_of_the_same_run(tmp_path):
     assert decode["copy_bound_ms_per_token"] == pytest.approx(0.2 / 256 * 1e3)
     goals = result.stdout[result.stdout.index("### Goals"):result.stdout.index("### Every")]
     assert "| attention fwd B4-T2048: pallas_gpu / cuDNN TFLOP/s | 200 / 400 = 0.50x | >= 1.0x | no |" in goals
+    assert ("| attention fwd B4-T2048: pallas_mosaic_gpu / cuDNN TFLOP/s | 500 / 400 = 1.25x | >= 1.0x | yes |"
+            in goals)
     assert "| norm_swiglu fwd: pallas_gpu / bare matmul TFLOP/s | 550 / 600 = 0.92x | >= 0.9x | yes |" in goals
     assert "48.5% (60.0%) | >= 45% | yes |" in goals and "1.20x | > 1x | yes |" in goals
     assert "= 4.50x | <= 1.3x | no |" in goals
@@ -289,15 +295,16 @@ def test_gpu_check_merges_groups_and_writes_the_summary(tmp_path):
     (out / "kernels_check.json").write_text(json.dumps({
         "device_kind": gpu["device_kind"], "backend": "gpu", "jax_version": "0.11.2", "dtype": "bfloat16",
         "datetime": "2026-12-01T00:00:00+00:00", "shapes": {"t": 2048},
-        "kernels": [{"kernel": "rope", "status": "ok", "fwd": [1e-3], "grad": [2e-3], "fwd_tolerance": 2e-2,
+        "kernels": [{"kernel": "rope", "impl": "pallas_gpu", "status": "ok", "fwd": [1e-3], "grad": [2e-3], "fwd_tolerance": 2e-2,
                      "grad_tolerance": 4e-2, "seconds": 1.0},
-                    {"kernel": "block_in", "status": "missing", "fwd_tolerance": 2e-2, "grad_tolerance": 4e-2,
+                    {"kernel": "block_in", "impl": "pallas_gpu", "status": "missing", "fwd_tolerance": 2e-2, "grad_tolerance": 4e-2,
                      "seconds": 0.0, "message": "block_in: impl='pallas_gpu' is not implemented yet"}]}))
     result = _run(str(TOOLS / "gpu_check.py"), "summary", str(out))
     assert result.returncode == 0, result.stderr
     summary = (out / "summary.md").read_text()
     assert "| bench-decode | skipped (budget) | 0 |" in summary
-    assert "| rope | ok | 1.00e-03 | 2.00e-03 |" in summary and "| block_in | missing |" in summary
+    assert "| rope | pallas_gpu | ok | 1.00e-03 | 2.00e-03 |" in summary
+    assert "| block_in | pallas_gpu | missing |" in summary
     assert "| training step (pallas_gpu): MFU of 989 TFLOP/s (of bare matmul) | not run |" in summary
     assert "bare matmul 800 TFLOP/s" in summary and "not run (no profile.txt)" in summary
 

@@ -2,12 +2,14 @@
 
     python tools/gpu_check.py env
     python tools/gpu_check.py check --out DIR/kernels_check.json [--shapes paper|tiny] [--dtype D]
+                                    [--impls pallas_gpu,pallas_mosaic_gpu]
     python tools/gpu_check.py profile DIR SCRATCH -- PROFILE_ARGS...
     python tools/gpu_check.py merge DIR/bench.json part1.json part2.json ...
     python tools/gpu_check.py summary DIR
 
-`check` runs every kernel's `impl="pallas_gpu"` (natively on a GPU, in interpret mode
-elsewhere) against its `<name>_reference` on the same inputs upcast to float32 at the highest
+`check` runs every kernel's GPU implementations (`impl="pallas_gpu"`, and
+`"pallas_mosaic_gpu"` for the kernels that have a Mosaic GPU version; natively on a GPU, in
+interpret mode elsewhere) against its `<name>_reference` on the same inputs upcast to float32 at the highest
 matmul precision: the forward and, where the kernel is differentiable, the gradients of every
 differentiable input for a random cotangent (jax.vjp), each as the relative error
 ||out - ref|| / ||ref||, printed and written as JSON. A kernel whose pallas_gpu raises
@@ -167,8 +169,10 @@ def _rel_errors(actual, expected) -> list[float]:
     return errors
 
 
-def check_kernel(spec: Spec, shapes: Shapes, dtype: str, interpret: bool | None) -> dict:
-    """{"kernel", "status": ok|fail|missing|error, "fwd": [errors], "grad": [errors], ...}."""
+def check_kernel(spec: Spec, shapes: Shapes, dtype: str, interpret: bool | None,
+                 impl: str = "pallas_gpu") -> dict:
+    """{"kernel", "impl", "status": ok|fail|missing|error, "fwd": [errors], "grad": [errors],
+    ...}."""
     import jax
     import jax.numpy as jnp
 
@@ -177,13 +181,14 @@ def check_kernel(spec: Spec, shapes: Shapes, dtype: str, interpret: bool | None)
     kernel = getattr(kernels, spec.name)
     reference = getattr(kernels, f"{spec.name}_reference")
     fwd_tol, grad_tol = TOLERANCE[dtype]
-    result: dict[str, Any] = {"kernel": spec.name, "dtype": dtype, "fwd_tolerance": fwd_tol,
+    result: dict[str, Any] = {"kernel": spec.name, "impl": impl, "dtype": dtype,
+                              "fwd_tolerance": fwd_tol,
                               "grad_tolerance": grad_tol if spec.diff else None}
     start = time.perf_counter()
     key = jax.random.key(zlib.crc32(spec.name.encode()))
     args = spec.make(key, shapes, dtype)
     result["shapes"] = {str(i): list(a.shape) for i, a in enumerate(args)}
-    ours = functools.partial(kernel, impl="pallas_gpu", interpret=interpret, **spec.kwargs)
+    ours = functools.partial(kernel, impl=impl, interpret=interpret, **spec.kwargs)
     ref = functools.partial(reference, **spec.kwargs)
     f32 = [a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
 
@@ -244,6 +249,9 @@ def check(argv: list[str]) -> int:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="paper")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TOLERANCE))
     parser.add_argument("--kernels", default=None, help="comma-separated subset (default: all)")
+    parser.add_argument("--impls", default="pallas_gpu,pallas_mosaic_gpu",
+                        help="comma-separated GPU implementations, each run for the kernels "
+                             "that have it")
     parser.add_argument("--interpret", action="store_true",
                         help="force interpret mode (default: native on a GPU, interpreted elsewhere)")
     args = parser.parse_args(argv)
@@ -256,17 +264,21 @@ def check(argv: list[str]) -> int:
         wanted = set(args.kernels.split(","))
         specs = [s for s in specs if s.name in wanted]
     device = jax.devices()[0]
-    print(f"pallas_gpu against the float32 reference on {device.device_kind} ({jax.default_backend()}), "
+    print(f"{args.impls} against the float32 reference on {device.device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}, {args.dtype}, shapes {args.shapes} {dataclasses.asdict(shapes)}", flush=True)
     results: list[dict] = []
     summary = {"device_kind": device.device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
                "dtype": args.dtype, "shapes": dataclasses.asdict(shapes),
                "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "kernels": results}
-    for spec in specs:
-        r = check_kernel(spec, shapes, args.dtype, True if args.interpret else None)
+    import kernels
+
+    runs = [(spec, impl) for spec in specs for impl in args.impls.split(",")
+            if impl in getattr(kernels, spec.name).IMPLEMENTATIONS]
+    for spec, impl in runs:
+        r = check_kernel(spec, shapes, args.dtype, True if args.interpret else None, impl)
         results.append(r)
-        print(f"{spec.name:20s} {r['status']:8s} fwd {_fmt_errors(r.get('fwd'))}  grad {_fmt_errors(r.get('grad'))}"
+        print(f"{spec.name:20s} {impl:18s} {r['status']:8s} fwd {_fmt_errors(r.get('fwd'))}  grad {_fmt_errors(r.get('grad'))}"
               f"  ({r['seconds']:.1f} s){'  ' + r['message'][:200] if r.get('message') else ''}", flush=True)
         # Written after every kernel: a stage stopped at its time limit keeps what it checked.
         Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
@@ -377,7 +389,7 @@ def summary(argv: list[str]) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_report
 
-    lines = ["# GPU check: pallas_gpu kernels, benchmarks, profile", ""]
+    lines = ["# GPU check: pallas_gpu and pallas_mosaic_gpu kernels, benchmarks, profile", ""]
     check_path = out / "kernels_check.json"
     if check_path.exists():
         c = json.loads(check_path.read_text())
@@ -385,13 +397,13 @@ def summary(argv: list[str]) -> int:
     stages = _stages(out)
     if stages:
         lines += ["## Stages", "", bench_report._md_table(["stage", "exit", "seconds"], stages), ""]
-    lines += ["## Kernels: pallas_gpu against the float32 reference", ""]
+    lines += ["## Kernels: the GPU implementations against the float32 reference", ""]
     if check_path.exists():
-        rows = [[r["kernel"], r["status"], _fmt_errors(r.get("fwd")), _fmt_errors(r.get("grad")),
+        rows = [[r["kernel"], r["impl"], r["status"], _fmt_errors(r.get("fwd")), _fmt_errors(r.get("grad")),
                  f"{r['fwd_tolerance']:g} / {r['grad_tolerance'] or '-'}", f"{r.get('seconds', 0):.1f}",
                  (r.get("message") or "")[:160]] for r in c["kernels"]]
         lines += [f"{c['dtype']}, shapes {c['shapes']}; relative error ||out - ref|| / ||ref|| per output.", "",
-                  bench_report._md_table(["kernel", "status", "fwd error", "grad errors", "tolerance",
+                  bench_report._md_table(["kernel", "impl", "status", "fwd error", "grad errors", "tolerance",
                                           "s", "note"], rows), ""]
     else:
         lines += ["not run (no kernels_check.json)", ""]

@@ -10,9 +10,10 @@
 # with under 15 s left is skipped. GPU_CHECK_STAGES="bench-train,profile" runs only the named
 # stages (a second call for what the first cut short); merge and summary always run:
 #   env          device, driver, versions
-#   check        every kernel's pallas_gpu natively against its float32 reference, forward and
-#                gradients (tools/gpu_check.py check): kernels_check.json
-#   native       tests marked `gpu` (native-only kernels' own tests), where any exist
+#   check        every kernel's pallas_gpu, and pallas_mosaic_gpu where it has one, natively
+#                against its float32 reference, forward and gradients (tools/gpu_check.py
+#                check): kernels_check.json
+#   native       tests marked `gpu` (the Mosaic GPU kernels' ragged cases, compiled natively)
 #   bench-*      pytest bench/ --benchmark-only at paper sizes, one JSON per group (ceilings,
 #                attention, projections, train, decode, forward, others) so a group cut short
 #                loses only itself; PALM_BENCH_DEADLINE makes pytest skip the tests that would
@@ -56,7 +57,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 if [ "$REHEARSE" = 1 ]; then
   BUDGET=${GPU_CHECK_BUDGET_S:-1200}
   SCALE=3
-  CHECK_ARGS=(--shapes tiny --dtype float32)
+  CHECK_ARGS=(--shapes tiny --dtype float32 --impls pallas_gpu)  # Mosaic GPU: bf16 only
   BENCH_ARGS=(--bench-size tiny --bench-impls xla,pallas_gpu,cudnn,pallas_gpu_mha,pallas_gpu_decode)
   PROFILE_ARGS=(--preset tiny --batch-size 2 --seq-len 32 --steps 1 --warmup 1)
 else
@@ -116,7 +117,7 @@ if [ "$REHEARSE" = 0 ] && grep -rqs "pytest.mark.gpu\b" tests/; then
   stage native 60 10 "$PY" -m pytest -q -m gpu tests/
 fi
 bench_group ceilings 45 15 bench/test_ceilings.py
-bench_group attention 110 25 bench/test_kernels.py -k test_mq_flash_attention
+bench_group attention 140 25 bench/test_kernels.py -k test_mq_flash_attention
 bench_group projections 70 20 bench/test_kernels.py -k "test_norm_swiglu or test_norm_qkv_rope or test_block_out"
 # The training step before the forward pass: MFU is the goal; each compiles a 16-layer model.
 bench_group train 120 50 bench/test_model.py -k test_train_step

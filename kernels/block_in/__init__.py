@@ -68,4 +68,4 @@ def block_in(
               interpret=interpret, block_sizes=block_sizes, save_gate_up=save_gate_up)
 
 
-kernel_package(__name__, block_in)
+kernel_package(__name__, block_in, _PALLAS)

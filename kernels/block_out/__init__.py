@@ -59,4 +59,4 @@ def block_out(
     return fn(x, o, wo, h, w_down, interpret=interpret, block_sizes=block_sizes)
 
 
-kernel_package(__name__, block_out)
+kernel_package(__name__, block_out, _PALLAS)

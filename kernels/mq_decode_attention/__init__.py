@@ -65,4 +65,4 @@ def mq_decode_attention(
     return fn(q, k_cache, v_cache, lengths, sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)
 
 
-kernel_package(__name__, mq_decode_attention)
+kernel_package(__name__, mq_decode_attention, _PALLAS)

@@ -73,4 +73,4 @@ def mq_flash_attention(
     return fn(q, k, v, causal=causal, sm_scale=sm_scale, interpret=interpret, block_sizes=block_sizes)
 
 
-kernel_package(__name__, mq_flash_attention)
+kernel_package(__name__, mq_flash_attention, _PALLAS)

@@ -66,4 +66,4 @@ def norm_qkv_rope(
               interpret=interpret, block_sizes=block_sizes)
 
 
-kernel_package(__name__, norm_qkv_rope)
+kernel_package(__name__, norm_qkv_rope, _PALLAS)

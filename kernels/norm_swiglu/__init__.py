@@ -67,4 +67,4 @@ def norm_swiglu(
               save_gate_up=save_gate_up)
 
 
-kernel_package(__name__, norm_swiglu)
+kernel_package(__name__, norm_swiglu, _PALLAS)

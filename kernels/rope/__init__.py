@@ -51,4 +51,4 @@ def rope(
     return fn(x, positions, base=base, interpret=interpret, block_sizes=block_sizes)
 
 
-kernel_package(__name__, rope)
+kernel_package(__name__, rope, _PALLAS)
