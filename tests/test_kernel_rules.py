@@ -163,7 +163,7 @@ def test_auto_resolves_per_kernel_on_gpu():
     resolve. The table names every kernel package, each with an implementation that exists."""
     from kernels._common import GPU_AUTO, resolve_impl
     assert set(GPU_AUTO) == set(KERNELS) | {"block_in"}
-    assert set(GPU_AUTO.values()) <= {"xla", "pallas_gpu"}
+    assert all(chosen in getattr(kernels, name).IMPLEMENTATIONS for name, chosen in GPU_AUTO.items())
     assert resolve_impl("auto", "rope") == "xla"  # CPU
     with kernels.target_backend("tpu"):
         assert resolve_impl("auto", "rope") == resolve_impl("auto") == "pallas_tpu"
@@ -172,3 +172,20 @@ def test_auto_resolves_per_kernel_on_gpu():
             assert resolve_impl("auto", name) == chosen
         assert resolve_impl("auto") == "auto"
         assert resolve_impl("pallas_gpu", "rope") == "pallas_gpu"
+
+
+def test_mosaic_gpu_falls_back_to_triton_where_a_kernel_has_none():
+    """`impl="pallas_mosaic_gpu"` on a kernel without a Mosaic GPU version runs its Triton
+    one (so a whole model can be asked for it); an impl with no fallback still says what
+    exists."""
+    from kernels._common import pallas_impl
+    table = {"pallas_tpu": "tpu", "pallas_gpu": "triton"}
+    assert pallas_impl("k", "pallas_mosaic_gpu", table) == "triton"
+    assert pallas_impl("k", "pallas_mosaic_gpu", {**table, "pallas_mosaic_gpu": "m"}) == "m"
+    with pytest.raises(NotImplementedError, match="have: xla, pallas_tpu"):
+        pallas_impl("k", "pallas_gpu", {"pallas_tpu": "tpu"})
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 12, 2, 16)), F32)
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (1, 12))
+    np.testing.assert_array_equal(
+        kernels.rope(x, positions, impl="pallas_mosaic_gpu", interpret=True),
+        kernels.rope(x, positions, impl="pallas_gpu", interpret=True))
