@@ -31,6 +31,8 @@ Rules every kernel here follows, because interpret mode does not enforce them:
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -112,6 +114,14 @@ def gpu_interpret(interpret: Any) -> bool:
         "InterpretParams are for impl='pallas_tpu')")
 
 
+# XLA:CPU threads the Mosaic GPU interpreter needs: each warpgroup runs as a thread whose
+# barrier waits block a thread of XLA:CPU's pool, which has one thread per core unless the
+# NPROC environment variable (read when JAX creates its CPU client) says more. On a 2-core
+# machine the 3-warpgroup attention forward deadlocked in most runs; with NPROC=4 it ran every
+# time (tests/conftest.py sets this).
+MOSAIC_INTERPRET_THREADS = 8
+
+
 def mosaic_gpu_interpret(interpret: Any):
     """What a Mosaic GPU kernel (`plgpu.kernel(interpret=...)`) gets: False (native), or the
     Mosaic GPU interpreter's parameters, which simulate shared memory, TMA, barriers, wgmma
@@ -132,6 +142,12 @@ def mosaic_gpu_interpret(interpret: Any):
         raise NotImplementedError(
             f"interpreting a Mosaic GPU kernel needs jax >= 0.11 (its Mosaic GPU interpreter); "
             f"this is jax {jax.__version__}: run it natively on a GPU")
+    threads = int(os.environ.get("NPROC") or os.cpu_count() or 1)
+    if threads < 4:
+        warnings.warn(
+            f"the Mosaic GPU interpreter may deadlock: XLA:CPU has about {threads} threads and "
+            f"each waiting warpgroup holds one; start Python with NPROC="
+            f"{MOSAIC_INTERPRET_THREADS} in the environment", RuntimeWarning, stacklevel=3)
     return params()
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import dataclasses
+import importlib
 import os
 
 import hypothesis
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import palm
+from kernels._gpu import MOSAIC_INTERPRET_THREADS
 from palm import data as data_lib
 from palm import tokenizer as tokenizer_lib
 from palm.checkpoint import Checkpointer
@@ -48,6 +49,12 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 FAST_COMPILE_FLAGS = " ".join(f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE.items())
 os.environ["XLA_FLAGS"] = f"{FAST_COMPILE_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+# The Mosaic GPU interpreter blocks one thread of XLA:CPU's pool per waiting warpgroup, and that
+# pool has one thread per core unless NPROC (read when JAX creates its CPU client, as above)
+# says more: on this 2-core machine the 3-warpgroup attention forward deadlocked in most runs,
+# and ran every time with NPROC=4 (kernels/_gpu.py, MOSAIC_INTERPRET_THREADS).
+os.environ["NPROC"] = str(max(int(os.environ.get("NPROC") or 0), MOSAIC_INTERPRET_THREADS))
 
 
 def run(fn, *args):

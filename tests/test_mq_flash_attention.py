@@ -70,7 +70,7 @@ def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
         blocks = draw(st.one_of(st.none(), st.builds(
             mfa_mgpu.BlockSizes, st.sampled_from([64, 128]), st.sampled_from([64, 128]),
             small, small, small, small, num_warps=st.just(4), num_stages=st.integers(1, 2),
-            kv_buffers=st.integers(2, 3))))
+            kv_buffers=st.integers(2, 3), ping_pong=st.booleans())))
         if blocks is not None and mfa_mgpu.forward_shared_memory_bytes(
                 blocks, head_dim) > SHARED_MEMORY_BYTES:  # K = 256: 128-key ring over budget
             blocks = dataclasses.replace(blocks, block_k=64, kv_buffers=2)
@@ -427,11 +427,16 @@ def _on_mosaic(case, blocks=None):
 
 
 # Fixed cases on top of the drawn ones: both consumer warpgroups over several query tiles
-# (causal diagonal, the release of the last rows' extra key tile, padded keys) at K = 256; one
-# consumer, a three-deep ring over T < S with padded keys and K padded from 40; non-causal
-# with a 128-key ring.
+# (causal diagonal, padded keys) at K = 256; H = 1, where consumer 0's rows see one key tile
+# fewer than consumer 1's (it releases the slot and keeps taking turns), with and without
+# ping-pong; one consumer, a three-deep ring over T < S with padded keys and K padded from 40;
+# non-causal with a 128-key ring.
 MOSAIC_CASES = {
     "causal_k256": _on_mosaic(SELF_ATTENTION),
+    "causal_one_head_ping_pong": _on_mosaic(_case(heads=1, q_len=200, kv_len=200, head_dim=64)),
+    "causal_one_head_in_turn": _on_mosaic(
+        _case(heads=1, q_len=200, kv_len=200, head_dim=64),
+        mfa_mgpu.BlockSizes(128, 64, 32, 32, 32, 32, num_warps=4, ping_pong=False)),
     "one_consumer_short_queries": _on_mosaic(
         _case(heads=3, q_len=20, kv_len=300, head_dim=40),
         mfa_mgpu.BlockSizes(64, 64, 32, 32, 32, 32, num_warps=4, kv_buffers=3)),
@@ -480,7 +485,8 @@ def test_mosaic_gpu_bad_settings_raise_before_tracing(dtype, head_dim, block_siz
 
 @pytest.mark.parametrize("kwargs, match", [(dict(block_q=32), "block_q=32 must be 64 or 128"),
                                            (dict(block_k=256), "block_k=256 must be 64 or 128"),
-                                           (dict(kv_buffers=1), "kv_buffers=1")])
+                                           (dict(kv_buffers=1), "kv_buffers=1"),
+                                           (dict(ping_pong=1), "ping_pong=1")])
 def test_mosaic_gpu_block_sizes_reject_bad_tiles(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mfa_mgpu.BlockSizes(**kwargs)

@@ -82,12 +82,16 @@ class BlockSizes(gpu.BlockSizes):
     """gpu.BlockSizes (the Triton backward's tiles and warps) whose forward tiles drive the
     Mosaic GPU forward: block_q 64 or 128 rows (one or two consumer warpgroups), block_k 64 or
     128 keys; `kv_buffers` is the depth of the K/V ring in shared memory (>= 2, so that one
-    tile loads while another is used)."""
+    tile loads while another is used); `ping_pong` takes turns on the tensor cores between
+    two consumers (module docstring; ignored with one)."""
 
     kv_buffers: int = 2
+    ping_pong: bool = True
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.ping_pong, bool):
+            raise ValueError(f"BlockSizes: ping_pong={self.ping_pong!r} must be a bool")
         if self.block_q not in (WG_ROWS, 2 * WG_ROWS):
             raise ValueError(f"BlockSizes: block_q={self.block_q} must be 64 or 128 (one or two "
                              "consumer warpgroups of wgmma's 64 rows)")
@@ -166,6 +170,7 @@ def forward(q, k, v, settings: Settings):
          plgpu.Barrier(num_barriers=blocks.kv_buffers),  # v_ready
          plgpu.Barrier(num_barriers=consumers)),  # q_ready
         (plgpu.Barrier(num_arrivals=consumers, num_barriers=blocks.kv_buffers),) * 2,  # free
+        plgpu.Barrier(num_arrivals=consumers),  # schedule: the consumers' turns (ping_pong)
     )
     interpret = settings.interpret or None  # False or the interpreter's parameters
 
@@ -193,7 +198,7 @@ def forward(q, k, v, settings: Settings):
         )(q, k, v)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, schedule, *,
                     settings: Settings, n_tiles: int, interpret: bool):
     q_smem, k_smem, v_smem, lse_smem = smem
     k_ready, v_ready, q_ready = ready
@@ -201,6 +206,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
     blocks = settings.blocks
     bk, buffers = blocks.block_k, blocks.kv_buffers
     consumers = blocks.block_q // WG_ROWS
+    ping_pong = blocks.ping_pong and consumers == 2
     batch = lax.axis_index("batch")
     tile = lax.axis_index("tile")
     tile = n_tiles - 1 - tile if settings.causal else tile  # causal: longest tiles first
@@ -215,6 +221,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
 
     def keys(ref, step):
         return ref.at[batch, pl.ds(step * bk, bk)]
+
+    def take_turns():
+        """Both consumers meet (one barrier phase each); only with ping_pong."""
+        if ping_pong:
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
 
     @pl.when(wg == consumers)
     def _producer():
@@ -247,17 +259,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, WG_ROWS)], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
         kp = q_tile.shape[-1]
+        n_full, n_vis, any_masked = gpu.key_ranges(settings, row0, WG_ROWS, bk)
+        plgpu.barrier_wait(k_ready.at[0])  # key tile 0: every row sees it
+        pl.when(wg == 1)(take_turns)  # consumer 1 starts half a turn behind
         # Base-2 online softmax: m is kept in log2 units, so exp2(s * c - m) is one FMA away.
         log2_scale = settings.sm_scale * math.log2(math.e)
 
         def step(masked: bool):
             def body(j, carry):
                 acc, m_prev, l_prev = carry
-                slot = slot_of(j)
-                plgpu.barrier_wait(k_ready.at[slot])
+                slot = slot_of(j)  # k_ready[slot] was waited for before this step
 
                 def scores(s_ref):
                     plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                    take_turns()  # the other consumer's turn on the tensor cores
                     return s_ref[...]
 
                 s = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, bk), jnp.float32))
@@ -272,8 +287,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
                 l_next = l_prev * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                plgpu.barrier_wait(v_ready.at[slot])
-                acc = _accumulate_pv(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret)
+                if ping_pong:  # softmax done; p v goes once the other's s is issued
+                    plgpu.barrier_arrive(schedule)
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.barrier_wait(schedule)
+                else:
+                    plgpu.barrier_wait(v_ready.at[slot])
+
+                def while_pv_runs():  # the next key tile's wait, hidden behind p v
+                    @pl.when(j + 1 < n_vis)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
+
+                acc = _accumulate_pv(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret,
+                                     while_pv_runs)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_next, l_next
             return body
@@ -283,14 +310,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
                                    plgpu.Layout.WGMMA.reduce(1)),
                  plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32),
                                    plgpu.Layout.WGMMA.reduce(1)))
-        n_full, n_vis, any_masked = gpu.key_ranges(settings, row0, WG_ROWS, bk)
         carry = lax.fori_loop(0, n_full, step(False), carry)
         if any_masked:
             carry = lax.fori_loop(n_full, n_vis, step(True), carry)
         acc, m, l = carry
 
         # The slots of key tiles only later rows of this thread block see: waited for and
-        # released in order, so this consumer never runs a phase ahead of the other.
+        # released in order, so this consumer never runs a phase ahead of the other; and the
+        # two turns per step the other consumer still takes.
         @pl.loop(n_vis, tile_steps)
         def _release(j):
             slot = slot_of(j)
@@ -298,6 +325,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, *,
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
+            take_turns()
+            take_turns()
+
+        pl.when(wg == 0)(take_turns)  # consumer 0's last half turn
 
         q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q_tile.dtype)
         lse_tile[...] = (m + jnp.log2(l)) * math.log(2.0)
@@ -322,18 +353,25 @@ def _for_triton(settings: Settings) -> Settings:
     return dataclasses.replace(settings, interpret=bool(settings.interpret))
 
 
-def _accumulate_pv(acc, p, v_tile, interpret: bool):
-    """acc + p @ v_tile, f32. Natively wgmma accumulates into acc's registers (`pl.run_state`
-    over the accumulator, p from registers). The Mosaic GPU interpreter has neither
-    `run_state` nor wgmma from registers, so there it is a plain dot (the same sum)."""
+def _accumulate_pv(acc, p, v_tile, interpret: bool, while_running):
+    """acc + p @ v_tile, f32, calling `while_running()` after the wgmma is issued and before
+    it is awaited. Natively wgmma accumulates into acc's registers (`pl.run_state` over the
+    accumulator, p from registers). The Mosaic GPU interpreter has neither `run_state` nor
+    wgmma from registers, so there it is a plain dot (the same sum)."""
     if interpret:
+        while_running()
         pv = jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
         # That read went through the generic proxy, which the producer's next TMA write
         # (async proxy) must be ordered after: a proxy fence (wgmma reads through the async
         # proxy itself, so the native path needs none).
         plgpu.commit_smem()
         return acc + pv
-    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_tile))(plgpu.ACC.init(acc))
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_tile)
+        while_running()
+
+    return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
 def _visible(settings: Settings, row0, col0, bk: int):
