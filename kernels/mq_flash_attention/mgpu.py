@@ -20,10 +20,16 @@ dk/dv and dq kernels on these residuals, through pallas.py's custom_vjp.
     (`k_free`/`v_free`, one arrival per consumer).
   * consumer: its q tile [64, Kp] by TMA once, then per key tile: s = q k^T (wgmma, f32
     [64, block_k]), the online softmax in base 2 (the scale and log2(e) folded into one
-    multiply), acc = acc * alpha + p v (wgmma accumulating into the f32 [64, Kp] acc); o and
-    lse leave through shared memory by TMA. A consumer whose rows see fewer key tiles than the
-    thread block's last rows still waits for and releases the remaining slots, so that no
-    consumer can release a slot twice before the other has released it once.
+    multiply), acc = acc * alpha + p v (wgmma accumulating into the f32 [64, Kp] acc), waiting
+    for the next key tile while that runs; o and lse leave through shared memory by TMA. A
+    consumer whose rows see fewer key tiles than the thread block's last rows still waits for
+    and releases the remaining slots, so that no consumer can release a slot twice before the
+    other has released it once.
+  * ping-pong (`BlockSizes.ping_pong`, two consumers): the consumers take turns on the tensor
+    cores through a two-arrival `schedule` barrier, met twice per key tile (after issuing
+    q k^T, and before issuing p v), consumer 1 starting half a turn behind: while one runs
+    its softmax, the other's wgmma runs (FlashAttention-3's inter-warpgroup overlap, as in
+    JAX's attention_mgpu). A consumer past its last key tile keeps meeting the barrier.
   * causal: tiles wholly visible run an unmasked loop; the tiles crossing the diagonal (and the
     one holding the last real key when S is not a multiple of block_k) a masked one.
 
