@@ -36,6 +36,7 @@ import warnings
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
@@ -97,6 +98,23 @@ def shrink_to_shared_memory(block_sizes, used: Callable[[Any], int], *, stages: 
         name = max(shrinkable, key=lambda n: getattr(block_sizes, n))
         block_sizes = dataclasses.replace(block_sizes, **{name: getattr(block_sizes, name) // 2})
     return block_sizes
+
+
+def dot(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int, *,
+        widen: bool) -> jax.Array:
+    """a . b in a kernel body, contracting axis `contract_a` of a with `contract_b` of b,
+    accumulated in float32, at jax's matmul precision: what XLA's own dots get, TF32 for float32
+    operands on a GPU unless `jax.default_matmul_precision` asks for more (the Triton lowering
+    maps DEFAULT to TF32, HIGHEST to IEEE; bf16 operands are unaffected). One policy for every
+    GPU kernel: the XLA path and ours agree on what a float32 dot means.
+
+    `widen`: the body is interpreted, on XLA:CPU, which rejects some bf16 x bf16 -> f32 dots
+    (_common.matmul_f32), so bf16 operands are widened to float32 there (exact: a product of two
+    bf16 numbers fits in float32)."""
+    if widen and jnp.float32 not in (a.dtype, b.dtype):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
 
 def gpu_interpret(interpret: Any) -> bool:

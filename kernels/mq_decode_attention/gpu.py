@@ -64,8 +64,8 @@ What a CPU cannot check
     and export it for CUDA (tests/gpu_export.py: the whole Pallas-to-Triton lowering, which
     refuses non power-of-two arrays and unsupported operations). Not checked without a GPU:
     Triton's compile to PTX (register spills, the real shared-memory allocation, which may
-    differ from `shared_memory_bytes`), that masked loads past S really fetch nothing, TF32
-    (refused here: f32 dots ask for IEEE precision), speed, and the choice of defaults.
+    differ from `shared_memory_bytes`), that masked loads past S really fetch nothing, float32
+    dots at TF32 (kernels/_gpu.py `dot`), speed, and the choice of defaults.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ from kernels._gpu import (
     SM_COUNT,
     check_block_sizes,
     check_shared_memory,
+    dot,
     gpu_interpret,
     next_power_of_two,
     pallas_call,
@@ -138,20 +139,6 @@ def shared_memory_bytes(block_sizes: BlockSizes, head_dim: int, dtype=jnp.bfloat
     return block_sizes.num_stages * 2 * tile
 
 
-def _dot_f32(a: jax.Array, b: jax.Array, contract_b: int, interpreting: bool) -> jax.Array:
-    """a [M, X] times b (contracting b's axis contract_b) in float32.
-
-    HIGHEST precision: on Triton, DEFAULT means TF32 for f32 operands (10 mantissa bits); bf16
-    operands are unaffected. Interpreted, the body runs on XLA:CPU, which has no bf16 x bf16 ->
-    f32 dot, so operands are widened there (exact: products of bf16 numbers fit in f32).
-    """
-    if interpreting and jnp.float32 not in (a.dtype, b.dtype):
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    dims = (((1,), (contract_b,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST,
-                               preferred_element_type=jnp.float32)
-
-
 def _store(ref, value, mask):
     if mask is None:
         ref[...] = value
@@ -185,14 +172,14 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref,  # [], [H_pad, K_pad], [S_p
         mask = row_ok[:, None] if col_ok is None else row_ok[:, None] & col_ok
         window = pl.ds(pl.multiple_of(start, block_k), block_k)
         k = pl_triton.load(k_ref.at[window, :], mask=mask, other=0)
-        s = _dot_f32(q, k, 1, interpreting) * scale  # [H_pad, block_k]
+        s = dot(q, k, 1, 1, widen=interpreting) * scale  # [H_pad, block_k]
         s = jnp.where(row_ok[None, :], s, -jnp.inf)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))  # finite: the tile has a valid row
         alpha = jnp.exp(m_prev - m_next)  # 0 on the first tile (m_prev = -inf)
         probs = jnp.exp(s - m_next[:, None])
         l_next = alpha * l_prev + jnp.sum(probs, axis=1)
         v = pl_triton.load(v_ref.at[window, :], mask=mask, other=0)  # zeros: 0 * garbage is NaN
-        acc = alpha[:, None] * acc + _dot_f32(probs.astype(v.dtype), v, 0, interpreting)
+        acc = alpha[:, None] * acc + dot(probs.astype(v.dtype), v, 1, 0, widen=interpreting)
         return acc, m_next, l_next
 
     init = (jnp.zeros((h_pad, k_pad), jnp.float32), jnp.full((h_pad,), -jnp.inf, jnp.float32),

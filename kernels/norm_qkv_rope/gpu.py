@@ -74,7 +74,7 @@ generic Pallas interpreter) against the reference, and export them for CUDA
 (tests/gpu_export.py), which runs the whole Pallas-to-Triton lowering (power-of-two arrays,
 supported operations, the dot shapes). The compile of that Triton IR to PTX (register
 allocation, spills, the real shared-memory use of the pipeline) and all timings need a GPU, as
-does the f32 dots' precision (HIGHEST is requested: Triton would otherwise use TF32).
+do float32 dots at TF32 (kernels/_gpu.py `dot`: jax's matmul precision, as XLA's dots).
 """
 
 from __future__ import annotations
@@ -186,18 +186,6 @@ def shared_memory_bytes(x_shape: tuple[int, ...], wq_shape: tuple[int, ...], dty
 # ----------------------------------------------------------------------------------------------
 
 
-def _dot(a, b, contract_a: int, contract_b: int, widen: bool) -> jax.Array:
-    """a·b contracting the given axes, accumulated in float32. float32 operands ask for
-    HIGHEST (Triton's default for them is TF32). `widen`: interpreted on XLA:CPU, which rejects
-    some bf16 x bf16 -> f32 dots (kernels._common.matmul_f32); widening changes no product."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    if widen:
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        precision = jax.lax.Precision.HIGHEST
-    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                               precision=precision, preferred_element_type=jnp.float32)
-
-
 def _span(start, size: int) -> jax.Array:
     """int32 [size]: start, start + 1, ... (the global indices of a tile's entries)."""
     return start + jnp.arange(size, dtype=jnp.int32)
@@ -236,8 +224,8 @@ def _ln_dot_halves(operands, n_steps: int, contract: int, shape, widen: bool):
     def step(c, accs):
         x, mean, rstd, scale, (o1, o2) = operands(c)
         hx = _normalise(x, mean, rstd, scale, x.dtype)
-        return (accs[0] + _dot(hx, o1, contract, 0, widen),
-                accs[1] + _dot(hx, o2, contract, 0, widen))
+        return (accs[0] + _gpu.dot(hx, o1, contract, 0, widen=widen),
+                accs[1] + _gpu.dot(hx, o2, contract, 0, widen=widen))
 
     zeros = jnp.zeros(shape, jnp.float32)
     return jax.lax.fori_loop(0, n_steps, step, (zeros, zeros))
@@ -317,7 +305,7 @@ def _bwd_dx_kernel(pos_ref, freq_ref, dq_ref, dk_ref, dv_ref, wq_ref, wk_ref, wv
 
     def contract(acc, g1, g2, w_view):  # acc + g·w^T over the head's lanes
         w1, w2 = _load_halves(w_view, w_mask)
-        return acc + _dot(g1, w1, 1, 1, widen) + _dot(g2, w2, 1, 1, widen)
+        return acc + _gpu.dot(g1, w1, 1, 1, widen=widen) + _gpu.dot(g2, w2, 1, 1, widen=widen)
 
     def query_head(j, acc):
         g1, g2 = rotated_back(lambda s: dq_ref.at[:, j, pl.ds(starts[s], kh)])
