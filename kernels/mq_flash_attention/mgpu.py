@@ -46,7 +46,7 @@ the 64 K-register file. FLOPs and bytes as gpu.py's forward.
 What CPU checks cover: on jax >= 0.11 the Mosaic GPU interpreter runs this kernel on CPU
 (TMA, barriers, wgmma, the three warpgroups as threads), so the hypothesis suite checks it
 against the reference. The one step that interpreter cannot run, p @ v as a wgmma from
-registers accumulating into acc (`pl.run_state`), is a plain dot there (`_accumulate_pv`), the
+registers accumulating into acc (`pl.run_state`), is a plain dot there (`_accumulate`), the
 same sum. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering
 (layouts, transforms, wgmma shapes) on both jax versions. Not covered: PTX compilation,
 register allocation and speed, which the device script (tools/gpu_check.sh) measures.
@@ -89,15 +89,18 @@ class BlockSizes(gpu.BlockSizes):
     Mosaic GPU forward: block_q 64 or 128 rows (one or two consumer warpgroups), block_k 64 or
     128 keys; `kv_buffers` is the depth of the K/V ring in shared memory (>= 2, so that one
     tile loads while another is used); `ping_pong` takes turns on the tensor cores between
-    two consumers (module docstring; ignored with one)."""
+    two consumers (module docstring; ignored with one); `mosaic_dq` runs dq with this module's
+    kernel (64-row tiles, the forward's block_k and ring) rather than gpu.py's."""
 
     kv_buffers: int = 2
     ping_pong: bool = True
+    mosaic_dq: bool = True
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.ping_pong, bool):
-            raise ValueError(f"BlockSizes: ping_pong={self.ping_pong!r} must be a bool")
+        for name in ("ping_pong", "mosaic_dq"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BlockSizes: {name}={getattr(self, name)!r} must be a bool")
         if self.block_q not in (WG_ROWS, 2 * WG_ROWS):
             raise ValueError(f"BlockSizes: block_q={self.block_q} must be 64 or 128 (one or two "
                              "consumer warpgroups of wgmma's 64 rows)")
@@ -143,6 +146,13 @@ def forward_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
             + 4 * blocks.block_q)
 
 
+def dq_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
+    """The Mosaic dq kernel's: q and do tiles, the K/V ring, lse and delta."""
+    kp = padded_head_dim(head_dim)
+    return (2 * 2 * WG_ROWS * kp + blocks.kv_buffers * 2 * 2 * blocks.block_k * kp
+            + 2 * 4 * WG_ROWS)
+
+
 def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
     """The forward's limits (dtype, head dim), then every kernel's shared memory: this forward's
     and gpu.py's backward kernels'."""
@@ -154,6 +164,8 @@ def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
                          f"{MAX_HEAD_DIM} (the f32 accumulator's registers), got {head_dim}")
     sizes = {**gpu.shared_memory_bytes(blocks, head_dim, dtype),
              "forward": forward_shared_memory_bytes(blocks, head_dim)}  # not Triton's forward
+    if blocks.mosaic_dq:
+        sizes["dq"] = dq_shared_memory_bytes(blocks, head_dim)
     for kernel, size in sizes.items():
         check_shared_memory(size, f"palm_mq_flash_attention {kernel} ({blocks}, K={head_dim}, "
                                   f"{jnp.dtype(dtype).name}, impl={IMPL!r})")
@@ -223,10 +235,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
                                        WG_ROWS, bk)
 
     def slot_of(step):
-        return lax.rem(step, jnp.int32(buffers))
+        return _slot(step, buffers)
 
-    def keys(ref, step):
-        return ref.at[batch, pl.ds(step * bk, bk)]
 
     def take_turns():
         """Both consumers meet (one barrier phase each); only with ping_pong."""
@@ -234,28 +244,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-    @pl.when(wg == consumers)
-    def _producer():
-        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-
-        @pl.loop(0, tile_steps)
-        def _load(step):
-            slot = slot_of(step)
-
-            @pl.when(step >= buffers)  # the slot held step - buffers: wait for its release
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(keys(k_ref, step), k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(keys(v_ref, step), v_smem.at[slot], v_ready.at[slot])
-
-        # The last releases, so that every phase of the free barriers is observed before the
-        # scratch goes away (the interpreter checks that; on the GPU it costs an idle wait).
-        @pl.loop(jnp.maximum(tile_steps - buffers, 0), tile_steps)
-        def _drain(step):
-            plgpu.barrier_wait(k_free.at[slot_of(step)])
-            plgpu.barrier_wait(v_free.at[slot_of(step)])
+    pl.when(wg == consumers)(lambda: _produce_kv(k_ref, v_ref, k_smem, v_smem, ready, free,
+                                                 batch=batch, steps=tile_steps, bk=bk))
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -305,8 +295,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
                     def _():
                         plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
 
-                acc = _accumulate_pv(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret,
-                                     while_pv_runs)
+                acc = _accumulate(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret,
+                                  while_pv_runs)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_next, l_next
             return body
@@ -351,33 +341,184 @@ def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
 
 
 def backward_dq(q, k, v, do, lse, delta, settings: Settings):
-    """gpu.py's dq kernel (Triton), interpreted as backward_dkv."""
-    return gpu.backward_dq(q, k, v, do, lse, delta, _for_triton(settings))
+    """dq [B, R, Kp] in q's dtype: this module's kernel (`_dq_kernel`) or, without
+    `BlockSizes.mosaic_dq`, gpu.py's."""
+    blocks = settings.blocks
+    if not blocks.mosaic_dq:
+        return gpu.backward_dq(q, k, v, do, lse, delta, _for_triton(settings))
+    batch, rows, kp = q.shape
+    n_tiles = rows // WG_ROWS
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+        (plgpu.SMEM((WG_ROWS, kp), q.dtype, transforms=transforms),  # q, then dq
+         plgpu.SMEM((WG_ROWS, kp), do.dtype, transforms=transforms),
+         plgpu.SMEM((blocks.kv_buffers, blocks.block_k, kp), k.dtype, transforms=transforms),
+         plgpu.SMEM((blocks.kv_buffers, blocks.block_k, kp), v.dtype, transforms=transforms),
+         plgpu.SMEM((WG_ROWS,), jnp.float32),  # lse
+         plgpu.SMEM((WG_ROWS,), jnp.float32)),  # delta
+        (plgpu.Barrier(num_barriers=blocks.kv_buffers),  # k_ready
+         plgpu.Barrier(num_barriers=blocks.kv_buffers),  # v_ready
+         plgpu.Barrier(num_barriers=4)),  # the row tiles: q, do, lse, delta
+        (plgpu.Barrier(num_barriers=blocks.kv_buffers),) * 2,  # free
+    )
+    interpret = settings.interpret or None
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
+        pl.run_scoped(
+            lambda *scoped: _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+                                       *scoped, settings=settings, n_tiles=n_tiles,
+                                       interpret=interpret is not None),
+            *scratch, collective_axes="wg")
+
+    with jax.named_scope(f"palm_mq_flash_attention_bwd_dq_mosaic bk={blocks.block_k} "
+                         f"buffers={blocks.kv_buffers} H={settings.num_heads} "
+                         f"causal={settings.causal}"):
+        return plgpu.kernel(
+            entry,
+            out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            grid=(n_tiles, batch),
+            grid_names=("tile", "batch"),
+            num_threads=2,
+            thread_name="wg",
+            compiler_params=plgpu.CompilerParams(approx_math=True),
+            interpret=interpret,
+            kernel_name="palm_mq_flash_attention_bwd_dq_mosaic",
+        )(q, k, v, do, lse, delta)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free, *,
+               settings: Settings, n_tiles: int, interpret: bool):
+    """One 64-row query tile's dq = scale * sum over its visible key tiles of ds k, with
+    p = exp(scale q k^T - lse), dp = do v^T, ds = p (dp - delta); one consumer warpgroup (its
+    q and do tiles and the ring fill shared memory at K = 256) and the producer."""
+    q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem = smem
+    k_ready, v_ready, rows_ready = ready
+    k_free, v_free = free
+    blocks = settings.blocks
+    bk, buffers = blocks.block_k, blocks.kv_buffers
+    batch = lax.axis_index("batch")
+    tile = lax.axis_index("tile")
+    tile = n_tiles - 1 - tile if settings.causal else tile  # causal: longest tiles first
+    row0 = tile * WG_ROWS
+    wg = lax.axis_index("wg")
+    n_full, n_vis, any_masked = gpu.key_ranges(settings, row0, WG_ROWS, bk)
+    pl.when(wg == 1)(lambda: _produce_kv(k_ref, v_ref, k_smem, v_smem, ready, free,
+                                         batch=batch, steps=n_vis, bk=bk))
+
+    @pl.when(wg == 0)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        rows = pl.ds(row0, WG_ROWS)
+        loads = ((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem), (delta_ref, delta_smem))
+        for i, (src, dst) in enumerate(loads):
+            plgpu.copy_gmem_to_smem(src.at[batch, rows], dst, rows_ready.at[i])
+        for i in range(len(loads)):
+            plgpu.barrier_wait(rows_ready.at[i])
+        log2e = math.log2(math.e)
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        lse2 = plgpu.load(lse_smem, (), layout=row_layout) * log2e  # in log2 units
+        delta = plgpu.load(delta_smem, (), layout=row_layout)
+        log2_scale = settings.sm_scale * log2e
+        plgpu.barrier_wait(k_ready.at[0])
+
+        def step(masked: bool):
+            def body(j, dq):
+                slot = _slot(j, buffers)  # k_ready[slot] was waited for before this step
+
+                def scores(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+                    return s_ref[...], dp_ref[...]
+
+                s, dp = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, bk), jnp.float32),
+                                      plgpu.ACC((WG_ROWS, bk), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+                p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                if masked:
+                    p = jnp.where(_visible(settings, row0, j * bk, bk), p, 0.0)
+                ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+
+                def while_ds_k_runs():  # the next key tile's wait, hidden behind ds k
+                    @pl.when(j + 1 < n_vis)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[_slot(j + 1, buffers)])
+
+                dq = _accumulate(dq, ds.astype(k_smem.dtype), k_smem.at[slot], interpret,
+                                 while_ds_k_runs)
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+            return body
+
+        dq = plgpu.layout_cast(jnp.zeros(q_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+        dq = lax.fori_loop(0, n_full, step(False), dq)
+        if any_masked:
+            dq = lax.fori_loop(n_full, n_vis, step(True), dq)
+        q_smem[...] = (dq * settings.sm_scale).astype(q_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[batch, rows])
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _for_triton(settings: Settings) -> Settings:
     return dataclasses.replace(settings, interpret=bool(settings.interpret))
 
 
-def _accumulate_pv(acc, p, v_tile, interpret: bool, while_running):
-    """acc + p @ v_tile, f32, calling `while_running()` after the wgmma is issued and before
-    it is awaited. Natively wgmma accumulates into acc's registers (`pl.run_state` over the
-    accumulator, p from registers). The Mosaic GPU interpreter has neither `run_state` nor
-    wgmma from registers, so there it is a plain dot (the same sum)."""
+def _slot(step, buffers: int):
+    """The ring slot of key tile `step`."""
+    return lax.rem(step, jnp.int32(buffers))
+
+
+def _produce_kv(k_ref, v_ref, k_smem, v_smem, ready, free, *, batch, steps, bk: int):
+    """The producer warpgroup: key tiles 0 .. steps-1 of K and V into the ring by TMA, each
+    slot refilled once every consumer has released it (`free`); `ready` is (k_ready, v_ready,
+    ...), free (k_free, v_free)."""
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    k_ready, v_ready = ready[:2]
+    k_free, v_free = free
+    buffers = k_smem.shape[0]
+
+    @pl.loop(0, steps)
+    def _load(step):
+        slot = _slot(step, buffers)
+
+        @pl.when(step >= buffers)  # the slot held step - buffers: wait for its release
+        def _():
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+        keys = pl.ds(step * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys], k_smem.at[slot], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys], v_smem.at[slot], v_ready.at[slot])
+
+    # The last releases, so that every phase of the free barriers is observed before the
+    # scratch goes away (the interpreter checks that; on the GPU it costs an idle wait).
+    @pl.loop(jnp.maximum(steps - buffers, 0), steps)
+    def _drain(step):
+        plgpu.barrier_wait(k_free.at[_slot(step, buffers)])
+        plgpu.barrier_wait(v_free.at[_slot(step, buffers)])
+
+
+def _accumulate(acc, a, b_tile, interpret: bool, while_running):
+    """acc + a @ b_tile (a in registers, b_tile in shared memory), f32, calling
+    `while_running()` after the wgmma is issued and before it is awaited. Natively wgmma
+    accumulates into acc's registers (`pl.run_state` over the accumulator, a from registers).
+    The Mosaic GPU interpreter has neither `run_state` nor wgmma from registers, so there it
+    is a plain dot (the same sum)."""
     if interpret:
         while_running()
-        pv = jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
+        product = jnp.dot(a, b_tile[...], preferred_element_type=jnp.float32)
         # That read went through the generic proxy, which the producer's next TMA write
         # (async proxy) must be ordered after: a proxy fence (wgmma reads through the async
         # proxy itself, so the native path needs none).
         plgpu.commit_smem()
-        return acc + pv
+        return acc + product
 
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_tile)
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_tile)
         while_running()
 
-    return pl.run_state(product)(plgpu.ACC.init(acc))
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
 def _visible(settings: Settings, row0, col0, bk: int):
