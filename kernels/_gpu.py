@@ -31,6 +31,7 @@ Rules every kernel here follows, because interpret mode does not enforce them:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 from typing import Any, Callable
@@ -167,6 +168,17 @@ def mosaic_gpu_interpret(interpret: Any):
             f"each waiting warpgroup holds one; start Python with NPROC="
             f"{MOSAIC_INTERPRET_THREADS} in the environment", RuntimeWarning, stacklevel=3)
     return params()
+
+
+def mosaic_load(ref, layout):
+    """A whole Mosaic GPU ref loaded into registers in `layout`. The one version shim here:
+    jax 0.10's `plgpu.load` requires the index, jax 0.11 deprecates passing it."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    index = inspect.signature(plgpu.load).parameters["idx"]
+    if index.default is inspect.Parameter.empty:  # jax 0.10
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
 
 
 def is_power_of_two(n: int) -> bool:

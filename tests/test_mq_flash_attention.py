@@ -70,9 +70,10 @@ def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
         blocks = draw(st.one_of(st.none(), st.builds(
             mfa_mgpu.BlockSizes, st.sampled_from([64, 128]), st.sampled_from([64, 128]),
             small, small, small, small, num_warps=st.just(4), num_stages=st.integers(1, 2),
-            kv_buffers=st.integers(2, 3), ping_pong=st.booleans())))
-        if blocks is not None and mfa_mgpu.forward_shared_memory_bytes(
-                blocks, head_dim) > SHARED_MEMORY_BYTES:  # K = 256: 128-key ring over budget
+            kv_buffers=st.integers(2, 3), ping_pong=st.booleans(), mosaic_dq=st.booleans())))
+        if blocks is not None and max(mfa_mgpu.forward_shared_memory_bytes(blocks, head_dim),
+                                      mfa_mgpu.dq_shared_memory_bytes(blocks, head_dim)
+                                      ) > SHARED_MEMORY_BYTES:  # K = 256: a 64-key ring of 2
             blocks = dataclasses.replace(blocks, block_k=64, kv_buffers=2)
         races = draw(st.integers(0, 3)) == 0  # the producer/consumer protocol, a quarter
     else:  # Triton tiles: powers of two >= 16, small enough for several tiles per axis
@@ -434,9 +435,10 @@ def _on_mosaic(case, blocks=None):
 MOSAIC_CASES = {
     "causal_k256": _on_mosaic(SELF_ATTENTION),
     "causal_one_head_ping_pong": _on_mosaic(_case(heads=1, q_len=200, kv_len=200, head_dim=64)),
-    "causal_one_head_in_turn": _on_mosaic(
+    "causal_one_head_in_turn_triton_dq": _on_mosaic(
         _case(heads=1, q_len=200, kv_len=200, head_dim=64),
-        mfa_mgpu.BlockSizes(128, 64, 32, 32, 32, 32, num_warps=4, ping_pong=False)),
+        mfa_mgpu.BlockSizes(128, 64, 32, 32, 32, 32, num_warps=4, ping_pong=False,
+                            mosaic_dq=False)),
     "one_consumer_short_queries": _on_mosaic(
         _case(heads=3, q_len=20, kv_len=300, head_dim=40),
         mfa_mgpu.BlockSizes(64, 64, 32, 32, 32, 32, num_warps=4, kv_buffers=3)),
@@ -474,6 +476,7 @@ def test_mosaic_gpu_default_blocks_at_palm_shapes(shape):
     (jnp.float32, 256, None, "bfloat16 or float16"),
     (jnp.bfloat16, 512, None, "head dims up to 256"),
     (jnp.bfloat16, 256, mfa_mgpu.BlockSizes(block_k=128, kv_buffers=3), "shared memory"),
+    (jnp.bfloat16, 256, mfa_mgpu.BlockSizes(block_q=64, kv_buffers=3), "dq .* shared memory"),
     (jnp.bfloat16, 256, mfa_gpu.BlockSizes(), "mgpu.BlockSizes"),  # the Triton kernels' tiles
 ])
 def test_mosaic_gpu_bad_settings_raise_before_tracing(dtype, head_dim, block_sizes, match):
@@ -486,7 +489,8 @@ def test_mosaic_gpu_bad_settings_raise_before_tracing(dtype, head_dim, block_siz
 @pytest.mark.parametrize("kwargs, match", [(dict(block_q=32), "block_q=32 must be 64 or 128"),
                                            (dict(block_k=256), "block_k=256 must be 64 or 128"),
                                            (dict(kv_buffers=1), "kv_buffers=1"),
-                                           (dict(ping_pong=1), "ping_pong=1")])
+                                           (dict(ping_pong=1), "ping_pong=1"),
+                                           (dict(mosaic_dq=None), "mosaic_dq=None")])
 def test_mosaic_gpu_block_sizes_reject_bad_tiles(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mfa_mgpu.BlockSizes(**kwargs)
@@ -501,8 +505,8 @@ def test_mosaic_gpu_interpret_needs_jax_0_11():
 
 @pytest.mark.parametrize("heads", [16, 48], ids=["8B", "540B"])
 def test_export_mosaic_gpu_forward_and_gradient_for_gpu(heads):
-    """The Pallas-to-Mosaic-GPU lowering of the forward (layouts, swizzled transforms, wgmma
-    shapes) and the Triton lowering of the backward, at PaLM shapes, bf16."""
+    """The Pallas-to-Mosaic-GPU lowering of the forward and dq kernels (layouts, swizzled
+    transforms, wgmma shapes) and the Triton lowering of dk/dv, at PaLM shapes, bf16."""
     def forward_and_vjp(q, k, v):
         def attention(q, k, v):
             return mfa.mq_flash_attention(q, k, v, causal=True, impl="pallas_mosaic_gpu",
@@ -511,6 +515,6 @@ def test_export_mosaic_gpu_forward_and_gradient_for_gpu(heads):
         return o, pullback(o)
 
     text = export_for_gpu(forward_and_vjp, *_palm_args(heads))
-    assert mosaic_gpu_kernel_count(text) == 1
-    assert triton_kernel_names(text) == BWD
+    assert mosaic_gpu_kernel_count(text) == 2
+    assert triton_kernel_names(text) == ["palm_mq_flash_attention_bwd_dkv"]
     assert "stablehlo.pad" not in text and "stablehlo.transpose" not in text

@@ -66,7 +66,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
-from kernels._gpu import next_power_of_two
+from kernels._gpu import mosaic_load, next_power_of_two
 from kernels.mq_flash_attention import gpu
 from kernels.mq_flash_attention.pallas import MASK_VALUE, Settings, mq_flash_attention_pallas
 
@@ -416,8 +416,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
             plgpu.barrier_wait(rows_ready.at[i])
         log2e = math.log2(math.e)
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        lse2 = plgpu.load(lse_smem, (), layout=row_layout) * log2e  # in log2 units
-        delta = plgpu.load(delta_smem, (), layout=row_layout)
+        lse2 = mosaic_load(lse_smem, row_layout) * log2e  # in log2 units
+        delta = mosaic_load(delta_smem, row_layout)
         log2_scale = settings.sm_scale * log2e
         plgpu.barrier_wait(k_ready.at[0])
 
