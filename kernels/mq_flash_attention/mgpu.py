@@ -1,5 +1,5 @@
-"""The Mosaic GPU `mq_flash_attention` forward (Hopper: TMA, wgmma, warp specialisation), with
-gpu.py's Triton backward: `impl="pallas_mosaic_gpu"`.
+"""The Mosaic GPU `mq_flash_attention` forward and dq kernels (Hopper: TMA, wgmma, warp
+specialisation), with gpu.py's Triton dk/dv kernel: `impl="pallas_mosaic_gpu"`.
 
 Why a second GPU forward: Triton's dots on Hopper cannot keep a K = 256 accumulator and a
 software pipeline deep enough to hide HBM at once, while Mosaic GPU lets a kernel split its
@@ -10,8 +10,9 @@ wgmma and the softmax, so loads and math overlap without registers spent on addr
 Same math and residuals as gpu.py (the design and the row fold are in tpu.py and pallas.py):
 q [B, T, H, K] viewed as [B, T*H, K], row r = t*H + h, one K/V tile serving all H heads of a
 query tile; causal is top-left aligned (row r sees key s iff r >= s*H); the forward saves
-lse [B, R] f32 (natural log of the row's sum of exp(scaled logits)). The backward is gpu.py's
-dk/dv and dq kernels on these residuals, through pallas.py's custom_vjp.
+lse [B, R] f32 (natural log of the row's sum of exp(scaled logits)). The backward, through
+pallas.py's custom_vjp on these residuals, is gpu.py's dk/dv kernel and this module's dq kernel
+(or gpu.py's, `BlockSizes.mosaic_dq=False`).
 
   * grid (T*H / block_q, B), one thread block per query tile of block_q rows, causal tiles
     longest first; `block_q // 64` consumer warpgroups of 64 rows (wgmma's M) and one producer.
@@ -32,6 +33,15 @@ dk/dv and dq kernels on these residuals, through pallas.py's custom_vjp.
     JAX's attention_mgpu). A consumer past its last key tile keeps meeting the barrier.
   * causal: tiles wholly visible run an unmasked loop; the tiles crossing the diagonal (and the
     one holding the last real key when S is not a multiple of block_k) a masked one.
+  * dq, grid (T*H / 64, B): one consumer and the producer (the same ring). The consumer loads
+    its q, do tiles [64, Kp] and lse, delta [64] by TMA once, then per visible key tile:
+    s = q k^T and dp = do v^T (two wgmmas, f32 [64, block_k]), p = exp2(s c - lse log2 e),
+    ds = p (dp - delta), dq += ds k (wgmma from registers into the f32 [64, Kp] dq), waiting
+    for the next tile while that runs; dq * scale leaves through q's buffer. One consumer:
+    q, do and a ring of 2 fill 192 KiB at K = 256, so a second one would not fit; 2 x T*H/64
+    thread blocks at PaLM-8B (512) fill the SMs anyway. dk/dv stays Triton: its two [64, Kp]
+    f32 accumulators would take 256 registers per thread at K = 256, more than a warpgroup
+    has, so a Mosaic version must split K across warpgroups (left for a GPU session).
 
 Shapes: K is zero-padded to a power of two >= 64 (the 128-byte swizzle's 64 bf16 columns and
 gpu.py's power-of-two rule), at most 256 (registers: the acc is 128 per thread at 256); rows
@@ -41,13 +51,14 @@ Budget at PaLM's K = 256, bf16, block_q = 128, block_k = 64, kv_buffers = 2: sha
 2 x 64 x 256 x 2 = 64 KiB, the K/V ring 2 x 2 x 64 x 256 x 2 = 128 KiB, lse 512 B: 192.5 KiB
 of 227 KiB. Registers: consumers raise theirs to 232 per thread (acc 128, s 32, p 16, the
 statistics and addresses), the producer lowers to 40: 2 x 232 + 40 = 504 x 128 threads fits
-the 64 K-register file. FLOPs and bytes as gpu.py's forward.
+the 64 K-register file. dq: dq 128, s and dp 32 each, p and ds; the same 232. FLOPs and bytes
+as gpu.py's forward and dq.
 
-What CPU checks cover: on jax >= 0.11 the Mosaic GPU interpreter runs this kernel on CPU
-(TMA, barriers, wgmma, the three warpgroups as threads), so the hypothesis suite checks it
-against the reference. The one step that interpreter cannot run, p @ v as a wgmma from
-registers accumulating into acc (`pl.run_state`), is a plain dot there (`_accumulate`), the
-same sum. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering
+What CPU checks cover: on jax >= 0.11 the Mosaic GPU interpreter runs these kernels on CPU
+(TMA, barriers, wgmma, the warpgroups as threads, with race detection), so the hypothesis
+suite checks them against the reference. The one step that interpreter cannot run, a wgmma
+from registers accumulating into acc (p v, ds k; `pl.run_state`), is a plain dot there
+(`_accumulate`), the same sum; tests marked `gpu` run the native one on the GPU. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering
 (layouts, transforms, wgmma shapes) on both jax versions. Not covered: PTX compilation,
 register allocation and speed, which the device script (tools/gpu_check.sh) measures.
 """
