@@ -60,6 +60,7 @@ if [ "$REHEARSE" = 1 ]; then
   CHECK_ARGS=(--shapes tiny --dtype float32 --impls pallas_gpu)  # Mosaic GPU: bf16 only
   BENCH_ARGS=(--bench-size tiny --bench-impls xla,pallas_gpu,cudnn,pallas_gpu_mha,pallas_gpu_decode)
   PROFILE_ARGS=(--preset tiny --batch-size 2 --seq-len 32 --steps 1 --warmup 1)
+  TRAIN_IMPLS=()
 else
   BUDGET=${GPU_CHECK_BUDGET_S:-420}
   SCALE=1
@@ -68,6 +69,9 @@ else
   read -r -a EXTRA <<< "${GPU_CHECK_BENCH_ARGS:-}"
   BENCH_ARGS=(--bench-size paper ${EXTRA[@]+"${EXTRA[@]}"})
   PROFILE_ARGS=(--preset 1b --batch-size "${GPU_CHECK_PROFILE_BATCH:-1}" --seq-len 2048 --steps 2 --warmup 1)
+  # The whole model with the Mosaic GPU attention (Triton elsewhere) too: a model benchmark
+  # runs pallas_mosaic_gpu only when named.
+  TRAIN_IMPLS=(--bench-impls xla,pallas_gpu,pallas_mosaic_gpu)
 fi
 # Timing: each case's rounds fill half a second (at least 3), after the harness's own warm-up.
 TIMING=(--benchmark-only --benchmark-max-time=0.5 --benchmark-min-rounds=3 -q -rs
@@ -120,7 +124,7 @@ bench_group ceilings 45 15 bench/test_ceilings.py
 bench_group attention 140 25 bench/test_kernels.py -k test_mq_flash_attention
 bench_group projections 70 20 bench/test_kernels.py -k "test_norm_swiglu or test_norm_qkv_rope or test_block_out"
 # The training step before the forward pass: MFU is the goal; each compiles a 16-layer model.
-bench_group train 120 50 bench/test_model.py -k test_train_step
+bench_group train 150 50 bench/test_model.py -k test_train_step ${TRAIN_IMPLS[@]+"${TRAIN_IMPLS[@]}"}
 # The demo model's decode cases are the CPU story (cache against recompute); on a GPU only the
 # large model's and the attention kernel's are timed.
 if [ "$REHEARSE" = 1 ]; then
