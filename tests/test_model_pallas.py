@@ -1,5 +1,6 @@
-"""The model on Pallas kernels: `palm.forward(impl="pallas_tpu" | "pallas_gpu")` against
-`impl="xla"`, the whole PaLM layer lowered for real TPUs (Mosaic) and NVIDIA GPUs (Triton) at
+"""The model on Pallas kernels: `palm.forward(impl="pallas_tpu" | "pallas_gpu" |
+"pallas_mosaic_gpu")` against `impl="xla"`, the whole PaLM layer lowered for real TPUs (Mosaic)
+and NVIDIA GPUs (Triton, and Mosaic GPU attention) at
 PaLM-8B and PaLM-540B shapes, and a PaLM-8B layer's loss and gradient under shard_map on a 4x2
 TPU mesh."""
 
@@ -13,13 +14,14 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 import palm
 from conftest import assert_close
 from kernels import target_backend
 from palm.model import _block, loss
-from gpu_export import export_for_gpu, triton_kernel_names
+from gpu_export import export_for_gpu, mosaic_gpu_kernel_count, triton_kernel_names
 from tpu_export import export_for_tpu, mosaic_kernel_names
 
 # Small but not toy: two layers, several heads, T not a multiple of any block size.
@@ -129,3 +131,38 @@ def test_sharded_layer_lowers_for_tpu_on_a_4x2_mesh():
             "palm_norm_swiglu_bwd_dx"} <= set(gradient), gradient
     # Local shapes: the flash kernel's q block is one chip's 8 of the 16 heads.
     assert "tensor<1x2048x8x256xbf16>" in modules["loss"]
+
+
+@pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"),
+                    reason="the Mosaic GPU interpreter needs jax >= 0.11")
+def test_forward_mosaic_gpu_equals_xla(params):
+    """impl="pallas_mosaic_gpu" for a whole model: the Mosaic GPU attention (interpreted), the
+    other kernels' Triton versions, bf16 (wgmma's operands)."""
+    config = dataclasses.replace(CONFIG, dtype="bfloat16")
+    tokens = jax.random.randint(jax.random.key(1), (2, 37), 0, config.vocab_size, dtype=jnp.int32)
+    mosaic = palm.forward(params, tokens, config, impl="pallas_mosaic_gpu")
+    xla = palm.forward(params, tokens, config, impl="xla")
+    assert_close(mosaic, xla, "bfloat16", factor=5, what="logits bfloat16")
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_SHAPES))
+def test_layer_lowers_for_gpu_with_mosaic_attention(name):
+    """A PaLM layer with impl="pallas_mosaic_gpu" exported for CUDA: attention's forward (and,
+    in the gradient, its dq) are Mosaic GPU kernels, everything else Triton."""
+    config = dataclasses.replace(LAYER_SHAPES[name], dtype="bfloat16")
+    p, x = _layer_structs(config)
+
+    def layer(p, x):
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        return _block(x, p, positions, config, "pallas_mosaic_gpu")
+
+    def layer_grad(p, x):
+        return jax.grad(lambda p, x: layer(p, x).astype(jnp.float32).sum(), argnums=(0, 1))(p, x)
+
+    with target_backend("gpu"):
+        forward, backward = export_for_gpu(layer, p, x), export_for_gpu(layer_grad, p, x)
+    assert mosaic_gpu_kernel_count(forward) == 1 and mosaic_gpu_kernel_count(backward) == 2
+    assert not any(n.startswith("palm_mq_flash_attention_fwd") for n in triton_kernel_names(forward))
+    assert "palm_mq_flash_attention_bwd_dkv" in triton_kernel_names(backward)
+    for kernel in ("palm_norm_qkv_rope", "palm_norm_swiglu", "palm_block_out"):
+        assert any(n.startswith(kernel) for n in triton_kernel_names(forward)), kernel
