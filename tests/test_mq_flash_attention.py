@@ -405,20 +405,28 @@ def test_gpu_bad_settings_raise_before_tracing(block_sizes, interpret, match):
                                block_sizes=block_sizes)
 
 
-def test_export_forward_and_gradient_for_gpu():
-    """The whole Pallas-to-Triton lowering of the three kernels at PaLM-8B shapes, bf16."""
+# impl: (the Triton kernels, the Mosaic GPU kernels) in the exported forward and gradient.
+GPU_KERNELS = {"pallas_gpu": (FWD + BWD, 0),
+               "pallas_mosaic_gpu": (["palm_mq_flash_attention_bwd_dkv"], 2)}  # fwd, dq Mosaic
+
+
+@pytest.mark.parametrize("heads", [16, 48], ids=["8B", "540B"])
+@pytest.mark.parametrize("impl", sorted(GPU_KERNELS))
+def test_export_forward_and_gradient_for_gpu(impl, heads):
+    """The whole Pallas-to-Triton lowering and, for pallas_mosaic_gpu, the Pallas-to-Mosaic-GPU
+    lowering (layouts, swizzled transforms, wgmma shapes) of the forward and gradient kernels
+    at PaLM shapes, bf16."""
     def forward_and_vjp(q, k, v):
         def attention(q, k, v):
-            return mfa.mq_flash_attention(q, k, v, causal=True, impl="pallas_gpu",
-                                          interpret=False)
+            return mfa.mq_flash_attention(q, k, v, causal=True, impl=impl, interpret=False)
         o, pullback = jax.vjp(attention, q, k, v)
         return o, pullback(o)
 
-    text = export_for_gpu(forward_and_vjp, *_palm_args(16))
-    assert triton_kernel_names(text) == FWD + BWD
+    text = export_for_gpu(forward_and_vjp, *_palm_args(heads))
+    triton, mosaic = GPU_KERNELS[impl]
+    assert triton_kernel_names(text) == triton and mosaic_gpu_kernel_count(text) == mosaic
     # PaLM shapes divide the tiles and the head fold is a reshape: no padding, no transposes.
     assert "stablehlo.pad" not in text and "stablehlo.transpose" not in text
-
 
 # ---- Mosaic GPU forward ----------------------------------------------------------------------
 
@@ -501,20 +509,3 @@ def test_mosaic_gpu_interpret_needs_jax_0_11():
     q, k = jnp.zeros((1, 64, 1, 64), jnp.bfloat16), jnp.zeros((1, 64, 64), jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="jax >= 0.11"):
         mfa.mq_flash_attention(q, k, k, impl="pallas_mosaic_gpu", interpret=True)
-
-
-@pytest.mark.parametrize("heads", [16, 48], ids=["8B", "540B"])
-def test_export_mosaic_gpu_forward_and_gradient_for_gpu(heads):
-    """The Pallas-to-Mosaic-GPU lowering of the forward and dq kernels (layouts, swizzled
-    transforms, wgmma shapes) and the Triton lowering of dk/dv, at PaLM shapes, bf16."""
-    def forward_and_vjp(q, k, v):
-        def attention(q, k, v):
-            return mfa.mq_flash_attention(q, k, v, causal=True, impl="pallas_mosaic_gpu",
-                                          interpret=False)
-        o, pullback = jax.vjp(attention, q, k, v)
-        return o, pullback(o)
-
-    text = export_for_gpu(forward_and_vjp, *_palm_args(heads))
-    assert mosaic_gpu_kernel_count(text) == 2
-    assert triton_kernel_names(text) == ["palm_mq_flash_attention_bwd_dkv"]
-    assert "stablehlo.pad" not in text and "stablehlo.transpose" not in text

@@ -66,6 +66,7 @@ register allocation and speed, which the device script (tools/gpu_check.sh) meas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from typing import Any
@@ -201,30 +202,38 @@ def forward(q, k, v, settings: Settings):
         (plgpu.Barrier(num_arrivals=consumers, num_barriers=blocks.kv_buffers),) * 2,  # free
         plgpu.Barrier(num_arrivals=consumers),  # schedule: the consumers' turns (ping_pong)
     )
-    interpret = settings.interpret or None  # False or the interpreter's parameters
+    out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((batch, rows), jnp.float32))
+    return _launch(_forward_kernel, scratch, "palm_mq_flash_attention_fwd_mosaic", out_type,
+                   (n_tiles, batch), consumers + 1, settings)(q, k, v)
 
-    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-        pl.run_scoped(
-            lambda *scoped: _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scoped,
-                                            settings=settings, n_tiles=n_tiles,
-                                            interpret=interpret is not None),
-            *scratch, collective_axes="wg")
 
-    with jax.named_scope(f"palm_mq_flash_attention_fwd_mosaic bq={blocks.block_q} "
-                         f"bk={blocks.block_k} buffers={blocks.kv_buffers} "
-                         f"H={settings.num_heads} causal={settings.causal}"):
-        return plgpu.kernel(
-            entry,
-            out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                      jax.ShapeDtypeStruct((batch, rows), jnp.float32)),
-            grid=(n_tiles, batch),
-            grid_names=("tile", "batch"),
-            num_threads=consumers + 1,
-            thread_name="wg",
-            compiler_params=plgpu.CompilerParams(approx_math=True),
-            interpret=interpret,
-            kernel_name="palm_mq_flash_attention_fwd_mosaic",
-        )(q, k, v)
+def _launch(kernel, scratch, name: str, out_type, grid: tuple[int, int], threads: int,
+            settings: Settings):
+    """`kernel` as a plgpu.kernel over `grid` (axes "tile", "batch") with `threads` warpgroups
+    (axis "wg") sharing `scratch`, allocated once for all of them; the kernel gets the operand
+    refs, the scratch, and settings, n_tiles and interpret as keywords. Traced under a named
+    scope that says the tiling, for profiles."""
+    blocks = settings.blocks
+    body = functools.partial(kernel, settings=settings, n_tiles=grid[0],
+                             interpret=bool(settings.interpret))
+
+    def entry(*refs):
+        pl.run_scoped(lambda *scoped: body(*refs, *scoped), *scratch, collective_axes="wg")
+
+    call = plgpu.kernel(
+        entry, out_type=out_type, grid=grid, grid_names=("tile", "batch"), num_threads=threads,
+        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=settings.interpret or None,  # False, or the interpreter's parameters
+        kernel_name=name)
+
+    def launched(*operands):
+        with jax.named_scope(f"{name} bq={blocks.block_q} bk={blocks.block_k} "
+                             f"buffers={blocks.kv_buffers} H={settings.num_heads} "
+                             f"causal={settings.causal}"):
+            return call(*operands)
+
+    return launched
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, schedule, *,
@@ -372,29 +381,9 @@ def backward_dq(q, k, v, do, lse, delta, settings: Settings):
          plgpu.Barrier(num_barriers=4)),  # the row tiles: q, do, lse, delta
         (plgpu.Barrier(num_barriers=blocks.kv_buffers),) * 2,  # free
     )
-    interpret = settings.interpret or None
-
-    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
-        pl.run_scoped(
-            lambda *scoped: _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-                                       *scoped, settings=settings, n_tiles=n_tiles,
-                                       interpret=interpret is not None),
-            *scratch, collective_axes="wg")
-
-    with jax.named_scope(f"palm_mq_flash_attention_bwd_dq_mosaic bk={blocks.block_k} "
-                         f"buffers={blocks.kv_buffers} H={settings.num_heads} "
-                         f"causal={settings.causal}"):
-        return plgpu.kernel(
-            entry,
-            out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-            grid=(n_tiles, batch),
-            grid_names=("tile", "batch"),
-            num_threads=2,
-            thread_name="wg",
-            compiler_params=plgpu.CompilerParams(approx_math=True),
-            interpret=interpret,
-            kernel_name="palm_mq_flash_attention_bwd_dq_mosaic",
-        )(q, k, v, do, lse, delta)
+    return _launch(_dq_kernel, scratch, "palm_mq_flash_attention_bwd_dq_mosaic",
+                   jax.ShapeDtypeStruct(q.shape, q.dtype), (n_tiles, batch), 2,
+                   settings)(q, k, v, do, lse, delta)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free, *,
