@@ -71,9 +71,8 @@ def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
             mfa_mgpu.BlockSizes, st.sampled_from([64, 128]), st.sampled_from([64, 128]),
             small, small, small, small, num_warps=st.just(4), num_stages=st.integers(1, 2),
             kv_buffers=st.integers(2, 3), ping_pong=st.booleans(), mosaic_dq=st.booleans())))
-        if blocks is not None and max(mfa_mgpu.forward_shared_memory_bytes(blocks, head_dim),
-                                      mfa_mgpu.dq_shared_memory_bytes(blocks, head_dim)
-                                      ) > SHARED_MEMORY_BYTES:  # K = 256: a 64-key ring of 2
+        if blocks is not None and mfa_mgpu.mosaic_shared_memory_bytes(
+                blocks, head_dim) > SHARED_MEMORY_BYTES:  # K = 256: a 64-key ring of 2
             blocks = dataclasses.replace(blocks, block_k=64, kv_buffers=2)
         races = draw(st.integers(0, 3)) == 0  # the producer/consumer protocol, a quarter
     else:  # Triton tiles: powers of two >= 16, small enough for several tiles per axis
@@ -438,8 +437,8 @@ def _on_mosaic(case, blocks=None):
 # Fixed cases on top of the drawn ones: both consumer warpgroups over several query tiles
 # (causal diagonal, padded keys) at K = 256; H = 1, where consumer 0's rows see one key tile
 # fewer than consumer 1's (it releases the slot and keeps taking turns), with and without
-# ping-pong; one consumer, a three-deep ring over T < S with padded keys and K padded from 40;
-# non-causal with a 128-key ring.
+# ping-pong; one consumer, at K = 256 with the default tiles, and with a three-deep ring over
+# T < S with padded keys and K padded from 40; non-causal with a 128-key ring.
 MOSAIC_CASES = {
     "causal_k256": _on_mosaic(SELF_ATTENTION),
     "causal_one_head_ping_pong": _on_mosaic(_case(heads=1, q_len=200, kv_len=200, head_dim=64)),
@@ -447,6 +446,7 @@ MOSAIC_CASES = {
         _case(heads=1, q_len=200, kv_len=200, head_dim=64),
         mfa_mgpu.BlockSizes(128, 64, 32, 32, 32, 32, num_warps=4, ping_pong=False,
                             mosaic_dq=False)),
+    "one_consumer_k256_default_tiles": _on_mosaic(_case(heads=2, q_len=20, kv_len=150)),
     "one_consumer_short_queries": _on_mosaic(
         _case(heads=3, q_len=20, kv_len=300, head_dim=40),
         mfa_mgpu.BlockSizes(64, 64, 32, 32, 32, 32, num_warps=4, kv_buffers=3)),
@@ -478,6 +478,11 @@ def test_mosaic_gpu_default_blocks_at_palm_shapes(shape):
     assert mfa_mgpu.forward_shared_memory_bytes(blocks, 256) <= SHARED_MEMORY_BYTES
     narrow = mfa_mgpu.BlockSizes.get_default(**{**shape, "head_dim": 128})
     assert narrow.kv_buffers == 4  # K = 128 leaves room for a deeper ring
+    # One 64-row tile: the forward alone would take a ring of 3 at K = 256, dq only 2.
+    small = mfa_mgpu.BlockSizes.get_default(q_len=20, kv_len=300, num_heads=2, head_dim=256,
+                                            dtype=jnp.bfloat16)
+    assert small.block_q == 64 and small.kv_buffers == 2
+    mfa_mgpu.check_tiles(small, 256, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("dtype, head_dim, block_sizes, match", [

@@ -125,14 +125,15 @@ class BlockSizes(gpu.BlockSizes):
     def get_default(cls, *, q_len: int, kv_len: int, num_heads: int, head_dim: int,
                     dtype: Any) -> BlockSizes:
         """gpu.py's tiles for the backward; forward 128 x 64 with as many K/V buffers (<= 4)
-        as shared memory holds (2 at K = 256, 4 at K <= 128), shrunk to the problem."""
+        as shared memory holds in the forward and dq kernels (2 at K = 256, 4 at K <= 128),
+        shrunk to the problem."""
         backward = gpu.BlockSizes.get_default(q_len=q_len, kv_len=kv_len, num_heads=num_heads,
                                               head_dim=head_dim, dtype=dtype)
         blocks = cls(**{**dataclasses.asdict(backward), "block_q": 2 * WG_ROWS, "block_k": 64})
         blocks = blocks.fit(q_len * num_heads, kv_len)
         for buffers in (4, 3):
             deeper = dataclasses.replace(blocks, kv_buffers=buffers)
-            if forward_shared_memory_bytes(deeper, head_dim) <= SHARED_MEMORY_BYTES:
+            if mosaic_shared_memory_bytes(deeper, head_dim) <= SHARED_MEMORY_BYTES:
                 return deeper
         return blocks
 
@@ -165,9 +166,15 @@ def dq_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
             + 2 * 4 * WG_ROWS)
 
 
+def mosaic_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
+    """The most shared memory one of this module's kernels needs (forward, dq if used)."""
+    return max(forward_shared_memory_bytes(blocks, head_dim),
+               dq_shared_memory_bytes(blocks, head_dim) if blocks.mosaic_dq else 0)
+
+
 def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
-    """The forward's limits (dtype, head dim), then every kernel's shared memory: this forward's
-    and gpu.py's backward kernels'."""
+    """The Mosaic kernels' limits (dtype, head dim), then every kernel's shared memory: the
+    Mosaic forward's and dq's, and gpu.py's dk/dv (and dq without mosaic_dq)."""
     if jnp.dtype(dtype) not in _DTYPES:
         raise ValueError(f"mq_flash_attention: impl={IMPL!r} takes bfloat16 or float16 (wgmma "
                          f"operands), got {jnp.dtype(dtype).name}; use impl='pallas_gpu'")
