@@ -196,12 +196,10 @@ def forward(q, k, v, settings: Settings):
     blocks = settings.blocks
     consumers = blocks.block_q // WG_ROWS
     n_tiles = rows // blocks.block_q
-    # Swizzled 128-byte rows of 64 two-byte elements: the layout TMA writes and wgmma reads.
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = (
-        (plgpu.SMEM((consumers, WG_ROWS, kp), q.dtype, transforms=transforms),  # q, then o
-         plgpu.SMEM((blocks.kv_buffers, blocks.block_k, kp), k.dtype, transforms=transforms),
-         plgpu.SMEM((blocks.kv_buffers, blocks.block_k, kp), v.dtype, transforms=transforms),
+        (_swizzled((consumers, WG_ROWS, kp), q.dtype),  # q, then o
+         _swizzled((blocks.kv_buffers, blocks.block_k, kp), k.dtype),
+         _swizzled((blocks.kv_buffers, blocks.block_k, kp), v.dtype),
          plgpu.SMEM((consumers, WG_ROWS), jnp.float32)),  # lse
         (plgpu.Barrier(num_barriers=blocks.kv_buffers),  # k_ready
          plgpu.Barrier(num_barriers=blocks.kv_buffers),  # v_ready
@@ -212,15 +210,28 @@ def forward(q, k, v, settings: Settings):
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, rows), jnp.float32))
     return _launch(_forward_kernel, scratch, "palm_mq_flash_attention_fwd_mosaic", out_type,
-                   (n_tiles, batch), consumers + 1, settings)(q, k, v)
+                   (n_tiles, batch), consumers + 1, settings, blocks.block_q)(q, k, v)
+
+
+def _swizzled(shape: tuple[int, ...], dtype) -> Any:
+    """Shared memory in swizzled 128-byte rows of 64 two-byte elements: the layout TMA writes
+    and wgmma reads."""
+    return plgpu.SMEM(shape, dtype,
+                      transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _tile(settings: Settings, n_tiles: int):
+    """This thread block's query tile: causal grids run in reverse, longest tiles first."""
+    tile = lax.axis_index("tile")
+    return n_tiles - 1 - tile if settings.causal else tile
 
 
 def _launch(kernel, scratch, name: str, out_type, grid: tuple[int, int], threads: int,
-            settings: Settings):
+            settings: Settings, tile_rows: int):
     """`kernel` as a plgpu.kernel over `grid` (axes "tile", "batch") with `threads` warpgroups
     (axis "wg") sharing `scratch`, allocated once for all of them; the kernel gets the operand
     refs, the scratch, and settings, n_tiles and interpret as keywords. Traced under a named
-    scope that says the tiling, for profiles."""
+    scope that says the tiling (`tile_rows` query rows per thread block), for profiles."""
     blocks = settings.blocks
     body = functools.partial(kernel, settings=settings, n_tiles=grid[0],
                              interpret=bool(settings.interpret))
@@ -235,7 +246,7 @@ def _launch(kernel, scratch, name: str, out_type, grid: tuple[int, int], threads
         kernel_name=name)
 
     def launched(*operands):
-        with jax.named_scope(f"{name} bq={blocks.block_q} bk={blocks.block_k} "
+        with jax.named_scope(f"{name} bq={tile_rows} bk={blocks.block_k} "
                              f"buffers={blocks.kv_buffers} H={settings.num_heads} "
                              f"causal={settings.causal}"):
             return call(*operands)
@@ -253,17 +264,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
     consumers = blocks.block_q // WG_ROWS
     ping_pong = blocks.ping_pong and consumers == 2
     batch = lax.axis_index("batch")
-    tile = lax.axis_index("tile")
-    tile = n_tiles - 1 - tile if settings.causal else tile  # causal: longest tiles first
-    tile_row0 = tile * blocks.block_q
+    tile_row0 = _tile(settings, n_tiles) * blocks.block_q
     wg = lax.axis_index("wg")
     # The thread block's last consumer holds its last rows, which see the most key tiles.
     _, tile_steps, _ = gpu.key_ranges(settings, tile_row0 + (consumers - 1) * WG_ROWS,
                                        WG_ROWS, bk)
-
-    def slot_of(step):
-        return _slot(step, buffers)
-
 
     def take_turns():
         """Both consumers meet (one barrier phase each); only with ping_pong."""
@@ -291,7 +296,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
         def step(masked: bool):
             def body(j, carry):
                 acc, m_prev, l_prev = carry
-                slot = slot_of(j)  # k_ready[slot] was waited for before this step
+                slot = _slot(j, buffers)  # k_ready[slot] was waited for before this step
 
                 def scores(s_ref):
                     plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
@@ -320,7 +325,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
                 def while_pv_runs():  # the next key tile's wait, hidden behind p v
                     @pl.when(j + 1 < n_vis)
                     def _():
-                        plgpu.barrier_wait(k_ready.at[slot_of(j + 1)])
+                        plgpu.barrier_wait(k_ready.at[_slot(j + 1, buffers)])
 
                 acc = _accumulate(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret,
                                   while_pv_runs)
@@ -343,7 +348,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
         # two turns per step the other consumer still takes.
         @pl.loop(n_vis, tile_steps)
         def _release(j):
-            slot = slot_of(j)
+            slot = _slot(j, buffers)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
@@ -375,12 +380,11 @@ def backward_dq(q, k, v, do, lse, delta, settings: Settings):
         return gpu.backward_dq(q, k, v, do, lse, delta, _for_triton(settings))
     batch, rows, kp = q.shape
     n_tiles = rows // WG_ROWS
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = (
-        (plgpu.SMEM((WG_ROWS, kp), q.dtype, transforms=transforms),  # q, then dq
-         plgpu.SMEM((WG_ROWS, kp), do.dtype, transforms=transforms),
-         plgpu.SMEM((blocks.kv_buffers, blocks.block_k, kp), k.dtype, transforms=transforms),
-         plgpu.SMEM((blocks.kv_buffers, blocks.block_k, kp), v.dtype, transforms=transforms),
+        (_swizzled((WG_ROWS, kp), q.dtype),  # q, then dq
+         _swizzled((WG_ROWS, kp), do.dtype),
+         _swizzled((blocks.kv_buffers, blocks.block_k, kp), k.dtype),
+         _swizzled((blocks.kv_buffers, blocks.block_k, kp), v.dtype),
          plgpu.SMEM((WG_ROWS,), jnp.float32),  # lse
          plgpu.SMEM((WG_ROWS,), jnp.float32)),  # delta
         (plgpu.Barrier(num_barriers=blocks.kv_buffers),  # k_ready
@@ -390,7 +394,7 @@ def backward_dq(q, k, v, do, lse, delta, settings: Settings):
     )
     return _launch(_dq_kernel, scratch, "palm_mq_flash_attention_bwd_dq_mosaic",
                    jax.ShapeDtypeStruct(q.shape, q.dtype), (n_tiles, batch), 2,
-                   settings)(q, k, v, do, lse, delta)
+                   settings, WG_ROWS)(q, k, v, do, lse, delta)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free, *,
@@ -404,9 +408,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
     blocks = settings.blocks
     bk, buffers = blocks.block_k, blocks.kv_buffers
     batch = lax.axis_index("batch")
-    tile = lax.axis_index("tile")
-    tile = n_tiles - 1 - tile if settings.causal else tile  # causal: longest tiles first
-    row0 = tile * WG_ROWS
+    row0 = _tile(settings, n_tiles) * WG_ROWS
     wg = lax.axis_index("wg")
     n_full, n_vis, any_masked = gpu.key_ranges(settings, row0, WG_ROWS, bk)
     pl.when(wg == 1)(lambda: _produce_kv(k_ref, v_ref, k_smem, v_smem, ready, free,
