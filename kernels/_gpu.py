@@ -4,7 +4,7 @@ lowerings), and the card's shared-memory budget.
 
 Pallas has two GPU lowerings. Mosaic GPU is jax's default since 0.10 and the faster one on
 Hopper (TMA, wgmma, warp specialisation); its CPU interpreter runs real kernels from jax 0.11
-on (`mosaic_gpu_interpret_params`; jax 0.10's only took whole-array blocks), and exporting for
+on (`mosaic_gpu_interpret`; jax 0.10's only took whole-array blocks), and exporting for
 CUDA from CPU runs its whole lowering on both. The Triton lowering, chosen by passing Triton
 compiler parameters, runs under `interpret=True` on CPU on both jax versions, so the same
 hypothesis suite that checks the TPU kernels checks these here; and exporting for CUDA from a

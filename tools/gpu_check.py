@@ -9,8 +9,8 @@
 
 `check` runs every kernel's GPU implementations (`impl="pallas_gpu"`, and
 `"pallas_mosaic_gpu"` for the kernels that have a Mosaic GPU version; natively on a GPU, in
-interpret mode elsewhere) against its `<name>_reference` on the same inputs upcast to float32 at the highest
-matmul precision: the forward and, where the kernel is differentiable, the gradients of every
+interpret mode elsewhere) against its `<name>_reference` on the same inputs upcast to float32
+at the highest matmul precision: the forward and, where the kernel is differentiable, the gradients of every
 differentiable input for a random cotangent (jax.vjp), each as the relative error
 ||out - ref|| / ||ref||, printed and written as JSON. A kernel whose pallas_gpu raises
 NotImplementedError is reported "missing"; any other exception "error" (with its message);

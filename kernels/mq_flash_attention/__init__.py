@@ -9,9 +9,9 @@ the logsumexp it saves and a hand-written backward (reference.py); the Pallas TP
 attention kernels with their tiling (`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and
 design notes (tpu.py); the Pallas GPU (Triton) kernels, `impl="pallas_gpu"`, with the same
 residuals and backward decomposition, their own tiling (`gpu.BlockSizes`, num_warps/num_stages,
-`gpu.shared_memory_bytes`) and design notes (gpu.py); the Mosaic GPU (Hopper) forward with the Triton backward,
-`impl="pallas_mosaic_gpu"`, its `mgpu.BlockSizes` and design notes (mgpu.py); what both Pallas backends share, the
-argument checks, the padding and the custom_vjp over a backend module, with the interface a
+`gpu.shared_memory_bytes`) and design notes (gpu.py); the Mosaic GPU (Hopper) forward and dq
+kernels with the Triton dk/dv, `impl="pallas_mosaic_gpu"`, their `mgpu.BlockSizes` and design
+notes (mgpu.py); what the Pallas backends share, the argument checks, the padding and the custom_vjp over a backend module, with the interface a
 backend provides (pallas.py).
 """
 
