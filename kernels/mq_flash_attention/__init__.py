@@ -11,8 +11,8 @@ design notes (tpu.py); the Pallas GPU (Triton) kernels, `impl="pallas_gpu"`, wit
 residuals and backward decomposition, their own tiling (`gpu.BlockSizes`, num_warps/num_stages,
 `gpu.shared_memory_bytes`) and design notes (gpu.py); the Mosaic GPU (Hopper) forward and dq
 kernels with the Triton dk/dv, `impl="pallas_mosaic_gpu"`, their `mgpu.BlockSizes` and design
-notes (mgpu.py); what the Pallas backends share, the argument checks, the padding and the custom_vjp over a backend module, with the interface a
-backend provides (pallas.py).
+notes (mgpu.py); what the Pallas backends share, the argument checks, the padding and the
+custom_vjp over a backend module, with the interface a backend provides (pallas.py).
 """
 
 from __future__ import annotations
