@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import palm
-from kernels._gpu import MOSAIC_INTERPRET_THREADS
+from kernels._gpu import MOSAIC_INTERPRET_THREADS, mosaic_gpu_interpret
 from palm import data as data_lib
 from palm import tokenizer as tokenizer_lib
 from palm.checkpoint import Checkpointer
@@ -55,6 +55,21 @@ os.environ["XLA_FLAGS"] = f"{FAST_COMPILE_FLAGS} {os.environ.get('XLA_FLAGS', ''
 # says more: on this 2-core machine the 3-warpgroup attention forward deadlocked in most runs,
 # and ran every time with NPROC=4 (kernels/_gpu.py, MOSAIC_INTERPRET_THREADS).
 os.environ["NPROC"] = str(max(int(os.environ.get("NPROC") or 0), MOSAIC_INTERPRET_THREADS))
+
+
+def _mosaic_interprets() -> bool:
+    try:
+        mosaic_gpu_interpret(True)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# The Mosaic GPU interpreter exists from jax 0.11 on; on 0.10 Mosaic GPU kernels are only
+# exported (kernels/_gpu.py `mosaic_gpu_interpret` is the one place that knows).
+MOSAIC_INTERPRETS = _mosaic_interprets()
+needs_mosaic_interpreter = pytest.mark.skipif(not MOSAIC_INTERPRETS,
+                                              reason="Mosaic GPU interpreter needs jax >= 0.11")
 
 
 def run(fn, *args):

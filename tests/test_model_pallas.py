@@ -14,11 +14,10 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 import palm
-from conftest import assert_close
+from conftest import assert_close, needs_mosaic_interpreter
 from kernels import target_backend
 from palm.model import _block, loss
 from gpu_export import export_for_gpu, mosaic_gpu_kernel_count, triton_kernel_names
@@ -133,8 +132,7 @@ def test_sharded_layer_lowers_for_tpu_on_a_4x2_mesh():
     assert "tensor<1x2048x8x256xbf16>" in modules["loss"]
 
 
-@pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"),
-                    reason="the Mosaic GPU interpreter needs jax >= 0.11")
+@needs_mosaic_interpreter
 def test_forward_mosaic_gpu_equals_xla(params):
     """impl="pallas_mosaic_gpu" for a whole model: the Mosaic GPU attention (interpreted), the
     other kernels' Triton versions, bf16 (wgmma's operands)."""

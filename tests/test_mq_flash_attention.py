@@ -22,9 +22,17 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.mq_flash_attention as mfa
-from conftest import TOLERANCE, RaceLog, assert_close, race_log, run
+from conftest import (
+    MOSAIC_INTERPRETS,
+    TOLERANCE,
+    RaceLog,
+    assert_close,
+    needs_mosaic_interpreter,
+    race_log,
+    run,
+)
 from kernels.mq_flash_attention import BlockSizes
-from kernels._gpu import SHARED_MEMORY_BYTES, mosaic_gpu_interpret
+from kernels._gpu import SHARED_MEMORY_BYTES
 from kernels._tpu import vmem_budget
 from kernels.mq_flash_attention import gpu as mfa_gpu
 from kernels.mq_flash_attention import mgpu as mfa_mgpu
@@ -33,19 +41,6 @@ from gpu_export import export_for_gpu, mosaic_gpu_kernel_count, triton_kernel_na
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 
-
-def _mosaic_interprets() -> bool:
-    try:
-        mosaic_gpu_interpret(True)
-    except NotImplementedError:
-        return False
-    return True
-
-
-# The Mosaic GPU interpreter exists from jax 0.11 on; on 0.10 its kernel is only exported.
-MOSAIC_INTERPRETS = _mosaic_interprets()
-needs_mosaic_interpreter = pytest.mark.skipif(not MOSAIC_INTERPRETS,
-                                              reason="Mosaic GPU interpreter needs jax >= 0.11")
 IMPLS = ("pallas_tpu", "pallas_gpu") + (("pallas_mosaic_gpu",) if MOSAIC_INTERPRETS else ())
 
 @st.composite

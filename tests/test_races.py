@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import RaceLog, assert_close
+from conftest import RaceLog, assert_close, needs_mosaic_interpreter
 
 TILES, ROWS, LANES = 4, 8, 128
 
@@ -83,10 +84,6 @@ def test_race_log_fails_when_detection_never_ran():
 def _handoff(x, synchronised: bool):
     """Warpgroup 0 writes x into shared memory, warpgroup 1 copies it out: ordered by a
     barrier, or (planted race) not."""
-    plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-    if not hasattr(plgpu, "InterpretGPUParams"):
-        pytest.skip("the Mosaic GPU interpreter needs jax >= 0.11")
-
     def body(x_ref, o_ref, smem, written):
         wg = jax.lax.axis_index("wg")
 
@@ -109,6 +106,7 @@ def _handoff(x, synchronised: bool):
         interpret=plgpu.InterpretGPUParams(detect_races=True))(x)
 
 
+@needs_mosaic_interpreter
 def test_mosaic_gpu_unsynchronised_handoff_is_a_race():
     with RaceLog(check=False) as log:
         jax.block_until_ready(_handoff(_x()[:ROWS], synchronised=False))
@@ -116,6 +114,7 @@ def test_mosaic_gpu_unsynchronised_handoff_is_a_race():
     assert log.races_found, "a shared-memory handoff without a barrier went unreported"
 
 
+@needs_mosaic_interpreter
 def test_mosaic_gpu_handoff_through_a_barrier_is_clean():
     x = _x()[:ROWS]
     with RaceLog() as log:
