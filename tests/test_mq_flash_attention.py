@@ -43,6 +43,11 @@ from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 IMPLS = ("pallas_tpu", "pallas_gpu") + (("pallas_mosaic_gpu",) if MOSAIC_INTERPRETS else ())
 
+# The dk/dv kernels' row splits: by default one per query tile at these sizes (a walk of one
+# tile), so fewer are drawn too, for walks of several tiles.
+DKV_SPLITS = st.one_of(st.none(), st.integers(1, 3))
+
+
 @st.composite
 def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
     dtype = draw(st.sampled_from(["float32", "bfloat16"]))
@@ -65,7 +70,8 @@ def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
         blocks = draw(st.one_of(st.none(), st.builds(
             mfa_mgpu.BlockSizes, st.sampled_from([64, 128]), st.sampled_from([64, 128]),
             small, small, small, small, num_warps=st.just(4), num_stages=st.integers(1, 2),
-            kv_buffers=st.integers(2, 3), ping_pong=st.booleans(), mosaic_dq=st.booleans())))
+            kv_buffers=st.integers(2, 3), ping_pong=st.booleans(), mosaic_dq=st.booleans(),
+            mosaic_dkv=st.booleans(), dkv_splits=DKV_SPLITS)))
         if blocks is not None and mfa_mgpu.mosaic_shared_memory_bytes(
                 blocks, head_dim) > SHARED_MEMORY_BYTES:  # K = 256: a 64-key ring of 2
             blocks = dataclasses.replace(blocks, block_k=64, kv_buffers=2)
@@ -74,7 +80,8 @@ def attention_cases(draw, max_rows: int = 260, max_kv: int = 260):
         tile = st.sampled_from([16, 32, 64])
         blocks = draw(st.one_of(st.none(), st.builds(
             mfa_gpu.BlockSizes, tile, tile, tile, tile, tile, tile,
-            num_warps=st.sampled_from([2, 4, 8]), num_stages=st.integers(1, 3))))
+            num_warps=st.sampled_from([2, 4, 8]), num_stages=st.integers(1, 3),
+            dkv_splits=DKV_SPLITS)))
         if blocks is not None:  # K = 256 in f32 with 64-tiles and 3 stages would not fit
             blocks = blocks.fit(q_len * heads, kv_len).within_shared_memory(head_dim, dtype)
         races = False  # race detection is the TPU interpreter's
@@ -401,7 +408,7 @@ def test_gpu_bad_settings_raise_before_tracing(block_sizes, interpret, match):
 
 # impl: (the Triton kernels, the Mosaic GPU kernels) in the exported forward and gradient.
 GPU_KERNELS = {"pallas_gpu": (FWD + BWD, 0),
-               "pallas_mosaic_gpu": (["palm_mq_flash_attention_bwd_dkv"], 2)}  # fwd, dq Mosaic
+               "pallas_mosaic_gpu": ([], 3)}  # forward, dk/dv, dq: all Mosaic GPU
 
 
 @pytest.mark.parametrize("heads", [16, 48], ids=["8B", "540B"])
@@ -433,14 +440,17 @@ def _on_mosaic(case, blocks=None):
 # (causal diagonal, padded keys) at K = 256; H = 1, where consumer 0's rows see one key tile
 # fewer than consumer 1's (it releases the slot and keeps taking turns), with and without
 # ping-pong; one consumer, at K = 256 with the default tiles, and with a three-deep ring over
-# T < S with padded keys and K padded from 40; non-causal with a 128-key ring.
+# T < S with padded keys and K padded from 40; non-causal with a 128-key ring. The dk/dv kernel
+# at K = 256 in one split, its ring of q/do tiles wrapping (key tile 0 walks two masked tiles,
+# then four unmasked), and in splits of two tiles: key tile 1's cut between a masked split and
+# an unmasked one, key tile 2's first two splits empty.
 MOSAIC_CASES = {
     "causal_k256": _on_mosaic(SELF_ATTENTION),
     "causal_one_head_ping_pong": _on_mosaic(_case(heads=1, q_len=200, kv_len=200, head_dim=64)),
-    "causal_one_head_in_turn_triton_dq": _on_mosaic(
+    "causal_one_head_in_turn_triton_backward": _on_mosaic(
         _case(heads=1, q_len=200, kv_len=200, head_dim=64),
         mfa_mgpu.BlockSizes(128, 64, 32, 32, 32, 32, num_warps=4, ping_pong=False,
-                            mosaic_dq=False)),
+                            mosaic_dq=False, mosaic_dkv=False)),
     "one_consumer_k256_default_tiles": _on_mosaic(_case(heads=2, q_len=20, kv_len=150)),
     "one_consumer_short_queries": _on_mosaic(
         _case(heads=3, q_len=20, kv_len=300, head_dim=40),
@@ -448,6 +458,11 @@ MOSAIC_CASES = {
     "full_k128_keys128": _on_mosaic(
         _case(batch=2, heads=1, q_len=130, kv_len=200, head_dim=128, causal=False),
         mfa_mgpu.BlockSizes(128, 128, 32, 32, 32, 32, num_warps=4)),
+    "dkv_ring_wraps_k256": _on_mosaic(_case(heads=2, q_len=160, kv_len=160),
+                                      mfa_mgpu.BlockSizes(dkv_splits=1)),
+    "dkv_splits_cut_the_diagonal": _on_mosaic(
+        _case(heads=2, q_len=160, kv_len=160, head_dim=64),
+        mfa_mgpu.BlockSizes(block_q=64, kv_buffers=3, dkv_splits=4)),
 }
 
 
@@ -484,7 +499,9 @@ def test_mosaic_gpu_default_blocks_at_palm_shapes(shape):
     (jnp.float32, 256, None, "bfloat16 or float16"),
     (jnp.bfloat16, 512, None, "head dims up to 256"),
     (jnp.bfloat16, 256, mfa_mgpu.BlockSizes(block_k=128, kv_buffers=3), "shared memory"),
-    (jnp.bfloat16, 256, mfa_mgpu.BlockSizes(block_q=64, kv_buffers=3), "dq .* shared memory"),
+    (jnp.bfloat16, 256, mfa_mgpu.BlockSizes(block_q=64, kv_buffers=3), "dkv .* shared memory"),
+    (jnp.bfloat16, 256, mfa_mgpu.BlockSizes(block_q=64, kv_buffers=3, mosaic_dkv=False),
+     "dq .* shared memory"),
     (jnp.bfloat16, 256, mfa_gpu.BlockSizes(), "mgpu.BlockSizes"),  # the Triton kernels' tiles
 ])
 def test_mosaic_gpu_bad_settings_raise_before_tracing(dtype, head_dim, block_sizes, match):
@@ -498,7 +515,8 @@ def test_mosaic_gpu_bad_settings_raise_before_tracing(dtype, head_dim, block_siz
                                            (dict(block_k=256), "block_k=256 must be 64 or 128"),
                                            (dict(kv_buffers=1), "kv_buffers=1"),
                                            (dict(ping_pong=1), "ping_pong=1"),
-                                           (dict(mosaic_dq=None), "mosaic_dq=None")])
+                                           (dict(mosaic_dq=None), "mosaic_dq=None"),
+                                           (dict(mosaic_dkv=0), "mosaic_dkv=0")])
 def test_mosaic_gpu_block_sizes_reject_bad_tiles(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mfa_mgpu.BlockSizes(**kwargs)

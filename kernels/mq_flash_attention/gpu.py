@@ -23,7 +23,7 @@ block spanning its whole (padded) length and sliced with `pl.ds`.
     lse and delta broadcast as rows; carry: dk, dv [block_k_dkv, K] f32, summed over every
     head and query tile of the split. One program per key tile would be only 32 programs at
     PaLM-8B (B = 1) for an H100's 132 SMs, so the rows are split until there are as many
-    programs as SMs (`_dkv_splits`; 5 at PaLM-8B) and the f32 partials summed in XLA.
+    programs as SMs (`dkv_splits`; 5 at PaLM-8B) and the f32 partials summed in XLA.
   * dq, grid (T*H/block_q_dq, B): a program loads q, do [block_q_dq, K] and lse, delta once
     and loops over key tiles k, v [block_k_dq, K]; carry: dq [block_q_dq, K] f32.
 
@@ -130,6 +130,8 @@ class BlockSizes:
       block_q_dq, block_k_dq: the dq kernel's (owns a query tile, walks key tiles).
       num_warps: warps per program, all three kernels (a power of two).
       num_stages: Triton's software-pipeline depth for the loops' loads (>= 1).
+      dkv_splits: how many programs share one key tile's walk over the query rows, each
+        summing its part into f32 partials (`dkv_splits`); None: enough to fill the SMs.
     """
 
     block_q: int = 128
@@ -140,9 +142,14 @@ class BlockSizes:
     block_k_dq: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    dkv_splits: int | None = None
 
     def __post_init__(self):
         check_block_sizes(self, tiles=TILES, warps=("num_warps",), stages=("num_stages",))
+        if self.dkv_splits is not None and not (isinstance(self.dkv_splits, int)
+                                                and self.dkv_splits >= 1):
+            raise ValueError(f"{type(self).__name__}: dkv_splits={self.dkv_splits!r} must be "
+                             "None or a positive int")
 
     @classmethod
     def get_default(cls, *, q_len: int, kv_len: int, num_heads: int, head_dim: int,
@@ -240,7 +247,7 @@ def key_ranges(settings: Settings, row0, bq: int, bk: int):
     return n_full, n_vis, True
 
 
-def _query_ranges(settings: Settings, col0, bq: int, bk: int, n_q: int):
+def query_ranges(settings: Settings, col0, bq: int, bk: int, n_q: int):
     """(first, first_full) for a key tile starting at col0 walking query tiles of bq: tiles
     [first, first_full) cross the diagonal (masked), [first_full, n_q) see every key of it.
 
@@ -399,7 +406,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
     carry = (jnp.zeros((bk, kp), jnp.float32), jnp.zeros((bk, kp), jnp.float32))
     if settings.causal:  # an empty range where lower >= upper: fori_loop runs while i < upper
-        first, first_full = _query_ranges(settings, col0, bq, bk, n_q)
+        first, first_full = query_ranges(settings, col0, bq, bk, n_q)
         carry = lax.fori_loop(jnp.maximum(first, lo), jnp.minimum(first_full, hi), step(True),
                               carry)
         lo = jnp.maximum(first_full, lo)
@@ -408,12 +415,31 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkv_splits(programs: int, n_q: int) -> int:
-    """Row splits of the dk/dv grid: one key tile per program gives only S/block_k_dkv x B
-    programs (32 at PaLM-8B, B = 1, for 132 SMs), so the query-row walk is cut into splits
-    run by separate programs until there are at least as many programs as SMs, each split
-    still walking several query tiles; their partial dk, dv are summed in XLA."""
-    return max(1, min(n_q, pl.cdiv(SM_COUNT, programs)))
+def dkv_splits(n_q: int, programs: int, requested: int | None) -> tuple[int, int]:
+    """(row tiles per split, splits) of a dk/dv grid walking n_q query-row tiles, none left
+    empty: `requested` splits (`BlockSizes.dkv_splits`, at most n_q), or by default as many as
+    make at least one program per SM. One key tile per program gives only `programs` =
+    S/block_k x B programs (32 at PaLM-8B, B = 1, for 132 SMs), so the query-row walk is cut
+    into splits run by separate programs, each still walking several query tiles; their
+    partial dk, dv are summed by `summed_partials`."""
+    splits = requested or pl.cdiv(SM_COUNT, programs)
+    per_split = pl.cdiv(n_q, max(1, min(n_q, splits)))
+    return per_split, pl.cdiv(n_q, per_split)
+
+
+def dkv_partials(k, n_split: int) -> jax.ShapeDtypeStruct:
+    """dk's (and dv's) per-split partial sums, [B, splits, Sp, Kp]: f32, or k's dtype when
+    there is one split."""
+    return jax.ShapeDtypeStruct((k.shape[0], n_split, *k.shape[1:]),
+                                k.dtype if n_split == 1 else jnp.float32)
+
+
+def summed_partials(partials, dtype) -> tuple[jax.Array, ...]:
+    """Each of `partials` [B, splits, Sp, Kp] summed over its splits, in `dtype`. One split:
+    a reshape. Several: one fused XLA pass over the f32 partials, splits x 2 x S x K x 4
+    bytes (20 MiB at PaLM-8B's 5 splits) written and read, against the 512 MiB of q and do
+    the kernel reads."""
+    return tuple(jnp.sum(x, axis=1).astype(dtype) for x in partials)
 
 
 def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
@@ -421,15 +447,12 @@ def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
     blocks = settings.blocks
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     n_q, n_k = rows // bq, pl.cdiv(settings.kv_len, bk)  # key tiles of padding only: sliced off
-    per_split = pl.cdiv(n_q, _dkv_splits(n_k * batch, n_q))
-    n_split = pl.cdiv(n_q, per_split)  # no split left empty
+    per_split, n_split = dkv_splits(n_q, n_k * batch, blocks.dkv_splits)
     whole = _whole(rows)
     q_spec = pl.BlockSpec((None, whole, kp), lambda j, b, c: (b, 0, 0))
     row_spec = pl.BlockSpec((None, whole), lambda j, b, c: (b, 0))
     kv_spec = pl.BlockSpec((None, bk, kp), lambda j, b, c: (b, j, 0))
-    # Partial sums per split: f32 (summed below), or k's dtype when there is one split.
-    out_dtype = k.dtype if n_split == 1 else jnp.float32
-    out = jax.ShapeDtypeStruct((batch, n_split, *k.shape[1:]), out_dtype)
+    out = dkv_partials(k, n_split)
     out_spec = pl.BlockSpec((None, None, bk, kp), lambda j, b, c: (b, c, j, 0))
     with jax.named_scope(f"palm_mq_flash_attention_bwd_dkv bq={bq} bk={bk} splits={n_split} "
                          f"H={settings.num_heads} causal={settings.causal}"):
@@ -442,10 +465,7 @@ def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
             out_specs=(out_spec, out_spec),
             settings=settings, walked=(0, 3, 4, 5),  # q, do, lse, delta
         )(q, k, v, do, lse, delta)
-        # One split: a reshape. Several: one fused XLA pass over the f32 partials, n_split x
-        # 2 x S x K x 4 bytes (20 MiB at PaLM-8B's 5 splits) written and read, against the
-        # 512 MiB of q and do the kernel reads.
-        return tuple(jnp.sum(x, axis=1).astype(k.dtype) for x in (dk, dv))
+        return summed_partials((dk, dv), k.dtype)
 
 
 # ---- backward: dq ----------------------------------------------------------------------------

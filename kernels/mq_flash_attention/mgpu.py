@@ -92,6 +92,14 @@ CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
 # The largest padded head dim: the acc takes Kp / 2 registers per thread.
 MAX_HEAD_DIM = 256
+# The dk/dv kernel's tiles: a thread block's keys (wgmma's M for dk and dv, each consumer
+# holding half of their columns) and the query rows of one step (half of them per consumer for
+# the transposed scores s^T = k q^T, [64 keys, 32 rows]).
+DKV_KEYS = 64
+DKV_ROWS = 64
+# Its shared-memory operands' swizzle in bytes: a wgmma's two operands share one, and the
+# exchanged p^T and ds^T halves are 32 two-byte columns wide.
+DKV_SWIZZLE = 64
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -107,10 +115,11 @@ class BlockSizes(gpu.BlockSizes):
     kv_buffers: int = 2
     ping_pong: bool = True
     mosaic_dq: bool = True
+    mosaic_dkv: bool = True
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("ping_pong", "mosaic_dq"):
+        for name in ("ping_pong", "mosaic_dq", "mosaic_dkv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BlockSizes: {name}={getattr(self, name)!r} must be a bool")
         if self.block_q not in (WG_ROWS, 2 * WG_ROWS):
@@ -166,10 +175,23 @@ def dq_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
             + 2 * 4 * WG_ROWS)
 
 
+def dkv_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
+    """The Mosaic dk/dv kernel's: k and v tiles, the ring of q and do tiles with their lse and
+    delta (the q/do part shared with the f32 dk/dv staging at the end, which is no larger
+    from two buffers on), and the exchanged p^T and ds^T halves."""
+    kp = padded_head_dim(head_dim)
+    ring = blocks.kv_buffers * 2 * DKV_ROWS * kp * 2
+    staging = 2 * DKV_KEYS * kp * 4
+    return (2 * DKV_KEYS * kp * 2 + max(ring, staging) + blocks.kv_buffers * 2 * 4 * DKV_ROWS
+            + 2 * DKV_KEYS * DKV_ROWS * 2)
+
+
 def mosaic_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
-    """The most shared memory one of this module's kernels needs (forward, dq if used)."""
+    """The most shared memory one of this module's kernels needs (forward, dq and dk/dv if
+    used)."""
     return max(forward_shared_memory_bytes(blocks, head_dim),
-               dq_shared_memory_bytes(blocks, head_dim) if blocks.mosaic_dq else 0)
+               dq_shared_memory_bytes(blocks, head_dim) if blocks.mosaic_dq else 0,
+               dkv_shared_memory_bytes(blocks, head_dim) if blocks.mosaic_dkv else 0)
 
 
 def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
@@ -185,6 +207,8 @@ def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
              "forward": forward_shared_memory_bytes(blocks, head_dim)}  # not Triton's forward
     if blocks.mosaic_dq:
         sizes["dq"] = dq_shared_memory_bytes(blocks, head_dim)
+    if blocks.mosaic_dkv:
+        sizes["dkv"] = dkv_shared_memory_bytes(blocks, head_dim)
     for kernel, size in sizes.items():
         check_shared_memory(size, f"palm_mq_flash_attention {kernel} ({blocks}, K={head_dim}, "
                                   f"{jnp.dtype(dtype).name}, impl={IMPL!r})")
@@ -210,14 +234,16 @@ def forward(q, k, v, settings: Settings):
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, rows), jnp.float32))
     return _launch(_forward_kernel, scratch, "palm_mq_flash_attention_fwd_mosaic", out_type,
-                   (n_tiles, batch), consumers + 1, settings, blocks.block_q)(q, k, v)
+                   (n_tiles, batch), consumers + 1, settings,
+                   _ring_scope(settings, blocks.block_q))(q, k, v)
 
 
-def _swizzled(shape: tuple[int, ...], dtype) -> Any:
-    """Shared memory in swizzled 128-byte rows of 64 two-byte elements: the layout TMA writes
-    and wgmma reads."""
-    return plgpu.SMEM(shape, dtype,
-                      transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+def _swizzled(shape: tuple[int, ...], dtype, swizzle: int = 128) -> Any:
+    """Shared memory in swizzled rows of `swizzle` bytes (128: 64 two-byte elements), the
+    layout TMA writes and wgmma reads."""
+    columns = swizzle // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, columns)),
+                                                plgpu.SwizzleTransform(swizzle)))
 
 
 def _tile(settings: Settings, n_tiles: int):
@@ -226,13 +252,13 @@ def _tile(settings: Settings, n_tiles: int):
     return n_tiles - 1 - tile if settings.causal else tile
 
 
-def _launch(kernel, scratch, name: str, out_type, grid: tuple[int, int], threads: int,
-            settings: Settings, tile_rows: int):
-    """`kernel` as a plgpu.kernel over `grid` (axes "tile", "batch") with `threads` warpgroups
-    (axis "wg") sharing `scratch`, allocated once for all of them; the kernel gets the operand
-    refs, the scratch, and settings, n_tiles and interpret as keywords. Traced under a named
-    scope that says the tiling (`tile_rows` query rows per thread block), for profiles."""
-    blocks = settings.blocks
+def _launch(kernel, scratch, name: str, out_type, grid: tuple[int, ...], threads: int,
+            settings: Settings, scope: str):
+    """`kernel` as a plgpu.kernel over `grid` (axes "tile", "batch", and "split" if there is a
+    third) with `threads` warpgroups (axis "wg") sharing `scratch`, allocated once for all of
+    them; the kernel gets the operand refs, the scratch, and settings, n_tiles (grid[0]) and
+    interpret as keywords. Traced under a named scope `name` + `scope` (the tiling), for
+    profiles."""
     body = functools.partial(kernel, settings=settings, n_tiles=grid[0],
                              interpret=bool(settings.interpret))
 
@@ -240,18 +266,23 @@ def _launch(kernel, scratch, name: str, out_type, grid: tuple[int, int], threads
         pl.run_scoped(lambda *scoped: body(*refs, *scoped), *scratch, collective_axes="wg")
 
     call = plgpu.kernel(
-        entry, out_type=out_type, grid=grid, grid_names=("tile", "batch"), num_threads=threads,
-        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+        entry, out_type=out_type, grid=grid, grid_names=("tile", "batch", "split")[:len(grid)],
+        num_threads=threads, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=settings.interpret or None,  # False, or the interpreter's parameters
         kernel_name=name)
 
     def launched(*operands):
-        with jax.named_scope(f"{name} bq={tile_rows} bk={blocks.block_k} "
-                             f"buffers={blocks.kv_buffers} H={settings.num_heads} "
-                             f"causal={settings.causal}"):
+        with jax.named_scope(f"{name} {scope} H={settings.num_heads} causal={settings.causal}"):
             return call(*operands)
 
     return launched
+
+
+def _ring_scope(settings: Settings, tile_rows: int) -> str:
+    """The forward's and dq's tiling, for `_launch`'s scope."""
+    blocks = settings.blocks
+    return f"bq={tile_rows} bk={blocks.block_k} buffers={blocks.kv_buffers}"
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, schedule, *,
@@ -276,8 +307,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-    pl.when(wg == consumers)(lambda: _produce_kv(k_ref, v_ref, k_smem, v_smem, ready, free,
-                                                 batch=batch, steps=tile_steps, bk=bk))
+    pl.when(wg == consumers)(lambda: _produce(((k_ref, k_smem), (v_ref, v_smem)), ready, free,
+                                              batch=batch, first=0, count=tile_steps, rows=bk))
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -307,7 +338,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = s * log2_scale
                 if masked:
-                    s = jnp.where(_visible(settings, row0, j * bk, bk), s, MASK_VALUE)
+                    s = jnp.where(_visible(settings, row0, j * bk, s.shape), s, MASK_VALUE)
                 # Key 0 is visible to every row, so m is finite after the first tile and a
                 # masked entry later gets exp2(MASK - m) = 0.
                 m_next = jnp.maximum(m_prev, s.max(axis=1))
@@ -327,8 +358,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
                     def _():
                         plgpu.barrier_wait(k_ready.at[_slot(j + 1, buffers)])
 
-                acc = _accumulate(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret,
-                                  while_pv_runs)
+                acc, = _accumulate((acc,), (((p.astype(v_smem.dtype), v_smem.at[slot]),),),
+                                   interpret, while_pv_runs)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_next, l_next
             return body
@@ -367,9 +398,144 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
 
 
 def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
-    """gpu.py's dk/dv kernel (Triton), interpreted by the generic interpreter when this
-    forward is by the Mosaic GPU one."""
-    return gpu.backward_dkv(q, k, v, do, lse, delta, _for_triton(settings))
+    """dk, dv [B, Sp, Kp] in k's dtype: this module's kernel (`_dkv_kernel`) or, without
+    `BlockSizes.mosaic_dkv`, gpu.py's (interpreted by the generic interpreter when this
+    module's kernels are by the Mosaic GPU one)."""
+    blocks = settings.blocks
+    if not blocks.mosaic_dkv:
+        return gpu.backward_dkv(q, k, v, do, lse, delta, _for_triton(settings))
+    batch, rows, kp = q.shape
+    buffers, half = blocks.kv_buffers, kp // 2
+    n_q, n_k = rows // DKV_ROWS, pl.cdiv(settings.kv_len, DKV_KEYS)  # padding-only key tiles:
+    per_split, n_split = gpu.dkv_splits(n_q, n_k * batch,  # their rows are sliced off
+                                        blocks.dkv_splits)
+    partials = gpu.dkv_partials(k, n_split)
+    # The operands of wgmmas that read the exchanged [64, 32] halves of p^T and ds^T from
+    # shared memory: 64-byte swizzle (32 columns), as a wgmma's two operands must share one.
+    narrow = functools.partial(_swizzled, swizzle=DKV_SWIZZLE)
+    staging = _swizzled((2, DKV_KEYS, half), partials.dtype,
+                        min(128, half * jnp.dtype(partials.dtype).itemsize))
+    scratch = (
+        (narrow((DKV_KEYS, kp), k.dtype), narrow((DKV_KEYS, kp), v.dtype)),
+        # The q/do ring, then (the loop done) each consumer's dk and dv halves leaving.
+        plgpu.RefUnion((narrow((buffers, DKV_ROWS, kp), q.dtype),
+                        narrow((buffers, DKV_ROWS, kp), do.dtype)), (staging, staging)),
+        (plgpu.SMEM((buffers, DKV_ROWS), jnp.float32),) * 2,  # lse, delta
+        # p^T, ds^T: each consumer's half, one buffer each (a constant index into one buffer
+        # would not lower inside the accumulating wgmmas' run_state).
+        ((narrow((DKV_KEYS, DKV_ROWS // 2), q.dtype),) * 2,) * 2,
+        plgpu.Barrier(num_barriers=2),  # k, v ready
+        (plgpu.Barrier(num_barriers=buffers),) * 4,  # q, do, lse, delta ready
+        plgpu.Barrier(num_arrivals=2, num_barriers=buffers),  # free
+        plgpu.Barrier(num_arrivals=2),  # meet: the consumers' exchanges
+    )
+    kernel = functools.partial(_dkv_kernel, n_q=n_q, per_split=per_split)
+    dk, dv = _launch(kernel, scratch, "palm_mq_flash_attention_bwd_dkv_mosaic",
+                     (partials, partials), (n_k, batch, n_split), 3, settings,
+                     f"bq={DKV_ROWS} bk={DKV_KEYS} buffers={buffers} splits={n_split}")(
+        q, k, v, do, lse, delta)
+    return gpu.summed_partials((dk, dv), k.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, kv_smem, union,
+                stats_smem, exchanged, kv_ready, ready, free, meet, *, settings: Settings,
+                n_tiles: int, interpret: bool, n_q: int, per_split: int):
+    """One (key tile, batch, row split) thread block: dk, dv [64, Kp] of its keys summed over
+    the visible 64-row query tiles of its split; two consumers and the producer (module
+    docstring). Scores are transposed, s^T = k q^T, so lse and delta broadcast along columns."""
+    del n_tiles
+    k_smem, v_smem = kv_smem
+    (q_smem, do_smem), staging = union
+    lse_smem, delta_smem = stats_smem
+    p_smem, ds_smem = exchanged
+    buffers, kp = q_smem.shape[0], q_smem.shape[-1]
+    half, half_rows = kp // 2, DKV_ROWS // 2
+    batch, split = lax.axis_index("batch"), lax.axis_index("split")
+    col0 = lax.axis_index("tile") * DKV_KEYS
+    keys = pl.ds(col0, DKV_KEYS)
+    lo = split * per_split
+    hi = jnp.minimum(lo + per_split, n_q)
+    # This split's visible row tiles [start, hi), the first n_masked crossing the diagonal.
+    first, first_full = gpu.query_ranges(settings, col0, DKV_ROWS, DKV_KEYS, n_q)
+    start = jnp.maximum(first, lo)
+    count = jnp.maximum(hi - start, 0)
+    n_masked = jnp.clip(jnp.minimum(first_full, hi) - start, 0, count)
+    wg = lax.axis_index("wg")
+    pl.when(wg == 2)(lambda: _produce(
+        ((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem), (delta_ref, delta_smem)),
+        ready, (free,), batch=batch, first=start, count=count, rows=DKV_ROWS))
+
+    def meet_other():
+        """Both consumers meet (one phase of `meet` each)."""
+        plgpu.barrier_arrive(meet)
+        plgpu.barrier_wait(meet)
+
+    def consumer(c: int):
+        """Consumer c: the transposed scores of rows [32c, 32c + 32) of each step, and columns
+        [c Kp/2, (c+1) Kp/2) of dk and dv."""
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        plgpu.copy_gmem_to_smem((k_ref, v_ref)[c].at[batch, keys], kv_smem[c], kv_ready.at[c])
+        plgpu.barrier_wait(kv_ready.at[0])
+        plgpu.barrier_wait(kv_ready.at[1])
+        mine = pl.ds(c * half_rows, half_rows)
+        columns = pl.ds(c * half, half)
+        halves = [pl.ds(h * half_rows, half_rows) for h in range(2)]
+        log2e = math.log2(math.e)
+        log2_scale = settings.sm_scale * log2e
+        along_rows = plgpu.Layout.WGMMA.reduce(0)  # a [32] vector broadcast over s^T's keys
+
+        def step(masked: bool):
+            def body(i, carry):
+                dk, dv = carry
+                slot = _slot(i, buffers)
+                for signal in ready:  # q, do, lse, delta of row tile start + i
+                    plgpu.barrier_wait(signal.at[slot])
+
+                def scores(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, k_smem, q_smem.at[slot, mine].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot, mine].transpose((1, 0)))
+                    return s_ref[...], dp_ref[...]
+
+                s_t, dp_t = pl.run_scoped(
+                    scores, plgpu.ACC((DKV_KEYS, half_rows), jnp.float32),
+                    plgpu.ACC((DKV_KEYS, half_rows), jnp.float32))
+                lse2 = mosaic_load(lse_smem.at[slot, mine], along_rows) * log2e
+                delta = mosaic_load(delta_smem.at[slot, mine], along_rows)
+                p_t = jnp.exp2(s_t * log2_scale - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
+                if masked:
+                    row0 = (start + i) * DKV_ROWS + c * half_rows
+                    p_t = jnp.where(_visible(settings, row0, col0, p_t.shape, transposed=True),
+                                    p_t, 0.0)
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                meet_other()  # the other consumer's last reads of p^T and ds^T are done
+                p_smem[c][...] = p_t.astype(p_smem[c].dtype)
+                ds_smem[c][...] = ds_t.astype(ds_smem[c].dtype)
+                plgpu.commit_smem()  # those writes, before wgmmas (async proxy) read them
+                meet_other()  # both halves written
+                dv, dk = _accumulate(
+                    (dv, dk),
+                    (tuple((p_smem[h], do_smem.at[slot, halves[h], columns]) for h in range(2)),
+                     tuple((ds_smem[h], q_smem.at[slot, halves[h], columns]) for h in range(2))),
+                    interpret)
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+            return body
+
+        zeros = plgpu.layout_cast(jnp.zeros((DKV_KEYS, half), jnp.float32), plgpu.Layout.WGMMA)
+        carry = lax.fori_loop(0, n_masked, step(True), (zeros, zeros))
+        dk, dv = lax.fori_loop(n_masked, count, step(False), carry)
+        meet_other()  # the other consumer's last wgmmas are done: the ring may be reused
+        dk_stage, dv_stage = staging
+        dk_stage.at[c][...] = (dk * settings.sm_scale).astype(dk_stage.dtype)
+        dv_stage.at[c][...] = dv.astype(dv_stage.dtype)
+        plgpu.commit_smem()
+        out = (batch, split, keys, columns)
+        plgpu.copy_smem_to_gmem(dk_stage.at[c], dk_ref.at[out])
+        plgpu.copy_smem_to_gmem(dv_stage.at[c], dv_ref.at[out])
+        plgpu.wait_smem_to_gmem(0)
+
+    for c in range(2):
+        pl.when(wg == c)(functools.partial(consumer, c))
 
 
 def backward_dq(q, k, v, do, lse, delta, settings: Settings):
@@ -394,7 +560,7 @@ def backward_dq(q, k, v, do, lse, delta, settings: Settings):
     )
     return _launch(_dq_kernel, scratch, "palm_mq_flash_attention_bwd_dq_mosaic",
                    jax.ShapeDtypeStruct(q.shape, q.dtype), (n_tiles, batch), 2,
-                   settings, WG_ROWS)(q, k, v, do, lse, delta)
+                   settings, _ring_scope(settings, WG_ROWS))(q, k, v, do, lse, delta)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free, *,
@@ -411,8 +577,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
     row0 = _tile(settings, n_tiles) * WG_ROWS
     wg = lax.axis_index("wg")
     n_full, n_vis, any_masked = gpu.key_ranges(settings, row0, WG_ROWS, bk)
-    pl.when(wg == 1)(lambda: _produce_kv(k_ref, v_ref, k_smem, v_smem, ready, free,
-                                         batch=batch, steps=n_vis, bk=bk))
+    pl.when(wg == 1)(lambda: _produce(((k_ref, k_smem), (v_ref, v_smem)), ready, free,
+                                      batch=batch, first=0, count=n_vis, rows=bk))
 
     @pl.when(wg == 0)
     def _consumer():
@@ -445,7 +611,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
                 plgpu.barrier_arrive(v_free.at[slot])
                 p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(lse2, s.shape, [0]))
                 if masked:
-                    p = jnp.where(_visible(settings, row0, j * bk, bk), p, 0.0)
+                    p = jnp.where(_visible(settings, row0, j * bk, p.shape), p, 0.0)
                 ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
 
                 def while_ds_k_runs():  # the next key tile's wait, hidden behind ds k
@@ -453,8 +619,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
                     def _():
                         plgpu.barrier_wait(k_ready.at[_slot(j + 1, buffers)])
 
-                dq = _accumulate(dq, ds.astype(k_smem.dtype), k_smem.at[slot], interpret,
-                                 while_ds_k_runs)
+                dq, = _accumulate((dq,), (((ds.astype(k_smem.dtype), k_smem.at[slot]),),),
+                                  interpret, while_ds_k_runs)
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
             return body
@@ -478,62 +644,67 @@ def _slot(step, buffers: int):
     return lax.rem(step, jnp.int32(buffers))
 
 
-def _produce_kv(k_ref, v_ref, k_smem, v_smem, ready, free, *, batch, steps, bk: int):
-    """The producer warpgroup: key tiles 0 .. steps-1 of K and V into the ring by TMA, each
-    slot refilled once every consumer has released it (`free`); `ready` is (k_ready, v_ready,
-    ...), free (k_free, v_free)."""
+def _produce(pairs, ready, free, *, batch, first, count, rows: int):
+    """The producer warpgroup: tiles first .. first+count-1 of `rows` rows of each (gmem,
+    ring) pair into ring slot (tile - first) % depth by TMA, signalling `ready` (one barrier
+    array per pair); each slot refilled once every consumer has released what it held (every
+    barrier array of `free`)."""
     plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-    k_ready, v_ready = ready[:2]
-    k_free, v_free = free
-    buffers = k_smem.shape[0]
+    buffers = pairs[0][1].shape[0]
 
-    @pl.loop(0, steps)
+    @pl.loop(0, count)
     def _load(step):
         slot = _slot(step, buffers)
 
         @pl.when(step >= buffers)  # the slot held step - buffers: wait for its release
         def _():
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+            for released in free:
+                plgpu.barrier_wait(released.at[slot])
 
-        keys = pl.ds(step * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys], k_smem.at[slot], k_ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys], v_smem.at[slot], v_ready.at[slot])
+        tile = pl.ds((first + step) * rows, rows)
+        for (src, ring), signal in zip(pairs, ready):
+            plgpu.copy_gmem_to_smem(src.at[batch, tile], ring.at[slot], signal.at[slot])
 
     # The last releases, so that every phase of the free barriers is observed before the
     # scratch goes away (the interpreter checks that; on the GPU it costs an idle wait).
-    @pl.loop(jnp.maximum(steps - buffers, 0), steps)
+    @pl.loop(jnp.maximum(count - buffers, 0), count)
     def _drain(step):
-        plgpu.barrier_wait(k_free.at[_slot(step, buffers)])
-        plgpu.barrier_wait(v_free.at[_slot(step, buffers)])
+        for released in free:
+            plgpu.barrier_wait(released.at[_slot(step, buffers)])
 
 
-def _accumulate(acc, a, b_tile, interpret: bool, while_running):
-    """acc + a @ b_tile (a in registers, b_tile in shared memory), f32, calling
-    `while_running()` after the wgmma is issued and before it is awaited. Natively wgmma
-    accumulates into acc's registers (`pl.run_state` over the accumulator, a from registers).
-    The Mosaic GPU interpreter has neither `run_state` nor wgmma from registers, so there it
-    is a plain dot (the same sum)."""
+def _accumulate(accs, products, interpret: bool, while_running=lambda: None):
+    """accs[i] + the sum of a @ b over the (a, b) pairs of products[i], f32, with a in
+    registers or shared memory and b a shared-memory tile, calling `while_running()` after the
+    wgmmas are issued and before they are awaited. Natively wgmma accumulates into the accs'
+    registers (`pl.run_state` over the accumulators). The Mosaic GPU interpreter has neither
+    `run_state` nor wgmma from registers, so there it is plain dots (the same sums)."""
     if interpret:
         while_running()
-        product = jnp.dot(a, b_tile[...], preferred_element_type=jnp.float32)
-        # That read went through the generic proxy, which the producer's next TMA write
+        sums = tuple(acc + sum(jnp.dot(a[...], b[...], preferred_element_type=jnp.float32)
+                               for a, b in pairs)
+                     for acc, pairs in zip(accs, products))
+        # Those reads went through the generic proxy, which the producer's next TMA write
         # (async proxy) must be ordered after: a proxy fence (wgmma reads through the async
         # proxy itself, so the native path needs none).
         plgpu.commit_smem()
-        return acc + product
+        return sums
 
-    def accumulate(acc_ref):
-        plgpu.wgmma(acc_ref, a, b_tile)
+    def accumulate(acc_refs):
+        for acc_ref, pairs in zip(acc_refs, products):
+            for a, b in pairs:
+                plgpu.wgmma(acc_ref, a, b)
         while_running()
 
-    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+    return pl.run_state(accumulate)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
 
-def _visible(settings: Settings, row0, col0, bk: int):
-    """gpu.py's visibility mask ([64, bk]: causal, and key < S) in wgmma's register layout."""
-    r = row0 + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
-    c = col0 + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+def _visible(settings: Settings, row0, col0, shape: tuple[int, int], transposed: bool = False):
+    """gpu.py's visibility mask (causal, and key < S) in wgmma's register layout: [rows, keys]
+    from row0 and col0, or [keys, rows] transposed (the dk/dv kernel's s^T)."""
+    row_axis, col_axis = (1, 0) if transposed else (0, 1)
+    r = row0 + plgpu.broadcasted_iota(jnp.int32, shape, row_axis, layout=plgpu.Layout.WGMMA)
+    c = col0 + plgpu.broadcasted_iota(jnp.int32, shape, col_axis, layout=plgpu.Layout.WGMMA)
     ok = c < settings.kv_len
     if settings.causal:
         ok = jnp.logical_and(ok, r >= c * settings.num_heads)
