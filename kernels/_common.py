@@ -30,6 +30,9 @@ IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu")
 # `impl="pallas_mosaic_gpu"` asks for the Mosaic GPU (Hopper) kernels; a kernel that has none
 # yet runs its Triton one, so a whole model can be asked for it.
 _FALLBACK = {"pallas_mosaic_gpu": "pallas_gpu"}
+# The input dtypes the Mosaic GPU kernels take (wgmma's 16-bit operands): where `GPU_AUTO`
+# picks them for others, `auto` runs the fallback instead.
+MOSAIC_GPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 _target = threading.local()
 
@@ -69,13 +72,15 @@ GPU_AUTO: dict[str, str] = {
 }
 
 
-def resolve_impl(impl: str, kernel: str | None = None) -> str:
-    """Maps `impl` to the implementation `kernel` (a kernel package's name) runs.
+def resolve_impl(impl: str, kernel: str | None = None, dtype: Any = None) -> str:
+    """Maps `impl` to the implementation `kernel` (a kernel package's name) runs on inputs of
+    `dtype` (None: any).
 
     `auto` is `pallas_tpu` on TPU and `xla` on CPU: the Pallas kernels only pay off where they
     compile natively, and interpret mode is a correctness tool, not a path to speed. On a GPU
-    it is the kernel's entry in `GPU_AUTO` (what measured fastest there); asked for a whole
-    model (no kernel named) it stays `auto` on a GPU, so that each kernel resolves its own.
+    it is the kernel's entry in `GPU_AUTO` (what measured fastest there), or its fallback where
+    that entry is a Mosaic GPU kernel and `dtype` is not one it takes; asked for a whole model
+    (no kernel named) it stays `auto` on a GPU, so that each kernel resolves its own.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
@@ -84,9 +89,15 @@ def resolve_impl(impl: str, kernel: str | None = None) -> str:
     backend = current_backend()
     if backend == "tpu":
         return "pallas_tpu"
-    if backend == "gpu":
-        return "auto" if kernel is None else GPU_AUTO.get(kernel, "xla")
-    return "xla"
+    if backend != "gpu":
+        return "xla"
+    if kernel is None:
+        return "auto"
+    chosen = GPU_AUTO.get(kernel, "xla")
+    if (chosen == "pallas_mosaic_gpu" and dtype is not None
+            and jnp.dtype(dtype) not in MOSAIC_GPU_DTYPES):
+        return _FALLBACK[chosen]
+    return chosen
 
 
 def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:

@@ -174,6 +174,26 @@ def test_auto_resolves_per_kernel_on_gpu():
         assert resolve_impl("pallas_gpu", "rope") == "pallas_gpu"
 
 
+def test_auto_takes_mosaic_gpu_only_for_dtypes_it_takes(monkeypatch):
+    """Where GPU_AUTO picks a Mosaic GPU kernel (bf16/f16 wgmma operands), `auto` on other
+    inputs runs its Triton fallback instead of raising; an explicit impl is left alone."""
+    from kernels import _common
+    monkeypatch.setitem(_common.GPU_AUTO, "mq_flash_attention", "pallas_mosaic_gpu")
+    with kernels.target_backend("gpu"):
+        for dtype, chosen in [(jnp.bfloat16, "pallas_mosaic_gpu"),
+                              (jnp.float16, "pallas_mosaic_gpu"), (F32, "pallas_gpu"),
+                              (None, "pallas_mosaic_gpu")]:
+            assert _common.resolve_impl("auto", "mq_flash_attention", dtype) == chosen
+        assert _common.resolve_impl("pallas_mosaic_gpu", "mq_flash_attention",
+                                    F32) == "pallas_mosaic_gpu"
+        q = jnp.zeros((1, 8, 2, 16), F32)
+        k = jnp.zeros((1, 8, 16), F32)
+        # f32 through `auto`: the Triton kernels, interpreted here (interpret=True).
+        np.testing.assert_allclose(
+            kernels.mq_flash_attention(q, k, k, interpret=True),
+            kernels.mq_flash_attention(q, k, k, impl="pallas_gpu", interpret=True))
+
+
 def test_mosaic_gpu_falls_back_to_triton_where_a_kernel_has_none():
     """`impl="pallas_mosaic_gpu"` on a kernel without a Mosaic GPU version runs its Triton
     one (so a whole model can be asked for it); an impl with no fallback still says what

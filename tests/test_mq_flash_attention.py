@@ -1,5 +1,5 @@
 """Multi-query flash attention: the Pallas TPU kernels (TPU interpret mode), the Pallas GPU
-(Triton) kernels (generic interpret mode) and, on jax >= 0.11, the Mosaic GPU forward (its
+(Triton) kernels (generic interpret mode) and, on jax >= 0.11, the Mosaic GPU kernels (its
 interpreter) against the reference, by the same properties.
 
 Shapes are drawn small (interpret mode runs every grid step through Python callbacks) but with
@@ -429,10 +429,10 @@ def test_export_forward_and_gradient_for_gpu(impl, heads):
     # PaLM shapes divide the tiles and the head fold is a reshape: no padding, no transposes.
     assert "stablehlo.pad" not in text and "stablehlo.transpose" not in text
 
-# ---- Mosaic GPU forward ----------------------------------------------------------------------
+# ---- Mosaic GPU kernels ----------------------------------------------------------------------
 
 def _on_mosaic(case, blocks=None):
-    """The case for the Mosaic GPU forward, bf16, with race detection."""
+    """The case for the Mosaic GPU kernels, bf16, with race detection."""
     return case | dict(impl="pallas_mosaic_gpu", dtype="bfloat16", blocks=blocks, races=True)
 
 
@@ -476,8 +476,8 @@ def test_mosaic_gpu_vjp_matches_reference(name):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="native: needs a GPU")
 @pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
 def test_mosaic_gpu_native_vjp_matches_reference(name):
-    """The same cases compiled for the GPU: the path the interpreter cannot run (p @ v as a
-    wgmma from registers into the accumulator) and the real barriers and TMA."""
+    """The same cases compiled for the GPU: the path the interpreter cannot run (wgmmas
+    accumulating into registers) and the real barriers and TMA."""
     check_vjp(MOSAIC_CASES[name] | dict(native=True, races=False))
 
 

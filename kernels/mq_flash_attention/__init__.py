@@ -9,9 +9,8 @@ the logsumexp it saves and a hand-written backward (reference.py); the Pallas TP
 attention kernels with their tiling (`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and
 design notes (tpu.py); the Pallas GPU (Triton) kernels, `impl="pallas_gpu"`, with the same
 residuals and backward decomposition, their own tiling (`gpu.BlockSizes`, num_warps/num_stages,
-`gpu.shared_memory_bytes`) and design notes (gpu.py); the Mosaic GPU (Hopper) forward and dq
-kernels with the Triton dk/dv, `impl="pallas_mosaic_gpu"`, their `mgpu.BlockSizes` and design
-notes (mgpu.py); what the Pallas backends share, the argument checks, the padding and the
+`gpu.shared_memory_bytes`) and design notes (gpu.py); the Mosaic GPU (Hopper) forward, dk/dv and dq
+kernels, `impl="pallas_mosaic_gpu"`, their `mgpu.BlockSizes` and design notes (mgpu.py); what the Pallas backends share, the argument checks, the padding and the
 custom_vjp over a backend module, with the interface a backend provides (pallas.py).
 """
 
@@ -66,7 +65,7 @@ def mq_flash_attention(
     Returns:
       [B, T, H, K] in q's dtype.
     """
-    impl = resolve_impl(impl, "mq_flash_attention")
+    impl = resolve_impl(impl, "mq_flash_attention", q.dtype)
     if impl == "xla":
         return mq_flash_attention_reference(q, k, v, causal=causal, sm_scale=sm_scale)
     fn = pallas_impl("mq_flash_attention", impl, _PALLAS)

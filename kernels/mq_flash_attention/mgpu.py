@@ -1,5 +1,5 @@
-"""The Mosaic GPU `mq_flash_attention` forward and dq kernels (Hopper: TMA, wgmma, warp
-specialisation), with gpu.py's Triton dk/dv kernel: `impl="pallas_mosaic_gpu"`.
+"""The Mosaic GPU `mq_flash_attention` forward, dk/dv and dq kernels (Hopper: TMA, wgmma, warp
+specialisation): `impl="pallas_mosaic_gpu"`.
 
 Why a second GPU forward: Triton's dots on Hopper cannot keep a K = 256 accumulator and a
 software pipeline deep enough to hide HBM at once, while Mosaic GPU lets a kernel split its
@@ -11,8 +11,8 @@ Same math and residuals as gpu.py (the design and the row fold are in tpu.py and
 q [B, T, H, K] viewed as [B, T*H, K], row r = t*H + h, one K/V tile serving all H heads of a
 query tile; causal is top-left aligned (row r sees key s iff r >= s*H); the forward saves
 lse [B, R] f32 (natural log of the row's sum of exp(scaled logits)). The backward, through
-pallas.py's custom_vjp on these residuals, is gpu.py's dk/dv kernel and this module's dq kernel
-(or gpu.py's, `BlockSizes.mosaic_dq=False`).
+pallas.py's custom_vjp on these residuals, is this module's dk/dv and dq kernels (or gpu.py's
+Triton ones, `BlockSizes.mosaic_dkv=False`, `mosaic_dq=False`).
 
   * grid (T*H / block_q, B), one thread block per query tile of block_q rows, causal tiles
     longest first; `block_q // 64` consumer warpgroups of 64 rows (wgmma's M) and one producer.
@@ -39,9 +39,25 @@ pallas.py's custom_vjp on these residuals, is gpu.py's dk/dv kernel and this mod
     ds = p (dp - delta), dq += ds k (wgmma from registers into the f32 [64, Kp] dq), waiting
     for the next tile while that runs; dq * scale leaves through q's buffer. One consumer:
     q, do and a ring of 2 fill 192 KiB at K = 256, so a second one would not fit; 2 x T*H/64
-    thread blocks at PaLM-8B (512) fill the SMs anyway. dk/dv stays Triton: its two [64, Kp]
-    f32 accumulators would take 256 registers per thread at K = 256, more than a warpgroup
-    has, so a Mosaic version must split K across warpgroups (left for a GPU session).
+    thread blocks at PaLM-8B (512) fill the SMs anyway.
+  * dk/dv, grid (S / 64, B, row splits): a thread block owns 64 keys and walks the 64-row
+    query tiles that see them (causal: from the first that sees its first key, the tiles
+    crossing the diagonal masked), in `dkv_splits` as gpu.py's (f32 partials summed in
+    XLA). Both [64, Kp] f32 accumulators in one warpgroup would take 256 registers per thread
+    at K = 256, so each of two consumers owns half of dk's and dv's columns ([64, Kp/2]
+    each, 128 registers) and half of each step's rows for the scores: consumer c computes
+    s^T = k q_c^T and dp^T = v do_c^T for its 32 rows (two wgmmas, f32 [64, 32]; transposed,
+    so lse and delta broadcast along columns), p^T = exp2(s^T c - lse log2 e), ds^T =
+    p^T (dp^T - delta), and writes both in bf16 to its half of the exchange buffers; after
+    the two meet (`meet`, a two-arrival barrier), each runs dv_c += p^T do[:, c] and
+    dk_c += ds^T q[:, c] over both halves (four wgmmas from shared memory; FlashAttention-3's
+    head-dim-256 backward splits the same way). A second meeting per step, before the
+    writes, keeps a consumer from overwriting a half the other is still reading. The
+    producer streams q, do, lse, delta tiles through a ring of `kv_buffers`; k and v are
+    loaded once. dk * scale and dv leave through shared memory that the ring's q/do part
+    shares (`plgpu.RefUnion`) once both consumers are past their last wgmma. These wgmmas
+    read both operands from shared memory, which must then share one swizzle: 64 bytes,
+    the exchanged halves' 32 columns.
 
 Shapes: K is zero-padded to a power of two >= 64 (the 128-byte swizzle's 64 bf16 columns and
 gpu.py's power-of-two rule), at most 256 (registers: the acc is 128 per thread at 256); rows
@@ -51,13 +67,19 @@ Budget at PaLM's K = 256, bf16, block_q = 128, block_k = 64, kv_buffers = 2: sha
 2 x 64 x 256 x 2 = 64 KiB, the K/V ring 2 x 2 x 64 x 256 x 2 = 128 KiB, lse 512 B: 192.5 KiB
 of 227 KiB. Registers: consumers raise theirs to 232 per thread (acc 128, s 32, p 16, the
 statistics and addresses), the producer lowers to 40: 2 x 232 + 40 = 504 x 128 threads fits
-the 64 K-register file. dq: dq 128, s and dp 32 each, p and ds; the same 232. FLOPs and bytes
-as gpu.py's forward and dq.
+the 64 K-register file. dq: dq 128, s and dp 32 each, p and ds; the same 232. dk/dv: k and v
+64 KiB, the q/do ring 2 x 2 x 64 x 256 x 2 = 128 KiB (the f32 dk/dv staging, 2 x 2 x 64 x
+128 x 4, is as large), lse/delta 1 KiB, the exchange halves 16 KiB: 209 KiB; registers dk and
+dv halves 64 each, s^T and dp^T 16 each, p^T and ds^T. FLOPs and bytes as gpu.py's kernels.
+Per step the dk/dv consumers read about 288 KiB of shared memory for 4 x 64 x 64 x 256
+multiply-adds (the [64, 32] score wgmmas re-read the whole k or v tile for half the rows):
+2,300 cycles at 128 bytes per cycle against 2,048 on the tensor cores, so that kernel is
+bounded near 90% of the tensor-core peak before any stall.
 
 What CPU checks cover: on jax >= 0.11 the Mosaic GPU interpreter runs these kernels on CPU
 (TMA, barriers, wgmma, the warpgroups as threads, with race detection), so the hypothesis
 suite checks them against the reference. The one step that interpreter cannot run, a wgmma
-from registers accumulating into acc (p v, ds k; `pl.run_state`), is a plain dot there
+accumulating into registers (p v, ds k, and dk/dv's; `pl.run_state`), is a plain dot there
 (`_accumulate`), the same sum; tests marked `gpu` run the native one on the GPU. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering
 (layouts, transforms, wgmma shapes) on both jax versions. Not covered: PTX compilation,
 register allocation and speed, which the device script (tools/gpu_check.sh) measures.
@@ -77,6 +99,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels._common import MOSAIC_GPU_DTYPES
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load, next_power_of_two
 from kernels.mq_flash_attention import gpu
@@ -100,17 +123,19 @@ DKV_ROWS = 64
 # Its shared-memory operands' swizzle in bytes: a wgmma's two operands share one, and the
 # exchanged p^T and ds^T halves are 32 two-byte columns wide.
 DKV_SWIZZLE = 64
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(gpu.BlockSizes):
-    """gpu.BlockSizes (the Triton backward's tiles and warps) whose forward tiles drive the
-    Mosaic GPU forward: block_q 64 or 128 rows (one or two consumer warpgroups), block_k 64 or
-    128 keys; `kv_buffers` is the depth of the K/V ring in shared memory (>= 2, so that one
-    tile loads while another is used); `ping_pong` takes turns on the tensor cores between
+    """gpu.BlockSizes (the Triton backward's tiles and warps, and `dkv_splits`) whose forward
+    tiles drive the Mosaic GPU forward: block_q 64 or 128 rows (one or two consumer
+    warpgroups), block_k 64 or 128 keys; `kv_buffers` is the depth of each kernel's ring in
+    shared memory (K/V tiles, or dk/dv's q/do tiles; >= 2, so that one tile loads while
+    another is used); `ping_pong` takes turns on the tensor cores between
     two consumers (module docstring; ignored with one); `mosaic_dq` runs dq with this module's
-    kernel (64-row tiles, the forward's block_k and ring) rather than gpu.py's."""
+    kernel (64-row tiles, the forward's block_k and ring) rather than gpu.py's; `mosaic_dkv`
+    runs dk/dv with this module's kernel (64 keys by 64 rows, a ring of `kv_buffers` q/do
+    tiles, `dkv_splits`) rather than gpu.py's, whose tiles are the *_dkv fields."""
 
     kv_buffers: int = 2
     ping_pong: bool = True
@@ -197,7 +222,7 @@ def mosaic_shared_memory_bytes(blocks: BlockSizes, head_dim: int) -> int:
 def check_tiles(blocks: BlockSizes, head_dim: int, dtype: Any) -> None:
     """The Mosaic kernels' limits (dtype, head dim), then every kernel's shared memory: the
     Mosaic forward's and dq's, and gpu.py's dk/dv (and dq without mosaic_dq)."""
-    if jnp.dtype(dtype) not in _DTYPES:
+    if jnp.dtype(dtype) not in MOSAIC_GPU_DTYPES:
         raise ValueError(f"mq_flash_attention: impl={IMPL!r} takes bfloat16 or float16 (wgmma "
                          f"operands), got {jnp.dtype(dtype).name}; use impl='pallas_gpu'")
     if padded_head_dim(head_dim) > MAX_HEAD_DIM:
@@ -713,11 +738,11 @@ def _visible(settings: Settings, row0, col0, shape: tuple[int, int], transposed:
 
 def mq_flash_attention_pallas_mosaic_gpu(q, k, v, *, causal=True, sm_scale=None, interpret=None,
                                          block_sizes: BlockSizes | None = None) -> jax.Array:
-    """The Mosaic GPU forward with the Triton backward (module docstring), differentiable:
-    the front door's arrays and settings, block_sizes this module's `BlockSizes` (None: sized
-    for an H100/H200) and interpret None, a bool or a `plgpu.InterpretGPUParams` (interpreted:
-    the forward by the Mosaic GPU interpreter, jax >= 0.11, the backward by the generic Pallas
-    interpreter; `_gpu.mosaic_gpu_interpret`)."""
+    """The Mosaic GPU kernels (module docstring), differentiable: the front door's arrays and
+    settings, block_sizes this module's `BlockSizes` (None: sized for an H100/H200) and
+    interpret None, a bool or a `plgpu.InterpretGPUParams` (interpreted: the Mosaic kernels by
+    the Mosaic GPU interpreter, jax >= 0.11, the Triton ones a BlockSizes asks for by the
+    generic Pallas interpreter; `_gpu.mosaic_gpu_interpret`)."""
     return mq_flash_attention_pallas(sys.modules[__name__], q, k, v, causal=causal,
                                      sm_scale=sm_scale, interpret=mosaic_gpu_interpret(interpret),
                                      block_sizes=block_sizes)
