@@ -80,8 +80,9 @@ What CPU checks cover: on jax >= 0.11 the Mosaic GPU interpreter runs these kern
 (TMA, barriers, wgmma, the warpgroups as threads, with race detection), so the hypothesis
 suite checks them against the reference. The one step that interpreter cannot run, a wgmma
 accumulating into registers (p v, ds k, and dk/dv's; `pl.run_state`), is a plain dot there
-(`_accumulate`), the same sum; tests marked `gpu` run the native one on the GPU. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering
-(layouts, transforms, wgmma shapes) on both jax versions. Not covered: PTX compilation,
+(`_mgpu.accumulate`), the same sum; tests marked `gpu` run the native one on the GPU.
+Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering (layouts,
+transforms, wgmma shapes) on both jax versions. Not covered: PTX compilation,
 register allocation and speed, which the device script (tools/gpu_check.sh) measures.
 """
 
@@ -100,6 +101,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels._common import MOSAIC_GPU_DTYPES
+from kernels._mgpu import CONSUMER_REGISTERS, accumulate, launch, meet, produce, ring_slot
+from kernels._mgpu import swizzled, zeros
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load, next_power_of_two
 from kernels.mq_flash_attention import gpu
@@ -109,10 +112,6 @@ IMPL = "pallas_mosaic_gpu"
 
 # wgmma's M: the rows one consumer warpgroup owns.
 WG_ROWS = 64
-# Registers per thread after `set_max_registers` (a multiple of 8, 24..256): consumers hold the
-# [64, 256] f32 acc (128), the scores and probabilities; the producer only issues copies.
-CONSUMER_REGISTERS = 232
-PRODUCER_REGISTERS = 40
 # The largest padded head dim: the acc takes Kp / 2 registers per thread.
 MAX_HEAD_DIM = 256
 # The dk/dv kernel's tiles: a thread block's keys (wgmma's M for dk and dv, each consumer
@@ -246,9 +245,9 @@ def forward(q, k, v, settings: Settings):
     consumers = blocks.block_q // WG_ROWS
     n_tiles = rows // blocks.block_q
     scratch = (
-        (_swizzled((consumers, WG_ROWS, kp), q.dtype),  # q, then o
-         _swizzled((blocks.kv_buffers, blocks.block_k, kp), k.dtype),
-         _swizzled((blocks.kv_buffers, blocks.block_k, kp), v.dtype),
+        (swizzled((consumers, WG_ROWS, kp), q.dtype),  # q, then o
+         swizzled((blocks.kv_buffers, blocks.block_k, kp), k.dtype),
+         swizzled((blocks.kv_buffers, blocks.block_k, kp), v.dtype),
          plgpu.SMEM((consumers, WG_ROWS), jnp.float32)),  # lse
         (plgpu.Barrier(num_barriers=blocks.kv_buffers),  # k_ready
          plgpu.Barrier(num_barriers=blocks.kv_buffers),  # v_ready
@@ -263,14 +262,6 @@ def forward(q, k, v, settings: Settings):
                    _ring_scope(settings, blocks.block_q))(q, k, v)
 
 
-def _swizzled(shape: tuple[int, ...], dtype, swizzle: int = 128) -> Any:
-    """Shared memory in swizzled rows of `swizzle` bytes (128: 64 two-byte elements), the
-    layout TMA writes and wgmma reads."""
-    columns = swizzle // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, columns)),
-                                                plgpu.SwizzleTransform(swizzle)))
-
-
 def _tile(settings: Settings, n_tiles: int):
     """This thread block's query tile: causal grids run in reverse, longest tiles first."""
     tile = lax.axis_index("tile")
@@ -278,36 +269,29 @@ def _tile(settings: Settings, n_tiles: int):
 
 
 def _launch(kernel, scratch, name: str, out_type, grid: tuple[int, ...], threads: int,
-            settings: Settings, scope: str):
-    """`kernel` as a plgpu.kernel over `grid` (axes "tile", "batch", and "split" if there is a
-    third) with `threads` warpgroups (axis "wg") sharing `scratch`, allocated once for all of
-    them; the kernel gets the operand refs, the scratch, and settings, n_tiles (grid[0]) and
-    interpret as keywords. Traced under a named scope `name` + `scope` (the tiling), for
-    profiles."""
+            settings: Settings, scope: str, **params):
+    """`_mgpu.launch` of `kernel` over `grid` (axes "tile", "batch", and "split" if there is a
+    third), the kernel getting settings, n_tiles (grid[0]), interpret and `params` as
+    keywords; the named scope adds the heads and causality to `scope`."""
     body = functools.partial(kernel, settings=settings, n_tiles=grid[0],
-                             interpret=bool(settings.interpret))
-
-    def entry(*refs):
-        pl.run_scoped(lambda *scoped: body(*refs, *scoped), *scratch, collective_axes="wg")
-
-    call = plgpu.kernel(
-        entry, out_type=out_type, grid=grid, grid_names=("tile", "batch", "split")[:len(grid)],
-        num_threads=threads, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=settings.interpret or None,  # False, or the interpreter's parameters
-        kernel_name=name)
-
-    def launched(*operands):
-        with jax.named_scope(f"{name} {scope} H={settings.num_heads} causal={settings.causal}"):
-            return call(*operands)
-
-    return launched
+                             interpret=bool(settings.interpret), **params)
+    return launch(body, scratch, name=name, out_type=out_type, grid=grid,
+                  grid_names=("tile", "batch", "split")[:len(grid)], threads=threads,
+                  interpret=settings.interpret,
+                  scope=f"{scope} H={settings.num_heads} causal={settings.causal}")
 
 
 def _ring_scope(settings: Settings, tile_rows: int) -> str:
     """The forward's and dq's tiling, for `_launch`'s scope."""
     blocks = settings.blocks
     return f"bq={tile_rows} bk={blocks.block_k} buffers={blocks.kv_buffers}"
+
+
+def _tiles(refs, batch, rows: int):
+    """The producer's sources: tile t (`rows` along axis 1: keys, or query rows) of each ref
+    at batch row `batch`."""
+    return tuple(functools.partial(lambda ref, t: ref.at[batch, pl.ds(t * rows, rows)], ref)
+                 for ref in refs)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, schedule, *,
@@ -332,8 +316,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-    pl.when(wg == consumers)(lambda: _produce(((k_ref, k_smem), (v_ref, v_smem)), ready, free,
-                                              batch=batch, first=0, count=tile_steps, rows=bk))
+    pl.when(wg == consumers)(lambda: produce(_tiles((k_ref, v_ref), batch, bk),
+                                             (k_smem, v_smem), ready, free, first=0,
+                                             count=tile_steps))
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -352,7 +337,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
         def step(masked: bool):
             def body(j, carry):
                 acc, m_prev, l_prev = carry
-                slot = _slot(j, buffers)  # k_ready[slot] was waited for before this step
+                slot = ring_slot(j, buffers)  # k_ready[slot] was waited for before this step
 
                 def scores(s_ref):
                     plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
@@ -381,15 +366,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
                 def while_pv_runs():  # the next key tile's wait, hidden behind p v
                     @pl.when(j + 1 < n_vis)
                     def _():
-                        plgpu.barrier_wait(k_ready.at[_slot(j + 1, buffers)])
+                        plgpu.barrier_wait(k_ready.at[ring_slot(j + 1, buffers)])
 
-                acc, = _accumulate((acc,), (((p.astype(v_smem.dtype), v_smem.at[slot]),),),
+                acc, = accumulate((acc,), (((p.astype(v_smem.dtype), v_smem.at[slot]),),),
                                    interpret, while_pv_runs)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_next, l_next
             return body
 
-        carry = (plgpu.layout_cast(jnp.zeros((WG_ROWS, kp), jnp.float32), plgpu.Layout.WGMMA),
+        carry = (zeros((WG_ROWS, kp)),
                  plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32),
                                    plgpu.Layout.WGMMA.reduce(1)),
                  plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32),
@@ -404,7 +389,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, sche
         # two turns per step the other consumer still takes.
         @pl.loop(n_vis, tile_steps)
         def _release(j):
-            slot = _slot(j, buffers)
+            slot = ring_slot(j, buffers)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
@@ -437,8 +422,8 @@ def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
     partials = gpu.dkv_partials(k, n_split)
     # The operands of wgmmas that read the exchanged [64, 32] halves of p^T and ds^T from
     # shared memory: 64-byte swizzle (32 columns), as a wgmma's two operands must share one.
-    narrow = functools.partial(_swizzled, swizzle=DKV_SWIZZLE)
-    staging = _swizzled((2, DKV_KEYS, half), partials.dtype,
+    narrow = functools.partial(swizzled, swizzle=DKV_SWIZZLE)
+    staging = swizzled((2, DKV_KEYS, half), partials.dtype,
                         min(128, half * jnp.dtype(partials.dtype).itemsize))
     scratch = (
         (narrow((DKV_KEYS, kp), k.dtype), narrow((DKV_KEYS, kp), v.dtype)),
@@ -452,18 +437,17 @@ def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
         plgpu.Barrier(num_barriers=2),  # k, v ready
         (plgpu.Barrier(num_barriers=buffers),) * 4,  # q, do, lse, delta ready
         plgpu.Barrier(num_arrivals=2, num_barriers=buffers),  # free
-        plgpu.Barrier(num_arrivals=2),  # meet: the consumers' exchanges
+        plgpu.Barrier(num_arrivals=2),  # exchange: the consumers meet
     )
-    kernel = functools.partial(_dkv_kernel, n_q=n_q, per_split=per_split)
-    dk, dv = _launch(kernel, scratch, "palm_mq_flash_attention_bwd_dkv_mosaic",
+    dk, dv = _launch(_dkv_kernel, scratch, "palm_mq_flash_attention_bwd_dkv_mosaic",
                      (partials, partials), (n_k, batch, n_split), 3, settings,
-                     f"bq={DKV_ROWS} bk={DKV_KEYS} buffers={buffers} splits={n_split}")(
-        q, k, v, do, lse, delta)
+                     f"bq={DKV_ROWS} bk={DKV_KEYS} buffers={buffers} splits={n_split}",
+                     n_q=n_q, per_split=per_split)(q, k, v, do, lse, delta)
     return gpu.summed_partials((dk, dv), k.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, kv_smem, union,
-                stats_smem, exchanged, kv_ready, ready, free, meet, *, settings: Settings,
+                stats_smem, exchanged, kv_ready, ready, free, exchange, *, settings: Settings,
                 n_tiles: int, interpret: bool, n_q: int, per_split: int):
     """One (key tile, batch, row split) thread block: dk, dv [64, Kp] of its keys summed over
     the visible 64-row query tiles of its split; two consumers and the producer (module
@@ -486,14 +470,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     count = jnp.maximum(hi - start, 0)
     n_masked = jnp.clip(jnp.minimum(first_full, hi) - start, 0, count)
     wg = lax.axis_index("wg")
-    pl.when(wg == 2)(lambda: _produce(
-        ((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem), (delta_ref, delta_smem)),
-        ready, (free,), batch=batch, first=start, count=count, rows=DKV_ROWS))
-
-    def meet_other():
-        """Both consumers meet (one phase of `meet` each)."""
-        plgpu.barrier_arrive(meet)
-        plgpu.barrier_wait(meet)
+    pl.when(wg == 2)(lambda: produce(
+        _tiles((q_ref, do_ref, lse_ref, delta_ref), batch, DKV_ROWS),
+        (q_smem, do_smem, lse_smem, delta_smem), ready, (free,), first=start, count=count))
 
     def consumer(c: int):
         """Consumer c: the transposed scores of rows [32c, 32c + 32) of each step, and columns
@@ -512,7 +491,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         def step(masked: bool):
             def body(i, carry):
                 dk, dv = carry
-                slot = _slot(i, buffers)
+                slot = ring_slot(i, buffers)
                 for signal in ready:  # q, do, lse, delta of row tile start + i
                     plgpu.barrier_wait(signal.at[slot])
 
@@ -532,12 +511,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                     p_t = jnp.where(_visible(settings, row0, col0, p_t.shape, transposed=True),
                                     p_t, 0.0)
                 ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-                meet_other()  # the other consumer's last reads of p^T and ds^T are done
+                meet(exchange)  # the other consumer's last reads of p^T and ds^T are done
                 p_smem[c][...] = p_t.astype(p_smem[c].dtype)
                 ds_smem[c][...] = ds_t.astype(ds_smem[c].dtype)
                 plgpu.commit_smem()  # those writes, before wgmmas (async proxy) read them
-                meet_other()  # both halves written
-                dv, dk = _accumulate(
+                meet(exchange)  # both halves written
+                dv, dk = accumulate(
                     (dv, dk),
                     (tuple((p_smem[h], do_smem.at[slot, halves[h], columns]) for h in range(2)),
                      tuple((ds_smem[h], q_smem.at[slot, halves[h], columns]) for h in range(2))),
@@ -546,10 +525,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                 return dk, dv
             return body
 
-        zeros = plgpu.layout_cast(jnp.zeros((DKV_KEYS, half), jnp.float32), plgpu.Layout.WGMMA)
-        carry = lax.fori_loop(0, n_masked, step(True), (zeros, zeros))
+        empty = zeros((DKV_KEYS, half))
+        carry = lax.fori_loop(0, n_masked, step(True), (empty, empty))
         dk, dv = lax.fori_loop(n_masked, count, step(False), carry)
-        meet_other()  # the other consumer's last wgmmas are done: the ring may be reused
+        meet(exchange)  # the other consumer's last wgmmas are done: the ring may be reused
         dk_stage, dv_stage = staging
         dk_stage.at[c][...] = (dk * settings.sm_scale).astype(dk_stage.dtype)
         dv_stage.at[c][...] = dv.astype(dv_stage.dtype)
@@ -572,10 +551,10 @@ def backward_dq(q, k, v, do, lse, delta, settings: Settings):
     batch, rows, kp = q.shape
     n_tiles = rows // WG_ROWS
     scratch = (
-        (_swizzled((WG_ROWS, kp), q.dtype),  # q, then dq
-         _swizzled((WG_ROWS, kp), do.dtype),
-         _swizzled((blocks.kv_buffers, blocks.block_k, kp), k.dtype),
-         _swizzled((blocks.kv_buffers, blocks.block_k, kp), v.dtype),
+        (swizzled((WG_ROWS, kp), q.dtype),  # q, then dq
+         swizzled((WG_ROWS, kp), do.dtype),
+         swizzled((blocks.kv_buffers, blocks.block_k, kp), k.dtype),
+         swizzled((blocks.kv_buffers, blocks.block_k, kp), v.dtype),
          plgpu.SMEM((WG_ROWS,), jnp.float32),  # lse
          plgpu.SMEM((WG_ROWS,), jnp.float32)),  # delta
         (plgpu.Barrier(num_barriers=blocks.kv_buffers),  # k_ready
@@ -602,8 +581,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
     row0 = _tile(settings, n_tiles) * WG_ROWS
     wg = lax.axis_index("wg")
     n_full, n_vis, any_masked = gpu.key_ranges(settings, row0, WG_ROWS, bk)
-    pl.when(wg == 1)(lambda: _produce(((k_ref, k_smem), (v_ref, v_smem)), ready, free,
-                                      batch=batch, first=0, count=n_vis, rows=bk))
+    pl.when(wg == 1)(lambda: produce(_tiles((k_ref, v_ref), batch, bk), (k_smem, v_smem),
+                                     ready, free, first=0, count=n_vis))
 
     @pl.when(wg == 0)
     def _consumer():
@@ -623,7 +602,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
 
         def step(masked: bool):
             def body(j, dq):
-                slot = _slot(j, buffers)  # k_ready[slot] was waited for before this step
+                slot = ring_slot(j, buffers)  # k_ready[slot] was waited for before this step
 
                 def scores(s_ref, dp_ref):
                     plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
@@ -642,15 +621,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
                 def while_ds_k_runs():  # the next key tile's wait, hidden behind ds k
                     @pl.when(j + 1 < n_vis)
                     def _():
-                        plgpu.barrier_wait(k_ready.at[_slot(j + 1, buffers)])
+                        plgpu.barrier_wait(k_ready.at[ring_slot(j + 1, buffers)])
 
-                dq, = _accumulate((dq,), (((ds.astype(k_smem.dtype), k_smem.at[slot]),),),
+                dq, = accumulate((dq,), (((ds.astype(k_smem.dtype), k_smem.at[slot]),),),
                                   interpret, while_ds_k_runs)
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
             return body
 
-        dq = plgpu.layout_cast(jnp.zeros(q_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+        dq = zeros(q_smem.shape)
         dq = lax.fori_loop(0, n_full, step(False), dq)
         if any_masked:
             dq = lax.fori_loop(n_full, n_vis, step(True), dq)
@@ -662,66 +641,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, re
 
 def _for_triton(settings: Settings) -> Settings:
     return dataclasses.replace(settings, interpret=bool(settings.interpret))
-
-
-def _slot(step, buffers: int):
-    """The ring slot of key tile `step`."""
-    return lax.rem(step, jnp.int32(buffers))
-
-
-def _produce(pairs, ready, free, *, batch, first, count, rows: int):
-    """The producer warpgroup: tiles first .. first+count-1 of `rows` rows of each (gmem,
-    ring) pair into ring slot (tile - first) % depth by TMA, signalling `ready` (one barrier
-    array per pair); each slot refilled once every consumer has released what it held (every
-    barrier array of `free`)."""
-    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-    buffers = pairs[0][1].shape[0]
-
-    @pl.loop(0, count)
-    def _load(step):
-        slot = _slot(step, buffers)
-
-        @pl.when(step >= buffers)  # the slot held step - buffers: wait for its release
-        def _():
-            for released in free:
-                plgpu.barrier_wait(released.at[slot])
-
-        tile = pl.ds((first + step) * rows, rows)
-        for (src, ring), signal in zip(pairs, ready):
-            plgpu.copy_gmem_to_smem(src.at[batch, tile], ring.at[slot], signal.at[slot])
-
-    # The last releases, so that every phase of the free barriers is observed before the
-    # scratch goes away (the interpreter checks that; on the GPU it costs an idle wait).
-    @pl.loop(jnp.maximum(count - buffers, 0), count)
-    def _drain(step):
-        for released in free:
-            plgpu.barrier_wait(released.at[_slot(step, buffers)])
-
-
-def _accumulate(accs, products, interpret: bool, while_running=lambda: None):
-    """accs[i] + the sum of a @ b over the (a, b) pairs of products[i], f32, with a in
-    registers or shared memory and b a shared-memory tile, calling `while_running()` after the
-    wgmmas are issued and before they are awaited. Natively wgmma accumulates into the accs'
-    registers (`pl.run_state` over the accumulators). The Mosaic GPU interpreter has neither
-    `run_state` nor wgmma from registers, so there it is plain dots (the same sums)."""
-    if interpret:
-        while_running()
-        sums = tuple(acc + sum(jnp.dot(a[...], b[...], preferred_element_type=jnp.float32)
-                               for a, b in pairs)
-                     for acc, pairs in zip(accs, products))
-        # Those reads went through the generic proxy, which the producer's next TMA write
-        # (async proxy) must be ordered after: a proxy fence (wgmma reads through the async
-        # proxy itself, so the native path needs none).
-        plgpu.commit_smem()
-        return sums
-
-    def accumulate(acc_refs):
-        for acc_ref, pairs in zip(acc_refs, products):
-            for a, b in pairs:
-                plgpu.wgmma(acc_ref, a, b)
-        while_running()
-
-    return pl.run_state(accumulate)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
 
 def _visible(settings: Settings, row0, col0, shape: tuple[int, int], transposed: bool = False):
