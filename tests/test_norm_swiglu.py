@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 from jax.ad_checkpoint import print_saved_residuals
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.norm_swiglu as ns
-from conftest import RaceLog, assert_close, race_log, run
+from conftest import MOSAIC_INTERPRETS, RaceLog, assert_close, race_log, run
 from kernels._common import layer_norm_f32, matmul_f32, row_stats
 from kernels._tpu import vmem_budget
-from gpu_export import export_for_gpu, jaxpr_eqns, triton_kernel_names
-from kernels.norm_swiglu import gpu, tpu
+from gpu_export import export_for_gpu, jaxpr_eqns, mosaic_gpu_kernel_count, triton_kernel_names
+from kernels.norm_swiglu import gpu, mgpu, tpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -31,7 +32,9 @@ EPS = 1e-6
 MIN_D = 3
 DTYPES = (jnp.float32, jnp.bfloat16)
 GRADS = ("dx", "d_norm_scale", "d_w_gate", "d_w_up")
-MODULES = {"pallas_tpu": tpu, "pallas_gpu": gpu}
+MODULES = {"pallas_tpu": tpu, "pallas_gpu": gpu, "pallas_mosaic_gpu": mgpu}
+# The Mosaic GPU forward is drawn where jax's Mosaic GPU interpreter exists (jax >= 0.11).
+IMPLS = ("pallas_tpu", "pallas_gpu") + (("pallas_mosaic_gpu",) if MOSAIC_INTERPRETS else ())
 
 
 def _inputs(seed, b, t, d, f, dtype):
@@ -71,11 +74,13 @@ def _value_and_grads(fn, ct):
 
 @st.composite
 def cases(draw, max_t, max_width):
-    """Either Pallas implementation, small shapes (often not multiples of the tiles) with small
+    """Any Pallas implementation, small shapes (often not multiples of the tiles) with small
     tiles, either mode. TPU: at most two tiles per axis (the TPU interpreter costs ~0.1 s per
     grid step). GPU: power-of-two tiles of 16 or 32, so shapes give several tiles per axis and
-    several steps of each in-kernel loop (the generic interpreter is cheap per step)."""
-    impl = draw(st.sampled_from(("pallas_tpu", "pallas_gpu")))
+    several steps of each in-kernel loop (the generic interpreter is cheap per step). Mosaic
+    GPU: bf16 (wgmma), its forward's 64/128 tiles over a ring of 2 to 4 slices, the Triton
+    backward's tiles of 16 or 32, a quarter under race detection."""
+    impl = draw(st.sampled_from(IMPLS))
     dtype = draw(st.sampled_from(DTYPES))
     b, t = draw(st.integers(1, 2)), draw(st.integers(1, max_t))
     d, f = draw(st.integers(MIN_D, max_width)), draw(st.integers(1, max_width))
@@ -84,6 +89,14 @@ def cases(draw, max_t, max_width):
     if impl == "pallas_gpu":
         tiles = [draw(st.sampled_from([16, 32])) for _ in range(6)]
         return impl, (b, t, d, f), dtype, gpu.BlockSizes(*tiles), save_gate_up, True, seed
+    if impl == "pallas_mosaic_gpu":
+        forward = [draw(st.sampled_from([64, 128])) for _ in range(2)]
+        backward = [draw(st.sampled_from([16, 32])) for _ in range(3)]
+        block_sizes = mgpu.BlockSizes(*forward, mgpu.SLICE, *backward,
+                                      buffers=draw(st.integers(2, 4)))
+        races = draw(st.integers(0, 3)) == 0
+        interpret = plgpu.InterpretGPUParams(detect_races=True) if races else True
+        return impl, (b, t, d, f), jnp.bfloat16, block_sizes, save_gate_up, interpret, seed
     rows = 8 if dtype == jnp.float32 else 16
     bt, bt2 = draw(st.sampled_from([rows, 2 * rows])), draw(st.sampled_from([rows, 2 * rows]))
     bf, bd, bf2, bd2 = (draw(st.sampled_from([128, 256])) for _ in range(4))
@@ -102,6 +115,24 @@ GPU_EXAMPLES = [
     ("pallas_gpu", (1, 13, 70, 50), jnp.float32, gpu.BlockSizes(16, 16, 32, 16, 32, 16),
      False, True, 3),
 ]
+
+
+# The Mosaic forward: two consumers, three F tiles and a ring of two wrapping over three D
+# slices, saving; one consumer, recomputing. Where the interpreter exists, GPU examples under
+# race detection.
+MOSAIC_EXAMPLES = [
+    ((2, 70, 150, 140), mgpu.BlockSizes(128, 64, 64, 16, 32, 32, buffers=2), True, 7),
+    ((1, 13, 70, 50), mgpu.BlockSizes(64, 128, 64), False, 3),
+]
+if MOSAIC_INTERPRETS:
+    GPU_EXAMPLES += [("pallas_mosaic_gpu", shape, jnp.bfloat16, blocks, save,
+                      plgpu.InterpretGPUParams(detect_races=True), seed)
+                     for shape, blocks, save, seed in MOSAIC_EXAMPLES]
+
+
+def _detects_races(interpret) -> bool:
+    """Whether `interpret` asks the TPU or the Mosaic GPU interpreter to detect races."""
+    return bool(getattr(interpret, "detect_races", False))
 
 
 def _gpu_examples(test):
@@ -131,7 +162,7 @@ def test_forward_with_stats_matches_reference(case):
         pre = (matmul_f32("MD,DF->MF", xn, w_gate), matmul_f32("MD,DF->MF", xn, w_up))
         return got, (_reference(x, norm_scale, w_gate, w_up), pre)
 
-    with race_log(isinstance(interpret, pltpu.InterpretParams)):
+    with race_log(_detects_races(interpret)):
         (h, saved), (ref_h, ref_pre) = run(both, *args)
     assert h.shape == (b, t, f) and h.dtype == dtype
     assert_close(h, ref_h, dtype, what="h")
@@ -161,7 +192,7 @@ def test_vjp_forward_and_grads_match_reference(case):
         hand = ns.norm_swiglu_reference_bwd(*a, ct.astype(dtype), eps=EPS)
         return (_value_and_grads(pallas, ct)(*a), _value_and_grads(_reference, ct)(*a), hand)
 
-    with race_log(isinstance(interpret, pltpu.InterpretParams)):  # all four kernels checked
+    with race_log(_detects_races(interpret)):  # all four kernels checked
         (h, grads), (ref_h, ref_grads), hand_grads = run(all_three, *args)
     assert_close(h, ref_h, dtype, what="h through vjp")
     for name, g, hand, r in zip(GRADS, grads, hand_grads, ref_grads):
@@ -272,6 +303,55 @@ def test_gpu_default_block_sizes():
             assert max(gpu.shared_memory_bytes(bs, dtype, save).values()) <= 227 * 1024
     small = gpu.BlockSizes.get_default(20, 40, 200, jnp.float32)
     assert (small.block_t, small.block_d, small.block_f) == (32, 64, 128)
+
+
+def test_mosaic_gpu_default_block_sizes():
+    """The Mosaic forward's tiles at PaLM-8B: 128 x 128 over a ring of 4 slices (193 KiB, the
+    docstring's figure), gpu.py's backward tiles; one consumer for 64 rows or fewer."""
+    for save in (False, True):
+        bs = mgpu.BlockSizes.get_default(2048, 4096, 16384, jnp.bfloat16, save)
+        assert bs == mgpu.BlockSizes(block_d=64), bs
+        assert mgpu.forward_shared_memory_bytes(bs, jnp.bfloat16, save) // 1024 == 194
+    small = mgpu.BlockSizes.get_default(20, 40, 50, jnp.bfloat16)
+    assert (small.block_t, small.block_f, small.block_t_bwd) == (64, 64, 32)
+
+
+def test_bad_mosaic_gpu_settings_raise():
+    x, s, g, u = _inputs(0, 1, 8, 16, 24, jnp.bfloat16)
+    for kwargs, match in [(dict(block_t=32), "block_t=32 must be 64 or 128"),
+                          (dict(block_f=256), "block_f=256 must be 64 or 128"),
+                          (dict(block_d=128), "block_d=128 must be 64"),
+                          (dict(buffers=1), "buffers=1")]:
+        with pytest.raises(ValueError, match=match):
+            mgpu.BlockSizes(**kwargs)
+    with pytest.raises(ValueError, match="bfloat16 x .* use impl='pallas_gpu'"):
+        ns.norm_swiglu(*(a.astype(jnp.float32) for a in (x, s, g, u)), eps=EPS,
+                       impl="pallas_mosaic_gpu", interpret=False)
+    with pytest.raises(ValueError, match="mgpu.BlockSizes"):
+        ns.norm_swiglu(x, s, g, u, eps=EPS, impl="pallas_mosaic_gpu", interpret=False,
+                       block_sizes=gpu.BlockSizes())
+    with pytest.raises(ValueError, match="fwd .* shared memory"):  # 5 x 48 KiB slots
+        ns.norm_swiglu(x, s, g, u, eps=EPS, impl="pallas_mosaic_gpu", interpret=False,
+                       block_sizes=mgpu.BlockSizes(block_d=64, buffers=5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="native: needs a GPU")
+@pytest.mark.parametrize("save_gate_up", [False, True])
+@pytest.mark.parametrize("example", range(len(MOSAIC_EXAMPLES)))
+def test_mosaic_gpu_native_matches_reference(example, save_gate_up):
+    """The Mosaic examples compiled for the GPU, in both modes: the wgmmas from registers the
+    interpreter runs as plain dots, the real barriers and TMA; forward and gradients."""
+    shape, block_sizes, _, seed = MOSAIC_EXAMPLES[example]
+    args = _inputs(seed, *shape, jnp.bfloat16)
+    ct = _cotangent(seed, shape[:2] + shape[3:])
+    pallas = _pallas(False, block_sizes, save_gate_up, "pallas_mosaic_gpu")
+    (h, grads), (ref_h, ref_grads) = run(
+        lambda *a: (_value_and_grads(pallas, ct)(*a), _value_and_grads(_reference, ct)(*a)),
+        *args)
+    assert_close(h, ref_h, jnp.bfloat16, what="h")
+    for name, g, r in zip(GRADS, grads, ref_grads):
+        assert_close(g, r, jnp.bfloat16, what=name)
 
 
 # ---- What jax.checkpoint keeps (palm/model.py's remat policies), natively traced ----
@@ -395,6 +475,22 @@ def test_export_gpu_forward_and_vjp():
         assert names == [f"palm_norm_swiglu_fwd{suffix}", f"palm_norm_swiglu_bwd_gates{gates}",
                          "palm_norm_swiglu_bwd_dx", "palm_norm_swiglu_bwd_dw"]
 
+
+
+def test_export_mosaic_gpu_forward_and_vjp():
+    """The Mosaic GPU forward (both modes) lowers at PaLM-8B, the backward Triton's kernels."""
+    structs = (*_structs(*PALM["8B"]), jax.ShapeDtypeStruct((1, 2048, PALM["8B"][1]), jnp.bfloat16))
+    for save_gate_up in (False, True):
+        def forward_and_vjp(x, s, wg, wu, ct):
+            fn = _pallas(False, None, save_gate_up, "pallas_mosaic_gpu")
+            h, pullback = jax.vjp(fn, x, s, wg, wu)
+            return h, pullback(ct)
+
+        text = export_for_gpu(forward_and_vjp, *structs)
+        gates = "_saved" if save_gate_up else ""
+        assert mosaic_gpu_kernel_count(text) == 1
+        assert triton_kernel_names(text) == [f"palm_norm_swiglu_bwd_gates{gates}",
+                                             "palm_norm_swiglu_bwd_dx", "palm_norm_swiglu_bwd_dw"]
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])

@@ -18,6 +18,7 @@ import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.norm_swiglu.gpu import norm_swiglu_pallas_gpu
+from kernels.norm_swiglu.mgpu import norm_swiglu_pallas_mosaic_gpu
 from kernels.norm_swiglu.reference import norm_swiglu_reference, norm_swiglu_reference_bwd
 from kernels.norm_swiglu.tpu import BlockSizes, norm_swiglu_pallas_tpu, vmem_bytes
 
@@ -26,8 +27,10 @@ __all__ = ["BlockSizes", "norm_swiglu", "norm_swiglu_reference", "norm_swiglu_re
 
 
 # Pallas implementations, each taking the reference's arguments plus interpret, block_sizes and
-# save_gate_up (a tpu.BlockSizes for pallas_tpu, a gpu.BlockSizes for pallas_gpu).
-_PALLAS = {"pallas_tpu": norm_swiglu_pallas_tpu, "pallas_gpu": norm_swiglu_pallas_gpu}
+# save_gate_up (a tpu.BlockSizes for pallas_tpu, a gpu.BlockSizes for pallas_gpu, an
+# mgpu.BlockSizes for pallas_mosaic_gpu).
+_PALLAS = {"pallas_tpu": norm_swiglu_pallas_tpu, "pallas_gpu": norm_swiglu_pallas_gpu,
+           "pallas_mosaic_gpu": norm_swiglu_pallas_mosaic_gpu}
 
 
 def norm_swiglu(
@@ -59,7 +62,7 @@ def norm_swiglu(
     Returns:
       [B, T, F] in x's dtype.
     """
-    impl = resolve_impl(impl, "norm_swiglu")
+    impl = resolve_impl(impl, "norm_swiglu", x.dtype)
     if impl == "xla":
         return norm_swiglu_reference(x, norm_scale, w_gate, w_up, eps=eps)
     fn = pallas_impl("norm_swiglu", impl, _PALLAS)
