@@ -122,12 +122,19 @@ def gpu_interpret(interpret: Any) -> bool:
     """What `pl.pallas_call(interpret=...)` gets for a Triton kernel.
 
     None: native on GPU, interpreted elsewhere. True: always interpreted (the generic Pallas
-    interpreter, on any backend). False: always native (e.g. to export for CUDA from CPU).
+    interpreter, on any backend). False: always native (e.g. to export for CUDA from CPU). A
+    `plgpu.InterpretGPUParams` (the Mosaic GPU interpreter's, for the Mosaic kernels of the same
+    call): interpreted.
     """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     if interpret is None:
         return current_backend() != "gpu"
     if isinstance(interpret, bool):
         return interpret
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is not None and isinstance(interpret, params):
+        return True
     raise ValueError(
         f"pallas_gpu: interpret must be None, True or False, got {interpret!r} (TPU "
         "InterpretParams are for impl='pallas_tpu')")

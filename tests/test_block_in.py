@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import kernels.block_in.compose as block_in_compose
-from conftest import assert_close
+from conftest import assert_close, needs_mosaic_interpreter
 from kernels.block_in import BlockSizes, block_in, block_in_reference
-from gpu_export import export_for_gpu, triton_kernel_names
+from gpu_export import export_for_gpu, mosaic_gpu_kernel_count, triton_kernel_names
 from tpu_export import export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
@@ -74,6 +74,11 @@ def _check(seed, b, t, d, h, k, f, dtype, save_gate_up, impl):
     ("pallas_tpu", jnp.bfloat16, True, (2, 3, 10, 2, 10, 17)),
     ("pallas_gpu", jnp.float32, True, (2, 7, 20, 3, 6, 13)),
     ("pallas_gpu", jnp.bfloat16, False, (1, 9, 18, 2, 10, 24)),
+    # The MLP half's Mosaic GPU forward (its interpreter: jax >= 0.11) beside Triton's.
+    pytest.param("pallas_mosaic_gpu", jnp.bfloat16, True, (2, 7, 20, 3, 6, 13),
+                 marks=needs_mosaic_interpreter),
+    pytest.param("pallas_mosaic_gpu", jnp.bfloat16, False, (1, 9, 18, 2, 10, 70),
+                 marks=needs_mosaic_interpreter),
 ])
 def test_matches_reference(impl, dtype, save_gate_up, shape):
     """Forward and all seven gradients (x's is the sum of both halves' paths) against the
@@ -121,10 +126,11 @@ def test_bad_inputs_raise():
         call(*args, positions, block_sizes=(8,) * 6)
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu"])
 def test_gradient_exports_natively(impl):
-    """jax.grad through block_in lowers natively at PaLM-8B (B=1, T=2048), for TPU (Mosaic)
-    and for CUDA (Triton): both halves' forward and backward kernels, one program."""
+    """jax.value_and_grad through block_in lowers natively at PaLM-8B (B=1, T=2048), for TPU
+    (Mosaic) and for CUDA (Triton, and with pallas_mosaic_gpu the MLP half's Mosaic GPU
+    forward): both halves' forward and backward kernels, one program."""
     d, h, k, f = 4096, 16, 256, 16384
     bf = jnp.bfloat16
     shapes = [jax.ShapeDtypeStruct(s, bf) for s in
@@ -137,9 +143,12 @@ def test_gradient_exports_natively(impl):
 
     export, kernel_names = ((export_for_tpu, mosaic_kernel_names) if impl == "pallas_tpu"
                             else (export_for_gpu, triton_kernel_names))
-    text = export(jax.grad(loss, argnums=tuple(range(len(NAMES)))), *shapes, positions)
+    text = export(jax.value_and_grad(loss, argnums=tuple(range(len(NAMES)))), *shapes,
+                  positions)
     names = set(kernel_names(text))
     assert any("norm_qkv_rope" in n for n in names) and any("norm_swiglu" in n for n in names), names
+    if impl == "pallas_mosaic_gpu":  # the MLP half's forward
+        assert mosaic_gpu_kernel_count(text) == 1
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])

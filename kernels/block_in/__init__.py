@@ -7,7 +7,8 @@ in the backward, one LayerNorm backward on the sum of the two halves' cotangents
 
 The front door `block_in`; its plain-jnp twin `block_in_reference` (reference.py); the composition
 of the two halves' kernels on one LayerNorm and its `BlockSizes` (compose.py), on the halves' Pallas
-TPU kernels (tpu.py) or Pallas GPU (Triton) kernels (gpu.py).
+TPU kernels (tpu.py), Pallas GPU (Triton) kernels or, `pallas_mosaic_gpu`, the MLP half's Mosaic
+GPU forward beside them (gpu.py).
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import jax
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.block_in.reference import block_in_reference
 from kernels.block_in.compose import BlockSizes
-from kernels.block_in.gpu import block_in_pallas_gpu
+from kernels.block_in.gpu import block_in_pallas_gpu, block_in_pallas_mosaic_gpu
 from kernels.block_in.tpu import block_in_pallas_tpu
 
 __all__ = ["BlockSizes", "block_in", "block_in_reference"]
 
 # Pallas implementations, each taking the reference's arguments plus interpret, block_sizes and
 # save_gate_up.
-_PALLAS = {"pallas_tpu": block_in_pallas_tpu, "pallas_gpu": block_in_pallas_gpu}
+_PALLAS = {"pallas_tpu": block_in_pallas_tpu, "pallas_gpu": block_in_pallas_gpu,
+           "pallas_mosaic_gpu": block_in_pallas_mosaic_gpu}
 
 
 def block_in(
@@ -59,7 +61,7 @@ def block_in(
     Returns:
       q [B, T, H, K], k [B, T, K], v [B, T, K], h [B, T, F] in x's dtype.
     """
-    impl = resolve_impl(impl, "block_in")
+    impl = resolve_impl(impl, "block_in", x.dtype)
     if impl == "xla":
         return block_in_reference(x, norm_scale, wq, wk, wv, w_gate, w_up, positions, eps=eps,
                                   base=base)

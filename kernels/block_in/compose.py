@@ -40,7 +40,8 @@ from kernels.block_in.reference import check_args
 class BlockSizes:
     """Tiles for `block_in`: each half's own `BlockSizes` for the implementation called
     (`kernels.norm_qkv_rope.tpu.BlockSizes` with pallas_tpu, `...gpu.BlockSizes` with
-    pallas_gpu); None picks that half's default."""
+    pallas_gpu, and `kernels.norm_swiglu.mgpu.BlockSizes` for the MLP half with
+    pallas_mosaic_gpu); None picks that half's default."""
 
     qkv: Any = None
     mlp: Any = None
