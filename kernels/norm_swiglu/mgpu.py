@@ -64,18 +64,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels._common import MOSAIC_GPU_DTYPES, pad2, pad_to, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
-from kernels._gpu import mosaic_load
-from kernels._mgpu import CONSUMER_REGISTERS, accumulate, launch, meet, produce, ring_slot
-from kernels._mgpu import swizzled, zeros
+from kernels._mgpu import SLICE, WG_ROWS, launch, projection, projection_ring_bytes
+from kernels._mgpu import projection_scratch, swizzled
 from kernels.norm_swiglu import gpu, pallas
 
 IMPL = "pallas_mosaic_gpu"
-
-# wgmma's M: the rows one consumer warpgroup owns.
-WG_ROWS = 64
-# The contraction slice of one ring slot: one 128-byte swizzled row of two-byte elements.
-SLICE = 64
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(gpu.BlockSizes):
@@ -120,7 +113,7 @@ def forward_shared_memory_bytes(blocks: BlockSizes, dtype, save_gate_up: bool = 
     outputs' staging reuses, and the row statistics."""
     item = jnp.dtype(dtype).itemsize
     bt, bf = blocks.block_t, blocks.block_f
-    ring = blocks.buffers * ((bt * SLICE + 2 * SLICE * bf) * item + 4 * SLICE)
+    ring = projection_ring_bytes(bt, (bf, bf), item, blocks.buffers)
     staging = (3 if save_gate_up else 1) * bt * bf * item
     return max(ring, staging) + 2 * 4 * bt
 
@@ -171,89 +164,45 @@ def fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> li
     scale = pad_to(norm_scale.astype(jnp.float32), (dp,))
     wg, wu = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
     outs = 3 if settings.save_gate_up else 1
-    ring = (swizzled((buffers, bt, SLICE), x.dtype), swizzled((buffers, SLICE, bf), wg.dtype),
-            swizzled((buffers, SLICE, bf), wu.dtype), plgpu.SMEM((buffers, SLICE), jnp.float32))
-    scratch = (
-        # The ring of slices, then (the loop done) the outputs leaving, per consumer.
-        plgpu.RefUnion(ring, tuple(swizzled((consumers, WG_ROWS, bf), x.dtype)
-                                   for _ in range(outs))),
-        (plgpu.SMEM((consumers, WG_ROWS), jnp.float32),) * 2,  # mean, rstd
-        (plgpu.Barrier(num_barriers=buffers),) * len(ring),  # x, w_gate, w_up, scale ready
-        plgpu.Barrier(num_arrivals=consumers, num_barriers=buffers),  # free
-        plgpu.Barrier(num_barriers=2 * consumers),  # each consumer's mean, rstd ready
-        plgpu.Barrier(num_arrivals=consumers),  # done: every consumer past its last wgmma
-    )
+    staging = tuple(swizzled((consumers, WG_ROWS, bf), x.dtype) for _ in range(outs))
     name = "palm_norm_swiglu_fwd_save_mosaic" if outs == 3 else "palm_norm_swiglu_fwd_mosaic"
-    kernel = functools.partial(_fwd_kernel, n_d=dp // SLICE, consumers=consumers,
-                               interpret=bool(settings.interpret))
+    kernel = functools.partial(_fwd_kernel, n_d=dp // SLICE, interpret=bool(settings.interpret))
     outputs = launch(
-        kernel, scratch, name=name, out_type=[jax.ShapeDtypeStruct((mp, fp), x.dtype)] * outs,
-        grid=(mp // bt, fp // bf), grid_names=("rows", "cols"), threads=consumers + 1,
-        interpret=settings.interpret, scope=f"bt={bt} bf={bf} bd={SLICE} buffers={buffers}",
+        kernel, projection_scratch(bt, (bf, bf), x.dtype, buffers, staging), name=name,
+        out_type=[jax.ShapeDtypeStruct((mp, fp), x.dtype)] * outs, grid=(mp // bt, fp // bf),
+        grid_names=("rows", "cols"), threads=consumers + 1, interpret=settings.interpret,
+        scope=f"bt={bt} bf={bf} bd={SLICE} buffers={buffers}",
     )(x, mean, rstd, scale, wg, wu)
     return [a[:m, :f] for a in outputs]
 
 
 def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, wg_ref, wu_ref, *refs, n_d: int,
-                consumers: int, interpret: bool):
-    """One [block_t, block_f] tile of h (and gate, up): the module docstring's thread block."""
-    out_refs, (union, stats, ready, free, stats_ready, done) = refs[:-6], refs[-6:]
-    (x_ring, wg_ring, wu_ring, scale_ring), staging = union
-    mean_smem, rstd_smem = stats
+                interpret: bool):
+    """One [block_t, block_f] tile of h (and gate, up): `_mgpu.projection` of the gate and up
+    slices, and the SwiGLU epilogue."""
+    out_refs, scratch = refs[:-6], refs[-6:]
+    (x_ring, _, wg_ring, _), _ = scratch[0]  # the ring: x, scale, w_gate, w_up slices
     bt, bf = x_ring.shape[1], wg_ring.shape[-1]
-    buffers = x_ring.shape[0]
     rows = pl.ds(lax.axis_index("rows") * bt, bt)
     cols = pl.ds(lax.axis_index("cols") * bf, bf)
-    wg = lax.axis_index("wg")
 
-    sources = (lambda k: x_ref.at[rows, pl.ds(k * SLICE, SLICE)],
-               lambda k: wg_ref.at[pl.ds(k * SLICE, SLICE), cols],
-               lambda k: wu_ref.at[pl.ds(k * SLICE, SLICE), cols],
-               lambda k: scale_ref.at[pl.ds(k * SLICE, SLICE)])
-    pl.when(wg == consumers)(lambda: produce(sources, (x_ring, wg_ring, wu_ring, scale_ring),
-                                             ready, (free,), first=0, count=n_d))
+    def weights(k):
+        depth = pl.ds(k * SLICE, SLICE)
+        return wg_ref.at[depth, cols], wu_ref.at[depth, cols]
 
-    def consumer(c: int):
-        """Consumer c: rows [64c, 64c + 64) of the tile."""
-        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-        mine = pl.ds(lax.axis_index("rows") * bt + c * WG_ROWS, WG_ROWS)
-        for i, (src, dst) in enumerate(((mean_ref, mean_smem), (rstd_ref, rstd_smem))):
-            plgpu.copy_gmem_to_smem(src.at[mine], dst.at[c], stats_ready.at[2 * c + i])
-            plgpu.barrier_wait(stats_ready.at[2 * c + i])
-        by_row = plgpu.Layout.WGMMA.reduce(1)
-        mean, rstd = (mosaic_load(ref.at[c], by_row) for ref in (mean_smem, rstd_smem))
-        own_rows = pl.ds(c * WG_ROWS, WG_ROWS)
-
-        def step(k, carry):
-            gate, up = carry
-            slot = ring_slot(k, buffers)
-            for signal in ready:
-                plgpu.barrier_wait(signal.at[slot])
-            x = mosaic_load(x_ring.at[slot, own_rows], plgpu.Layout.WGMMA).astype(jnp.float32)
-            scale = mosaic_load(scale_ring.at[slot], plgpu.Layout.WGMMA.reduce(0))
-            xn = ((x - lax.broadcast_in_dim(mean, x.shape, [0]))
-                  * lax.broadcast_in_dim(rstd, x.shape, [0])
-                  * lax.broadcast_in_dim(scale, x.shape, [1])).astype(x_ring.dtype)
-            gate, up = accumulate((gate, up), (((xn, wg_ring.at[slot]),),
-                                               ((xn, wu_ring.at[slot]),)), interpret)
-            plgpu.barrier_arrive(free.at[slot])
-            return gate, up
-
-        empty = zeros((WG_ROWS, bf))
-        gate, up = lax.fori_loop(0, n_d, step, (empty, empty))
-        meet(done)  # every consumer's last wgmma is done: the ring's memory may be reused
+    def epilogue(c, accs, mine, staging, extra):
+        gate, up = accs
         # silu(g) = g / (1 + exp(-g)), spelled out for the Mosaic GPU lowering.
         h = gate / (1.0 + jnp.exp(-gate)) * up
-        values = (h, gate, up)[:len(out_refs)]
-        for value, stage, out_ref in zip(values, staging, out_refs):
+        for value, stage in zip((h, gate, up), staging):
             stage.at[c][...] = value.astype(stage.dtype)
         plgpu.commit_smem()
         for stage, out_ref in zip(staging, out_refs):
             plgpu.copy_smem_to_gmem(stage.at[c], out_ref.at[mine, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    for c in range(consumers):
-        pl.when(wg == c)(functools.partial(consumer, c))
+    projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weights, scratch, n_d=n_d,
+               interpret=interpret, epilogue=epilogue)
 
 
 def _for_triton(settings: Settings) -> gpu.Settings:
