@@ -72,12 +72,18 @@ def ring_slot(step, buffers: int):
     return lax.rem(step, jnp.int32(buffers))
 
 
-def produce(sources: Sequence[Callable[[Any], Any]], rings: Sequence[Any], ready, free, *,
-            first, count):
-    """The producer warpgroup: for tiles first .. first+count-1, `sources[i](tile)` (a window
-    of a gmem ref) into ring slot (tile - first) % depth of `rings[i]` by TMA, signalling
-    `ready[i]` (barrier arrays, one barrier per slot); each slot refilled once every consumer
-    has released what it held (every barrier array of `free`)."""
+def window_copy(window: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]:
+    """A `produce` copy of tile t from `window(t)` (a window of a gmem ref), by TMA."""
+    return lambda tile, dst, barrier: plgpu.copy_gmem_to_smem(window(tile), dst, barrier)
+
+
+def produce(copies: Sequence[Callable[[Any, Any, Any], None]], rings: Sequence[Any], ready,
+            free, *, first, count):
+    """The producer warpgroup: for tiles first .. first+count-1, `copies[i](tile, slot ref,
+    barrier)` fills ring slot (tile - first) % depth of `rings[i]` (a TMA signalling the
+    barrier: `window_copy`, or one chosen per thread block), signalling `ready[i]` (barrier
+    arrays, one barrier per slot); each slot refilled once every consumer has released what
+    it held (every barrier array of `free`)."""
     plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     buffers = rings[0].shape[0]
 
@@ -90,8 +96,8 @@ def produce(sources: Sequence[Callable[[Any], Any]], rings: Sequence[Any], ready
             for released in free:
                 plgpu.barrier_wait(released.at[at])
 
-        for source, ring, signal in zip(sources, rings, ready):
-            plgpu.copy_gmem_to_smem(source(first + step), ring.at[at], signal.at[at])
+        for copy, ring, signal in zip(copies, rings, ready):
+            copy(first + step, ring.at[at], signal.at[at])
 
     # The last releases, so that every phase of the free barriers is observed before the
     # scratch goes away (the interpreter checks that; on the GPU it costs an idle wait).
@@ -172,14 +178,15 @@ def projection_scratch(rows: int, widths: Sequence[int], dtype, buffers: int, st
             *extra)
 
 
-def projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weight_windows, scratch, *, n_d: int,
+def projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weight_copies, scratch, *, n_d: int,
                interpret: bool, epilogue) -> None:
     """The body of a LayerNorm-prologue projection thread block, LN(x)[rows] @ W_i for the
     weights W_i, inside a plgpu.kernel with a warpgroup per 64 rows plus the producer, on
     `projection_scratch`.
 
     The producer streams, per contraction slice k of the n_d, x[rows, k], scale[k] and the
-    windows `weight_windows(k)` (gmem [SLICE, w_i] each) through the ring. Consumer c loads
+    weight slices [SLICE, w_i] (`weight_copies`: `produce` copies, one per weight) through the
+    ring. Consumer c loads
     its rows' mean and rstd once; per slice its x rows into registers, normalised there
     ((x - mean) rstd scale, rounded to x's dtype as the references round LN(x)), and then
     acc_i += xn @ W_i[k] by wgmma from registers, all issued together and awaited once. Once
@@ -191,11 +198,9 @@ def projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weight_windows, scrat
     buffers, tile_rows = x_ring.shape[:2]
     consumers = tile_rows // WG_ROWS
     wg = lax.axis_index("wg")
-    sources = (lambda k: x_ref.at[rows, pl.ds(k * SLICE, SLICE)],
-               lambda k: scale_ref.at[pl.ds(k * SLICE, SLICE)],
-               *(functools.partial(lambda i, k: weight_windows(k)[i], i)
-                 for i in range(len(w_rings))))
-    pl.when(wg == consumers)(lambda: produce(sources, (x_ring, scale_ring, *w_rings), ready,
+    copies = (window_copy(lambda k: x_ref.at[rows, pl.ds(k * SLICE, SLICE)]),
+              window_copy(lambda k: scale_ref.at[pl.ds(k * SLICE, SLICE)]), *weight_copies)
+    pl.when(wg == consumers)(lambda: produce(copies, (x_ring, scale_ring, *w_rings), ready,
                                              (free,), first=0, count=n_d))
 
     def consumer(c: int):

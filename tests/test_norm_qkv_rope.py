@@ -17,21 +17,26 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import RaceLog, assert_close, race_log
+from conftest import MOSAIC_INTERPRETS, RaceLog, assert_close, race_log, run
 from kernels._common import layer_norm_bwd, layer_norm_f32, row_stats
 from kernels._tpu import sublane, vmem_budget
 from kernels.norm_qkv_rope import (BlockSizes, hbm_bytes, norm_qkv_rope, norm_qkv_rope_reference,
                                    vmem_bytes)
 from kernels.norm_qkv_rope import gpu as nqr_gpu
+from kernels.norm_qkv_rope import mgpu as nqr_mgpu
 from kernels.norm_qkv_rope import tpu as nqr_tpu
-from gpu_export import export_for_gpu, triton_kernel_names, unmasked_accesses
+from gpu_export import export_for_gpu, mosaic_gpu_kernel_count, triton_kernel_names
+from gpu_export import unmasked_accesses
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 EPS = 1e-6
 # (D, H, K) of PaLM-8B and PaLM-540B; B=1, T=2048 per chip.
 PALM = {"8b": (4096, 16, 256), "540b": (18432, 48, 256)}
+# The Mosaic GPU forward is drawn where jax's Mosaic GPU interpreter exists (jax >= 0.11).
+IMPLS = ("pallas_tpu", "pallas_gpu") + (("pallas_mosaic_gpu",) if MOSAIC_INTERPRETS else ())
 
 
 
@@ -55,8 +60,19 @@ def cases(draw):
     16, D <= 16 in tiles of 8 or 16 (D-resident where the tile covers D), H <= 3 heads in tiles
     of 1 or 2 plus the k/v tile. pallas_gpu (tiles are powers of two of at least 16, Triton's
     dots): M <= 32 rows and D <= 32 in tiles of 16 (two tiles or loop steps where M or D
-    exceeds 16), one program per head."""
-    impl = draw(st.sampled_from(["pallas_tpu", "pallas_gpu"]))
+    exceeds 16), one program per head. pallas_mosaic_gpu (jax >= 0.11): bf16, K 128 or 256,
+    its forward's 64/128-row tiles over D in slices of 64 (a ring of 2 to 4), Triton's
+    backward tiles of 16, a third under race detection."""
+    impl = draw(st.sampled_from(IMPLS))
+    if impl == "pallas_mosaic_gpu":
+        blocks = nqr_mgpu.BlockSizes(draw(st.sampled_from([64, 128])), 64, 16, 16,
+                                     buffers=draw(st.integers(2, 4)))
+        return dict(b=draw(st.integers(1, 2)), t=draw(st.integers(1, 40)),
+                    d=draw(st.integers(4, 150)), h=draw(st.integers(1, 3)),
+                    k=draw(st.sampled_from([128, 256])), dtype=jnp.bfloat16, impl=impl,
+                    blocks=draw(st.sampled_from([None, blocks])),
+                    races=draw(st.sampled_from([False, False, True])),
+                    seed=draw(st.integers(0, 2**16)))
     if impl == "pallas_tpu":
         blocks = BlockSizes(
             block_rows=draw(st.sampled_from([8, 16])), block_heads=draw(st.integers(1, 2)),
@@ -79,6 +95,32 @@ def cases(draw):
     )
 
 
+def _interpret(case):
+    """What a drawn case's kernels get: race detection by the TPU or the Mosaic GPU
+    interpreter, or the plain interpreters."""
+    if not case["races"]:
+        return True
+    if case["impl"] == "pallas_mosaic_gpu":
+        return plgpu.InterpretGPUParams(detect_races=True)
+    return pltpu.InterpretParams(detect_races=True)
+
+
+# The Mosaic forward: two consumers over two row tiles, three D slices through a ring of two,
+# PaLM's K = 256; one consumer at K = 128 with padded rows and D.
+MOSAIC_EXAMPLES = [
+    dict(b=2, t=70, d=150, h=2, k=256, dtype=jnp.bfloat16, impl="pallas_mosaic_gpu",
+         blocks=nqr_mgpu.BlockSizes(128, 64, 16, 16, buffers=2), races=True, seed=70),
+    dict(b=1, t=13, d=40, h=3, k=128, dtype=jnp.bfloat16, impl="pallas_mosaic_gpu",
+         blocks=nqr_mgpu.BlockSizes(64, 64, 16, 16), races=True, seed=13),
+]
+
+
+def _mosaic_examples(test):
+    for case in MOSAIC_EXAMPLES if MOSAIC_INTERPRETS else ():
+        test = example(case)(test)
+    return test
+
+
 def _palm_head_dim(dtype, h, impl="pallas_tpu", blocks=None):
     """PaLM's K = 256 (hypothesis draws K <= 64): two lane tiles, small T and D."""
     return dict(b=1, t=11, d=48, h=h, k=256, dtype=dtype, impl=impl, blocks=blocks, races=False,
@@ -91,6 +133,7 @@ def _palm_head_dim(dtype, h, impl="pallas_tpu", blocks=None):
 @example(_palm_head_dim(jnp.bfloat16, 3, "pallas_gpu"))
 @example(dict(b=2, t=9, d=20, h=3, k=6, dtype=jnp.float32, impl="pallas_gpu",  # K/2 = 3, ragged
               blocks=nqr_gpu.BlockSizes(16, 16, 16, 16), races=False, seed=6))
+@_mosaic_examples
 @given(cases())
 def test_matches_reference(case):
     """Forward through jax.vjp and all five gradients against the reference."""
@@ -100,7 +143,7 @@ def test_matches_reference(case):
     rng = np.random.default_rng(case["seed"] + 1)
     cotangents = [jnp.asarray(rng.normal(size=s), dtype) for s in ((b, t, h, k), (b, t, k),
                                                                      (b, t, k))]
-    interpret = pltpu.InterpretParams(detect_races=True) if case["races"] else True
+    interpret = _interpret(case)
 
     def kernel(*args):
         return norm_qkv_rope(*args, positions, eps=EPS, impl=case["impl"], interpret=interpret,
@@ -337,6 +380,74 @@ def test_gpu_exports_for_cuda_at_palm_8b():
     names = triton_kernel_names(export_for_gpu(forward_and_vjp, *_palm_args("8b")))
     assert names == ["palm_norm_qkv_rope_fwd", "palm_norm_qkv_rope_bwd_dx",
                      "palm_norm_qkv_rope_bwd_dw"]
+
+
+@pytest.mark.parametrize("model", sorted(PALM))
+def test_mosaic_gpu_exports_for_cuda(model):
+    """The Mosaic GPU forward lowers at PaLM-8B and 540B (its vjp: the Triton backward)."""
+    def forward_and_vjp(x, norm_scale, wq, wk, wv, positions):
+        def forward(*params):
+            return norm_qkv_rope(*params, positions, eps=EPS, impl="pallas_mosaic_gpu",
+                                 interpret=False)
+        out, vjp = jax.vjp(forward, x, norm_scale, wq, wk, wv)
+        return out, vjp(out)
+
+    text = export_for_gpu(forward_and_vjp, *_palm_args(model))
+    assert mosaic_gpu_kernel_count(text) == 1
+    assert triton_kernel_names(text) == ["palm_norm_qkv_rope_bwd_dx", "palm_norm_qkv_rope_bwd_dw"]
+
+
+def test_mosaic_gpu_block_sizes_default_and_validation():
+    """PaLM shapes: 128 rows over a ring of 4 (193 KiB + the statistics), gpu.py's backward
+    tiles; a short M takes one consumer; bad tiles, dtypes and head dims are refused."""
+    for d, h, k in PALM.values():
+        blocks = nqr_mgpu.BlockSizes.get_default((1, 2048, d), (d, h, k), jnp.bfloat16)
+        assert (blocks.block_rows, blocks.block_d, blocks.buffers) == (128, 64, 4)
+        assert nqr_mgpu.forward_shared_memory_bytes(blocks, k, jnp.bfloat16) // 1024 == 194
+    assert nqr_mgpu.BlockSizes.get_default((1, 20, 40), (40, 2, 128),
+                                           jnp.bfloat16).block_rows == 64
+    for kwargs, match in [(dict(block_rows=32), "block_rows=32 must be 64 or 128"),
+                          (dict(block_d=32), "block_d=32 must be 64"),
+                          (dict(buffers=1), "buffers=1")]:
+        with pytest.raises(ValueError, match=match):
+            nqr_mgpu.BlockSizes(**kwargs)
+    for dtype, k, match in [(jnp.float32, 128, "bfloat16 x"), (jnp.bfloat16, 64, "128 or 256")]:
+        args = _inputs(0, 1, 4, 16, 2, k, dtype)
+        with pytest.raises(ValueError, match=match):
+            norm_qkv_rope(*args, eps=EPS, impl="pallas_mosaic_gpu", interpret=False)
+    args = _inputs(0, 1, 4, 16, 2, 128, jnp.bfloat16)
+    with pytest.raises(ValueError, match="mgpu.BlockSizes"):
+        norm_qkv_rope(*args, eps=EPS, impl="pallas_mosaic_gpu", interpret=False,
+                      block_sizes=nqr_gpu.BlockSizes())
+    with pytest.raises(ValueError, match="forward .* shared memory"):  # 5 x 48 KiB at K = 256
+        norm_qkv_rope(*_inputs(0, 1, 4, 16, 2, 256, jnp.bfloat16), eps=EPS,
+                      impl="pallas_mosaic_gpu", interpret=False,
+                      block_sizes=nqr_mgpu.BlockSizes(block_d=64, buffers=5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="native: needs a GPU")
+@pytest.mark.parametrize("example", range(len(MOSAIC_EXAMPLES)))
+def test_mosaic_gpu_native_matches_reference(example):
+    """The Mosaic examples compiled for the GPU (the wgmmas from registers, the real barriers
+    and TMA), forward and gradients."""
+    case = MOSAIC_EXAMPLES[example]
+    *args, positions = _inputs(case["seed"], *(case[n] for n in "btdhk"), case["dtype"])
+
+    def loss(fn):
+        return lambda *a: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in fn(*a, positions,
+                                                                               eps=EPS))
+
+    def kernel(*a, **kw):
+        return norm_qkv_rope(*a, impl="pallas_mosaic_gpu", interpret=False,
+                             block_sizes=case["blocks"], **kw)
+
+    grads = jax.value_and_grad(loss(kernel), argnums=tuple(range(5)))
+    expected = jax.value_and_grad(loss(norm_qkv_rope_reference), argnums=tuple(range(5)))
+    (value, got), (want_value, want) = run(lambda *a: (grads(*a), expected(*a)), *args)
+    assert_close(value, want_value, case["dtype"], what="loss")
+    for name, g, e in zip(("dx", "dscale", "dwq", "dwk", "dwv"), got, want):
+        assert_close(g, e, case["dtype"], what=name)
 
 
 def test_gpu_block_sizes_default_and_validation():

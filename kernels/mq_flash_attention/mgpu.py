@@ -102,7 +102,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels._common import MOSAIC_GPU_DTYPES
 from kernels._mgpu import CONSUMER_REGISTERS, accumulate, launch, meet, produce, ring_slot
-from kernels._mgpu import swizzled, zeros
+from kernels._mgpu import swizzled, window_copy, zeros
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load, next_power_of_two
 from kernels.mq_flash_attention import gpu
@@ -288,10 +288,10 @@ def _ring_scope(settings: Settings, tile_rows: int) -> str:
 
 
 def _tiles(refs, batch, rows: int):
-    """The producer's sources: tile t (`rows` along axis 1: keys, or query rows) of each ref
+    """The producer's copies: tile t (`rows` along axis 1: keys, or query rows) of each ref
     at batch row `batch`."""
-    return tuple(functools.partial(lambda ref, t: ref.at[batch, pl.ds(t * rows, rows)], ref)
-                 for ref in refs)
+    return tuple(window_copy(functools.partial(
+        lambda ref, t: ref.at[batch, pl.ds(t * rows, rows)], ref)) for ref in refs)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, schedule, *,

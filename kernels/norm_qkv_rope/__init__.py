@@ -6,8 +6,9 @@ multi-query attention (section 2) projects to H query heads but a single shared 
 The front door `norm_qkv_rope`; its plain-jnp twin `norm_qkv_rope_reference` (reference.py);
 the Pallas TPU kernels with their tiling (`BlockSizes`, `vmem_bytes`, `hbm_bytes`), HBM and VMEM
 numbers and design notes (tpu.py); the Pallas GPU (Triton) kernels with their own tiling
-(`kernels.norm_qkv_rope.gpu.BlockSizes`), FLOPs, bytes, shared memory and design notes (gpu.py).
-Both backend modules expose `Settings`, `prepare`, `forward_with_stats` and `backward_to_dh`
+(`kernels.norm_qkv_rope.gpu.BlockSizes`), FLOPs, bytes, shared memory and design notes (gpu.py);
+the Mosaic GPU (Hopper) forward with the Triton backward, `impl="pallas_mosaic_gpu"`, and its
+`mgpu.BlockSizes` (mgpu.py). The backend modules expose `Settings`, `prepare`, `forward_with_stats` and `backward_to_dh`
 with one contract, which `kernels.block_in` composes with norm_swiglu's; that contract, the
 `Settings`, the argument checks and the custom_vjp over a backend module, which both backends
 share, are in pallas.py.
@@ -19,6 +20,7 @@ import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.norm_qkv_rope.gpu import norm_qkv_rope_pallas_gpu
+from kernels.norm_qkv_rope.mgpu import norm_qkv_rope_pallas_mosaic_gpu
 from kernels.norm_qkv_rope.reference import norm_qkv_rope_reference
 from kernels.norm_qkv_rope.tpu import BlockSizes, hbm_bytes, norm_qkv_rope_pallas_tpu, vmem_bytes
 
@@ -26,7 +28,8 @@ __all__ = ["BlockSizes", "hbm_bytes", "norm_qkv_rope", "norm_qkv_rope_reference"
 
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes.
 _PALLAS = {"pallas_tpu": norm_qkv_rope_pallas_tpu,
-           "pallas_gpu": norm_qkv_rope_pallas_gpu}
+           "pallas_gpu": norm_qkv_rope_pallas_gpu,
+           "pallas_mosaic_gpu": norm_qkv_rope_pallas_mosaic_gpu}
 
 
 def norm_qkv_rope(
@@ -58,7 +61,7 @@ def norm_qkv_rope(
     Returns:
       q [B, T, H, K], k [B, T, K], v [B, T, K] in x's dtype.
     """
-    impl = resolve_impl(impl, "norm_qkv_rope")
+    impl = resolve_impl(impl, "norm_qkv_rope", x.dtype)
     if impl == "xla":
         return norm_qkv_rope_reference(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base)
     fn = pallas_impl("norm_qkv_rope", impl, _PALLAS)

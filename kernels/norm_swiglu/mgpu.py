@@ -65,7 +65,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels._common import MOSAIC_GPU_DTYPES, pad2, pad_to, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._mgpu import SLICE, WG_ROWS, launch, projection, projection_ring_bytes
-from kernels._mgpu import projection_scratch, swizzled
+from kernels._mgpu import projection_scratch, swizzled, window_copy
 from kernels.norm_swiglu import gpu, pallas
 
 IMPL = "pallas_mosaic_gpu"
@@ -186,9 +186,8 @@ def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, wg_ref, wu_ref, *refs, n_d
     rows = pl.ds(lax.axis_index("rows") * bt, bt)
     cols = pl.ds(lax.axis_index("cols") * bf, bf)
 
-    def weights(k):
-        depth = pl.ds(k * SLICE, SLICE)
-        return wg_ref.at[depth, cols], wu_ref.at[depth, cols]
+    weights = tuple(window_copy(functools.partial(
+        lambda ref, k: ref.at[pl.ds(k * SLICE, SLICE), cols], ref)) for ref in (wg_ref, wu_ref))
 
     def epilogue(c, accs, mine, staging, extra):
         gate, up = accs
