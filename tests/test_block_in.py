@@ -74,10 +74,14 @@ def _check(seed, b, t, d, h, k, f, dtype, save_gate_up, impl):
     ("pallas_tpu", jnp.bfloat16, True, (2, 3, 10, 2, 10, 17)),
     ("pallas_gpu", jnp.float32, True, (2, 7, 20, 3, 6, 13)),
     ("pallas_gpu", jnp.bfloat16, False, (1, 9, 18, 2, 10, 24)),
-    # The MLP half's Mosaic GPU forward (its interpreter: jax >= 0.11) beside Triton's.
+    # The MLP half's Mosaic GPU forward (its interpreter: jax >= 0.11) beside the attention
+    # half's Triton kernels (K < 128).
     pytest.param("pallas_mosaic_gpu", jnp.bfloat16, True, (2, 7, 20, 3, 6, 13),
                  marks=needs_mosaic_interpreter),
     pytest.param("pallas_mosaic_gpu", jnp.bfloat16, False, (1, 9, 18, 2, 10, 70),
+                 marks=needs_mosaic_interpreter),
+    # K = 128: the attention half's Mosaic forward too.
+    pytest.param("pallas_mosaic_gpu", jnp.bfloat16, True, (1, 9, 70, 2, 128, 40),
                  marks=needs_mosaic_interpreter),
 ])
 def test_matches_reference(impl, dtype, save_gate_up, shape):
@@ -147,8 +151,8 @@ def test_gradient_exports_natively(impl):
                   positions)
     names = set(kernel_names(text))
     assert any("norm_qkv_rope" in n for n in names) and any("norm_swiglu" in n for n in names), names
-    if impl == "pallas_mosaic_gpu":  # the MLP half's forward
-        assert mosaic_gpu_kernel_count(text) == 1
+    if impl == "pallas_mosaic_gpu":  # both halves' forwards
+        assert mosaic_gpu_kernel_count(text) == 2
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
