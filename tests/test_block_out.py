@@ -9,16 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import example, given
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels.block_out as bo
-from conftest import RaceLog, assert_close, race_log, run
-from gpu_export import export_for_gpu, triton_kernel_names
-from kernels.block_out import gpu
+from conftest import MOSAIC_INTERPRETS, RaceLog, assert_close, race_log, run
+from gpu_export import export_for_gpu, mosaic_gpu_kernel_count, triton_kernel_names
+from kernels.block_out import gpu, mgpu
 from tpu_export import TPU_GENERATIONS, export_for_tpu, mosaic_kernel_names
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 NAMES = ("dx", "do", "dwo", "dh", "dw_down")
+# The Mosaic GPU forward is drawn where jax's Mosaic GPU interpreter exists (jax >= 0.11).
+IMPLS = ("pallas_tpu", "pallas_gpu") + (("pallas_mosaic_gpu",) if MOSAIC_INTERPRETS else ())
 
 
 def _inputs(seed, b, t, d, h, k, f, dtype):
@@ -38,10 +41,12 @@ def _cotangent(seed, shape, dtype=jnp.float32):
 
 @st.composite
 def cases(draw, max_t=20, max_width=220):
-    """Either Pallas implementation; small shapes (often not multiples of the tiles) with small
+    """Any Pallas implementation; small shapes (often not multiples of the tiles) with small
     tiles: several grid steps. GPU: power-of-two tiles of 16 or 32, so shapes give several
-    tiles per axis and several steps of each in-kernel loop."""
-    impl = draw(st.sampled_from(("pallas_tpu", "pallas_gpu")))
+    tiles per axis and several steps of each in-kernel loop. Mosaic GPU: bf16, its forward's
+    64/128-row, 64..256-column tiles over a ring of 2 to 4, Triton's backward tiles of 16 or
+    32, a quarter under race detection."""
+    impl = draw(st.sampled_from(IMPLS))
     dtype = draw(st.sampled_from(DTYPES))
     rows = 8 if dtype == jnp.float32 else 16
     b, t = draw(st.integers(1, 2)), draw(st.integers(1, max_t))
@@ -50,6 +55,15 @@ def cases(draw, max_t=20, max_width=220):
     if impl == "pallas_gpu":
         tiles = [draw(st.sampled_from([16, 32])) for _ in range(6)]
         return impl, (b, t, d, h, k, f), dtype, gpu.BlockSizes(*tiles), True, draw(
+            st.integers(0, 2**16))
+    if impl == "pallas_mosaic_gpu":
+        forward = draw(st.sampled_from([64, 128])), draw(st.sampled_from([64, 128, 256]))
+        backward = [draw(st.sampled_from([16, 32])) for _ in range(3)]
+        block_sizes = mgpu.BlockSizes(*forward, mgpu.SLICE, *backward,
+                                      buffers=draw(st.integers(2, 4)))
+        races = draw(st.integers(0, 3)) == 0
+        interpret = plgpu.InterpretGPUParams(detect_races=True) if races else True
+        return impl, (b, t, d, h, k, f), jnp.bfloat16, block_sizes, interpret, draw(
             st.integers(0, 2**16))
     # Up to 2 tiles per axis: the TPU interpreter costs ~0.1 s per grid step. A backward D
     # tile of 384 covers every drawn D: the resident-dy path of the PaLM-8B default.
@@ -74,6 +88,23 @@ GPU_EXAMPLES = [
 ]
 
 
+# The Mosaic forward: two consumers, several output tiles, both contraction segments over a
+# ring of two; one consumer with 256-column tiles.
+MOSAIC_EXAMPLES = [
+    ((2, 40, 300, 3, 48, 150), mgpu.BlockSizes(128, 128, 64, 16, 32, 32, buffers=2), 8),
+    ((1, 13, 200, 2, 40, 70), mgpu.BlockSizes(64, 256, 64, 16, 16, 16), 9),
+]
+if MOSAIC_INTERPRETS:
+    GPU_EXAMPLES += [("pallas_mosaic_gpu", shape, jnp.bfloat16, blocks,
+                      plgpu.InterpretGPUParams(detect_races=True), seed)
+                     for shape, blocks, seed in MOSAIC_EXAMPLES]
+
+
+def _detects_races(interpret) -> bool:
+    """Whether `interpret` asks the TPU or the Mosaic GPU interpreter to detect races."""
+    return bool(getattr(interpret, "detect_races", False))
+
+
 def _gpu_examples(test):
     for case in reversed(GPU_EXAMPLES):
         test = example(case)(test)
@@ -90,7 +121,7 @@ def test_forward_matches_reference(case):
         return (bo.block_out(*a, impl=impl, interpret=interpret, block_sizes=block_sizes),
                 bo.block_out_reference(*a))
 
-    with race_log(isinstance(interpret, pltpu.InterpretParams)):
+    with race_log(_detects_races(interpret)):
         out, expected = run(both, *args)
     assert out.shape == args[0].shape and out.dtype == dtype
     assert_close(out, expected, dtype, what="y")
@@ -117,7 +148,7 @@ def test_vjp_forward_and_grads_match_reference(case):
     def both(*a):  # one compile per example
         return weighted(pallas)(*a), weighted(bo.block_out_reference)(*a)
 
-    with race_log(isinstance(interpret, pltpu.InterpretParams)):  # both kernels checked
+    with race_log(_detects_races(interpret)):  # both kernels checked
         (grads, y), (ref_grads, ref_y) = run(both, *args)
     assert_close(y, ref_y, dtype, what="y through vjp")
     for name, g, r in zip(NAMES, grads, ref_grads):
@@ -276,3 +307,73 @@ def test_export_gpu_forward_and_vjp():
     structs = (*_structs(*PALM["8B"]), jax.ShapeDtypeStruct((1, 2048, d), jnp.bfloat16))
     names = triton_kernel_names(export_for_gpu(forward_and_vjp, *structs))
     assert names == ["palm_block_out_fwd", "palm_block_out_bwd_dact"]
+
+
+@pytest.mark.parametrize("model", sorted(PALM))
+def test_export_mosaic_gpu_forward_and_vjp(model):
+    """The Mosaic GPU forward lowers at PaLM-8B and 540B without padding (D divides 256), its
+    vjp Triton's kernel."""
+    def forward_and_vjp(*args):
+        *primals, dy = args
+        fn = lambda *a: bo.block_out(*a, impl="pallas_mosaic_gpu", interpret=False)  # noqa: E731
+        y, pullback = jax.vjp(fn, *primals)
+        return y, pullback(dy)
+
+    d = PALM[model][0]
+    structs = (*_structs(*PALM[model]), jax.ShapeDtypeStruct((1, 2048, d), jnp.bfloat16))
+    text = export_for_gpu(forward_and_vjp, *structs)
+    assert mosaic_gpu_kernel_count(text) == 1
+    assert triton_kernel_names(text) == ["palm_block_out_bwd_dact"]
+    assert "stablehlo.pad" not in text
+
+
+def test_mosaic_gpu_block_sizes():
+    """PaLM-8B: 128 x 256 tiles over a ring of 4 (192 KiB), gpu.py's backward tiles; small
+    shapes narrow the tiles; bad tiles and dtypes are refused."""
+    blocks = mgpu.BlockSizes.get_default(2048, 4096, 4096, 16384, jnp.bfloat16)
+    assert (blocks.block_t, blocks.block_d, blocks.block_c, blocks.buffers) == (128, 256, 64, 4)
+    assert mgpu.forward_shared_memory_bytes(blocks, jnp.bfloat16) == 192 * 1024
+    small = mgpu.BlockSizes.get_default(20, 100, 64, 70, jnp.bfloat16)
+    assert (small.block_t, small.block_d) == (64, 128)
+    for kwargs, match in [(dict(block_t=32), "block_t=32 must be 64 or 128"),
+                          (dict(block_d=512), "block_d=512 must be 64, 128 or 256"),
+                          (dict(block_c=128), "block_c=128 must be 64"),
+                          (dict(buffers=1), "buffers=1")]:
+        with pytest.raises(ValueError, match=match):
+            mgpu.BlockSizes(**kwargs)
+    args = _inputs(0, 1, 8, 16, 2, 8, 24, jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16 x .* use impl='pallas_gpu'"):
+        bo.block_out(*args, impl="pallas_mosaic_gpu", interpret=False)
+    args = tuple(a.astype(jnp.bfloat16) for a in args)
+    with pytest.raises(ValueError, match="mgpu.BlockSizes"):
+        bo.block_out(*args, impl="pallas_mosaic_gpu", interpret=False,
+                     block_sizes=gpu.BlockSizes())
+    with pytest.raises(ValueError, match="fwd .* shared memory"):  # 5 x 48 KiB
+        bo.block_out(*args, impl="pallas_mosaic_gpu", interpret=False,
+                     block_sizes=mgpu.BlockSizes(block_c=64, buffers=5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="native: needs a GPU")
+@pytest.mark.parametrize("example", range(len(MOSAIC_EXAMPLES)))
+def test_mosaic_gpu_native_matches_reference(example):
+    """The Mosaic examples compiled for the GPU (real wgmma, barriers and TMA): forward and
+    gradients."""
+    shape, block_sizes, seed = MOSAIC_EXAMPLES[example]
+    args = _inputs(seed, *shape, jnp.bfloat16)
+    ct = _cotangent(seed, args[0].shape)
+
+    def weighted(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct),
+                        argnums=(0, 1, 2, 3, 4))
+
+    def pallas(*a):
+        return bo.block_out(*a, impl="pallas_mosaic_gpu", interpret=False,
+                            block_sizes=block_sizes)
+
+    y, ref_y = run(lambda *a: (pallas(*a), bo.block_out_reference(*a)), *args)
+    assert_close(y, ref_y, jnp.bfloat16, what="y")
+    grads, ref_grads = run(lambda *a: (weighted(pallas)(*a),
+                                       weighted(bo.block_out_reference)(*a)), *args)
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert_close(g, r, jnp.bfloat16, what=name)

@@ -134,9 +134,9 @@ def test_sharded_layer_lowers_for_tpu_on_a_4x2_mesh():
 
 @needs_mosaic_interpreter
 def test_forward_mosaic_gpu_equals_xla(params):
-    """impl="pallas_mosaic_gpu" for a whole model: the Mosaic GPU attention and norm_swiglu
-    forward (interpreted; K = 64 here, so norm_qkv_rope's Triton kernels), the other kernels'
-    Triton versions, bf16 (wgmma's operands)."""
+    """impl="pallas_mosaic_gpu" for a whole model: the Mosaic GPU attention and the norm_swiglu
+    and block_out forwards (interpreted; K = 64 here, so norm_qkv_rope's Triton kernels), the
+    other kernels' Triton versions, bf16 (wgmma's operands)."""
     config = dataclasses.replace(CONFIG, dtype="bfloat16")
     tokens = jax.random.randint(jax.random.key(1), (2, 37), 0, config.vocab_size, dtype=jnp.int32)
     mosaic = palm.forward(params, tokens, config, impl="pallas_mosaic_gpu")
@@ -146,9 +146,9 @@ def test_forward_mosaic_gpu_equals_xla(params):
 
 @pytest.mark.parametrize("name", sorted(LAYER_SHAPES))
 def test_layer_lowers_for_gpu_with_mosaic_kernels(name):
-    """A PaLM layer with impl="pallas_mosaic_gpu" exported for CUDA: attention's forward (and,
-    in the gradient, its dk/dv and dq) and both input projections' forwards are Mosaic GPU
-    kernels, everything else Triton."""
+    """A PaLM layer with impl="pallas_mosaic_gpu" exported for CUDA: every kernel's forward
+    (attention, both input projections, block_out) and attention's dk/dv and dq are Mosaic GPU
+    kernels; the projections' backwards are Triton."""
     config = dataclasses.replace(LAYER_SHAPES[name], dtype="bfloat16")
     p, x = _layer_structs(config)
 
@@ -161,11 +161,12 @@ def test_layer_lowers_for_gpu_with_mosaic_kernels(name):
 
     with target_backend("gpu"):
         forward, backward = export_for_gpu(layer, p, x), export_for_gpu(layer_grad, p, x)
-    # The gradient: attention's forward, dk/dv and dq, and both projections' forwards.
-    assert mosaic_gpu_kernel_count(forward) == 3 and mosaic_gpu_kernel_count(backward) == 5
+    # The gradient: attention's forward, dk/dv and dq, and both input projections' forwards
+    # (block_out's is not needed: its backward reads only o, h and the weights).
+    assert mosaic_gpu_kernel_count(forward) == 4 and mosaic_gpu_kernel_count(backward) == 5
+    assert not triton_kernel_names(forward)
     assert not any(n.startswith(("palm_mq_flash_attention", "palm_norm_swiglu_fwd",
-                                 "palm_norm_qkv_rope_fwd"))
-                   for n in triton_kernel_names(forward) + triton_kernel_names(backward))
-    assert any(n.startswith("palm_block_out") for n in triton_kernel_names(forward))
-    for kernel in ("palm_norm_swiglu_bwd", "palm_norm_qkv_rope_bwd"):
+                                 "palm_norm_qkv_rope_fwd", "palm_block_out_fwd"))
+                   for n in triton_kernel_names(backward))
+    for kernel in ("palm_norm_swiglu_bwd", "palm_norm_qkv_rope_bwd", "palm_block_out_bwd"):
         assert any(n.startswith(kernel) for n in triton_kernel_names(backward)), kernel

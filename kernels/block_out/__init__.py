@@ -18,6 +18,7 @@ import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.block_out.gpu import block_out_pallas_gpu
+from kernels.block_out.mgpu import block_out_pallas_mosaic_gpu
 from kernels.block_out.reference import block_out_reference, block_out_reference_bwd
 from kernels.block_out.tpu import BlockSizes, block_out_pallas_tpu, vmem_bytes
 
@@ -27,7 +28,8 @@ __all__ = ["BlockSizes", "block_out", "block_out_reference", "block_out_referenc
 
 # Pallas implementations, each taking the reference's arguments plus interpret and block_sizes
 # (a tpu.BlockSizes for pallas_tpu, a gpu.BlockSizes for pallas_gpu).
-_PALLAS = {"pallas_tpu": block_out_pallas_tpu, "pallas_gpu": block_out_pallas_gpu}
+_PALLAS = {"pallas_tpu": block_out_pallas_tpu, "pallas_gpu": block_out_pallas_gpu,
+           "pallas_mosaic_gpu": block_out_pallas_mosaic_gpu}
 
 
 def block_out(
@@ -52,7 +54,7 @@ def block_out(
     Returns:
       [B, T, D] in x's dtype.
     """
-    impl = resolve_impl(impl, "block_out")
+    impl = resolve_impl(impl, "block_out", x.dtype)
     if impl == "xla":
         return block_out_reference(x, o, wo, h, w_down)
     fn = pallas_impl("block_out", impl, _PALLAS)

@@ -1,0 +1,211 @@
+"""The Mosaic GPU `block_out` forward (Hopper: TMA, wgmma, warp specialisation), with gpu.py's
+Triton backward: `impl="pallas_mosaic_gpu"`.
+
+Why: the fused projections' bar is 0.9x a bare matmul of the same shape, which needs Hopper's
+whole tensor-core pipeline (kernels/_mgpu.py; the same structure as the input projections'
+Mosaic forwards, kernels/norm_swiglu/mgpu.py).
+
+The math is gpu.py's and tpu.py's: out = x + o·wo + h·w_down on the flattened [M = B*T, ...]
+views, the two products summed in one f32 accumulator over the contraction C = [H*K | F]
+without concatenating anything.
+
+  * grid (M / block_t, D / block_d); a thread block owns a [block_t, block_d] output tile,
+    `block_t / 64` consumer warpgroups of 64 rows (wgmma's M) and one producer.
+  * producer: for each of the C / 64 contraction steps, the activation slice [block_t, 64]
+    (of o for the first H*K / 64 steps, then of h) and the weight slice [64, block_d] (of wo,
+    then of w_down) into ring slot step % buffers by TMA (`_mgpu.produce`).
+  * consumer: per step acc += a[its 64 rows] @ w, one wgmma with both operands in shared
+    memory; f32 acc [64, block_d]. Once every consumer is past its last wgmma, the residual
+    tile x [64, block_d] comes by TMA into the ring's memory, acc + x leaves through it.
+
+Budget at the defaults (bf16, block_t = 128, block_d = 256, 4 buffers): each slot holds the
+activation slice 16 KiB and the weight slice 64 x 256 x 2 = 32 KiB: 192 KiB; the residual
+tiles (64 KiB) reuse it. Registers: acc 128 per thread. Per step a consumer reads 8 KiB of
+activations and 32 KiB of weights from shared memory for 64 x 256 x 64 multiply-adds (512
+tensor-core cycles for both consumers' 80 KiB: 160 bytes per cycle against 128, so shared memory
+bounds this tile near 80% of the tensor-core peak, as for any Hopper matmul whose two
+consumers read the same B tile; 128 x 128 tiles read 256 bytes per 256 cycles, the same ratio).
+FLOPs and HBM bytes are gpu.py's forward's (2 M D (H*K + F)).
+
+The backward is gpu.py's Triton kernel and XLA's weight gradients. Shapes: M, D, H*K and F are
+zero-padded to whole tiles (padded contraction entries multiply zeros); bf16 only (an f32 x
+raises, naming `pallas_gpu`). What CPU checks cover is kernels/norm_swiglu/mgpu.py's: the Mosaic
+GPU interpreter on jax >= 0.11 against the reference (the wgmmas as plain dots), the CUDA
+export on both jax versions; PTX, registers and speed need the GPU (tools/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels._common import MOSAIC_GPU_DTYPES, pad2, round_up
+from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
+from kernels._gpu import mosaic_load
+from kernels._mgpu import CONSUMER_REGISTERS, SLICE, WG_ROWS, accumulate, launch, meet, produce
+from kernels._mgpu import ring_slot, swizzled, zeros
+from kernels.block_out import gpu
+from kernels.block_out.pallas import Settings, block_out_pallas
+
+IMPL = "pallas_mosaic_gpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes(gpu.BlockSizes):
+    """gpu.BlockSizes (the Triton backward's tiles and warps) whose forward tiles drive the
+    Mosaic GPU forward: block_t 64 or 128 rows (one or two consumer warpgroups), block_d 64,
+    128 or 256 output features (the f32 acc takes block_d / 2 registers per thread), block_c
+    the slice of 64; `buffers` is the depth of the ring of slices in shared memory (>= 2)."""
+
+    block_d: int = 256
+    buffers: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.block_t not in (WG_ROWS, 2 * WG_ROWS):
+            raise ValueError(f"BlockSizes: block_t={self.block_t} must be 64 or 128 (one or two "
+                             "consumer warpgroups of wgmma's 64 rows)")
+        if self.block_d not in (64, 128, 256):
+            raise ValueError(f"BlockSizes: block_d={self.block_d} must be 64, 128 or 256")
+        if self.block_c != SLICE:
+            raise ValueError(f"BlockSizes: block_c={self.block_c} must be {SLICE} (one swizzled "
+                             "row of two-byte elements)")
+        if not (isinstance(self.buffers, int) and self.buffers >= 2):
+            raise ValueError(f"BlockSizes: buffers={self.buffers!r} must be an int >= 2")
+
+    @classmethod
+    def get_default(cls, rows: int, d_model: int, attn_width: int, d_ff: int,
+                    dtype=jnp.bfloat16) -> BlockSizes:
+        """gpu.py's backward tiles; the forward's 128 x 256 tiles (64 rows for 64 rows or fewer,
+        the output width no wider than D needs) with as many buffers (<= 4) as fit."""
+        backward = gpu.BlockSizes.get_default(rows, d_model, attn_width, d_ff, dtype)
+        width = next(w for w in (64, 128, 256) if w >= min(d_model, 256))
+        blocks = cls(**{**dataclasses.asdict(backward), "block_c": SLICE, "block_d": width,
+                        "block_t": 2 * WG_ROWS if rows > WG_ROWS else WG_ROWS})
+        while (blocks.buffers > 2
+               and forward_shared_memory_bytes(blocks, dtype) > SHARED_MEMORY_BYTES):
+            blocks = dataclasses.replace(blocks, buffers=blocks.buffers - 1)
+        return blocks
+
+
+def forward_shared_memory_bytes(blocks: BlockSizes, dtype) -> int:
+    """The forward's: the ring of activation and weight slices (the residual tiles reuse it)."""
+    item = jnp.dtype(dtype).itemsize
+    ring = blocks.buffers * (blocks.block_t + blocks.block_d) * SLICE * item
+    return max(ring, blocks.block_t * blocks.block_d * item)
+
+
+def check_tiles(block_sizes: BlockSizes, dtype) -> None:
+    """The Mosaic forward's dtype, then each kernel's shared memory (pallas.py's interface)."""
+    if jnp.dtype(dtype) not in MOSAIC_GPU_DTYPES:
+        raise ValueError(f"block_out: impl={IMPL!r} takes bfloat16 x (wgmma operands), got "
+                         f"{jnp.dtype(dtype).name}; use impl='pallas_gpu'")
+    sizes = {"fwd": forward_shared_memory_bytes(block_sizes, dtype),
+             "bwd_dact": gpu.shared_memory_bytes(block_sizes, dtype)["bwd_dact"]}
+    for kernel, used in sizes.items():
+        check_shared_memory(used, f"palm_block_out {kernel} {block_sizes} (impl={IMPL!r})")
+
+
+def forward(settings: Settings, x2, o2, wo2, h2, w_down) -> jax.Array:
+    """x + o·wo + h·w_down on the flattened [M, ...] views (module docstring)."""
+    blocks = settings.block_sizes
+    bt, bd, buffers = blocks.block_t, blocks.block_d, blocks.buffers
+    consumers = bt // WG_ROWS
+    (m, d), hk, f = x2.shape, wo2.shape[0], w_down.shape[0]
+    mp, dp, hkp, fp = round_up(m, bt), round_up(d, bd), round_up(hk, SLICE), round_up(f, SLICE)
+    x, o, h = pad2(x2, mp, dp), pad2(o2, mp, hkp), pad2(h2, mp, fp)
+    wo, wd = pad2(wo2, hkp, dp), pad2(w_down, fp, dp)
+    ring = (swizzled((buffers, bt, SLICE), x.dtype), swizzled((buffers, SLICE, bd), x.dtype))
+    scratch = (
+        # The ring, then (the loop done) each consumer's residual tile, in and out.
+        plgpu.RefUnion(ring, swizzled((consumers, WG_ROWS, bd), x.dtype)),
+        (plgpu.Barrier(num_barriers=buffers),) * 2,  # activation, weight slices ready
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=buffers),  # free
+        plgpu.Barrier(num_barriers=consumers),  # each consumer's residual tile ready
+        plgpu.Barrier(num_arrivals=consumers),  # done: every consumer past its last wgmma
+    )
+    kernel = functools.partial(_fwd_kernel, n_attn=hkp // SLICE, n_mlp=fp // SLICE,
+                               interpret=bool(settings.interpret))
+    out = launch(kernel, scratch, name="palm_block_out_fwd_mosaic",
+                 out_type=jax.ShapeDtypeStruct((mp, dp), x.dtype), grid=(mp // bt, dp // bd),
+                 grid_names=("rows", "cols"), threads=consumers + 1,
+                 interpret=settings.interpret,
+                 scope=f"bt={bt} bd={bd} bc={SLICE} buffers={buffers}")(x, o, wo, h, wd)
+    return out[:m, :d]
+
+
+def _fwd_kernel(x_ref, o_ref, wo_ref, h_ref, wd_ref, out_ref, union, ready, free, x_ready, done,
+                *, n_attn: int, n_mlp: int, interpret: bool):
+    """One [block_t, block_d] output tile (module docstring)."""
+    (a_ring, w_ring), x_stage = union
+    buffers, bt = a_ring.shape[:2]
+    bd = w_ring.shape[-1]
+    consumers = bt // WG_ROWS
+    rows = pl.ds(lax.axis_index("rows") * bt, bt)
+    cols = pl.ds(lax.axis_index("cols") * bd, bd)
+    wg = lax.axis_index("wg")
+
+    def segment_copy(attn_window, mlp_window):
+        """A `produce` copy of contraction step k from o/wo (k < n_attn) or h/w_down."""
+        def copy(k, dst, barrier):
+            pl.when(k < n_attn)(lambda: plgpu.copy_gmem_to_smem(attn_window(k), dst, barrier))
+            pl.when(k >= n_attn)(lambda: plgpu.copy_gmem_to_smem(mlp_window(k - n_attn), dst,
+                                                                 barrier))
+        return copy
+
+    copies = (segment_copy(lambda k: o_ref.at[rows, pl.ds(k * SLICE, SLICE)],
+                           lambda k: h_ref.at[rows, pl.ds(k * SLICE, SLICE)]),
+              segment_copy(lambda k: wo_ref.at[pl.ds(k * SLICE, SLICE), cols],
+                           lambda k: wd_ref.at[pl.ds(k * SLICE, SLICE), cols]))
+    pl.when(wg == consumers)(lambda: produce(copies, (a_ring, w_ring), ready, (free,), first=0,
+                                             count=n_attn + n_mlp))
+
+    def consumer(c: int):
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        own_rows = pl.ds(c * WG_ROWS, WG_ROWS)
+
+        def step(k, acc):
+            at = ring_slot(k, buffers)
+            for signal in ready:
+                plgpu.barrier_wait(signal.at[at])
+            acc, = accumulate((acc,), (((a_ring.at[at, own_rows], w_ring.at[at]),),),
+                              interpret)
+            plgpu.barrier_arrive(free.at[at])
+            return acc
+
+        acc = lax.fori_loop(0, n_attn + n_mlp, step, zeros((WG_ROWS, bd)))
+        meet(done)  # every consumer's last wgmma is done: the ring's memory may be reused
+        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
+        plgpu.copy_gmem_to_smem(x_ref.at[mine, cols], x_stage.at[c], x_ready.at[c])
+        plgpu.barrier_wait(x_ready.at[c])
+        out = acc + mosaic_load(x_stage.at[c], plgpu.Layout.WGMMA).astype(jnp.float32)
+        x_stage.at[c][...] = out.astype(x_stage.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(x_stage.at[c], out_ref.at[mine, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    for c in range(consumers):
+        pl.when(wg == c)(functools.partial(consumer, c))
+
+
+def backward_dact(settings: Settings, dy2, wo2, w_down):
+    """gpu.py's kernel, interpreted by the generic interpreter when this forward is by the
+    Mosaic GPU one."""
+    return gpu.backward_dact(dataclasses.replace(settings, interpret=bool(settings.interpret)),
+                             dy2, wo2, w_down)
+
+
+def block_out_pallas_mosaic_gpu(x, o, wo, h, w_down, *, interpret=None,
+                                block_sizes: BlockSizes | None = None) -> jax.Array:
+    """The Mosaic GPU forward with the Triton backward (module docstring): `block_out`'s arrays,
+    interpret (None, a bool or a `plgpu.InterpretGPUParams`) and block_sizes (None:
+    `BlockSizes.get_default`)."""
+    return block_out_pallas(sys.modules[__name__], x, o, wo, h, w_down,
+                            interpret=mosaic_gpu_interpret(interpret), block_sizes=block_sizes)
