@@ -122,7 +122,7 @@ if [ "$REHEARSE" = 0 ] && grep -rqs "pytest.mark.gpu\b" tests/; then
 fi
 bench_group ceilings 45 15 bench/test_ceilings.py
 bench_group attention 140 25 bench/test_kernels.py -k test_mq_flash_attention
-bench_group projections 70 20 bench/test_kernels.py -k "test_norm_swiglu or test_norm_qkv_rope or test_block_out"
+bench_group projections 100 20 bench/test_kernels.py -k "test_norm_swiglu or test_norm_qkv_rope or test_block_out"
 # The training step before the forward pass: MFU is the goal; each compiles a 16-layer model.
 bench_group train 150 50 bench/test_model.py -k test_train_step ${TRAIN_IMPLS[@]+"${TRAIN_IMPLS[@]}"}
 # The demo model's decode cases are the CPU story (cache against recompute); on a GPU only the
