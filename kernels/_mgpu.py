@@ -11,6 +11,8 @@ kernels/mq_flash_attention/mgpu.py and kernels/norm_swiglu/mgpu.py docstrings us
     once) and by plain dots in the Mosaic GPU interpreter, which has no `pl.run_state`.
   * `projection`: the LayerNorm-prologue projection both fused input projections run
     (norm_swiglu's gate and up, norm_qkv_rope's two halves of a head), with their epilogue.
+  * `matmul`: a streamed matmul whose producer may switch arrays along the contraction
+    (block_out's two products), with an epilogue (the residual, or a plain store).
 
 Interpretation (`kernels._gpu.mosaic_gpu_interpret`) and the version shim for loads
 (`kernels._gpu.mosaic_load`) are in kernels/_gpu.py with the rest of the GPU settings.
@@ -75,6 +77,16 @@ def ring_slot(step, buffers: int):
 def window_copy(window: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]:
     """A `produce` copy of tile t from `window(t)` (a window of a gmem ref), by TMA."""
     return lambda tile, dst, barrier: plgpu.copy_gmem_to_smem(window(tile), dst, barrier)
+
+
+def segments(first: Callable[[Any], Any], second: Callable[[Any], Any], n_first):
+    """A `produce` copy of step k from `first(k)` (k < n_first) or `second(k - n_first)` (gmem
+    windows): two products summed into one accumulator along one contraction."""
+    def copy(k, dst, barrier):
+        pl.when(k < n_first)(lambda: plgpu.copy_gmem_to_smem(first(k), dst, barrier))
+        pl.when(k >= n_first)(lambda: plgpu.copy_gmem_to_smem(second(k - n_first), dst,
+                                                              barrier))
+    return copy
 
 
 def produce(copies: Sequence[Callable[[Any, Any, Any], None]], rings: Sequence[Any], ready,
@@ -230,6 +242,81 @@ def projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weight_copies, scratc
                              tuple(zeros((WG_ROWS, ring.shape[-1])) for ring in w_rings))
         meet(done)
         epilogue(c, accs, mine, staging, extra)
+
+    for c in range(consumers):
+        pl.when(wg == c)(functools.partial(consumer, c))
+
+
+# ---- The streamed matmul (block_out's forward and backward, norm_swiglu's dx) ------------------
+
+
+def matmul_scratch(rows: int, cols: int, dtype, buffers: int, staging, *, n_b: int = 1,
+                   transposed_a: bool = False, transposed_b: bool = False, extra=()) -> tuple:
+    """The scratch of a `matmul` thread block of [rows, cols] (64 rows per consumer) with `n_b`
+    B operands: the ring of A slices ([rows, SLICE], or stored transposed [SLICE, rows]) and
+    of each B's slices ([SLICE, cols], or stored transposed [cols, SLICE]), unioned with
+    `staging` (the epilogue's shared memory); the ring's ready and free barriers and the
+    consumers' meeting barrier; then `extra`."""
+    consumers = rows // WG_ROWS
+    a_shape = (buffers, SLICE, rows) if transposed_a else (buffers, rows, SLICE)
+    b_shape = (buffers, cols, SLICE) if transposed_b else (buffers, SLICE, cols)
+    ring = (swizzled(a_shape, dtype), *(swizzled(b_shape, dtype) for _ in range(n_b)))
+    return (plgpu.RefUnion(ring, staging),
+            (plgpu.Barrier(num_barriers=buffers),) * len(ring),  # each ring's slot ready
+            plgpu.Barrier(num_arrivals=consumers, num_barriers=buffers),  # slot free
+            plgpu.Barrier(num_arrivals=consumers),  # done: every consumer past its last wgmma
+            *extra)
+
+
+def matmul_ring_bytes(rows: int, cols: int, itemsize: int, buffers: int, n_b: int = 1) -> int:
+    """Shared memory of `matmul_scratch`'s ring."""
+    return buffers * (rows + n_b * cols) * SLICE * itemsize
+
+
+def matmul(a_copy, b_copies, scratch, *, n_steps: int, interpret: bool, epilogue,
+           transposed_a: bool = False, transposed_b: bool = False) -> None:
+    """The body of a streamed-matmul thread block, acc_i = sum over k < n_steps of A_k @ B_ik
+    for each B operand i, inside a plgpu.kernel with a warpgroup per 64 rows plus the
+    producer, on `matmul_scratch` (laid out with the same transposes).
+
+    The producer fills ring slot k % depth with `a_copy(k, ...)` (A's slice [rows, SLICE], or
+    its transpose [SLICE, rows]) and each `b_copies[i](k, ...)` (B's [SLICE, cols], or its
+    transpose [cols, SLICE]): `produce` copies, which may pick their arrays per step (several
+    products summed into one accumulator, `segments`) or per thread block. Consumer c runs
+    acc_i += A_k[its 64 rows] @ B_ik, wgmmas with both operands in shared memory (transposed
+    there as stored) into f32 [64, cols], issued together. Once every consumer is past its
+    last wgmma (the ring's memory is then free for the staging), each calls `epilogue(c,
+    accs, staging, extra)`."""
+    union, ready, free, done, *extra = scratch
+    (a_ring, *b_rings), staging = union
+    buffers = a_ring.shape[0]
+    rows = a_ring.shape[2] if transposed_a else a_ring.shape[1]
+    cols = b_rings[0].shape[1] if transposed_b else b_rings[0].shape[2]
+    consumers = rows // WG_ROWS
+    wg = lax.axis_index("wg")
+    pl.when(wg == consumers)(lambda: produce((a_copy, *b_copies), (a_ring, *b_rings), ready,
+                                             (free,), first=0, count=n_steps))
+
+    def consumer(c: int):
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        own_rows = pl.ds(c * WG_ROWS, WG_ROWS)
+
+        def step(k, accs):
+            at = ring_slot(k, buffers)
+            for signal in ready:
+                plgpu.barrier_wait(signal.at[at])
+            a = (a_ring.at[at, :, own_rows].transpose((1, 0)) if transposed_a
+                 else a_ring.at[at, own_rows])
+            bs = [ring.at[at].transpose((1, 0)) if transposed_b else ring.at[at]
+                  for ring in b_rings]
+            accs = accumulate(accs, tuple(((a, b),) for b in bs), interpret)
+            plgpu.barrier_arrive(free.at[at])
+            return accs
+
+        accs = lax.fori_loop(0, n_steps, step,
+                             tuple(zeros((WG_ROWS, cols)) for _ in b_rings))
+        meet(done)
+        epilogue(c, accs, staging, extra)
 
     for c in range(consumers):
         pl.when(wg == c)(functools.partial(consumer, c))

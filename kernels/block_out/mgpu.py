@@ -1,5 +1,5 @@
-"""The Mosaic GPU `block_out` forward (Hopper: TMA, wgmma, warp specialisation), with gpu.py's
-Triton backward: `impl="pallas_mosaic_gpu"`.
+"""The Mosaic GPU `block_out` (Hopper: TMA, wgmma, warp specialisation), forward and activation
+gradients: `impl="pallas_mosaic_gpu"`.
 
 Why: the fused projections' bar is 0.9x a bare matmul of the same shape, which needs Hopper's
 whole tensor-core pipeline (kernels/_mgpu.py; the same structure as the input projections'
@@ -21,13 +21,16 @@ without concatenating anything.
 Budget at the defaults (bf16, block_t = 128, block_d = 256, 4 buffers): each slot holds the
 activation slice 16 KiB and the weight slice 64 x 256 x 2 = 32 KiB: 192 KiB; the residual
 tiles (64 KiB) reuse it. Registers: acc 128 per thread. Per step a consumer reads 8 KiB of
-activations and 32 KiB of weights from shared memory for 64 x 256 x 64 multiply-adds (512
-tensor-core cycles for both consumers' 80 KiB: 160 bytes per cycle against 128, so shared memory
-bounds this tile near 80% of the tensor-core peak, as for any Hopper matmul whose two
-consumers read the same B tile; 128 x 128 tiles read 256 bytes per 256 cycles, the same ratio).
-FLOPs and HBM bytes are gpu.py's forward's (2 M D (H*K + F)).
+activations and 32 KiB of weights from shared memory for 64 x 256 x 64 multiply-adds: for both
+consumers 1,024 tensor-core cycles at 2,048 per cycle for the SM against 640 cycles of
+shared-memory reads at 128 bytes per cycle, so the tensor cores bound it. FLOPs and HBM bytes
+are gpu.py's forward's (2 M D (H*K + F)).
 
-The backward is gpu.py's Triton kernel and XLA's weight gradients. Shapes: M, D, H*K and F are
+The backward's activation gradients, do = dy·woᵀ and dh = dy·w_downᵀ, are one kernel as in
+gpu.py (`palm_block_out_bwd_dact_mosaic`): grid (M / block_t, (H*K + F) / block_d), a thread
+block owning a [block_t, block_d] tile of do (column tiles below H*K / block_d) or of dh, the
+same streamed matmul over D with the weight slices [block_d, 64] stored as they are in HBM
+and read transposed by wgmma. The weight gradients are XLA's, as on every backend. Shapes: M, D, H*K and F are
 zero-padded to whole tiles (padded contraction entries multiply zeros); bf16 only (an f32 x
 raises, naming `pallas_gpu`). What CPU checks cover is kernels/norm_swiglu/mgpu.py's: the Mosaic
 GPU interpreter on jax >= 0.11 against the reference (the wgmmas as plain dots), the CUDA
@@ -49,8 +52,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels._common import MOSAIC_GPU_DTYPES, pad2, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
-from kernels._mgpu import CONSUMER_REGISTERS, SLICE, WG_ROWS, accumulate, launch, meet, produce
-from kernels._mgpu import ring_slot, swizzled, zeros
+from kernels._mgpu import SLICE, WG_ROWS, launch, matmul, matmul_ring_bytes, matmul_scratch
+from kernels._mgpu import segments, swizzled, window_copy
 from kernels.block_out import gpu
 from kernels.block_out.pallas import Settings, block_out_pallas
 
@@ -59,10 +62,11 @@ IMPL = "pallas_mosaic_gpu"
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(gpu.BlockSizes):
-    """gpu.BlockSizes (the Triton backward's tiles and warps) whose forward tiles drive the
-    Mosaic GPU forward: block_t 64 or 128 rows (one or two consumer warpgroups), block_d 64,
-    128 or 256 output features (the f32 acc takes block_d / 2 registers per thread), block_c
-    the slice of 64; `buffers` is the depth of the ring of slices in shared memory (>= 2)."""
+    """gpu.BlockSizes whose forward tiles drive both Mosaic GPU kernels (the *_bwd fields only
+    name the backward's profile scope): block_t 64 or 128 rows (one or two consumer
+    warpgroups), block_d 64, 128 or 256 output columns (D in the forward, [H*K | F] in the
+    backward; the f32 acc takes block_d / 2 registers per thread), block_c the slice of 64;
+    `buffers` is the depth of the ring of slices in shared memory (>= 2)."""
 
     block_d: int = 256
     buffers: int = 4
@@ -98,7 +102,7 @@ class BlockSizes(gpu.BlockSizes):
 def forward_shared_memory_bytes(blocks: BlockSizes, dtype) -> int:
     """The forward's: the ring of activation and weight slices (the residual tiles reuse it)."""
     item = jnp.dtype(dtype).itemsize
-    ring = blocks.buffers * (blocks.block_t + blocks.block_d) * SLICE * item
+    ring = matmul_ring_bytes(blocks.block_t, blocks.block_d, item, blocks.buffers)
     return max(ring, blocks.block_t * blocks.block_d * item)
 
 
@@ -107,8 +111,8 @@ def check_tiles(block_sizes: BlockSizes, dtype) -> None:
     if jnp.dtype(dtype) not in MOSAIC_GPU_DTYPES:
         raise ValueError(f"block_out: impl={IMPL!r} takes bfloat16 x (wgmma operands), got "
                          f"{jnp.dtype(dtype).name}; use impl='pallas_gpu'")
-    sizes = {"fwd": forward_shared_memory_bytes(block_sizes, dtype),
-             "bwd_dact": gpu.shared_memory_bytes(block_sizes, dtype)["bwd_dact"]}
+    # The backward's kernel has the forward's tiles and ring ([block_t, block_d] of [do | dh]).
+    sizes = {"fwd": forward_shared_memory_bytes(block_sizes, dtype)}
     for kernel, used in sizes.items():
         check_shared_memory(used, f"palm_block_out {kernel} {block_sizes} (impl={IMPL!r})")
 
@@ -122,15 +126,9 @@ def forward(settings: Settings, x2, o2, wo2, h2, w_down) -> jax.Array:
     mp, dp, hkp, fp = round_up(m, bt), round_up(d, bd), round_up(hk, SLICE), round_up(f, SLICE)
     x, o, h = pad2(x2, mp, dp), pad2(o2, mp, hkp), pad2(h2, mp, fp)
     wo, wd = pad2(wo2, hkp, dp), pad2(w_down, fp, dp)
-    ring = (swizzled((buffers, bt, SLICE), x.dtype), swizzled((buffers, SLICE, bd), x.dtype))
-    scratch = (
-        # The ring, then (the loop done) each consumer's residual tile, in and out.
-        plgpu.RefUnion(ring, swizzled((consumers, WG_ROWS, bd), x.dtype)),
-        (plgpu.Barrier(num_barriers=buffers),) * 2,  # activation, weight slices ready
-        plgpu.Barrier(num_arrivals=consumers, num_barriers=buffers),  # free
-        plgpu.Barrier(num_barriers=consumers),  # each consumer's residual tile ready
-        plgpu.Barrier(num_arrivals=consumers),  # done: every consumer past its last wgmma
-    )
+    scratch = matmul_scratch(bt, bd, x.dtype, buffers,
+                             swizzled((consumers, WG_ROWS, bd), x.dtype),  # residual, in and out
+                             extra=(plgpu.Barrier(num_barriers=consumers),))  # residual ready
     kernel = functools.partial(_fwd_kernel, n_attn=hkp // SLICE, n_mlp=fp // SLICE,
                                interpret=bool(settings.interpret))
     out = launch(kernel, scratch, name="palm_block_out_fwd_mosaic",
@@ -141,47 +139,19 @@ def forward(settings: Settings, x2, o2, wo2, h2, w_down) -> jax.Array:
     return out[:m, :d]
 
 
-def _fwd_kernel(x_ref, o_ref, wo_ref, h_ref, wd_ref, out_ref, union, ready, free, x_ready, done,
-                *, n_attn: int, n_mlp: int, interpret: bool):
-    """One [block_t, block_d] output tile (module docstring)."""
-    (a_ring, w_ring), x_stage = union
-    buffers, bt = a_ring.shape[:2]
-    bd = w_ring.shape[-1]
-    consumers = bt // WG_ROWS
+def _fwd_kernel(x_ref, o_ref, wo_ref, h_ref, wd_ref, out_ref, *scratch, n_attn: int,
+                n_mlp: int, interpret: bool):
+    """One [block_t, block_d] output tile (module docstring): `_mgpu.matmul` over both
+    products, then the residual."""
+    (a_ring, w_ring), _ = scratch[0]
+    bt, bd = a_ring.shape[1], w_ring.shape[-1]
     rows = pl.ds(lax.axis_index("rows") * bt, bt)
     cols = pl.ds(lax.axis_index("cols") * bd, bd)
-    wg = lax.axis_index("wg")
+    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
 
-    def segment_copy(attn_window, mlp_window):
-        """A `produce` copy of contraction step k from o/wo (k < n_attn) or h/w_down."""
-        def copy(k, dst, barrier):
-            pl.when(k < n_attn)(lambda: plgpu.copy_gmem_to_smem(attn_window(k), dst, barrier))
-            pl.when(k >= n_attn)(lambda: plgpu.copy_gmem_to_smem(mlp_window(k - n_attn), dst,
-                                                                 barrier))
-        return copy
-
-    copies = (segment_copy(lambda k: o_ref.at[rows, pl.ds(k * SLICE, SLICE)],
-                           lambda k: h_ref.at[rows, pl.ds(k * SLICE, SLICE)]),
-              segment_copy(lambda k: wo_ref.at[pl.ds(k * SLICE, SLICE), cols],
-                           lambda k: wd_ref.at[pl.ds(k * SLICE, SLICE), cols]))
-    pl.when(wg == consumers)(lambda: produce(copies, (a_ring, w_ring), ready, (free,), first=0,
-                                             count=n_attn + n_mlp))
-
-    def consumer(c: int):
-        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-        own_rows = pl.ds(c * WG_ROWS, WG_ROWS)
-
-        def step(k, acc):
-            at = ring_slot(k, buffers)
-            for signal in ready:
-                plgpu.barrier_wait(signal.at[at])
-            acc, = accumulate((acc,), (((a_ring.at[at, own_rows], w_ring.at[at]),),),
-                              interpret)
-            plgpu.barrier_arrive(free.at[at])
-            return acc
-
-        acc = lax.fori_loop(0, n_attn + n_mlp, step, zeros((WG_ROWS, bd)))
-        meet(done)  # every consumer's last wgmma is done: the ring's memory may be reused
+    def epilogue(c, accs, x_stage, extra):
+        (acc,) = accs
+        (x_ready,) = extra
         mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
         plgpu.copy_gmem_to_smem(x_ref.at[mine, cols], x_stage.at[c], x_ready.at[c])
         plgpu.barrier_wait(x_ready.at[c])
@@ -191,15 +161,65 @@ def _fwd_kernel(x_ref, o_ref, wo_ref, h_ref, wd_ref, out_ref, union, ready, free
         plgpu.copy_smem_to_gmem(x_stage.at[c], out_ref.at[mine, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    for c in range(consumers):
-        pl.when(wg == c)(functools.partial(consumer, c))
+    matmul(segments(lambda k: o_ref.at[rows, depth(k)], lambda k: h_ref.at[rows, depth(k)],
+                    n_attn),
+           (segments(lambda k: wo_ref.at[depth(k), cols], lambda k: wd_ref.at[depth(k), cols],
+                     n_attn),),
+           scratch, n_steps=n_attn + n_mlp, interpret=interpret, epilogue=epilogue)
 
 
 def backward_dact(settings: Settings, dy2, wo2, w_down):
-    """gpu.py's kernel, interpreted by the generic interpreter when this forward is by the
-    Mosaic GPU one."""
-    return gpu.backward_dact(dataclasses.replace(settings, interpret=bool(settings.interpret)),
-                             dy2, wo2, w_down)
+    """do [M, H*K] and dh [M, F] = dy·woᵀ and dy·w_downᵀ in one kernel (module docstring)."""
+    blocks = settings.block_sizes
+    bt, bc, buffers = blocks.block_t, blocks.block_d, blocks.buffers
+    consumers = bt // WG_ROWS
+    (m, d), hk, f = dy2.shape, wo2.shape[0], w_down.shape[0]
+    mp, dp, hkp, fp = round_up(m, bt), round_up(d, SLICE), round_up(hk, bc), round_up(f, bc)
+    dy, wo, wd = pad2(dy2, mp, dp), pad2(wo2, hkp, dp), pad2(w_down, fp, dp)
+    scratch = matmul_scratch(bt, bc, dy.dtype, buffers,
+                             swizzled((consumers, WG_ROWS, bc), dy.dtype), transposed_b=True)
+    kernel = functools.partial(_bwd_dact_kernel, n_attn=hkp // bc, n_d=dp // SLICE,
+                               interpret=bool(settings.interpret))
+    do, dh = launch(kernel, scratch, name="palm_block_out_bwd_dact_mosaic",
+                    out_type=[jax.ShapeDtypeStruct((mp, hkp), dy.dtype),
+                              jax.ShapeDtypeStruct((mp, fp), dy.dtype)],
+                    grid=(mp // bt, (hkp + fp) // bc), grid_names=("rows", "cols"),
+                    threads=consumers + 1, interpret=settings.interpret,
+                    scope=f"bt={bt} bc={bc} bd={SLICE} buffers={buffers}")(dy, wo, wd)
+    return do[:m, :hk], dh[:m, :f]
+
+
+def _bwd_dact_kernel(dy_ref, wo_ref, wd_ref, do_ref, dh_ref, *scratch, n_attn: int, n_d: int,
+                     interpret: bool):
+    """One [block_t, block_d] tile of [do | dh]: column tiles below n_attn are do's (from wo),
+    the others dh's (from w_down); `_mgpu.matmul` over D with the weight slices transposed."""
+    (a_ring, w_ring), _ = scratch[0]
+    bt, bc = a_ring.shape[1], w_ring.shape[1]
+    rows = pl.ds(lax.axis_index("rows") * bt, bt)
+    tile = lax.axis_index("cols")
+    attention = tile < n_attn
+    out_cols = (pl.ds(tile * bc, bc), pl.ds((tile - n_attn) * bc, bc))  # in do, in dh
+    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
+
+    def weight_copy(k, dst, barrier):
+        pl.when(attention)(lambda: plgpu.copy_gmem_to_smem(wo_ref.at[out_cols[0], depth(k)],
+                                                           dst, barrier))
+        pl.when(~attention)(lambda: plgpu.copy_gmem_to_smem(wd_ref.at[out_cols[1], depth(k)],
+                                                            dst, barrier))
+
+    def epilogue(c, accs, stage, extra):
+        (acc,) = accs
+        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
+        stage.at[c][...] = acc.astype(stage.dtype)
+        plgpu.commit_smem()
+        pl.when(attention)(lambda: plgpu.copy_smem_to_gmem(stage.at[c],
+                                                           do_ref.at[mine, out_cols[0]]))
+        pl.when(~attention)(lambda: plgpu.copy_smem_to_gmem(stage.at[c],
+                                                            dh_ref.at[mine, out_cols[1]]))
+        plgpu.wait_smem_to_gmem(0)
+
+    matmul(window_copy(lambda k: dy_ref.at[rows, depth(k)]), (weight_copy,), scratch, n_steps=n_d,
+           interpret=interpret, epilogue=epilogue, transposed_b=True)
 
 
 def block_out_pallas_mosaic_gpu(x, o, wo, h, w_down, *, interpret=None,

@@ -1,5 +1,5 @@
-"""The Mosaic GPU `norm_swiglu` forward (Hopper: TMA, wgmma, warp specialisation), with gpu.py's
-Triton backward: `impl="pallas_mosaic_gpu"`.
+"""The Mosaic GPU `norm_swiglu` (Hopper: TMA, wgmma, warp specialisation), forward and backward
+(but the elementwise saved-gates kernel, gpu.py's): `impl="pallas_mosaic_gpu"`.
 
 Why a second GPU forward: the issue's bar for the fused projections is 0.9x a bare matmul of
 the same shape (cuBLAS through XLA), which needs Hopper's full tensor-core pipeline: operands
@@ -29,14 +29,27 @@ Budget at the defaults (bf16, block_t = block_f = 128, the slice 64, 4 buffers):
 holds x 128 x 64 x 2 = 16 KiB, the two weight slices 2 x 64 x 128 x 2 = 32 KiB and the scale
 256 B: 193 KiB for 4, under the 227 KiB of a thread block; the outputs' staging (3 x 128 x 128
 x 2 = 96 KiB with save_gate_up) reuses it. Registers: gate and up 64 + 64 per thread, the x
-slice 32 as f32, the statistics; within the consumers' 232. Per step a consumer reads 16 KiB
-of weights and 8 KiB of x from shared memory for 64 x 256 x 64 multiply-adds (512 tensor-core
-cycles at 2,048 per cycle for the SM, both consumers sharing them): the tensor cores, not
-shared memory (128 bytes per cycle), bound it. FLOPs and HBM bytes are gpu.py's: 4 M D F, the
+slice 32 as f32, the statistics; within the consumers' 232. Per step a consumer reads 32 KiB
+of weights (wgmma's B; A comes from registers) and its 8 KiB of x from shared memory for 64 x
+256 x 64 multiply-adds: for both consumers 1,024 tensor-core cycles at 2,048 per cycle for the
+SM against 640 cycles of shared-memory reads at 128 bytes per cycle, so the tensor cores bound
+it. FLOPs and HBM bytes are gpu.py's: 4 M D F, the
 weights read once per row tile (from L2 after the first), x once per F tile.
 
-The backward is gpu.py's Triton kernels on the same residuals (its *_bwd tiles); the gates
-recompute there, so `save_gate_up` saves their forward here as everywhere.
+The backward's first kernel, without `save_gate_up`, recomputes gate and up: the same thread
+block with another epilogue (`palm_norm_swiglu_bwd_gates_mosaic`: dh's tile [64, block_f] by
+TMA into the ring's memory, d_gate = dh up silu'(gate), d_up = dh silu(gate), as
+reference.swiglu_bwd, written in x's dtype), on the forward's tiles (the backward's padded
+operands re-padded to them where they differ). With `save_gate_up`, gpu.py's elementwise
+kernel turns the saved gate and up into d_gate, d_up instead. Then two streamed matmuls
+(`_mgpu.matmul`, 128 x 128 tiles, a ring of 64-deep slices):
+  * dx (`palm_norm_swiglu_bwd_dx_mosaic`): dLN f32 [M, D] = d_gate·w_gateᵀ + d_up·w_upᵀ, the
+    two products one contraction over [F | F] whose producer switches arrays halfway; the
+    weight slices [128, 64] of D x F are read transposed by wgmma.
+  * dw (`palm_norm_swiglu_bwd_dw_mosaic`): d_w_gate, d_w_up [D, F] = LN(x)ᵀ·d_gate,
+    LN(x)ᵀ·d_up over the rows, LN(x)'s slices [64, 128] read transposed, two accumulators
+    sharing them (LN(x) materialised once by XLA, as pallas.py says why).
+The LayerNorm backward is XLA's, as on every backend.
 
 Shapes: M, D, F zero-padded to whole tiles (padded rows have rstd 0 and padded features scale
 0, so they add nothing); bf16 or f16 only (wgmma's operands here: an f32 x raises, naming
@@ -64,19 +77,22 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels._common import MOSAIC_GPU_DTYPES, pad2, pad_to, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
+from kernels._gpu import mosaic_load
 from kernels._mgpu import SLICE, WG_ROWS, launch, projection, projection_ring_bytes
-from kernels._mgpu import projection_scratch, swizzled, window_copy
+from kernels._mgpu import matmul, matmul_ring_bytes, matmul_scratch, projection_scratch
+from kernels._mgpu import segments, swizzled, window_copy
 from kernels.norm_swiglu import gpu, pallas
 
 IMPL = "pallas_mosaic_gpu"
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(gpu.BlockSizes):
-    """gpu.BlockSizes (the Triton backward's tiles and warps) whose forward tiles drive the
-    Mosaic GPU forward: block_t 64 or 128 rows (one or two consumer warpgroups), block_f 64 or
-    128 hidden units (gate and up take block_f registers per thread together), block_d the
-    slice of 64; `buffers` is the depth of the ring of slices in shared memory (>= 2, so that
-    one slice loads while another is used)."""
+    """gpu.BlockSizes whose forward tiles drive every Mosaic GPU kernel here (the *_bwd fields
+    pad the backward's operands, pallas.py, and tile gpu.py's saved-gates kernel): block_t 64 or
+    128 rows (one or two consumer warpgroups; D's rows for dw), block_f 64 or 128 columns (F's,
+    or D's for dx; gate and up take block_f registers per thread together), block_d the slice
+    of 64; `buffers` is the depth of the ring of slices in shared memory (>= 2, so that one
+    slice loads while another is used)."""
 
     buffers: int = 4
 
@@ -118,6 +134,14 @@ def forward_shared_memory_bytes(blocks: BlockSizes, dtype, save_gate_up: bool = 
     return max(ring, staging) + 2 * 4 * bt
 
 
+def dx_shared_memory_bytes(blocks: BlockSizes, dtype) -> int:
+    """The dx kernel's: its ring of cotangent and weight slices, which the f32 output tiles
+    reuse."""
+    ring = matmul_ring_bytes(blocks.block_t, blocks.block_f, jnp.dtype(dtype).itemsize,
+                             blocks.buffers)
+    return max(ring, blocks.block_t * blocks.block_f * 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The non-array arguments of a call, from `prepare` (pallas.py describes them); interpret
@@ -146,41 +170,58 @@ def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret=None,
                          f"{block_sizes!r}")
     used = {**gpu.shared_memory_bytes(block_sizes, x.dtype, save_gate_up),
             "fwd": forward_shared_memory_bytes(block_sizes, x.dtype, save_gate_up)}
+    if not save_gate_up:  # the recomputing gates kernel is this module's: dh and two outputs
+        used["bwd_gates"] = forward_shared_memory_bytes(block_sizes, x.dtype, True)
+    used["bwd_dx"] = dx_shared_memory_bytes(block_sizes, x.dtype)
+    used["bwd_dw"] = max(matmul_ring_bytes(block_sizes.block_t, block_sizes.block_f,
+                                           x.dtype.itemsize, block_sizes.buffers, n_b=2),
+                         2 * block_sizes.block_t * block_sizes.block_f * x.dtype.itemsize)
     for kernel, size in used.items():
         check_shared_memory(size, f"palm_norm_swiglu {kernel} {block_sizes} (impl={IMPL!r})")
     return Settings(float(eps), block_sizes, mosaic_gpu_interpret(interpret), save_gate_up)
 
 
-def fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> list[jax.Array]:
-    """[h] [M, F] (and gate, up [M, F] in x's dtype when `settings.save_gate_up`)."""
+def _gates_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings, *,
+                shape: tuple[int, int], dh=None, save: bool = False) -> list[jax.Array]:
+    """The gates kernel on [M, F] = `shape`: the forward's outputs, h (and gate, up with
+    `save`), or with `dh` [M, F] the backward's d_gate, d_up; in x's dtype. Operands are
+    zero-padded to whole tiles (padded rows have rstd 0, padded features scale 0)."""
     blocks = settings.block_sizes
     bt, bf, buffers = blocks.block_t, blocks.block_f, blocks.buffers
     consumers = bt // WG_ROWS
-    (m, d), f = x2.shape, w_gate.shape[1]
-    mp, dp, fp = round_up(m, bt), round_up(d, SLICE), round_up(f, bf)
+    m, f = shape
+    mp, dp, fp = round_up(m, bt), round_up(w_gate.shape[0], SLICE), round_up(f, bf)
     x = pad2(x2, mp, dp)
-    # Padded rows: rstd 0, so they normalise to 0; padded features: scale 0.
-    mean, rstd = (pad_to(a.reshape(m).astype(jnp.float32), (mp,)) for a in (mean, rstd))
+    mean, rstd = (pad_to(a.reshape(-1).astype(jnp.float32), (mp,)) for a in (mean, rstd))
     scale = pad_to(norm_scale.astype(jnp.float32), (dp,))
     wg, wu = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
-    outs = 3 if settings.save_gate_up else 1
-    staging = tuple(swizzled((consumers, WG_ROWS, bf), x.dtype) for _ in range(outs))
-    name = "palm_norm_swiglu_fwd_save_mosaic" if outs == 3 else "palm_norm_swiglu_fwd_mosaic"
-    kernel = functools.partial(_fwd_kernel, n_d=dp // SLICE, interpret=bool(settings.interpret))
+    outs = 2 if dh is not None else 3 if save else 1
+    # The epilogue's tiles in the ring's memory: dh (backward), then the outputs.
+    staging = tuple(swizzled((consumers, WG_ROWS, bf), x.dtype)
+                    for _ in range(outs + (dh is not None)))
+    extra = (plgpu.Barrier(num_barriers=consumers),) if dh is not None else ()  # dh ready
+    name = ("palm_norm_swiglu_bwd_gates_mosaic" if dh is not None
+            else "palm_norm_swiglu_fwd_save_mosaic" if save else "palm_norm_swiglu_fwd_mosaic")
+    kernel = functools.partial(_gates_kernel, n_d=dp // SLICE, outs=outs,
+                               backward=dh is not None, interpret=bool(settings.interpret))
+    operands = (x, mean, rstd, scale, wg, wu) + ((pad2(dh, mp, fp),) if dh is not None else ())
     outputs = launch(
-        kernel, projection_scratch(bt, (bf, bf), x.dtype, buffers, staging), name=name,
+        kernel, projection_scratch(bt, (bf, bf), x.dtype, buffers, staging, extra), name=name,
         out_type=[jax.ShapeDtypeStruct((mp, fp), x.dtype)] * outs, grid=(mp // bt, fp // bf),
         grid_names=("rows", "cols"), threads=consumers + 1, interpret=settings.interpret,
         scope=f"bt={bt} bf={bf} bd={SLICE} buffers={buffers}",
-    )(x, mean, rstd, scale, wg, wu)
+    )(*operands)
     return [a[:m, :f] for a in outputs]
 
 
-def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, wg_ref, wu_ref, *refs, n_d: int,
-                interpret: bool):
-    """One [block_t, block_f] tile of h (and gate, up): `_mgpu.projection` of the gate and up
-    slices, and the SwiGLU epilogue."""
-    out_refs, scratch = refs[:-6], refs[-6:]
+def _gates_kernel(x_ref, mean_ref, rstd_ref, scale_ref, wg_ref, wu_ref, *refs, n_d: int,
+                  outs: int, backward: bool, interpret: bool):
+    """One [block_t, block_f] tile: `_mgpu.projection` of the gate and up slices, then the
+    forward's epilogue (h = silu(gate) up, and gate and up when saving) or, `backward` (refs
+    then start with dh's), the backward's (d_gate, d_up from the recomputed gate and up)."""
+    dh_ref = refs[0] if backward else None
+    out_refs = refs[backward:backward + outs]
+    scratch = refs[backward + outs:]
     (x_ring, _, wg_ring, _), _ = scratch[0]  # the ring: x, scale, w_gate, w_up slices
     bt, bf = x_ring.shape[1], wg_ring.shape[-1]
     rows = pl.ds(lax.axis_index("rows") * bt, bt)
@@ -191,9 +232,19 @@ def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, wg_ref, wu_ref, *refs, n_d
 
     def epilogue(c, accs, mine, staging, extra):
         gate, up = accs
-        # silu(g) = g / (1 + exp(-g)), spelled out for the Mosaic GPU lowering.
-        h = gate / (1.0 + jnp.exp(-gate)) * up
-        for value, stage in zip((h, gate, up), staging):
+        # sigmoid and silu spelled out for the Mosaic GPU lowering.
+        sig = 1.0 / (1.0 + jnp.exp(-gate))
+        if backward:
+            dh_stage, *staging = staging
+            (dh_ready,) = extra
+            plgpu.copy_gmem_to_smem(dh_ref.at[mine, cols], dh_stage.at[c], dh_ready.at[c])
+            plgpu.barrier_wait(dh_ready.at[c])
+            dh = mosaic_load(dh_stage.at[c], plgpu.Layout.WGMMA).astype(jnp.float32)
+            # reference.swiglu_bwd: silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))).
+            values = (dh * up * (sig * (1.0 + gate * (1.0 - sig))), dh * (gate * sig))
+        else:
+            values = (gate * sig * up, gate, up)
+        for value, stage in zip(values, staging):
             stage.at[c][...] = value.astype(stage.dtype)
         plgpu.commit_smem()
         for stage, out_ref in zip(staging, out_refs):
@@ -204,6 +255,19 @@ def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, wg_ref, wu_ref, *refs, n_d
                interpret=interpret, epilogue=epilogue)
 
 
+def fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> list[jax.Array]:
+    """[h] [M, F] (and gate, up [M, F] in x's dtype when `settings.save_gate_up`)."""
+    return _gates_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings,
+                       shape=(x2.shape[0], w_gate.shape[1]), save=settings.save_gate_up)
+
+
+def bwd_gates_call(x2, mean, rstd, norm_scale, wgp, wup, dhp, settings: Settings):
+    """d_gate, d_up [Mp, Fp] in x's dtype, recomputing gate and up (this module's gates
+    kernel; pallas.py's interface)."""
+    return tuple(_gates_call(x2, mean, rstd, norm_scale, wgp, wup, settings, shape=dhp.shape,
+                             dh=dhp))
+
+
 def _for_triton(settings: Settings) -> gpu.Settings:
     """gpu.py's settings for its backward kernels: the same tiles, interpreted by the generic
     interpreter when this forward is by the Mosaic GPU one."""
@@ -211,20 +275,103 @@ def _for_triton(settings: Settings) -> gpu.Settings:
                         settings.save_gate_up)
 
 
-def bwd_gates_call(x2, mean, rstd, norm_scale, wgp, wup, dhp, settings: Settings):
-    return gpu.bwd_gates_call(x2, mean, rstd, norm_scale, wgp, wup, dhp, _for_triton(settings))
-
-
 def bwd_gates_saved_call(gatep, upp, dhp, settings: Settings):
     return gpu.bwd_gates_saved_call(gatep, upp, dhp, _for_triton(settings))
 
 
 def bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
-    return gpu.bwd_dx_call(d_gate, d_up, wgp, wup, _for_triton(settings))
+    """dLN f32 [Mp, Dp] = d_gate·w_gateᵀ + d_up·w_upᵀ (pallas.py's interface): `_mgpu.matmul`
+    over both products, [block_t, block_f] output tiles, the weight slices [block_f, 64]
+    transposed in shared memory; the operands re-padded to those tiles where they differ."""
+    blocks = settings.block_sizes
+    bt, bn, buffers = blocks.block_t, blocks.block_f, blocks.buffers
+    consumers = bt // WG_ROWS
+    (m, f), d = d_gate.shape, wgp.shape[0]
+    mp, fp, dp = round_up(m, bt), round_up(f, SLICE), round_up(d, bn)
+    dg, du = pad2(d_gate, mp, fp), pad2(d_up, mp, fp)
+    wg, wu = pad2(wgp, dp, fp), pad2(wup, dp, fp)
+    scratch = matmul_scratch(bt, bn, dg.dtype, buffers,
+                             swizzled((consumers, WG_ROWS, bn), jnp.float32), transposed_b=True)
+    kernel = functools.partial(_bwd_dx_kernel, n_f=fp // SLICE,
+                               interpret=bool(settings.interpret))
+    dxn = launch(kernel, scratch, name="palm_norm_swiglu_bwd_dx_mosaic",
+                 out_type=jax.ShapeDtypeStruct((mp, dp), jnp.float32), grid=(mp // bt, dp // bn),
+                 grid_names=("rows", "cols"), threads=consumers + 1,
+                 interpret=settings.interpret,
+                 scope=f"bt={bt} bd={bn} bf={SLICE} buffers={buffers}")(dg, du, wg, wu)
+    return dxn[:m, :d]
+
+
+def _bwd_dx_kernel(dg_ref, du_ref, wg_ref, wu_ref, out_ref, *scratch, n_f: int,
+                   interpret: bool):
+    """One [block_t, block_f] tile of dLN: the products with w_gate, then w_up, summed."""
+    (a_ring, w_ring), _ = scratch[0]
+    bt, bn = a_ring.shape[1], w_ring.shape[1]
+    rows = pl.ds(lax.axis_index("rows") * bt, bt)
+    cols = pl.ds(lax.axis_index("cols") * bn, bn)
+    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
+
+    def epilogue(c, accs, stage, extra):
+        (acc,) = accs
+        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
+        stage.at[c][...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage.at[c], out_ref.at[mine, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    matmul(segments(lambda k: dg_ref.at[rows, depth(k)], lambda k: du_ref.at[rows, depth(k)],
+                    n_f),
+           (segments(lambda k: wg_ref.at[cols, depth(k)], lambda k: wu_ref.at[cols, depth(k)],
+                     n_f),),
+           scratch, n_steps=2 * n_f, interpret=interpret, epilogue=epilogue, transposed_b=True)
 
 
 def bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
-    return gpu.bwd_dw_call(xnp, d_gate, d_up, _for_triton(settings))
+    """d_w_gate, d_w_up [Dp, Fp] in x's dtype = LN(x)ᵀ·d_gate, LN(x)ᵀ·d_up (pallas.py's
+    interface): `_mgpu.matmul` over the rows with LN(x)'s slices transposed in shared memory
+    and two accumulators, [block_t, block_f] tiles of D x F; the operands re-padded to those
+    tiles where they differ."""
+    blocks = settings.block_sizes
+    bt, bf, buffers = blocks.block_t, blocks.block_f, blocks.buffers
+    consumers = bt // WG_ROWS
+    (m, d), f = xnp.shape, d_gate.shape[1]
+    mp, dp, fp = round_up(m, SLICE), round_up(d, bt), round_up(f, bf)
+    xn = pad2(xnp, mp, dp)
+    dg, du = pad2(d_gate, mp, fp), pad2(d_up, mp, fp)
+    staging = tuple(swizzled((consumers, WG_ROWS, bf), xn.dtype) for _ in range(2))
+    scratch = matmul_scratch(bt, bf, xn.dtype, buffers, staging, n_b=2, transposed_a=True)
+    kernel = functools.partial(_bwd_dw_kernel, n_rows=mp // SLICE,
+                               interpret=bool(settings.interpret))
+    dwg, dwu = launch(kernel, scratch, name="palm_norm_swiglu_bwd_dw_mosaic",
+                      out_type=[jax.ShapeDtypeStruct((dp, fp), xn.dtype)] * 2,
+                      grid=(dp // bt, fp // bf), grid_names=("rows", "cols"),
+                      threads=consumers + 1, interpret=settings.interpret,
+                      scope=f"bd={bt} bf={bf} bt={SLICE} buffers={buffers}")(xn, dg, du)
+    return dwg[:d, :f], dwu[:d, :f]
+
+
+def _bwd_dw_kernel(xn_ref, dg_ref, du_ref, dwg_ref, dwu_ref, *scratch, n_rows: int,
+                   interpret: bool):
+    """One [block_t, block_f] tile of both weight gradients (rows of D, columns of F)."""
+    (a_ring, b_ring, _), _ = scratch[0]
+    bd, bf = a_ring.shape[-1], b_ring.shape[-1]
+    features = pl.ds(lax.axis_index("rows") * bd, bd)
+    cols = pl.ds(lax.axis_index("cols") * bf, bf)
+    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
+
+    def epilogue(c, accs, staging, extra):
+        mine = pl.ds(features.start + c * WG_ROWS, WG_ROWS)
+        for acc, stage in zip(accs, staging):
+            stage.at[c][...] = acc.astype(stage.dtype)
+        plgpu.commit_smem()
+        for stage, out_ref in zip(staging, (dwg_ref, dwu_ref)):
+            plgpu.copy_smem_to_gmem(stage.at[c], out_ref.at[mine, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    matmul(window_copy(lambda k: xn_ref.at[depth(k), features]),
+           tuple(window_copy(functools.partial(lambda ref, k: ref.at[depth(k), cols], ref))
+                 for ref in (dg_ref, du_ref)),
+           scratch, n_steps=n_rows, interpret=interpret, epilogue=epilogue, transposed_a=True)
 
 
 # The Mosaic GPU `norm_swiglu` (the front door's arguments but impl), and pallas.py's interface
