@@ -165,6 +165,27 @@ WG_ROWS = 64
 SLICE = 64
 
 
+def check_block_sizes(blocks, *, rows: str, depth: str, columns=()) -> None:
+    """Validates a Mosaic GPU `BlockSizes` (call it from its `__post_init__`): the `rows` field
+    64 or 128 (one or two consumer warpgroups of wgmma's 64 rows), the `depth` field the slice
+    of SLICE, each (field, widths) of `columns` one of its widths, `buffers` an int >= 2; a
+    ValueError names the field otherwise."""
+    owner = type(blocks).__name__
+    value = getattr(blocks, rows)
+    if value not in (WG_ROWS, 2 * WG_ROWS):
+        raise ValueError(f"{owner}: {rows}={value} must be 64 or 128 (one or two consumer "
+                         "warpgroups of wgmma's 64 rows)")
+    for name, widths in columns:
+        if getattr(blocks, name) not in widths:
+            raise ValueError(f"{owner}: {name}={getattr(blocks, name)} must be "
+                             f"{', '.join(map(str, widths[:-1]))} or {widths[-1]}")
+    if getattr(blocks, depth) != SLICE:
+        raise ValueError(f"{owner}: {depth}={getattr(blocks, depth)} must be {SLICE} (one "
+                         "swizzled row of two-byte elements)")
+    if not (isinstance(blocks.buffers, int) and blocks.buffers >= 2):
+        raise ValueError(f"{owner}: buffers={blocks.buffers!r} must be an int >= 2")
+
+
 def projection_ring_bytes(rows: int, widths: Sequence[int], itemsize: int, buffers: int) -> int:
     """Shared memory of `projection_scratch`'s ring: per slot the x slice [rows, SLICE], the
     scale slice (f32) and a weight slice [SLICE, w] per width."""

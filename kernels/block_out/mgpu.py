@@ -30,9 +30,10 @@ The backward's activation gradients, do = dy·woᵀ and dh = dy·w_downᵀ, are 
 gpu.py (`palm_block_out_bwd_dact_mosaic`): grid (M / block_t, (H*K + F) / block_d), a thread
 block owning a [block_t, block_d] tile of do (column tiles below H*K / block_d) or of dh, the
 same streamed matmul over D with the weight slices [block_d, 64] stored as they are in HBM
-and read transposed by wgmma. The weight gradients are XLA's, as on every backend. Shapes: M, D, H*K and F are
-zero-padded to whole tiles (padded contraction entries multiply zeros); bf16 only (an f32 x
-raises, naming `pallas_gpu`). What CPU checks cover is kernels/norm_swiglu/mgpu.py's: the Mosaic
+and read transposed by wgmma. The weight gradients are XLA's, as on every backend.
+
+Shapes: M, D, H*K and F are zero-padded to whole tiles (padded contraction entries multiply
+zeros); bf16 only (an f32 x raises, naming `pallas_gpu`). What CPU checks cover is kernels/norm_swiglu/mgpu.py's: the Mosaic
 GPU interpreter on jax >= 0.11 against the reference (the wgmmas as plain dots), the CUDA
 export on both jax versions; PTX, registers and speed need the GPU (tools/gpu_check.sh).
 """
@@ -52,8 +53,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels._common import MOSAIC_GPU_DTYPES, pad2, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
-from kernels._mgpu import SLICE, WG_ROWS, launch, matmul, matmul_ring_bytes, matmul_scratch
-from kernels._mgpu import segments, swizzled, window_copy
+from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
+from kernels._mgpu import matmul_scratch, segments, swizzled, window_copy
 from kernels.block_out import gpu
 from kernels.block_out.pallas import Settings, block_out_pallas
 
@@ -73,16 +74,8 @@ class BlockSizes(gpu.BlockSizes):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.block_t not in (WG_ROWS, 2 * WG_ROWS):
-            raise ValueError(f"BlockSizes: block_t={self.block_t} must be 64 or 128 (one or two "
-                             "consumer warpgroups of wgmma's 64 rows)")
-        if self.block_d not in (64, 128, 256):
-            raise ValueError(f"BlockSizes: block_d={self.block_d} must be 64, 128 or 256")
-        if self.block_c != SLICE:
-            raise ValueError(f"BlockSizes: block_c={self.block_c} must be {SLICE} (one swizzled "
-                             "row of two-byte elements)")
-        if not (isinstance(self.buffers, int) and self.buffers >= 2):
-            raise ValueError(f"BlockSizes: buffers={self.buffers!r} must be an int >= 2")
+        check_block_sizes(self, rows="block_t", depth="block_c",
+                          columns=(("block_d", (64, 128, 256)),))
 
     @classmethod
     def get_default(cls, rows: int, d_model: int, attn_width: int, d_ff: int,

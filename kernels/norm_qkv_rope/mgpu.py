@@ -50,8 +50,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels._common import MOSAIC_GPU_DTYPES, pad2, pad_to, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
-from kernels._mgpu import SLICE, WG_ROWS, launch, projection, projection_ring_bytes
-from kernels._mgpu import projection_scratch, swizzled
+from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, projection
+from kernels._mgpu import projection_ring_bytes, projection_scratch, swizzled
 from kernels.norm_qkv_rope import gpu, pallas
 from kernels.rope.reference import rope_angles
 
@@ -69,14 +69,7 @@ class BlockSizes(gpu.BlockSizes):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.block_rows not in (WG_ROWS, 2 * WG_ROWS):
-            raise ValueError(f"BlockSizes: block_rows={self.block_rows} must be 64 or 128 (one "
-                             "or two consumer warpgroups of wgmma's 64 rows)")
-        if self.block_d != SLICE:
-            raise ValueError(f"BlockSizes: block_d={self.block_d} must be {SLICE} (one swizzled "
-                             "row of two-byte elements)")
-        if not (isinstance(self.buffers, int) and self.buffers >= 2):
-            raise ValueError(f"BlockSizes: buffers={self.buffers!r} must be an int >= 2")
+        check_block_sizes(self, rows="block_rows", depth="block_d")
 
     @classmethod
     def get_default(cls, x_shape: tuple[int, ...], wq_shape: tuple[int, ...],

@@ -78,8 +78,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels._common import MOSAIC_GPU_DTYPES, pad2, pad_to, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
-from kernels._mgpu import SLICE, WG_ROWS, launch, projection, projection_ring_bytes
-from kernels._mgpu import matmul, matmul_ring_bytes, matmul_scratch, projection_scratch
+from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
+from kernels._mgpu import matmul_scratch, projection, projection_ring_bytes, projection_scratch
 from kernels._mgpu import segments, swizzled, window_copy
 from kernels.norm_swiglu import gpu, pallas
 
@@ -98,16 +98,8 @@ class BlockSizes(gpu.BlockSizes):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.block_t not in (WG_ROWS, 2 * WG_ROWS):
-            raise ValueError(f"BlockSizes: block_t={self.block_t} must be 64 or 128 (one or two "
-                             "consumer warpgroups of wgmma's 64 rows)")
-        if self.block_f not in (64, 128):
-            raise ValueError(f"BlockSizes: block_f={self.block_f} must be 64 or 128")
-        if self.block_d != SLICE:
-            raise ValueError(f"BlockSizes: block_d={self.block_d} must be {SLICE} (one swizzled "
-                             "row of two-byte elements)")
-        if not (isinstance(self.buffers, int) and self.buffers >= 2):
-            raise ValueError(f"BlockSizes: buffers={self.buffers!r} must be an int >= 2")
+        check_block_sizes(self, rows="block_t", depth="block_d",
+                          columns=(("block_f", (64, 128)),))
 
     @classmethod
     def get_default(cls, rows: int, d_model: int, d_ff: int, dtype=jnp.bfloat16,
