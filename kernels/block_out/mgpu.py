@@ -33,9 +33,10 @@ same streamed matmul over D with the weight slices [block_d, 64] stored as they 
 and read transposed by wgmma. The weight gradients are XLA's, as on every backend.
 
 Shapes: M, D, H*K and F are zero-padded to whole tiles (padded contraction entries multiply
-zeros); bf16 only (an f32 x raises, naming `pallas_gpu`). What CPU checks cover is kernels/norm_swiglu/mgpu.py's: the Mosaic
-GPU interpreter on jax >= 0.11 against the reference (the wgmmas as plain dots), the CUDA
-export on both jax versions; PTX, registers and speed need the GPU (tools/gpu_check.sh).
+zeros); bf16 only (an f32 x raises, naming `pallas_gpu`). What CPU checks cover is
+kernels/norm_swiglu/mgpu.py's: the Mosaic GPU interpreter on jax >= 0.11 against the
+reference (the wgmmas as plain dots), the CUDA export on both jax versions; PTX, registers and
+speed need the GPU (tools/gpu_check.sh).
 """
 
 from __future__ import annotations
