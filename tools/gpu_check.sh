@@ -116,7 +116,7 @@ bench_group() {  # bench_group NAME CAP MARGIN PYTEST_ARGS...
 
 PARTS=()
 stage env 60 0 "$PY" tools/gpu_check.py env
-stage check 90 0 "$PY" tools/gpu_check.py check --out "$OUTDIR/kernels_check.json" "${CHECK_ARGS[@]}"
+stage check 120 0 "$PY" tools/gpu_check.py check --out "$OUTDIR/kernels_check.json" "${CHECK_ARGS[@]}"
 if [ "$REHEARSE" = 0 ] && grep -rqs "pytest.mark.gpu\b" tests/; then
   stage native 60 10 "$PY" -m pytest -q -m gpu tests/
 fi
