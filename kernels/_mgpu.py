@@ -6,7 +6,9 @@ kernels/mq_flash_attention/mgpu.py and kernels/norm_swiglu/mgpu.py docstrings us
   * `swizzled`: shared memory in the swizzled layout TMA writes and wgmma reads.
   * `launch`: a `plgpu.kernel` over a named grid whose warpgroups share scratch allocated once.
   * `produce`: the producer's loop: tile i of each source into ring slot i % depth, signalling
-    a `ready` barrier per slot, refilling a slot once every consumer has released it (`free`).
+    a `ready` barrier per slot, refilling a slot once every consumer has released it (`free`);
+    its copies are `window_copy`s, `segments` (two arrays along one contraction) or a
+    kernel's own choice per thread block.
   * `accumulate`: f32 accumulators += products, by wgmma natively (issued together, awaited
     once) and by plain dots in the Mosaic GPU interpreter, which has no `pl.run_state`.
   * `projection`: the LayerNorm-prologue projection both fused input projections run
@@ -156,7 +158,6 @@ def meet(barrier) -> None:
     plgpu.barrier_wait(barrier)
 
 
-
 # ---- The LayerNorm-prologue projection (norm_swiglu's and norm_qkv_rope's forwards) ----------
 
 # wgmma's M: the rows one consumer warpgroup owns.
@@ -219,10 +220,10 @@ def projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weight_copies, scratc
 
     The producer streams, per contraction slice k of the n_d, x[rows, k], scale[k] and the
     weight slices [SLICE, w_i] (`weight_copies`: `produce` copies, one per weight) through the
-    ring. Consumer c loads
-    its rows' mean and rstd once; per slice its x rows into registers, normalised there
-    ((x - mean) rstd scale, rounded to x's dtype as the references round LN(x)), and then
-    acc_i += xn @ W_i[k] by wgmma from registers, all issued together and awaited once. Once
+    ring. Consumer c loads its rows' mean and rstd once; per slice its x rows into registers,
+    normalised there ((x - mean) rstd scale, rounded to x's dtype as the references round
+    LN(x)), and then acc_i += xn @ W_i[k] by wgmma from registers, all issued together and
+    awaited once. Once
     every consumer is past its last wgmma (the ring's memory is then free for the staging),
     each calls `epilogue(c, accs, mine, staging, extra)`: accs the f32 [64, w_i], mine the
     pl.ds of its rows in x, staging and extra as `projection_scratch` got them."""
