@@ -7,8 +7,9 @@ kernels/mq_flash_attention/mgpu.py and kernels/norm_swiglu/mgpu.py docstrings us
   * `launch`: a `plgpu.kernel` over a named grid whose warpgroups share scratch allocated once.
   * `produce`: the producer's loop: tile i of each source into ring slot i % depth, signalling
     a `ready` barrier per slot, refilling a slot once every consumer has released it (`free`);
-    its copies are `window_copy`s, `segments` (two arrays along one contraction) or a
+    its copies are `window_copy`s, `segments` (several arrays along one contraction) or a
     kernel's own choice per thread block.
+  * `store`: an epilogue's output tile through shared memory to one of several outputs.
   * `accumulate`: f32 accumulators += products, by wgmma natively (issued together, awaited
     once) and by plain dots in the Mosaic GPU interpreter, which has no `pl.run_state`.
   * `projection`: the LayerNorm-prologue projection both fused input projections run
@@ -81,14 +82,29 @@ def window_copy(window: Callable[[Any], Any]) -> Callable[[Any, Any, Any], None]
     return lambda tile, dst, barrier: plgpu.copy_gmem_to_smem(window(tile), dst, barrier)
 
 
-def segments(first: Callable[[Any], Any], second: Callable[[Any], Any], n_first):
-    """A `produce` copy of step k from `first(k)` (k < n_first) or `second(k - n_first)` (gmem
-    windows): two products summed into one accumulator along one contraction."""
+def segments(*parts: tuple[Callable[[Any], Any], Any]):
+    """A `produce` copy of step k from the part it falls in: parts (window, steps), in their
+    order along one contraction (several products summed into one accumulator), step k of a
+    part read from `window(k - the steps before it)` (a gmem window)."""
     def copy(k, dst, barrier):
-        pl.when(k < n_first)(lambda: plgpu.copy_gmem_to_smem(first(k), dst, barrier))
-        pl.when(k >= n_first)(lambda: plgpu.copy_gmem_to_smem(second(k - n_first), dst,
-                                                              barrier))
+        start = 0
+        for window, steps in parts:
+            pl.when((k >= start) & (k < start + steps))(functools.partial(
+                lambda window, start: plgpu.copy_gmem_to_smem(window(k - start), dst, barrier),
+                window, start))
+            start = start + steps
     return copy
+
+
+def store(stage, value, destinations) -> None:
+    """An epilogue's output tile: `value` into the shared-memory `stage` (in its dtype), then
+    by TMA to the gmem window of each (condition, window) of `destinations` whose condition
+    holds (a bool, or a traced one: outputs chosen per thread block), awaited."""
+    stage[...] = value.astype(stage.dtype)
+    plgpu.commit_smem()
+    for condition, window in destinations:
+        pl.when(condition)(functools.partial(plgpu.copy_smem_to_gmem, stage, window))
+    plgpu.wait_smem_to_gmem(0)
 
 
 def produce(copies: Sequence[Callable[[Any, Any, Any], None]], rings: Sequence[Any], ready,
@@ -166,11 +182,11 @@ WG_ROWS = 64
 SLICE = 64
 
 
-def check_block_sizes(blocks, *, rows: str, depth: str, columns=()) -> None:
+def check_block_sizes(blocks, *, rows: str, depth: str, columns=(), flags=()) -> None:
     """Validates a Mosaic GPU `BlockSizes` (call it from its `__post_init__`): the `rows` field
     64 or 128 (one or two consumer warpgroups of wgmma's 64 rows), the `depth` field the slice
-    of SLICE, each (field, widths) of `columns` one of its widths, `buffers` an int >= 2; a
-    ValueError names the field otherwise."""
+    of SLICE, each (field, widths) of `columns` one of its widths, `buffers` an int >= 2, each
+    field named in `flags` a bool; a ValueError names the field otherwise."""
     owner = type(blocks).__name__
     value = getattr(blocks, rows)
     if value not in (WG_ROWS, 2 * WG_ROWS):
@@ -185,6 +201,9 @@ def check_block_sizes(blocks, *, rows: str, depth: str, columns=()) -> None:
                          "swizzled row of two-byte elements)")
     if not (isinstance(blocks.buffers, int) and blocks.buffers >= 2):
         raise ValueError(f"{owner}: buffers={blocks.buffers!r} must be an int >= 2")
+    for name in flags:
+        if not isinstance(getattr(blocks, name), bool):
+            raise ValueError(f"{owner}: {name}={getattr(blocks, name)!r} must be a bool")
 
 
 def projection_ring_bytes(rows: int, widths: Sequence[int], itemsize: int, buffers: int) -> int:

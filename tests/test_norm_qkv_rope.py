@@ -63,12 +63,13 @@ def cases(draw):
     of 1 or 2 plus the k/v tile. pallas_gpu (tiles are powers of two of at least 16, Triton's
     dots): M <= 32 rows and D <= 32 in tiles of 16 (two tiles or loop steps where M or D
     exceeds 16), one program per head. pallas_mosaic_gpu (jax >= 0.11): bf16, K = 128, its
-    forward's 64/128-row tiles over D in slices of 64 (a ring of 2 to 4), Triton's backward
-    tiles of 16, a third under race detection."""
+    64/128-row tiles over slices of 64 (a ring of 2 to 4), the backward Mosaic's or (a third)
+    Triton's on tiles of 16, a third under race detection."""
     impl = draw(st.sampled_from(IMPLS))
     if impl == "pallas_mosaic_gpu":
         blocks = nqr_mgpu.BlockSizes(draw(st.sampled_from([64, 128])), 64, 16, 16,
-                                     buffers=draw(st.integers(2, 4)))
+                                     buffers=draw(st.integers(2, 4)),
+                                     mosaic_bwd=draw(st.sampled_from([True, True, False])))
         # Small: every thread block of the Mosaic GPU interpreter costs ~0.1 s; K = 256 and
         # two row tiles are the fixed examples'.
         return dict(b=draw(st.integers(1, 2)), t=draw(st.integers(1, 24)),
@@ -109,8 +110,9 @@ def _interpret(case):
     return pltpu.InterpretParams(detect_races=True)
 
 
-# The Mosaic forward: two consumers (70 rows of a 128-row tile), three D slices through a ring
-# of two, PaLM's K = 256; one consumer at K = 128 with padded rows and D.
+# The Mosaic kernels: two consumers (70 rows of a 128-row tile), three D slices through a ring
+# of two, PaLM's K = 256 (dh: 16 slices of the heads through it, dW: 8 column tiles, the
+# first four dwq's); one consumer at K = 128 with padded rows and D, three query heads.
 MOSAIC_EXAMPLES = [
     dict(b=1, t=70, d=150, h=2, k=256, dtype=jnp.bfloat16, impl="pallas_mosaic_gpu",
          blocks=nqr_mgpu.BlockSizes(128, 64, 16, 16, buffers=2), races=True, seed=70),
@@ -388,7 +390,7 @@ def test_gpu_exports_for_cuda_at_palm_8b():
 
 @pytest.mark.parametrize("model", sorted(PALM))
 def test_mosaic_gpu_exports_for_cuda(model):
-    """The Mosaic GPU forward lowers at PaLM-8B and 540B (its vjp: the Triton backward)."""
+    """The Mosaic GPU kernels lower at PaLM-8B and 540B: the forward, dh and dW; no Triton."""
     def forward_and_vjp(x, norm_scale, wq, wk, wv, positions):
         def forward(*params):
             return norm_qkv_rope(*params, positions, eps=EPS, impl="pallas_mosaic_gpu",
@@ -397,8 +399,8 @@ def test_mosaic_gpu_exports_for_cuda(model):
         return out, vjp(out)
 
     text = export_for_gpu(forward_and_vjp, *_palm_args(model))
-    assert mosaic_gpu_kernel_count(text) == 1
-    assert triton_kernel_names(text) == ["palm_norm_qkv_rope_bwd_dx", "palm_norm_qkv_rope_bwd_dw"]
+    assert mosaic_gpu_kernel_count(text) == 3
+    assert triton_kernel_names(text) == []
 
 
 def test_mosaic_gpu_block_sizes_default_and_validation():
@@ -412,7 +414,8 @@ def test_mosaic_gpu_block_sizes_default_and_validation():
                                            jnp.bfloat16).block_rows == 64
     for kwargs, match in [(dict(block_rows=32), "block_rows=32 must be 64 or 128"),
                           (dict(block_d=32), "block_d=32 must be 64"),
-                          (dict(buffers=1), "buffers=1")]:
+                          (dict(buffers=1), "buffers=1"),
+                          (dict(mosaic_bwd=1), "mosaic_bwd=1 must be a bool")]:
         with pytest.raises(ValueError, match=match):
             nqr_mgpu.BlockSizes(**kwargs)
     for dtype, k, match in [(jnp.float32, 128, "bfloat16 x"), (jnp.bfloat16, 64, "128 or 256")]:

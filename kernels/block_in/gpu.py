@@ -1,7 +1,7 @@
 """The Pallas GPU `block_in`s on one LayerNorm (the composition is compose.py's): the halves'
 Triton kernels (kernels/norm_qkv_rope/gpu.py, kernels/norm_swiglu/gpu.py), `pallas_gpu`; and,
-`pallas_mosaic_gpu`, the halves' Mosaic GPU forwards (kernels/norm_qkv_rope/mgpu.py,
-kernels/norm_swiglu/mgpu.py) with their Triton backwards."""
+`pallas_mosaic_gpu`, the halves' Mosaic GPU kernels (kernels/norm_qkv_rope/mgpu.py,
+kernels/norm_swiglu/mgpu.py), forward and backward."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ block_in_pallas_gpu = functools.partial(block_in_pallas, qkv_gpu, mlp_gpu)
 
 
 def block_in_pallas_mosaic_gpu(x, norm_scale, wq, *args, **kwargs):
-    """`block_in` on the Mosaic GPU forwards: norm_qkv_rope's where it takes the head dim (128
+    """`block_in` on the Mosaic GPU kernels: norm_qkv_rope's where it takes the head dim (128
     or 256, `qkv_mgpu.HALVES`), its Triton kernels for others (a small model, say), so that a
     whole model can be asked for pallas_mosaic_gpu; norm_swiglu's always."""
     qkv = qkv_mgpu if wq.shape[-1] // 2 in qkv_mgpu.HALVES else qkv_gpu

@@ -55,7 +55,7 @@ from kernels._common import MOSAIC_GPU_DTYPES, pad2, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
 from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
-from kernels._mgpu import matmul_scratch, segments, swizzled, window_copy
+from kernels._mgpu import matmul_scratch, segments, store, swizzled, window_copy
 from kernels.block_out import gpu
 from kernels.block_out.pallas import Settings, block_out_pallas
 
@@ -150,15 +150,12 @@ def _fwd_kernel(x_ref, o_ref, wo_ref, h_ref, wd_ref, out_ref, *scratch, n_attn: 
         plgpu.copy_gmem_to_smem(x_ref.at[mine, cols], x_stage.at[c], x_ready.at[c])
         plgpu.barrier_wait(x_ready.at[c])
         out = acc + mosaic_load(x_stage.at[c], plgpu.Layout.WGMMA).astype(jnp.float32)
-        x_stage.at[c][...] = out.astype(x_stage.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(x_stage.at[c], out_ref.at[mine, cols])
-        plgpu.wait_smem_to_gmem(0)
+        store(x_stage.at[c], out, ((True, out_ref.at[mine, cols]),))
 
-    matmul(segments(lambda k: o_ref.at[rows, depth(k)], lambda k: h_ref.at[rows, depth(k)],
-                    n_attn),
-           (segments(lambda k: wo_ref.at[depth(k), cols], lambda k: wd_ref.at[depth(k), cols],
-                     n_attn),),
+    matmul(segments((lambda k: o_ref.at[rows, depth(k)], n_attn),
+                    (lambda k: h_ref.at[rows, depth(k)], n_mlp)),
+           (segments((lambda k: wo_ref.at[depth(k), cols], n_attn),
+                     (lambda k: wd_ref.at[depth(k), cols], n_mlp)),),
            scratch, n_steps=n_attn + n_mlp, interpret=interpret, epilogue=epilogue)
 
 
@@ -204,13 +201,8 @@ def _bwd_dact_kernel(dy_ref, wo_ref, wd_ref, do_ref, dh_ref, *scratch, n_attn: i
     def epilogue(c, accs, stage, extra):
         (acc,) = accs
         mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
-        stage.at[c][...] = acc.astype(stage.dtype)
-        plgpu.commit_smem()
-        pl.when(attention)(lambda: plgpu.copy_smem_to_gmem(stage.at[c],
-                                                           do_ref.at[mine, out_cols[0]]))
-        pl.when(~attention)(lambda: plgpu.copy_smem_to_gmem(stage.at[c],
-                                                            dh_ref.at[mine, out_cols[1]]))
-        plgpu.wait_smem_to_gmem(0)
+        store(stage.at[c], acc, ((attention, do_ref.at[mine, out_cols[0]]),
+                                 (~attention, dh_ref.at[mine, out_cols[1]])))
 
     matmul(window_copy(lambda k: dy_ref.at[rows, depth(k)]), (weight_copy,), scratch, n_steps=n_d,
            interpret=interpret, epilogue=epilogue, transposed_b=True)

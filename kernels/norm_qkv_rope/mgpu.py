@@ -1,5 +1,5 @@
-"""The Mosaic GPU `norm_qkv_rope` forward (Hopper: TMA, wgmma, warp specialisation), with gpu.py's
-Triton backward: `impl="pallas_mosaic_gpu"`.
+"""The Mosaic GPU `norm_qkv_rope` (Hopper: TMA, wgmma, warp specialisation), forward and
+backward: `impl="pallas_mosaic_gpu"`.
 
 Why: as kernels/norm_swiglu/mgpu.py, the fused projections' bar is 0.9x a bare matmul, which
 needs Hopper's whole tensor-core pipeline. The thread block is `kernels._mgpu.projection`, the
@@ -29,10 +29,27 @@ and the accumulators fit); M and D are zero-padded to whole tiles (padded rows h
 padded features scale 0, so they add nothing). bf16 only. Other K, or f32, raise an error naming
 `pallas_gpu`.
 
-The backward is gpu.py's Triton kernels on the same residuals. What CPU checks cover is
-kernels/norm_swiglu/mgpu.py's: the Mosaic GPU interpreter on jax >= 0.11 against the reference
-(the wgmmas from registers as plain dots), the CUDA export on both jax versions; PTX, registers
-and speed need the GPU (tools/gpu_check.sh).
+The backward (the same residuals: the inputs and the row statistics) is two streamed matmuls
+(`_mgpu.matmul`, [block_rows, 128] output tiles, a ring of 64-deep slices) after one XLA fusion:
+  * g [M, (H+2)K] in x's dtype: dq and dk rotated back (R⁻¹: g1 = c1 cos + c2 sin, g2 = c2 cos -
+    c1 sin, rope_angles in f32) and dv, the heads side by side, rounded once as gpu.py rounds
+    them for its dots. Rotating in XLA costs one extra pass over the cotangents (18 MiB read,
+    18 MiB written at PaLM-8B, M = 2048: ~11 us of HBM against the two matmuls' ~160 us at
+    the tensor cores' peak), and buys two plain matmuls: a register prologue (gpu.py's) would
+    hold cos and sin beside the accumulators.
+  * dh (`palm_norm_qkv_rope_bwd_dx_mosaic`) [M, D] = g·[wq | wk | wv]ᵀ over the (H+2)K
+    columns: the producer switches from wq (viewed [D, H·K], no copy) to wk to wv along the
+    contraction (`_mgpu.segments`), the weight slices [128, 64] read transposed by wgmma.
+  * dW (`palm_norm_qkv_rope_bwd_dw_mosaic`) [D, (H+2)K] = LN(x)ᵀ·g over the rows, LN(x)
+    materialised once by XLA (as norm_swiglu's dw) and its slices read transposed; each
+    128-column tile lies in one head (K = 128 or 256), so its thread block writes dwq, dwk or
+    dwv directly.
+Shared memory: 4 x (128 + 128) x 64 x 2 = 128 KiB for either. `BlockSizes.mosaic_bwd=False`
+runs gpu.py's Triton backward instead.
+
+What CPU checks cover is kernels/norm_swiglu/mgpu.py's: the Mosaic GPU interpreter on jax >=
+0.11 against the reference (the wgmmas from registers as plain dots), the CUDA export on both
+jax versions; PTX, registers and speed need the GPU (tools/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -47,29 +64,36 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels._common import MOSAIC_GPU_DTYPES, pad2, pad_to, round_up
+from kernels._common import MOSAIC_GPU_DTYPES, layer_norm_rows, pad2, pad_to, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
-from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, projection
-from kernels._mgpu import projection_ring_bytes, projection_scratch, swizzled
+from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
+from kernels._mgpu import matmul_scratch, projection, projection_ring_bytes, projection_scratch
+from kernels._mgpu import segments, store, swizzled, window_copy
 from kernels.norm_qkv_rope import gpu, pallas
 from kernels.rope.reference import rope_angles
 
 IMPL = "pallas_mosaic_gpu"
 HALVES = (64, 128)  # K / 2: one or two swizzled rows of 64 two-byte columns
+# The backward's output tiles' columns: D's (dh), or (H+2)K's (dW), where a tile then lies in one
+# head (K = 128 or 256), so in one of wq, wk, wv.
+BWD_COLUMNS = 128
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(gpu.BlockSizes):
-    """gpu.BlockSizes (the Triton backward's tiles and warps) whose forward tiles drive the
-    Mosaic GPU forward: block_rows 64 or 128 (one or two consumer warpgroups), block_d the
-    slice of 64; `buffers` is the depth of the ring of slices in shared memory (>= 2)."""
+    """gpu.BlockSizes whose forward tiles drive the Mosaic GPU kernels: block_rows 64 or 128
+    (one or two consumer warpgroups; the rows of every kernel's output tiles: M's, or D's for
+    dW), block_d the slice of 64; `buffers` is the depth of the ring of slices in shared memory
+    (>= 2). `mosaic_bwd` False runs gpu.py's Triton backward instead, on the *_bwd tiles and
+    warps (the fallback, and the comparison, on a GPU)."""
 
     buffers: int = 4
+    mosaic_bwd: bool = True
 
     def __post_init__(self):
         super().__post_init__()
-        check_block_sizes(self, rows="block_rows", depth="block_d")
+        check_block_sizes(self, rows="block_rows", depth="block_d", flags=("mosaic_bwd",))
 
     @classmethod
     def get_default(cls, x_shape: tuple[int, ...], wq_shape: tuple[int, ...],
@@ -108,9 +132,15 @@ def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 1
         raise ValueError(f"norm_qkv_rope: impl={IMPL!r} takes head dims 128 or 256 (RoPE's "
                          f"halves of 64 or 128 columns), got {wq.shape[2]}; use "
                          "impl='pallas_gpu'")
-    triton = gpu.shared_memory_bytes(x.shape, wq.shape, x.dtype, block_sizes)
-    sizes = {"forward": forward_shared_memory_bytes(block_sizes, wq.shape[2], x.dtype),
-             "bwd_dx": triton["bwd_dx"], "bwd_dw": triton["bwd_dw"]}
+    sizes = {"forward": forward_shared_memory_bytes(block_sizes, wq.shape[2], x.dtype)}
+    if block_sizes.mosaic_bwd:  # dh and dW: a ring of A and B slices, the output tile reusing it
+        ring = matmul_ring_bytes(block_sizes.block_rows, BWD_COLUMNS, x.dtype.itemsize,
+                                 block_sizes.buffers)
+        sizes["bwd_dx"] = sizes["bwd_dw"] = max(ring, block_sizes.block_rows * BWD_COLUMNS
+                                                * x.dtype.itemsize)
+    else:
+        triton = gpu.shared_memory_bytes(x.shape, wq.shape, x.dtype, block_sizes)
+        sizes.update(bwd_dx=triton["bwd_dx"], bwd_dw=triton["bwd_dw"])
     for kernel, size in sizes.items():
         check_shared_memory(size, f"palm_norm_qkv_rope {kernel} {block_sizes} (impl={IMPL!r})")
     return pallas.Settings(eps=float(eps), base=float(base),
@@ -202,16 +232,134 @@ def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, cos_ref, sin_ref, wq_ref, 
 
 
 def _for_triton(settings: pallas.Settings) -> pallas.Settings:
-    """gpu.py's settings for its backward kernels: the same tiles, interpreted by the generic
-    interpreter when this forward is by the Mosaic GPU one."""
+    """gpu.py's settings for its backward kernels (`mosaic_bwd=False`): the same tiles,
+    interpreted by the generic interpreter when this forward is by the Mosaic GPU one."""
     return dataclasses.replace(settings, interpret=bool(settings.interpret))
 
 
 def backward_rows(settings: pallas.Settings, x2, norm_scale, wq, wk, wv, pos, mean, rstd, dq, dk,
                   dv):
-    """gpu.py's backward (pallas.py's backend interface)."""
-    return gpu.backward_rows(_for_triton(settings), x2, norm_scale, wq, wk, wv, pos, mean, rstd,
-                             dq, dk, dv)
+    """The backward on rows (pallas.py's backend interface): the cotangents rotated back by
+    XLA into g [M, (H+2)K], then dh = g·[wq | wk | wv]ᵀ and dW = LN(x)ᵀ·g, two `_mgpu.matmul`
+    kernels (module docstring); gpu.py's Triton kernels with `mosaic_bwd=False`."""
+    if not settings.block_sizes.mosaic_bwd:
+        return gpu.backward_rows(_for_triton(settings), x2, norm_scale, wq, wk, wv, pos, mean,
+                                 rstd, dq, dk, dv)
+    g = _rotated_back(pos, dq, dk, dv, settings.base)
+    dh = _bwd_dx_call(settings, g, wq, wk, wv)
+    xn = layer_norm_rows(x2, mean, rstd, norm_scale).astype(x2.dtype)  # [M, D]
+    return dh, _bwd_dw_call(settings, xn, g, wq.shape)
+
+
+def _rotated_back(pos, dq, dk, dv, base: float):
+    """g [M, (H+2)K] in x's dtype: the cotangents of q and k rotated back (R⁻¹, the
+    transpose of RoPE's rotation), dv as it is, heads side by side; one XLA fusion."""
+    (m, heads, k), half = dq.shape, dq.shape[2] // 2
+    cos, sin = rope_angles(pos, k, base)  # f32 [M, K/2]
+
+    def back(c, cos, sin):
+        c1, c2 = c[..., :half].astype(jnp.float32), c[..., half:].astype(jnp.float32)
+        return jnp.concatenate([c1 * cos + c2 * sin, c2 * cos - c1 * sin], -1).astype(c.dtype)
+
+    return jnp.concatenate([back(dq, cos[:, None], sin[:, None]).reshape(m, heads * k),
+                            back(dk, cos, sin), dv], axis=1)
+
+
+def _bwd_dx_call(settings: pallas.Settings, g, wq, wk, wv):
+    """dh [M, D] in x's dtype = g·[wq | wk | wv]ᵀ: [block_rows, BWD_COLUMNS] tiles of M x D,
+    the contraction over the H + 2 heads' K columns in slices of 64 whose producer switches
+    from wq to wk to wv (nothing concatenated), the weight slices [BWD_COLUMNS, 64] read
+    transposed by wgmma."""
+    blocks = settings.block_sizes
+    rows, buffers = blocks.block_rows, blocks.buffers
+    consumers = rows // WG_ROWS
+    (m, n), (d, heads, k) = g.shape, wq.shape
+    mp, dp = round_up(m, rows), round_up(d, BWD_COLUMNS)
+    gp = pad_to(g, (mp, n))
+    wq2 = pad_to(wq.reshape(d, heads * k), (dp, heads * k))
+    wk, wv = (pad_to(w, (dp, k)) for w in (wk, wv))
+    scratch = matmul_scratch(rows, BWD_COLUMNS, g.dtype, buffers,
+                             swizzled((consumers, WG_ROWS, BWD_COLUMNS), g.dtype),
+                             transposed_b=True)
+    kernel = functools.partial(_bwd_dx_kernel, n_q=heads * k // SLICE, n_head=k // SLICE,
+                               interpret=bool(settings.interpret))
+    dh = launch(kernel, scratch, name="palm_norm_qkv_rope_bwd_dx_mosaic",
+                out_type=jax.ShapeDtypeStruct((mp, dp), g.dtype),
+                grid=(mp // rows, dp // BWD_COLUMNS), grid_names=("rows", "cols"),
+                threads=consumers + 1, interpret=settings.interpret,
+                scope=f"bm={rows} bd={BWD_COLUMNS} bk={SLICE} buffers={buffers}",
+                )(gp, wq2, wk, wv)
+    return dh[:m, :d]
+
+
+def _bwd_dx_kernel(g_ref, wq_ref, wk_ref, wv_ref, dh_ref, *scratch, n_q: int, n_head: int,
+                   interpret: bool):
+    """One [block_rows, BWD_COLUMNS] tile of dh: the products with wq's H heads, wk and wv
+    summed along one contraction."""
+    (a_ring, w_ring), _ = scratch[0]
+    bm, bn = a_ring.shape[1], w_ring.shape[1]
+    rows = pl.ds(lax.axis_index("rows") * bm, bm)
+    cols = pl.ds(lax.axis_index("cols") * bn, bn)
+    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
+
+    def epilogue(c, accs, stage, extra):
+        (acc,) = accs
+        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
+        store(stage.at[c], acc, ((True, dh_ref.at[mine, cols]),))
+
+    weights = segments(*((lambda k, w_ref=w_ref: w_ref.at[cols, depth(k)], steps)
+                         for w_ref, steps in ((wq_ref, n_q), (wk_ref, n_head), (wv_ref, n_head))))
+    matmul(window_copy(lambda k: g_ref.at[rows, depth(k)]), (weights,), scratch,
+           n_steps=n_q + 2 * n_head, interpret=interpret, epilogue=epilogue, transposed_b=True)
+
+
+def _bwd_dw_call(settings: pallas.Settings, xn, g, wq_shape):
+    """(dwq [D, H, K], dwk, dwv [D, K]) in x's dtype = LN(x)ᵀ·g: [block_rows, BWD_COLUMNS]
+    tiles of D x (H+2)K (each within one head's K, so its thread block writes one of the three
+    arrays), the contraction over M in slices of 64, LN(x)'s slices read transposed."""
+    blocks = settings.block_sizes
+    rows, buffers = blocks.block_rows, blocks.buffers
+    consumers = rows // WG_ROWS
+    (m, d), n, (_, heads, k) = xn.shape, g.shape[1], wq_shape
+    mp, dp = round_up(m, SLICE), round_up(d, rows)
+    xnp, gp = pad2(xn, mp, dp), pad_to(g, (mp, n))
+    scratch = matmul_scratch(rows, BWD_COLUMNS, xn.dtype, buffers,
+                             swizzled((consumers, WG_ROWS, BWD_COLUMNS), xn.dtype),
+                             transposed_a=True)
+    kernel = functools.partial(_bwd_dw_kernel, n_rows=mp // SLICE,
+                               interpret=bool(settings.interpret))
+    dwq, dwk, dwv = launch(
+        kernel, scratch, name="palm_norm_qkv_rope_bwd_dw_mosaic",
+        out_type=[jax.ShapeDtypeStruct((dp, heads * k), xn.dtype),
+                  *(jax.ShapeDtypeStruct((dp, k), xn.dtype),) * 2],
+        grid=(dp // rows, n // BWD_COLUMNS), grid_names=("rows", "cols"), threads=consumers + 1,
+        interpret=settings.interpret, scope=f"bd={rows} bn={BWD_COLUMNS} bm={SLICE} "
+                                            f"buffers={buffers}")(xnp, gp)
+    return dwq[:d].reshape(d, heads, k), dwk[:d], dwv[:d]
+
+
+def _bwd_dw_kernel(xn_ref, g_ref, dwq_ref, dwk_ref, dwv_ref, *scratch, n_rows: int,
+                   interpret: bool):
+    """One [block_rows, BWD_COLUMNS] tile of [dwq | dwk | dwv] (rows of D), written to the
+    array its columns fall in."""
+    (a_ring, b_ring), _ = scratch[0]
+    bd, bn = a_ring.shape[-1], b_ring.shape[-1]
+    features = pl.ds(lax.axis_index("rows") * bd, bd)
+    start = lax.axis_index("cols") * bn
+    q_end, k_end = dwq_ref.shape[1], dwq_ref.shape[1] + dwk_ref.shape[1]
+    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
+
+    def epilogue(c, accs, stage, extra):
+        (acc,) = accs
+        mine = pl.ds(features.start + c * WG_ROWS, WG_ROWS)
+        store(stage.at[c], acc, (
+            (start < q_end, dwq_ref.at[mine, pl.ds(start, bn)]),
+            ((start >= q_end) & (start < k_end), dwk_ref.at[mine, pl.ds(start - q_end, bn)]),
+            (start >= k_end, dwv_ref.at[mine, pl.ds(start - k_end, bn)])))
+
+    matmul(window_copy(lambda k: xn_ref.at[depth(k), features]),
+           (window_copy(lambda k: g_ref.at[depth(k), pl.ds(start, bn)]),), scratch,
+           n_steps=n_rows, interpret=interpret, epilogue=epilogue, transposed_a=True)
 
 
 # The Mosaic GPU `norm_qkv_rope` (the front door's arguments but impl; block_sizes a

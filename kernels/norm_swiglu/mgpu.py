@@ -80,7 +80,7 @@ from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_in
 from kernels._gpu import mosaic_load
 from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
 from kernels._mgpu import matmul_scratch, projection, projection_ring_bytes, projection_scratch
-from kernels._mgpu import segments, swizzled, window_copy
+from kernels._mgpu import segments, store, swizzled, window_copy
 from kernels.norm_swiglu import gpu, pallas
 
 IMPL = "pallas_mosaic_gpu"
@@ -306,15 +306,12 @@ def _bwd_dx_kernel(dg_ref, du_ref, wg_ref, wu_ref, out_ref, *scratch, n_f: int,
     def epilogue(c, accs, stage, extra):
         (acc,) = accs
         mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
-        stage.at[c][...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(stage.at[c], out_ref.at[mine, cols])
-        plgpu.wait_smem_to_gmem(0)
+        store(stage.at[c], acc, ((True, out_ref.at[mine, cols]),))
 
-    matmul(segments(lambda k: dg_ref.at[rows, depth(k)], lambda k: du_ref.at[rows, depth(k)],
-                    n_f),
-           (segments(lambda k: wg_ref.at[cols, depth(k)], lambda k: wu_ref.at[cols, depth(k)],
-                     n_f),),
+    matmul(segments((lambda k: dg_ref.at[rows, depth(k)], n_f),
+                    (lambda k: du_ref.at[rows, depth(k)], n_f)),
+           (segments((lambda k: wg_ref.at[cols, depth(k)], n_f),
+                     (lambda k: wu_ref.at[cols, depth(k)], n_f)),),
            scratch, n_steps=2 * n_f, interpret=interpret, epilogue=epilogue, transposed_b=True)
 
 
@@ -353,12 +350,8 @@ def _bwd_dw_kernel(xn_ref, dg_ref, du_ref, dwg_ref, dwu_ref, *scratch, n_rows: i
 
     def epilogue(c, accs, staging, extra):
         mine = pl.ds(features.start + c * WG_ROWS, WG_ROWS)
-        for acc, stage in zip(accs, staging):
-            stage.at[c][...] = acc.astype(stage.dtype)
-        plgpu.commit_smem()
-        for stage, out_ref in zip(staging, (dwg_ref, dwu_ref)):
-            plgpu.copy_smem_to_gmem(stage.at[c], out_ref.at[mine, cols])
-        plgpu.wait_smem_to_gmem(0)
+        for acc, stage, out_ref in zip(accs, staging, (dwg_ref, dwu_ref)):
+            store(stage.at[c], acc, ((True, out_ref.at[mine, cols]),))
 
     matmul(window_copy(lambda k: xn_ref.at[depth(k), features]),
            tuple(window_copy(functools.partial(lambda ref, k: ref.at[depth(k), cols], ref))
