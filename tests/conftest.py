@@ -188,6 +188,11 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests marked `long` first: pytest-xdist hands each worker a run of the collected order and
+    # a worker that runs dry steals from the other's end, so a minute-long test collected late
+    # (test_train_sharded.py) ran alone at the end while the other core idled; started first,
+    # the short tests fill in around the long ones.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: pass --run-slow")

@@ -141,6 +141,7 @@ def test_forward_matches_reference(case):
 
 # The gradient cases run two kernels each plus the weight-gradient matmuls: smaller shapes than
 # the forward test (at most 2 tiles per axis, fewer grid steps), the full profile's examples.
+@pytest.mark.long
 @_gpu_and_mosaic_examples
 @given(cases(max_t=12, max_width=160))
 def test_vjp_forward_and_grads_match_reference(case):

@@ -16,6 +16,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+import pytest
 
 from kernels import target_backend
 from palm.config import preset
@@ -150,6 +151,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 def test_sharded_forward_and_loss_match_one_device_on_8_cpu_devices():
     env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")

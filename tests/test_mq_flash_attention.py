@@ -145,6 +145,7 @@ PALM_HEAD_DIM_F32_GPU = _on_gpu(PALM_HEAD_DIM_F32,
 PALM_HEAD_DIM_BF16_GPU = _on_gpu(PALM_HEAD_DIM_BF16)
 
 
+@pytest.mark.long
 @hypothesis.example(PALM_HEAD_DIM_BF16_GPU)
 @hypothesis.example(PALM_HEAD_DIM_F32_GPU)
 @hypothesis.example(PALM_HEAD_DIM_BF16)
@@ -180,6 +181,7 @@ def _vjp(fn):
     return value_and_grads
 
 
+@pytest.mark.long
 @hypothesis.example(PALM_HEAD_DIM_F32_GPU)
 @hypothesis.example(SHORT_QUERIES_GPU)
 @hypothesis.example(SELF_ATTENTION_GPU)
@@ -456,7 +458,7 @@ MOSAIC_CASES = {
         _case(heads=3, q_len=20, kv_len=300, head_dim=40),
         mfa_mgpu.BlockSizes(64, 64, 32, 32, 32, 32, num_warps=4, kv_buffers=3)),
     "full_k128_keys128": _on_mosaic(
-        _case(batch=2, heads=1, q_len=130, kv_len=200, head_dim=128, causal=False),
+        _case(heads=1, q_len=130, kv_len=200, head_dim=128, causal=False),
         mfa_mgpu.BlockSizes(128, 128, 32, 32, 32, 32, num_warps=4)),
     "dkv_ring_wraps_k256": _on_mosaic(_case(heads=2, q_len=160, kv_len=160),
                                       mfa_mgpu.BlockSizes(dkv_splits=1)),

@@ -133,6 +133,7 @@ def _palm_head_dim(dtype, h, impl="pallas_tpu", blocks=None):
                 seed=256)
 
 
+@pytest.mark.long
 @example(_palm_head_dim(jnp.float32, 2))
 @example(_palm_head_dim(jnp.bfloat16, 3))
 @example(_palm_head_dim(jnp.float32, 2, "pallas_gpu", nqr_gpu.BlockSizes(16, 32, 16, 32)))

@@ -189,6 +189,7 @@ def test_forward_with_stats_matches_reference(case):
 # the forward test. The hand-written reference backward is checked in the same program. The
 # example: ragged with two tiles per axis, bf16, saving (the in-place gates kernel) under race
 # detection, which the drawn cases rarely combine.
+@pytest.mark.long
 @example(("pallas_tpu", (2, 11, 150, 140), jnp.bfloat16, ns.BlockSizes(16, 128, 128, 16, 128, 128),
           True, pltpu.InterpretParams(detect_races=True), 7))
 @_gpu_and_mosaic_examples

@@ -298,6 +298,7 @@ def test_resume_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert code == 2 and "not a run directory" in err and err.count("\n") == 1
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_checkpoints_and_the_run_resumes(tmp_path, corpus_glob, tokenizer_path, cache_dir,
                                                   signum):

@@ -71,6 +71,7 @@ def _losses(run_dir) -> list[dict]:
     return [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if "loss" in r]
 
 
+@pytest.mark.long
 def test_two_processes_train_as_one_with_four_devices(tmp_path):
     files = [str(p) for p in data_lib.stdlib_corpus(limit=12)]
     # --tokenizer and --cache-dir shared: the first run trains and tokenises, the second reuses.

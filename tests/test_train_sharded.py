@@ -154,6 +154,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 def test_sharded_train_steps_match_one_device_on_8_cpu_devices():
     # conftest's cheap compile settings, so that they reach every compile (init_state's
     # too): the compiles are nearly all of this test's time, and the flags halve them.
