@@ -259,7 +259,7 @@ def forward(q, k, v, settings: Settings):
                 jax.ShapeDtypeStruct((batch, rows), jnp.float32))
     return _launch(_forward_kernel, scratch, "palm_mq_flash_attention_fwd_mosaic", out_type,
                    (n_tiles, batch), consumers + 1, settings,
-                   _ring_scope(settings, blocks.block_q))(q, k, v)
+                   _ring_scope(settings, blocks.block_q), n_tiles=n_tiles)(q, k, v)
 
 
 def _tile(settings: Settings, n_tiles: int):
@@ -271,10 +271,10 @@ def _tile(settings: Settings, n_tiles: int):
 def _launch(kernel, scratch, name: str, out_type, grid: tuple[int, ...], threads: int,
             settings: Settings, scope: str, **params):
     """`_mgpu.launch` of `kernel` over `grid` (axes "tile", "batch", and "split" if there is a
-    third), the kernel getting settings, n_tiles (grid[0]), interpret and `params` as
-    keywords; the named scope adds the heads and causality to `scope`."""
-    body = functools.partial(kernel, settings=settings, n_tiles=grid[0],
-                             interpret=bool(settings.interpret), **params)
+    third), the kernel getting settings, interpret and `params` as keywords; the named scope
+    adds the heads and causality to `scope`."""
+    body = functools.partial(kernel, settings=settings, interpret=bool(settings.interpret),
+                             **params)
     return launch(body, scratch, name=name, out_type=out_type, grid=grid,
                   grid_names=("tile", "batch", "split")[:len(grid)], threads=threads,
                   interpret=settings.interpret,
@@ -448,11 +448,10 @@ def backward_dkv(q, k, v, do, lse, delta, settings: Settings):
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, kv_smem, union,
                 stats_smem, exchanged, kv_ready, ready, free, exchange, *, settings: Settings,
-                n_tiles: int, interpret: bool, n_q: int, per_split: int):
+                interpret: bool, n_q: int, per_split: int):
     """One (key tile, batch, row split) thread block: dk, dv [64, Kp] of its keys summed over
     the visible 64-row query tiles of its split; two consumers and the producer (module
     docstring). Scores are transposed, s^T = k q^T, so lse and delta broadcast along columns."""
-    del n_tiles
     k_smem, v_smem = kv_smem
     (q_smem, do_smem), staging = union
     lse_smem, delta_smem = stats_smem
@@ -564,7 +563,8 @@ def backward_dq(q, k, v, do, lse, delta, settings: Settings):
     )
     return _launch(_dq_kernel, scratch, "palm_mq_flash_attention_bwd_dq_mosaic",
                    jax.ShapeDtypeStruct(q.shape, q.dtype), (n_tiles, batch), 2,
-                   settings, _ring_scope(settings, WG_ROWS))(q, k, v, do, lse, delta)
+                   settings, _ring_scope(settings, WG_ROWS), n_tiles=n_tiles,
+                   )(q, k, v, do, lse, delta)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ready, free, *,
