@@ -15,7 +15,9 @@ kernels/mq_flash_attention/mgpu.py and kernels/norm_swiglu/mgpu.py docstrings us
   * `projection`: the LayerNorm-prologue projection both fused input projections run
     (norm_swiglu's gate and up, norm_qkv_rope's two halves of a head), with their epilogue.
   * `matmul`: a streamed matmul whose producer may switch arrays along the contraction
-    (block_out's two products), with an epilogue (the residual, or a plain store).
+    (block_out's two products), with an epilogue (the residual, or a plain store);
+    `summed_products` the whole kernel for sums of products with B transposed (the input
+    projections' dx).
 
 Interpretation (`kernels._gpu.mosaic_gpu_interpret`) and the version shim for loads
 (`kernels._gpu.mosaic_load`) are in kernels/_gpu.py with the rest of the GPU settings.
@@ -361,3 +363,32 @@ def matmul(a_copy, b_copies, scratch, *, n_steps: int, interpret: bool, epilogue
 
     for c in range(consumers):
         pl.when(wg == c)(functools.partial(consumer, c))
+
+
+def summed_products(a_steps: Sequence[int], b_steps: Sequence[int], *refs,
+                    interpret: bool) -> None:
+    """A `launch`able kernel over the grid ("rows", "cols") on `matmul_scratch(...,
+    transposed_b=True)`: one [rows, cols] tile of out = sum_i A_i·B_iᵀ along one contraction
+    in slices of SLICE. refs: the parts of A ([M, ·], a_steps[i] slices each), then those of B
+    ([N, ·], b_steps[i] slices; the two walk the same steps side by side), then out [M, N],
+    then the scratch; B's slices [cols, SLICE] are read transposed by wgmma, and the tile
+    leaves through the staging in its dtype."""
+    n_parts = len(a_steps) + len(b_steps)
+    a_refs, b_refs = refs[:len(a_steps)], refs[len(a_steps):n_parts]
+    out_ref, scratch = refs[n_parts], refs[n_parts + 1:]
+    (a_ring, b_ring), _ = scratch[0]
+    bm, bn = a_ring.shape[1], b_ring.shape[1]
+    rows = pl.ds(lax.axis_index("rows") * bm, bm)
+    cols = pl.ds(lax.axis_index("cols") * bn, bn)
+
+    def parts(part_refs, steps, window):
+        return segments(*((functools.partial(lambda ref, k: ref.at[window, pl.ds(k * SLICE, SLICE)],
+                                             ref), n) for ref, n in zip(part_refs, steps)))
+
+    def epilogue(c, accs, stage, extra):
+        (acc,) = accs
+        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
+        store(stage.at[c], acc, ((True, out_ref.at[mine, cols]),))
+
+    matmul(parts(a_refs, a_steps, rows), (parts(b_refs, b_steps, cols),), scratch,
+           n_steps=sum(a_steps), interpret=interpret, epilogue=epilogue, transposed_b=True)

@@ -468,8 +468,15 @@ MOSAIC_CASES = {
 }
 
 
+# Interpreted, these two only with --run-slow (the CI's time): the drawn cases cover ping-pong
+# off, the Triton backward, rings of 3 and padded head dims; natively they all run.
+COVERED_BY_DRAWS = ("causal_one_head_in_turn_triton_backward", "one_consumer_short_queries")
+
+
 @needs_mosaic_interpreter
-@pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=[pytest.mark.slow] if name in COVERED_BY_DRAWS else [])
+    for name in sorted(MOSAIC_CASES)])
 def test_mosaic_gpu_vjp_matches_reference(name):
     check_vjp(MOSAIC_CASES[name])
 

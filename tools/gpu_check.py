@@ -3,7 +3,7 @@
     python tools/gpu_check.py env
     python tools/gpu_check.py check --out DIR/kernels_check.json [--shapes paper|tiny] [--dtype D]
                                     [--impls pallas_gpu,pallas_mosaic_gpu]
-    python tools/gpu_check.py profile DIR SCRATCH -- PROFILE_ARGS...
+    python tools/gpu_check.py profile DIR SCRATCH [--impls pallas_gpu,xla] -- PROFILE_ARGS...
     python tools/gpu_check.py merge DIR/bench.json part1.json part2.json ...
     python tools/gpu_check.py summary DIR
 
@@ -18,7 +18,8 @@ neither stops the others. Tolerances: bf16 operands 2e-2 (gradients 4e-2); float
 (Triton's float32 dots use TF32 on a GPU), as bench/conftest.py's table.
 
 `env` prints the card (nvidia-smi), Python, jax and triton versions. `profile` runs
-tools/profile.py's training step with impl pallas_gpu, falling back to xla when that fails,
+tools/profile.py's training step with impl pallas_gpu, falling back to xla when that fails
+(`--impls`: others, in turn),
 and copies its summary (profile.txt, profile.json) and Perfetto trace (when under 16 MiB, the
 device tool's limit) into DIR.
 
@@ -314,10 +315,12 @@ def profile(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check.py profile")
     parser.add_argument("outdir")
     parser.add_argument("scratch")
+    parser.add_argument("--impls", default="pallas_gpu,xla",
+                        help="the implementations to try in turn, until one profiles")
     parser.add_argument("profile_args", nargs="*", help="after --: tools/profile.py's arguments")
     args = parser.parse_args(argv)
     out, scratch = Path(args.outdir), Path(args.scratch)
-    for impl in ("pallas_gpu", "xla"):
+    for impl in args.impls.split(","):
         shutil.rmtree(scratch, ignore_errors=True)
         command = [sys.executable, str(Path(__file__).resolve().parent / "profile.py"), "--what", "train",
                    "--impl", impl, "--out", str(scratch), *args.profile_args]

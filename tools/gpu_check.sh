@@ -19,7 +19,8 @@
 #                loses only itself; PALM_BENCH_DEADLINE makes pytest skip the tests that would
 #                start too late
 #   profile      one training step of the "1b" preset (tools/profile.py) with pallas_gpu
-#                (falling back to xla if that fails): profile.txt, profile.json, the Perfetto trace
+#                (falling back to xla if that fails; GPU_CHECK_PROFILE_IMPLS=pallas_mosaic_gpu,xla
+#                for the Mosaic kernels): profile.txt, profile.json, the Perfetto trace
 #   merge        the groups into bench.json with the ratios (vs_cudnn, vs_matmul, mfu_vs_matmul,
 #                vs_copy_bound) in each extra_info
 #   summary      summary.md: stages, kernel checks, issue 9's goals, every benchmark, the profile
@@ -69,8 +70,8 @@ else
   read -r -a EXTRA <<< "${GPU_CHECK_BENCH_ARGS:-}"
   BENCH_ARGS=(--bench-size paper ${EXTRA[@]+"${EXTRA[@]}"})
   PROFILE_ARGS=(--preset 1b --batch-size "${GPU_CHECK_PROFILE_BATCH:-1}" --seq-len 2048 --steps 2 --warmup 1)
-  # The whole model with the Mosaic GPU attention (Triton elsewhere) too: a model benchmark
-  # runs pallas_mosaic_gpu only when named.
+  # The whole model with the Mosaic GPU kernels too (Triton for rope, decoding and the saved
+  # gates): a model benchmark runs pallas_mosaic_gpu only when named.
   TRAIN_IMPLS=(--bench-impls xla,pallas_gpu,pallas_mosaic_gpu)
 fi
 # Timing: each case's rounds fill half a second (at least 3), after the harness's own warm-up.
@@ -133,7 +134,8 @@ else
   bench_group decode 70 25 bench/test_decode.py bench/test_kernels.py -k "test_generate and not demo or test_mq_decode_attention"
 fi
 
-stage profile 90 0 "$PY" tools/gpu_check.py profile "$OUTDIR" "$SCRATCH/profile" -- "${PROFILE_ARGS[@]}"
+stage profile 90 0 "$PY" tools/gpu_check.py profile "$OUTDIR" "$SCRATCH/profile" \
+  --impls "${GPU_CHECK_PROFILE_IMPLS:-pallas_gpu,xla}" -- "${PROFILE_ARGS[@]}"
 bench_group forward 60 30 bench/test_model.py -k test_forward
 bench_group others 45 15 bench/test_kernels.py -k "test_rope or test_block_in"
 

@@ -39,7 +39,7 @@ The backward (the same residuals: the inputs and the row statistics) is two stre
     hold cos and sin beside the accumulators.
   * dh (`palm_norm_qkv_rope_bwd_dx_mosaic`) [M, D] = g·[wq | wk | wv]ᵀ over the (H+2)K
     columns: the producer switches from wq (viewed [D, H·K], no copy) to wk to wv along the
-    contraction (`_mgpu.segments`), the weight slices [128, 64] read transposed by wgmma.
+    contraction (`_mgpu.summed_products`), the weight slices [128, 64] read transposed by wgmma.
   * dW (`palm_norm_qkv_rope_bwd_dw_mosaic`) [D, (H+2)K] = LN(x)ᵀ·g over the rows, LN(x)
     materialised once by XLA (as norm_swiglu's dw) and its slices read transposed; each
     128-column tile lies in one head (K = 128 or 256), so its thread block writes dwq, dwk or
@@ -69,7 +69,7 @@ from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_in
 from kernels._gpu import mosaic_load
 from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
 from kernels._mgpu import matmul_scratch, projection, projection_ring_bytes, projection_scratch
-from kernels._mgpu import segments, store, swizzled, window_copy
+from kernels._mgpu import store, summed_products, swizzled, window_copy
 from kernels.norm_qkv_rope import gpu, pallas
 from kernels.rope.reference import rope_angles
 
@@ -203,7 +203,7 @@ def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, cos_ref, sin_ref, wq_ref, 
         cos_stage, sin_stage, lo_stage, hi_stage = staging
         (angles_ready,) = extra
 
-        def store(out_lo, out_hi, out_window):
+        def write_halves(out_lo, out_hi, out_window):
             lo_stage.at[c][...] = out_lo.astype(lo_stage.dtype)
             hi_stage.at[c][...] = out_hi.astype(hi_stage.dtype)
             plgpu.commit_smem()
@@ -220,12 +220,13 @@ def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, cos_ref, sin_ref, wq_ref, 
             cos, sin = (mosaic_load(stage.at[c], plgpu.Layout.WGMMA)
                         for stage in (cos_stage, sin_stage))
             out_lo, out_hi = lo * cos - hi * sin, hi * cos + lo * sin
-            pl.when(head < heads)(lambda: store(out_lo, out_hi,
-                                                lambda cols: q_ref.at[mine, head, cols]))
-            pl.when(head == heads)(lambda: store(out_lo, out_hi,
-                                                 lambda cols: k_ref.at[mine, cols]))
+            pl.when(head < heads)(lambda: write_halves(
+                out_lo, out_hi, lambda cols: q_ref.at[mine, head, cols]))
+            pl.when(head == heads)(lambda: write_halves(
+                out_lo, out_hi, lambda cols: k_ref.at[mine, cols]))
 
-        pl.when(head == heads + 1)(lambda: store(lo, hi, lambda cols: v_ref.at[mine, cols]))
+        pl.when(head == heads + 1)(lambda: write_halves(
+            lo, hi, lambda cols: v_ref.at[mine, cols]))
 
     projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, (weight_copy(0), weight_copy(1)),
                scratch, n_d=n_d, interpret=interpret, epilogue=epilogue)
@@ -281,7 +282,8 @@ def _bwd_dx_call(settings: pallas.Settings, g, wq, wk, wv):
     scratch = matmul_scratch(rows, BWD_COLUMNS, g.dtype, buffers,
                              swizzled((consumers, WG_ROWS, BWD_COLUMNS), g.dtype),
                              transposed_b=True)
-    kernel = functools.partial(_bwd_dx_kernel, n_q=heads * k // SLICE, n_head=k // SLICE,
+    n_q, n_head = heads * k // SLICE, k // SLICE
+    kernel = functools.partial(summed_products, (n_q + 2 * n_head,), (n_q, n_head, n_head),
                                interpret=bool(settings.interpret))
     dh = launch(kernel, scratch, name="palm_norm_qkv_rope_bwd_dx_mosaic",
                 out_type=jax.ShapeDtypeStruct((mp, dp), g.dtype),
@@ -290,27 +292,6 @@ def _bwd_dx_call(settings: pallas.Settings, g, wq, wk, wv):
                 scope=f"bm={rows} bd={BWD_COLUMNS} bk={SLICE} buffers={buffers}",
                 )(gp, wq2, wk, wv)
     return dh[:m, :d]
-
-
-def _bwd_dx_kernel(g_ref, wq_ref, wk_ref, wv_ref, dh_ref, *scratch, n_q: int, n_head: int,
-                   interpret: bool):
-    """One [block_rows, BWD_COLUMNS] tile of dh: the products with wq's H heads, wk and wv
-    summed along one contraction."""
-    (a_ring, w_ring), _ = scratch[0]
-    bm, bn = a_ring.shape[1], w_ring.shape[1]
-    rows = pl.ds(lax.axis_index("rows") * bm, bm)
-    cols = pl.ds(lax.axis_index("cols") * bn, bn)
-    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
-
-    def epilogue(c, accs, stage, extra):
-        (acc,) = accs
-        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
-        store(stage.at[c], acc, ((True, dh_ref.at[mine, cols]),))
-
-    weights = segments(*((lambda k, w_ref=w_ref: w_ref.at[cols, depth(k)], steps)
-                         for w_ref, steps in ((wq_ref, n_q), (wk_ref, n_head), (wv_ref, n_head))))
-    matmul(window_copy(lambda k: g_ref.at[rows, depth(k)]), (weights,), scratch,
-           n_steps=n_q + 2 * n_head, interpret=interpret, epilogue=epilogue, transposed_b=True)
 
 
 def _bwd_dw_call(settings: pallas.Settings, xn, g, wq_shape):

@@ -80,7 +80,7 @@ from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_in
 from kernels._gpu import mosaic_load
 from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
 from kernels._mgpu import matmul_scratch, projection, projection_ring_bytes, projection_scratch
-from kernels._mgpu import segments, store, swizzled, window_copy
+from kernels._mgpu import store, summed_products, swizzled, window_copy
 from kernels.norm_swiglu import gpu, pallas
 
 IMPL = "pallas_mosaic_gpu"
@@ -284,7 +284,8 @@ def bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
     wg, wu = pad2(wgp, dp, fp), pad2(wup, dp, fp)
     scratch = matmul_scratch(bt, bn, dg.dtype, buffers,
                              swizzled((consumers, WG_ROWS, bn), jnp.float32), transposed_b=True)
-    kernel = functools.partial(_bwd_dx_kernel, n_f=fp // SLICE,
+    n_f = fp // SLICE
+    kernel = functools.partial(summed_products, (n_f, n_f), (n_f, n_f),
                                interpret=bool(settings.interpret))
     dxn = launch(kernel, scratch, name="palm_norm_swiglu_bwd_dx_mosaic",
                  out_type=jax.ShapeDtypeStruct((mp, dp), jnp.float32), grid=(mp // bt, dp // bn),
@@ -292,27 +293,6 @@ def bwd_dx_call(d_gate, d_up, wgp, wup, settings: Settings):
                  interpret=settings.interpret,
                  scope=f"bt={bt} bd={bn} bf={SLICE} buffers={buffers}")(dg, du, wg, wu)
     return dxn[:m, :d]
-
-
-def _bwd_dx_kernel(dg_ref, du_ref, wg_ref, wu_ref, out_ref, *scratch, n_f: int,
-                   interpret: bool):
-    """One [block_t, block_f] tile of dLN: the products with w_gate, then w_up, summed."""
-    (a_ring, w_ring), _ = scratch[0]
-    bt, bn = a_ring.shape[1], w_ring.shape[1]
-    rows = pl.ds(lax.axis_index("rows") * bt, bt)
-    cols = pl.ds(lax.axis_index("cols") * bn, bn)
-    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
-
-    def epilogue(c, accs, stage, extra):
-        (acc,) = accs
-        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
-        store(stage.at[c], acc, ((True, out_ref.at[mine, cols]),))
-
-    matmul(segments((lambda k: dg_ref.at[rows, depth(k)], n_f),
-                    (lambda k: du_ref.at[rows, depth(k)], n_f)),
-           (segments((lambda k: wg_ref.at[cols, depth(k)], n_f),
-                     (lambda k: wu_ref.at[cols, depth(k)], n_f)),),
-           scratch, n_steps=2 * n_f, interpret=interpret, epilogue=epilogue, transposed_b=True)
 
 
 def bwd_dw_call(xnp, d_gate, d_up, settings: Settings):
