@@ -12,6 +12,7 @@ kernels/mq_flash_attention/mgpu.py and kernels/norm_swiglu/mgpu.py docstrings us
   * `store`: an epilogue's output tile through shared memory to one of several outputs.
   * `accumulate`: f32 accumulators += products, by wgmma natively (issued together, awaited
     once) and by plain dots in the Mosaic GPU interpreter, which has no `pl.run_state`.
+  * `consume`: a consumer's walk over the ring: wait for a slot, accumulate, release it.
   * `projection`: the LayerNorm-prologue projection both fused input projections run
     (norm_swiglu's gate and up, norm_qkv_rope's two halves of a head), with their epilogue.
   * `matmul`: a streamed matmul whose producer may switch arrays along the contraction
@@ -165,6 +166,22 @@ def accumulate(accs, products, interpret: bool, while_running: Callable[[], None
     return pl.run_state(run)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
 
+def consume(n_steps, depth: int, ready, free, products: Callable[[Any], Any], accs,
+            interpret: bool):
+    """A consumer's walk over a ring of `depth` slots filled by `produce`: per step k, once
+    slot k % depth is ready (every barrier array of `ready`), accs += `products(slot)`
+    (`accumulate`'s products), then the slot released (`free`); returns the accumulators."""
+    def step(k, accs):
+        at = ring_slot(k, depth)
+        for signal in ready:
+            plgpu.barrier_wait(signal.at[at])
+        accs = accumulate(accs, products(at), interpret)
+        plgpu.barrier_arrive(free.at[at])
+        return accs
+
+    return lax.fori_loop(0, n_steps, step, accs)
+
+
 def zeros(shape: tuple[int, int]) -> jax.Array:
     """An f32 accumulator of zeros in wgmma's register layout."""
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
@@ -268,21 +285,16 @@ def projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weight_copies, scratc
         mean, rstd = (mosaic_load(ref.at[c], by_row) for ref in (mean_smem, rstd_smem))
         own_rows = pl.ds(c * WG_ROWS, WG_ROWS)
 
-        def step(k, accs):
-            at = ring_slot(k, buffers)
-            for signal in ready:
-                plgpu.barrier_wait(signal.at[at])
+        def products(at):  # the x slice normalised in registers, times each weight slice
             x = mosaic_load(x_ring.at[at, own_rows], plgpu.Layout.WGMMA).astype(jnp.float32)
             scale = mosaic_load(scale_ring.at[at], plgpu.Layout.WGMMA.reduce(0))
             xn = ((x - lax.broadcast_in_dim(mean, x.shape, [0]))
                   * lax.broadcast_in_dim(rstd, x.shape, [0])
                   * lax.broadcast_in_dim(scale, x.shape, [1])).astype(x_ring.dtype)
-            accs = accumulate(accs, tuple(((xn, ring.at[at]),) for ring in w_rings), interpret)
-            plgpu.barrier_arrive(free.at[at])
-            return accs
+            return tuple(((xn, ring.at[at]),) for ring in w_rings)
 
-        accs = lax.fori_loop(0, n_d, step,
-                             tuple(zeros((WG_ROWS, ring.shape[-1])) for ring in w_rings))
+        accs = consume(n_d, buffers, ready, free, products, tuple(
+            zeros((WG_ROWS, ring.shape[-1])) for ring in w_rings), interpret)
         meet(done)
         epilogue(c, accs, mine, staging, extra)
 
@@ -344,20 +356,14 @@ def matmul(a_copy, b_copies, scratch, *, n_steps: int, interpret: bool, epilogue
         plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
         own_rows = pl.ds(c * WG_ROWS, WG_ROWS)
 
-        def step(k, accs):
-            at = ring_slot(k, buffers)
-            for signal in ready:
-                plgpu.barrier_wait(signal.at[at])
+        def products(at):  # both operands in shared memory, transposed there as stored
             a = (a_ring.at[at, :, own_rows].transpose((1, 0)) if transposed_a
                  else a_ring.at[at, own_rows])
-            bs = [ring.at[at].transpose((1, 0)) if transposed_b else ring.at[at]
-                  for ring in b_rings]
-            accs = accumulate(accs, tuple(((a, b),) for b in bs), interpret)
-            plgpu.barrier_arrive(free.at[at])
-            return accs
+            return tuple(((a, ring.at[at].transpose((1, 0)) if transposed_b else ring.at[at]),)
+                         for ring in b_rings)
 
-        accs = lax.fori_loop(0, n_steps, step,
-                             tuple(zeros((WG_ROWS, cols)) for _ in b_rings))
+        accs = consume(n_steps, buffers, ready, free, products,
+                       tuple(zeros((WG_ROWS, cols)) for _ in b_rings), interpret)
         meet(done)
         epilogue(c, accs, staging, extra)
 
