@@ -74,13 +74,11 @@ def _check(seed, b, t, d, h, k, f, dtype, save_gate_up, impl):
     ("pallas_tpu", jnp.bfloat16, True, (2, 3, 10, 2, 10, 17)),
     ("pallas_gpu", jnp.float32, True, (2, 7, 20, 3, 6, 13)),
     ("pallas_gpu", jnp.bfloat16, False, (1, 9, 18, 2, 10, 24)),
-    # The MLP half's Mosaic GPU forward (its interpreter: jax >= 0.11) beside the attention
-    # half's Triton kernels (K < 128).
-    pytest.param("pallas_mosaic_gpu", jnp.bfloat16, True, (2, 7, 20, 3, 6, 13),
-                 marks=needs_mosaic_interpreter),
+    # The MLP half's Mosaic GPU kernels (its interpreter: jax >= 0.11) beside the attention
+    # half's Triton kernels (K < 128), gate and up recomputed.
     pytest.param("pallas_mosaic_gpu", jnp.bfloat16, False, (1, 9, 18, 2, 10, 70),
                  marks=needs_mosaic_interpreter),
-    # K = 128: the attention half's Mosaic forward too.
+    # K = 128: the attention half's Mosaic kernels too, gate and up saved.
     pytest.param("pallas_mosaic_gpu", jnp.bfloat16, True, (1, 9, 70, 2, 128, 40),
                  marks=needs_mosaic_interpreter),
 ])

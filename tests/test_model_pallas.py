@@ -144,12 +144,12 @@ def test_forward_mosaic_gpu_equals_xla(params):
     assert_close(mosaic, xla, "bfloat16", factor=5, what="logits bfloat16")
 
 
-@pytest.mark.parametrize("name", sorted(LAYER_SHAPES))
-def test_layer_lowers_for_gpu_with_mosaic_kernels(name):
-    """A PaLM layer with impl="pallas_mosaic_gpu" exported for CUDA: every kernel's forward
+def test_layer_lowers_for_gpu_with_mosaic_kernels():
+    """A PaLM-8B layer with impl="pallas_mosaic_gpu" exported for CUDA: every kernel's forward
     (attention, both input projections, block_out) and every backward kernel but
-    norm_swiglu's elementwise saved-gates one are Mosaic GPU kernels."""
-    config = dataclasses.replace(LAYER_SHAPES[name], dtype="bfloat16")
+    norm_swiglu's elementwise saved-gates one are Mosaic GPU kernels. (Each kernel's own tests
+    export it at 540B's widths too.)"""
+    config = dataclasses.replace(LAYER_SHAPES["8b"], dtype="bfloat16")
     p, x = _layer_structs(config)
 
     def layer(p, x):

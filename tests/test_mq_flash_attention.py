@@ -468,9 +468,11 @@ MOSAIC_CASES = {
 }
 
 
-# Interpreted, these two only with --run-slow (the CI's time): the drawn cases cover ping-pong
-# off, the Triton backward, rings of 3 and padded head dims; natively they all run.
-COVERED_BY_DRAWS = ("causal_one_head_in_turn_triton_backward", "one_consumer_short_queries")
+# Interpreted, these three only with --run-slow (the CI's time): the drawn cases cover ping-pong
+# off, the Triton backward, one consumer, rings of 3 and padded head dims, and causal_k256 the
+# default tiles at K = 256; natively they all run.
+COVERED_BY_DRAWS = ("causal_one_head_in_turn_triton_backward", "one_consumer_short_queries",
+                    "one_consumer_k256_default_tiles")
 
 
 @needs_mosaic_interpreter
