@@ -317,6 +317,19 @@ def test_gpu_check_merges_groups_and_writes_the_summary(tmp_path):
     assert "bare matmul 800 TFLOP/s" in summary and "not run (no profile.txt)" in summary
 
 
+def test_gpu_check_profile_tries_each_impl_with_profile_py_arguments(tmp_path):
+    """`gpu_check.py profile OUT SCRATCH --impls A,B -- ARGS` (as gpu_check.sh calls it) hands
+    ARGS to tools/profile.py and tries each impl in turn: two that profile.py refuses fail fast,
+    each with the arguments after `--`."""
+    result = _run(str(TOOLS / "gpu_check.py"), "profile", str(tmp_path), str(tmp_path / "scratch"),
+                  "--impls", "nothing,none", "--", "--preset", "tiny", "--steps", "1", timeout=120)
+    assert result.returncode == 1, result.stderr
+    for impl in ("nothing", "none"):
+        assert f"--impl {impl} --out {tmp_path / 'scratch'} --preset tiny --steps 1" in result.stdout
+        assert f"profile: impl={impl} failed" in result.stdout
+    assert not (tmp_path / "profile.txt").exists()
+
+
 def test_bench_report_rejects_other_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text("{}")

@@ -317,13 +317,15 @@ def profile(argv: list[str]) -> int:
     parser.add_argument("scratch")
     parser.add_argument("--impls", default="pallas_gpu,xla",
                         help="the implementations to try in turn, until one profiles")
-    parser.add_argument("profile_args", nargs="*", help="after --: tools/profile.py's arguments")
-    args = parser.parse_args(argv)
+    # tools/profile.py's arguments come after `--`, split off here: argparse would hand the
+    # options among them to this parser.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, profile_args = parser.parse_args(argv[:cut]), argv[cut + 1:]
     out, scratch = Path(args.outdir), Path(args.scratch)
     for impl in args.impls.split(","):
         shutil.rmtree(scratch, ignore_errors=True)
         command = [sys.executable, str(Path(__file__).resolve().parent / "profile.py"), "--what", "train",
-                   "--impl", impl, "--out", str(scratch), *args.profile_args]
+                   "--impl", impl, "--out", str(scratch), *profile_args]
         print("profile:", " ".join(command[1:]), flush=True)
         if subprocess.run(command, check=False).returncode == 0:
             shutil.copy(scratch / "summary.txt", out / "profile.txt")
