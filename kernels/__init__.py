@@ -9,8 +9,9 @@ input side); `block_out` is its output side. One package per kernel, `kernels/<n
 Every public kernel takes `impl="auto" | "xla" | "pallas_tpu" | "pallas_gpu" |
 "pallas_mosaic_gpu"` and `interpret=None | False | True | params`; see
 `kernels._common.resolve_impl`. `pallas_gpu` is Pallas lowered through Triton;
-`pallas_mosaic_gpu` is Pallas lowered through Mosaic GPU (Hopper), which `mq_flash_attention`'s
-forward has so far, every other kernel running its Triton version under that name.
+`pallas_mosaic_gpu` is Pallas lowered through Mosaic GPU (Hopper), which `mq_flash_attention`,
+`norm_swiglu`, `norm_qkv_rope`, `block_out` and `block_in` have (each module docstring says
+which of its kernels), every other kernel running its Triton version under that name.
 """
 
 from kernels import (

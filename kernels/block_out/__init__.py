@@ -9,7 +9,7 @@ backward `block_out_reference_bwd` (reference.py); the Pallas TPU kernels with t
 (`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and design notes (tpu.py); the Pallas GPU
 (Triton) kernels, `impl="pallas_gpu"`, with their own tiling (`gpu.BlockSizes`,
 `gpu.shared_memory_bytes`) and the same residuals and backward decomposition (gpu.py); the Mosaic
-GPU (Hopper) forward with the Triton backward, `impl="pallas_mosaic_gpu"`, and its
+GPU (Hopper) forward and activation gradients, `impl="pallas_mosaic_gpu"`, and its
 `mgpu.BlockSizes` (mgpu.py); what they share, the checks, the jit and the custom_vjp wiring
 over a backend module (pallas.py).
 """

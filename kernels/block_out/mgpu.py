@@ -210,7 +210,7 @@ def _bwd_dact_kernel(dy_ref, wo_ref, wd_ref, do_ref, dh_ref, *scratch, n_attn: i
 
 def block_out_pallas_mosaic_gpu(x, o, wo, h, w_down, *, interpret=None,
                                 block_sizes: BlockSizes | None = None) -> jax.Array:
-    """The Mosaic GPU forward with the Triton backward (module docstring): `block_out`'s arrays,
+    """The Mosaic GPU kernels (module docstring): `block_out`'s arrays,
     interpret (None, a bool or a `plgpu.InterpretGPUParams`) and block_sizes (None:
     `BlockSizes.get_default`)."""
     return block_out_pallas(sys.modules[__name__], x, o, wo, h, w_down,

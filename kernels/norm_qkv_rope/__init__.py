@@ -7,7 +7,7 @@ The front door `norm_qkv_rope`; its plain-jnp twin `norm_qkv_rope_reference` (re
 the Pallas TPU kernels with their tiling (`BlockSizes`, `vmem_bytes`, `hbm_bytes`), HBM and VMEM
 numbers and design notes (tpu.py); the Pallas GPU (Triton) kernels with their own tiling
 (`kernels.norm_qkv_rope.gpu.BlockSizes`), FLOPs, bytes, shared memory and design notes (gpu.py);
-the Mosaic GPU (Hopper) forward with the Triton backward, `impl="pallas_mosaic_gpu"`, and its
+the Mosaic GPU (Hopper) forward and backward, `impl="pallas_mosaic_gpu"`, and its
 `mgpu.BlockSizes` (mgpu.py). The backend modules expose `Settings`, `prepare`, `forward_with_stats` and `backward_to_dh`
 with one contract, which `kernels.block_in` composes with norm_swiglu's; that contract, the
 `Settings`, the argument checks and the custom_vjp over a backend module, which both backends

@@ -8,9 +8,10 @@ backward `norm_swiglu_reference_bwd` (reference.py); the Pallas TPU kernels with
 (`BlockSizes`, `vmem_bytes`), HBM and VMEM numbers and design notes (tpu.py); the Pallas GPU
 (Triton) kernels, `impl="pallas_gpu"`, with their own tiling (`gpu.BlockSizes`,
 `gpu.shared_memory_bytes`) and the same residuals and backward decomposition (gpu.py); the
-Mosaic GPU (Hopper) forward with the Triton backward, `impl="pallas_mosaic_gpu"`, and its
-`mgpu.BlockSizes` (mgpu.py); what the Pallas backends share, the custom_vjp over a backend
-module and the interface each backend provides (pallas.py).
+Mosaic GPU (Hopper) kernels, forward and backward but the saved-gates one (Triton's),
+`impl="pallas_mosaic_gpu"`, and its `mgpu.BlockSizes` (mgpu.py); what the Pallas backends
+share, the custom_vjp over a backend module and the interface each backend provides
+(pallas.py).
 """
 
 from __future__ import annotations
