@@ -32,11 +32,11 @@ padded features scale 0, so they add nothing). bf16 only. Other K, or f32, raise
 The backward (the same residuals: the inputs and the row statistics) is two streamed matmuls
 (`_mgpu.matmul`, [block_rows, 128] output tiles, a ring of 64-deep slices) after one XLA fusion:
   * g [M, (H+2)K] in x's dtype: dq and dk rotated back (R⁻¹: g1 = c1 cos + c2 sin, g2 = c2 cos -
-    c1 sin, rope_angles in f32) and dv, the heads side by side, rounded once as gpu.py rounds
-    them for its dots. Rotating in XLA costs one extra pass over the cotangents (18 MiB read,
-    18 MiB written at PaLM-8B, M = 2048: ~11 us of HBM against the two matmuls' ~160 us at
-    the tensor cores' peak), and buys two plain matmuls: a register prologue (gpu.py's) would
-    hold cos and sin beside the accumulators.
+    c1 sin; rope_reference at the negated positions, f32) and dv, the heads side by side,
+    rounded once as gpu.py rounds them for its dots. Rotating in XLA costs one extra pass over
+    the cotangents (18 MiB read, 18 MiB written at PaLM-8B, M = 2048: ~11 us of HBM against
+    the two matmuls' ~160 us at the tensor cores' peak), and buys two plain matmuls: a
+    register prologue (gpu.py's) would hold cos and sin beside the accumulators.
   * dh (`palm_norm_qkv_rope_bwd_dx_mosaic`) [M, D] = g·[wq | wk | wv]ᵀ over the (H+2)K
     columns: the producer switches from wq (viewed [D, H·K], no copy) to wk to wv along the
     contraction (`_mgpu.summed_products`), the weight slices [128, 64] read transposed by wgmma.
@@ -71,7 +71,7 @@ from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, mat
 from kernels._mgpu import matmul_scratch, projection, projection_ring_bytes, projection_scratch
 from kernels._mgpu import store, summed_products, swizzled, window_copy
 from kernels.norm_qkv_rope import gpu, pallas
-from kernels.rope.reference import rope_angles
+from kernels.rope.reference import rope_angles, rope_reference
 
 IMPL = "pallas_mosaic_gpu"
 HALVES = (64, 128)  # K / 2: one or two swizzled rows of 64 two-byte columns
@@ -253,17 +253,15 @@ def backward_rows(settings: pallas.Settings, x2, norm_scale, wq, wk, wv, pos, me
 
 
 def _rotated_back(pos, dq, dk, dv, base: float):
-    """g [M, (H+2)K] in x's dtype: the cotangents of q and k rotated back (R⁻¹, the
-    transpose of RoPE's rotation), dv as it is, heads side by side; one XLA fusion."""
-    (m, heads, k), half = dq.shape, dq.shape[2] // 2
-    cos, sin = rope_angles(pos, k, base)  # f32 [M, K/2]
+    """g [M, (H+2)K] in x's dtype: the cotangents of q and k rotated back, dv as it is, heads
+    side by side; one XLA fusion. R⁻¹, the transpose of RoPE's rotation, is RoPE by -angle:
+    the reference's at the negated positions (f32, rounded once)."""
+    m, heads, k = dq.shape
 
-    def back(c, cos, sin):
-        c1, c2 = c[..., :half].astype(jnp.float32), c[..., half:].astype(jnp.float32)
-        return jnp.concatenate([c1 * cos + c2 * sin, c2 * cos - c1 * sin], -1).astype(c.dtype)
+    def back(c):  # [M, ...] -> [1, M, ...] for rope_reference's [B, T, ...]
+        return rope_reference(c[None], -pos[None], base=base)[0]
 
-    return jnp.concatenate([back(dq, cos[:, None], sin[:, None]).reshape(m, heads * k),
-                            back(dk, cos, sin), dv], axis=1)
+    return jnp.concatenate([back(dq).reshape(m, heads * k), back(dk), dv], axis=1)
 
 
 def _bwd_dx_call(settings: pallas.Settings, g, wq, wk, wv):
