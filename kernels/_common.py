@@ -30,8 +30,8 @@ IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu")
 # `impl="pallas_mosaic_gpu"` asks for the Mosaic GPU (Hopper) kernels; a kernel that has none
 # yet runs its Triton one, so a whole model can be asked for it.
 _FALLBACK = {"pallas_mosaic_gpu": "pallas_gpu"}
-# The input dtypes the Mosaic GPU kernels take (wgmma's 16-bit operands): where `GPU_AUTO`
-# picks them for others, `auto` runs the fallback instead.
+# The input dtypes the Mosaic GPU kernels take (wgmma's 16-bit operands); `GPU_AUTO` has a
+# second choice for the others.
 MOSAIC_GPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 _target = threading.local()
@@ -58,17 +58,31 @@ def current_backend() -> str:
     return getattr(_target, "backend", None) or jax.default_backend()
 
 
-# What `impl="auto"` runs on a GPU, per kernel: the implementation that measured fastest on an
-# H100/H200 (bench/results/). No GPU run has measured the pallas_gpu kernels yet, so every entry
-# is XLA's until one does; a kernel missing here is XLA's too.
-GPU_AUTO: dict[str, str] = {
-    "block_in": "xla",
-    "block_out": "xla",
-    "mq_decode_attention": "xla",
-    "mq_flash_attention": "xla",
-    "norm_qkv_rope": "xla",
-    "norm_swiglu": "xla",
-    "rope": "xla",
+# What `impl="auto"` runs on a GPU, per kernel: (for bf16/f16 inputs, for other dtypes), the
+# implementation that measured fastest on an H200 in bench/results/h200-2026-11-27.json (jax
+# 0.11.2, PaLM-8B widths, bf16). The Mosaic GPU kernels take 16-bit operands only (wgmma), so
+# other dtypes get the second entry: Triton's kernel where it beat XLA's at bf16, else XLA's.
+#   mq_flash_attention  Mosaic fwd 1.14x cuDNN at T = 2048 and 8192, fwd+bwd 1.08x / 1.01x;
+#                       Triton 0.68x / 0.50x of Mosaic, XLA 0.15-0.22x (Triton beats XLA 4x).
+#   norm_qkv_rope       Mosaic fwd+bwd 1.59x XLA (the training path; fwd alone 0.92x);
+#                       Triton 0.22x XLA fwd, 0.07x fwd+bwd.
+#   norm_swiglu         Mosaic 1.78x Triton fwd, 1.87x fwd+bwd. XLA's cases were cut by the
+#                       run's deadline; Triton reached 0.39x the bare matmul alone, which XLA's
+#                       version is (one matmul and one epilogue fusion), hence XLA for f32.
+#   block_in            both halves' choices composed (Triton's composition: 12.4 ms fwd,
+#                       against 6.1 ms for the halves' Mosaic kernels).
+#   block_out           not reached by the run's kernel benchmarks; in the profiled 1b training
+#                       step its Mosaic forward ran 86 GFLOP in 109 us (0.80 of peak).
+#   rope                Triton fwd 0.97x XLA, fwd+bwd 0.56x: XLA.
+#   mq_decode_attention not measured alone (cut by the deadline): XLA.
+GPU_AUTO: dict[str, tuple[str, str]] = {
+    "block_in": ("pallas_mosaic_gpu", "xla"),
+    "block_out": ("pallas_mosaic_gpu", "xla"),
+    "mq_decode_attention": ("xla", "xla"),
+    "mq_flash_attention": ("pallas_mosaic_gpu", "pallas_gpu"),
+    "norm_qkv_rope": ("pallas_mosaic_gpu", "xla"),
+    "norm_swiglu": ("pallas_mosaic_gpu", "xla"),
+    "rope": ("xla", "xla"),
 }
 
 
@@ -78,9 +92,10 @@ def resolve_impl(impl: str, kernel: str | None = None, dtype: Any = None) -> str
 
     `auto` is `pallas_tpu` on TPU and `xla` on CPU: the Pallas kernels only pay off where they
     compile natively, and interpret mode is a correctness tool, not a path to speed. On a GPU
-    it is the kernel's entry in `GPU_AUTO` (what measured fastest there), or its fallback where
-    that entry is a Mosaic GPU kernel and `dtype` is not one it takes; asked for a whole model
-    (no kernel named) it stays `auto` on a GPU, so that each kernel resolves its own.
+    it is the kernel's entry in `GPU_AUTO` (what measured fastest there): its first choice for
+    16-bit inputs (and for `dtype` None), its second for others, which the Mosaic GPU kernels
+    do not take; asked for a whole model (no kernel named) it stays `auto` on a GPU, so that
+    each kernel resolves its own.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
@@ -93,11 +108,8 @@ def resolve_impl(impl: str, kernel: str | None = None, dtype: Any = None) -> str
         return "xla"
     if kernel is None:
         return "auto"
-    chosen = GPU_AUTO.get(kernel, "xla")
-    if (chosen == "pallas_mosaic_gpu" and dtype is not None
-            and jnp.dtype(dtype) not in MOSAIC_GPU_DTYPES):
-        return _FALLBACK[chosen]
-    return chosen
+    sixteen_bit, other = GPU_AUTO.get(kernel, ("xla", "xla"))
+    return other if dtype is not None and jnp.dtype(dtype) not in MOSAIC_GPU_DTYPES else sixteen_bit
 
 
 def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:

@@ -163,22 +163,25 @@ def test_auto_resolves_per_kernel_on_gpu():
     resolve. The table names every kernel package, each with an implementation that exists."""
     from kernels._common import GPU_AUTO, resolve_impl
     assert set(GPU_AUTO) == set(KERNELS) | {"block_in"}
-    assert all(chosen in getattr(kernels, name).IMPLEMENTATIONS for name, chosen in GPU_AUTO.items())
+    for name, (sixteen_bit, other) in GPU_AUTO.items():
+        assert {sixteen_bit, other} <= set(getattr(kernels, name).IMPLEMENTATIONS), name
+        assert other != "pallas_mosaic_gpu", f"{name}: Mosaic GPU kernels take 16-bit inputs only"
     assert resolve_impl("auto", "rope") == "xla"  # CPU
     with kernels.target_backend("tpu"):
         assert resolve_impl("auto", "rope") == resolve_impl("auto") == "pallas_tpu"
     with kernels.target_backend("gpu"):
-        for name, chosen in GPU_AUTO.items():
-            assert resolve_impl("auto", name) == chosen
+        for name, (sixteen_bit, other) in GPU_AUTO.items():
+            assert resolve_impl("auto", name) == resolve_impl("auto", name, jnp.bfloat16) == sixteen_bit
+            assert resolve_impl("auto", name, F32) == other
         assert resolve_impl("auto") == "auto"
         assert resolve_impl("pallas_gpu", "rope") == "pallas_gpu"
 
 
 def test_auto_takes_mosaic_gpu_only_for_dtypes_it_takes(monkeypatch):
     """Where GPU_AUTO picks a Mosaic GPU kernel (bf16/f16 wgmma operands), `auto` on other
-    inputs runs its Triton fallback instead of raising; an explicit impl is left alone."""
+    inputs runs the table's second choice instead of raising; an explicit impl is left alone."""
     from kernels import _common
-    monkeypatch.setitem(_common.GPU_AUTO, "mq_flash_attention", "pallas_mosaic_gpu")
+    monkeypatch.setitem(_common.GPU_AUTO, "mq_flash_attention", ("pallas_mosaic_gpu", "pallas_gpu"))
     with kernels.target_backend("gpu"):
         for dtype, chosen in [(jnp.bfloat16, "pallas_mosaic_gpu"),
                               (jnp.float16, "pallas_mosaic_gpu"), (F32, "pallas_gpu"),
