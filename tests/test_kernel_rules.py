@@ -212,3 +212,33 @@ def test_mosaic_gpu_falls_back_to_triton_where_a_kernel_has_none():
     np.testing.assert_array_equal(
         kernels.rope(x, positions, impl="pallas_mosaic_gpu", interpret=True),
         kernels.rope(x, positions, impl="pallas_gpu", interpret=True))
+
+
+def test_16bit_matmul_takes_its_gradients_in_16_bits():
+    """`matmul_f32` of two bf16 operands off CPU: float32 out, and its backward's products on
+    bf16 operands (no float32 GEMM), equal to autodiff's on the widened operands within bf16
+    rounding."""
+    from gpu_export import jaxpr_eqns
+    from kernels._common import _matmul_16bit, matmul_f32
+
+    spec = "BTD,VD->BTV"
+    key = jax.random.split(jax.random.key(3), 3)
+    a = jax.random.normal(key[0], (2, 24, 64), jnp.bfloat16)
+    b = jax.random.normal(key[1], (200, 64), jnp.bfloat16)
+    w = jax.random.normal(key[2], (2, 24, 200), F32)  # a float32 cotangent for the logits
+
+    def loss(matmul):
+        return lambda a, b: (matmul(spec, a, b) * w).sum()
+
+    with kernels.target_backend("gpu"):
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(loss(matmul_f32), argnums=(0, 1)))(a, b)
+    dots = [e for e in jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) == 3, dots
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    assert jaxpr.out_avals[0].dtype == F32
+    grads = jax.grad(loss(_matmul_16bit), argnums=(0, 1))(a, b)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+    widened = jax.grad(loss(lambda s, a, b: jnp.einsum(s, a.astype(F32), b.astype(F32))),
+                       argnums=(0, 1))(a, b)
+    for got, expected in zip(grads, widened):
+        assert_close(got, expected, "bfloat16")
