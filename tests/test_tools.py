@@ -58,6 +58,8 @@ def test_profile_train_tiny_writes_trace_and_summary(tmp_path):
     assert summary["step_ms"] > 0 and summary["mfu"] is None  # CPU: no known peak
     assert f"tensorboard --logdir {out}" in result.stdout
     assert "MFU n/a" in result.stdout
+    assert summary["report"] == (out / "summary.txt").read_text().rstrip("\n")
+    assert (out / "compiled_hlo.txt").read_text().startswith("HloModule")
 
 
 def test_profile_train_on_a_mesh_of_2_cpu_devices(tmp_path):
@@ -246,6 +248,8 @@ def test_bench_report_ratios_to_the_alternatives_of_the_same_run(tmp_path):
         _benchmark("test_train_step[1b-xla-B2-T2048-bfloat16]", 0.12, impl="xla", tflops=400.0, mfu=0.40, **gpu),
         _benchmark("test_train_step[1b-pallas_mosaic_gpu-B2-T2048-bfloat16]", 0.08, impl="pallas_mosaic_gpu",
                    tflops=600.0, mfu=0.606, **gpu),
+        _benchmark("test_train_step[1b-pallas_mosaic_gpu-B4-T2048-bfloat16]", 0.15, impl="pallas_mosaic_gpu",
+                   tflops=640.0, mfu=0.647, **gpu),
         _benchmark("test_generate[1b-kv_cache-xla-B1-N256]", 0.9, impl="xla", bytes=6e11, new_tokens=256,
                    ms_per_token=0.9 / 256 * 1e3, **gpu),
     ])
@@ -275,7 +279,10 @@ def test_bench_report_ratios_to_the_alternatives_of_the_same_run(tmp_path):
             in goals)
     assert "norm_qkv_rope fwd: pallas_mosaic_gpu" not in goals  # none measured
     assert "48.5% (60.0%) | >= 45% | yes |" in goals and "1.20x | > 1x | yes |" in goals
-    assert "| training step: pallas_mosaic_gpu speed-up over xla | 1.50x | > 1x | yes |" in goals
+    assert "| training step B2: pallas_mosaic_gpu speed-up over xla | 1.50x | > 1x | yes |" in goals
+    # One pair of rows per batch measured: B4 has no XLA step to compare with.
+    assert "| training step B4 (pallas_mosaic_gpu): MFU of 989 TFLOP/s (of bare matmul) | 64.7% (80.0%) |" in goals
+    assert "| training step B4: pallas_mosaic_gpu speed-up over xla | not run | > 1x | - |" in goals
     assert "= 4.50x | <= 1.3x | no |" in goals
     assert "| norm_qkv_rope fwd: pallas_gpu / bare matmul TFLOP/s | not run |" in goals
     assert "bare matmul 800 TFLOP/s" in result.stdout and "copy 3e+03 GB/s" in result.stdout
@@ -313,8 +320,16 @@ def test_gpu_check_merges_groups_and_writes_the_summary(tmp_path):
     assert "| bench-decode | skipped (budget) | 0 |" in summary
     assert "| rope | pallas_gpu | ok | 1.00e-03 | 2.00e-03 |" in summary
     assert "| block_in | pallas_gpu | missing |" in summary
-    assert "| training step (pallas_gpu): MFU of 989 TFLOP/s (of bare matmul) | not run |" in summary
-    assert "bare matmul 800 TFLOP/s" in summary and "not run (no profile.txt)" in summary
+    assert "| training step B2 (pallas_gpu): MFU of 989 TFLOP/s (of bare matmul) | not run |" in summary
+    assert "bare matmul 800 TFLOP/s" in summary and "not run (no profile.json)" in summary
+    (out / "profile.json").write_text(json.dumps({
+        "what": "train", "preset": "1b", "batch_size": 1, "seq_len": 2048, "impl": "pallas_mosaic_gpu",
+        "device_kind": gpu["device_kind"], "step_ms": 75.5, "tokens_per_s": 27116.0, "mfu": 0.266,
+        "report": "top operations by self time\nstep time 75.528 ms"}))
+    assert _run(str(TOOLS / "gpu_check.py"), "summary", str(out)).returncode == 0
+    summary = (out / "summary.md").read_text()
+    assert "impl=pallas_mosaic_gpu, on NVIDIA H100 80GB HBM3: 75.5 ms per step" in summary
+    assert "```\ntop operations by self time\nstep time 75.528 ms\n```" in summary
 
 
 def test_gpu_check_profile_tries_each_impl_with_profile_py_arguments(tmp_path):
@@ -327,7 +342,7 @@ def test_gpu_check_profile_tries_each_impl_with_profile_py_arguments(tmp_path):
     for impl in ("nothing", "none"):
         assert f"--impl {impl} --out {tmp_path / 'scratch'} --preset tiny --steps 1" in result.stdout
         assert f"profile: impl={impl} failed" in result.stdout
-    assert not (tmp_path / "profile.txt").exists()
+    assert not (tmp_path / "profile.json").exists()
 
 
 def test_bench_report_rejects_other_json(tmp_path):

@@ -2,13 +2,13 @@
 
     python tools/gpu_check.py env
     python tools/gpu_check.py check --out DIR/kernels_check.json [--shapes paper|tiny] [--dtype D]
-                                    [--impls pallas_gpu,pallas_mosaic_gpu]
+                                    [--impls pallas_mosaic_gpu,pallas_gpu]
     python tools/gpu_check.py profile DIR SCRATCH [--impls pallas_gpu,xla] -- PROFILE_ARGS...
     python tools/gpu_check.py merge DIR/bench.json part1.json part2.json ...
     python tools/gpu_check.py summary DIR
 
-`check` runs every kernel's GPU implementations (`impl="pallas_gpu"`, and
-`"pallas_mosaic_gpu"` for the kernels that have a Mosaic GPU version; natively on a GPU, in
+`check` runs every kernel's GPU implementations (`impl="pallas_mosaic_gpu"` for the kernels
+that have a Mosaic GPU version, then every kernel's `"pallas_gpu"`; natively on a GPU, in
 interpret mode elsewhere) against its `<name>_reference` on the same inputs upcast to float32
 at the highest matmul precision: the forward and, where the kernel is differentiable, the gradients of every
 differentiable input for a random cotangent (jax.vjp), each as the relative error
@@ -19,9 +19,9 @@ neither stops the others. Tolerances: bf16 operands 2e-2 (gradients 4e-2); float
 
 `env` prints the card (nvidia-smi), Python, jax and triton versions. `profile` runs
 tools/profile.py's training step with impl pallas_gpu, falling back to xla when that fails
-(`--impls`: others, in turn),
-and copies its summary (profile.txt, profile.json) and Perfetto trace (when under 16 MiB, the
-device tool's limit) into DIR.
+(`--impls`: others, in turn), and copies its summary (profile.json, the report inside), the
+compiled HLO (compiled_hlo.txt.gz) and the Perfetto trace (when under 16 MiB, the device
+tool's limit) into DIR.
 
 `merge` concatenates pytest-benchmark JSON files (one per group of benchmarks, so that a group
 cut short loses only itself) into one, with bench_report's ratios (vs_cudnn, vs_matmul,
@@ -30,7 +30,7 @@ bench/results/<device>-<date>.json.
 
 `summary` writes DIR/summary.md from what the script left in DIR: the stages' times
 (stages.tsv), the kernel checks, issue 9's goals and every benchmark (bench.json), and the
-profiled training step (profile.txt).
+profiled training step (profile.json).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
+import gzip  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -155,19 +156,11 @@ def _specs():
 
 
 def _rel_errors(actual, expected) -> list[float]:
-    import numpy as np
     import jax
 
-    errors = []
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        if a.shape != e.shape:
-            raise ValueError(f"shape {a.shape} != reference {e.shape}")
-        if not np.all(np.isfinite(a)):
-            errors.append(float("inf"))
-            continue
-        errors.append(float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)))
-    return errors
+    from bench.accuracy import relative_error
+
+    return [relative_error(a, e) for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected))]
 
 
 def check_kernel(spec: Spec, shapes: Shapes, dtype: str, interpret: bool | None,
@@ -250,9 +243,10 @@ def check(argv: list[str]) -> int:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="paper")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TOLERANCE))
     parser.add_argument("--kernels", default=None, help="comma-separated subset (default: all)")
-    parser.add_argument("--impls", default="pallas_gpu,pallas_mosaic_gpu",
+    parser.add_argument("--impls", default="pallas_mosaic_gpu,pallas_gpu",
                         help="comma-separated GPU implementations, each run for the kernels "
-                             "that have it")
+                             "that have it, in this order (auto's first: a stage cut short "
+                             "loses the fallbacks)")
     parser.add_argument("--interpret", action="store_true",
                         help="force interpret mode (default: native on a GPU, interpreted elsewhere)")
     args = parser.parse_args(argv)
@@ -274,7 +268,7 @@ def check(argv: list[str]) -> int:
                "kernels": results}
     import kernels
 
-    runs = [(spec, impl) for spec in specs for impl in args.impls.split(",")
+    runs = [(spec, impl) for impl in args.impls.split(",") for spec in specs
             if impl in getattr(kernels, spec.name).IMPLEMENTATIONS]
     for spec, impl in runs:
         r = check_kernel(spec, shapes, args.dtype, True if args.interpret else None, impl)
@@ -328,8 +322,9 @@ def profile(argv: list[str]) -> int:
                    "--impl", impl, "--out", str(scratch), *profile_args]
         print("profile:", " ".join(command[1:]), flush=True)
         if subprocess.run(command, check=False).returncode == 0:
-            shutil.copy(scratch / "summary.txt", out / "profile.txt")
-            shutil.copy(scratch / "summary.json", out / "profile.json")
+            shutil.copy(scratch / "summary.json", out / "profile.json")  # the report under "report"
+            with open(scratch / "compiled_hlo.txt", "rb") as src, gzip.open(out / "compiled_hlo.txt.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
             traces = [p for p in scratch.rglob("perfetto_trace.json.gz") if p.stat().st_size < PROFILE_MAX_BYTES]
             if traces:
                 shutil.copy(traces[0], out / "perfetto_trace.json.gz")
@@ -420,13 +415,14 @@ def summary(argv: list[str]) -> int:
     else:
         lines += ["not run (no bench.json)", ""]
     lines += ["## Profile of one training step", ""]
-    profile = out / "profile.txt"
     if (out / "profile.json").exists():
         p = json.loads((out / "profile.json").read_text())
         lines += [f"{p['what']} of `{p['preset']}` at B={p['batch_size']}, T={p['seq_len']}, impl={p['impl']}, "
                   f"on {p['device_kind']}: {p['step_ms']:.1f} ms per step, {p['tokens_per_s']:,.0f} tokens/s, "
-                  f"MFU {'n/a' if p.get('mfu') is None else format(p['mfu'], '.1%')}.", ""]
-    lines += (["```", profile.read_text().rstrip(), "```"] if profile.exists() else ["not run (no profile.txt)"])
+                  f"MFU {'n/a' if p.get('mfu') is None else format(p['mfu'], '.1%')}.", "",
+                  "```", p["report"].rstrip(), "```"]
+    else:
+        lines += ["not run (no profile.json)"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print(f"summary: {out / 'summary.md'}")
     return 0
