@@ -12,29 +12,36 @@ The math and the residuals are tpu.py's and gpu.py's: h = silu(LN(x) w_gate) * (
 rows the flattened B*T axis (M), LN(x) rounded to x's dtype before the products, the row
 statistics (mean, rstd f32 [M]) from `kernels._common.row_stats` in XLA.
 
+LN(x) itself is one XLA fusion before the kernel ([M, D] in x's dtype), not a prologue in the
+kernel's registers. That prologue ran on an H200 (bench/results/h200-2026-11-27.md): each
+consumer loaded its x slice from shared memory, normalised it and fed the wgmma from
+registers, and the tensor cores waited for it at every slice. The recomputing forward of the
+profiled `1b` step ran at 473 TFLOP/s, the pure streamed matmuls beside it (block_out's,
+this module's dx and dw) at 640-790, and at PaLM-8B widths the forward reached 0.68x the bare
+matmul. The separate pass costs 2 M D bytes of writes and reads (16 MiB at the `1b` width,
+M = 2048: a few microseconds), and the backward needs LN(x) for dw anyway.
+
   * grid (M / block_t, F / block_f); a thread block owns a [block_t, block_f] tile of h,
-    `block_t / 64` consumer warpgroups of 64 rows (wgmma's M) and one producer.
-  * producer: for each of the D / 64 contraction steps, the x slice [block_t, 64], the scale
-    slice [64] and the w_gate and w_up slices [64, block_f] into ring slot step % buffers by
-    TMA, once the consumers have released what the slot held (`_mgpu.produce`).
-  * consumer: its rows' mean and rstd once; per step its x slice [64, 64] from shared memory
-    into registers, normalised there ((x - mean) rstd scale, rounded to x's dtype: the
-    LayerNorm costs no extra pass over memory), then gate += xn w_gate and up += xn w_up as
-    two wgmmas with xn from registers (f32 accumulators [64, block_f] each, issued together,
-    awaited once). The epilogue h = silu(gate) up (and gate, up with `save_gate_up`) leaves
-    through shared memory by TMA: the ring's memory, once every consumer is past its last
-    wgmma (`plgpu.RefUnion`, one meeting of the consumers).
+    `block_t / 64` consumer warpgroups of 64 rows (wgmma's M) and one producer
+    (`_mgpu.matmul` with two B operands).
+  * producer: for each of the D / 64 contraction steps, the LN(x) slice [block_t, 64] and the
+    w_gate and w_up slices [64, block_f] into ring slot step % buffers by TMA, once the
+    consumers have released what the slot held (`_mgpu.produce`).
+  * consumer: per step gate += LN(x) w_gate and up += LN(x) w_up as two wgmmas with both
+    operands in shared memory (f32 accumulators [64, block_f] each, issued together). The
+    epilogue h = silu(gate) up (and gate, up with `save_gate_up`) leaves through shared
+    memory by TMA: the ring's memory, once every consumer is past its last wgmma
+    (`plgpu.RefUnion`, one meeting of the consumers).
 
 Budget at the defaults (bf16, block_t = block_f = 128, the slice 64, 4 buffers): each slot
-holds x 128 x 64 x 2 = 16 KiB, the two weight slices 2 x 64 x 128 x 2 = 32 KiB and the scale
-256 B: 193 KiB for 4, under the 227 KiB of a thread block; the outputs' staging (3 x 128 x 128
-x 2 = 96 KiB with save_gate_up) reuses it. Registers: gate and up 64 + 64 per thread, the x
-slice 32 as f32, the statistics; within the consumers' 232. Per step a consumer reads 32 KiB
-of weights (wgmma's B; A comes from registers) and its 8 KiB of x from shared memory for 64 x
-256 x 64 multiply-adds: for both consumers 1,024 tensor-core cycles at 2,048 per cycle for the
-SM against 640 cycles of shared-memory reads at 128 bytes per cycle, so the tensor cores bound
-it. FLOPs and HBM bytes are gpu.py's: 4 M D F, the
-weights read once per row tile (from L2 after the first), x once per F tile.
+holds LN(x) 128 x 64 x 2 = 16 KiB and the two weight slices 2 x 64 x 128 x 2 = 32 KiB: 192
+KiB for 4, under the 227 KiB of a thread block; the outputs' staging (3 x 128 x 128 x 2 = 96
+KiB with save_gate_up) reuses it. Registers: gate and up 64 + 64 per thread, within the
+consumers' 232. Per step a consumer reads 32 KiB of weights and its 8 KiB of LN(x) from
+shared memory for 64 x 256 x 64 multiply-adds: for both consumers 1,024 tensor-core cycles
+at 2,048 per cycle for the SM against 640 cycles of shared-memory reads at 128 bytes per
+cycle, so the tensor cores bound it. FLOPs are gpu.py's, 4 M D F; HBM bytes the weights once
+per row tile (from L2 after the first) and LN(x) once per F tile.
 
 The backward's first kernel, without `save_gate_up`, recomputes gate and up: the same thread
 block with another epilogue (`palm_norm_swiglu_bwd_gates_mosaic`: dh's tile [64, block_f] by
@@ -51,14 +58,13 @@ kernel turns the saved gate and up into d_gate, d_up instead. Then two streamed 
     sharing them (LN(x) materialised once by XLA, as pallas.py says why).
 The LayerNorm backward is XLA's, as on every backend.
 
-Shapes: M, D, F zero-padded to whole tiles (padded rows have rstd 0 and padded features scale
-0, so they add nothing); bf16 or f16 only (wgmma's operands here: an f32 x raises, naming
+Shapes: M, D, F zero-padded to whole tiles (zero rows and features add nothing); bf16 or f16
+only (wgmma's operands here: an f32 x raises, naming
 `pallas_gpu`).
 
 What CPU checks cover: on jax >= 0.11 the Mosaic GPU interpreter runs the kernel on CPU (TMA,
 barriers, the warpgroups as threads, with race detection) against the reference; the wgmmas
-from registers are plain dots there (`_mgpu.accumulate`) and run natively only in the tests
-marked `gpu`. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering on both
+are plain dots there (`_mgpu.accumulate`) and run natively only in the tests marked `gpu`. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering on both
 jax versions. Not covered: PTX compilation, register allocation and speed (tools/gpu_check.sh).
 """
 
@@ -75,12 +81,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels._common import MOSAIC_GPU_DTYPES, pad2, pad_to, round_up
+from kernels._common import MOSAIC_GPU_DTYPES, layer_norm_rows, pad2, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
 from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
-from kernels._mgpu import matmul_scratch, projection, projection_ring_bytes, projection_scratch
-from kernels._mgpu import store, summed_products, swizzled, window_copy
+from kernels._mgpu import matmul_scratch, store, summed_products, swizzled, window_copy
 from kernels.norm_swiglu import gpu, pallas
 
 IMPL = "pallas_mosaic_gpu"
@@ -117,13 +122,13 @@ class BlockSizes(gpu.BlockSizes):
 
 
 def forward_shared_memory_bytes(blocks: BlockSizes, dtype, save_gate_up: bool = False) -> int:
-    """The forward's shared memory: the ring (x, w_gate, w_up and scale slices), which the
-    outputs' staging reuses, and the row statistics."""
+    """The forward's shared memory: the ring (LN(x), w_gate and w_up slices), which the
+    outputs' staging reuses."""
     item = jnp.dtype(dtype).itemsize
     bt, bf = blocks.block_t, blocks.block_f
-    ring = projection_ring_bytes(bt, (bf, bf), item, blocks.buffers)
+    ring = matmul_ring_bytes(bt, bf, item, blocks.buffers, n_b=2)
     staging = (3 if save_gate_up else 1) * bt * bf * item
-    return max(ring, staging) + 2 * 4 * bt
+    return max(ring, staging)
 
 
 def dx_shared_memory_bytes(blocks: BlockSizes, dtype) -> int:
@@ -176,53 +181,52 @@ def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret=None,
 def _gates_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings, *,
                 shape: tuple[int, int], dh=None, save: bool = False) -> list[jax.Array]:
     """The gates kernel on [M, F] = `shape`: the forward's outputs, h (and gate, up with
-    `save`), or with `dh` [M, F] the backward's d_gate, d_up; in x's dtype. Operands are
-    zero-padded to whole tiles (padded rows have rstd 0, padded features scale 0)."""
+    `save`), or with `dh` [M, F] the backward's d_gate, d_up; in x's dtype. LN(x) is one XLA
+    fusion first (the module docstring says why); operands are zero-padded to whole tiles."""
     blocks = settings.block_sizes
     bt, bf, buffers = blocks.block_t, blocks.block_f, blocks.buffers
     consumers = bt // WG_ROWS
     m, f = shape
     mp, dp, fp = round_up(m, bt), round_up(w_gate.shape[0], SLICE), round_up(f, bf)
-    x = pad2(x2, mp, dp)
-    mean, rstd = (pad_to(a.reshape(-1).astype(jnp.float32), (mp,)) for a in (mean, rstd))
-    scale = pad_to(norm_scale.astype(jnp.float32), (dp,))
+    xn = layer_norm_rows(x2, mean.reshape(-1, 1), rstd.reshape(-1, 1), norm_scale)
+    xn = pad2(xn.astype(x2.dtype), mp, dp)  # [Mp, Dp], rounded as the references round LN(x)
     wg, wu = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
     outs = 2 if dh is not None else 3 if save else 1
     # The epilogue's tiles in the ring's memory: dh (backward), then the outputs.
-    staging = tuple(swizzled((consumers, WG_ROWS, bf), x.dtype)
+    staging = tuple(swizzled((consumers, WG_ROWS, bf), xn.dtype)
                     for _ in range(outs + (dh is not None)))
     extra = (plgpu.Barrier(num_barriers=consumers),) if dh is not None else ()  # dh ready
     name = ("palm_norm_swiglu_bwd_gates_mosaic" if dh is not None
             else "palm_norm_swiglu_fwd_save_mosaic" if save else "palm_norm_swiglu_fwd_mosaic")
     kernel = functools.partial(_gates_kernel, n_d=dp // SLICE, outs=outs,
                                backward=dh is not None, interpret=bool(settings.interpret))
-    operands = (x, mean, rstd, scale, wg, wu) + ((pad2(dh, mp, fp),) if dh is not None else ())
+    operands = (xn, wg, wu) + ((pad2(dh, mp, fp),) if dh is not None else ())
     outputs = launch(
-        kernel, projection_scratch(bt, (bf, bf), x.dtype, buffers, staging, extra), name=name,
-        out_type=[jax.ShapeDtypeStruct((mp, fp), x.dtype)] * outs, grid=(mp // bt, fp // bf),
+        kernel, matmul_scratch(bt, bf, xn.dtype, buffers, staging, n_b=2, extra=extra), name=name,
+        out_type=[jax.ShapeDtypeStruct((mp, fp), xn.dtype)] * outs, grid=(mp // bt, fp // bf),
         grid_names=("rows", "cols"), threads=consumers + 1, interpret=settings.interpret,
         scope=f"bt={bt} bf={bf} bd={SLICE} buffers={buffers}",
     )(*operands)
     return [a[:m, :f] for a in outputs]
 
 
-def _gates_kernel(x_ref, mean_ref, rstd_ref, scale_ref, wg_ref, wu_ref, *refs, n_d: int,
-                  outs: int, backward: bool, interpret: bool):
-    """One [block_t, block_f] tile: `_mgpu.projection` of the gate and up slices, then the
-    forward's epilogue (h = silu(gate) up, and gate and up when saving) or, `backward` (refs
-    then start with dh's), the backward's (d_gate, d_up from the recomputed gate and up)."""
+def _gates_kernel(xn_ref, wg_ref, wu_ref, *refs, n_d: int, outs: int, backward: bool,
+                  interpret: bool):
+    """One [block_t, block_f] tile: `_mgpu.matmul` of LN(x)'s rows and the gate and up slices
+    (two accumulators sharing each LN(x) slice), then the forward's epilogue (h = silu(gate)
+    up, and gate and up when saving) or, `backward` (refs then start with dh's), the
+    backward's (d_gate, d_up from the recomputed gate and up)."""
     dh_ref = refs[0] if backward else None
     out_refs = refs[backward:backward + outs]
     scratch = refs[backward + outs:]
-    (x_ring, _, wg_ring, _), _ = scratch[0]  # the ring: x, scale, w_gate, w_up slices
-    bt, bf = x_ring.shape[1], wg_ring.shape[-1]
+    (a_ring, wg_ring, _), _ = scratch[0]  # the ring: LN(x), w_gate, w_up slices
+    bt, bf = a_ring.shape[1], wg_ring.shape[-1]
     rows = pl.ds(lax.axis_index("rows") * bt, bt)
     cols = pl.ds(lax.axis_index("cols") * bf, bf)
+    depth = lambda k: pl.ds(k * SLICE, SLICE)  # noqa: E731
 
-    weights = tuple(window_copy(functools.partial(
-        lambda ref, k: ref.at[pl.ds(k * SLICE, SLICE), cols], ref)) for ref in (wg_ref, wu_ref))
-
-    def epilogue(c, accs, mine, staging, extra):
+    def epilogue(c, accs, staging, extra):
+        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
         gate, up = accs
         # sigmoid and silu spelled out for the Mosaic GPU lowering.
         sig = 1.0 / (1.0 + jnp.exp(-gate))
@@ -243,8 +247,10 @@ def _gates_kernel(x_ref, mean_ref, rstd_ref, scale_ref, wg_ref, wu_ref, *refs, n
             plgpu.copy_smem_to_gmem(stage.at[c], out_ref.at[mine, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weights, scratch, n_d=n_d,
-               interpret=interpret, epilogue=epilogue)
+    matmul(window_copy(lambda k: xn_ref.at[rows, depth(k)]),
+           tuple(window_copy(functools.partial(lambda ref, k: ref.at[depth(k), cols], ref))
+                 for ref in (wg_ref, wu_ref)),
+           scratch, n_steps=n_d, interpret=interpret, epilogue=epilogue)
 
 
 def fwd_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings) -> list[jax.Array]:
