@@ -13,12 +13,11 @@ kernels/mq_flash_attention/mgpu.py and kernels/norm_swiglu/mgpu.py docstrings us
   * `accumulate`: f32 accumulators += products, by wgmma natively (issued together, awaited
     once) and by plain dots in the Mosaic GPU interpreter, which has no `pl.run_state`.
   * `consume`: a consumer's walk over the ring: wait for a slot, accumulate, release it.
-  * `projection`: the LayerNorm-prologue projection both fused input projections run
-    (norm_swiglu's gate and up, norm_qkv_rope's two halves of a head), with their epilogue.
   * `matmul`: a streamed matmul whose producer may switch arrays along the contraction
-    (block_out's two products), with an epilogue (the residual, or a plain store);
-    `summed_products` the whole kernel for sums of products with B transposed (the input
-    projections' dx).
+    (block_out's two products), with an epilogue (the residual, SwiGLU, RoPE, or a plain
+    store): every projection kernel, forward and backward, the input projections' forwards on
+    LN(x) from XLA (kernels/norm_swiglu/mgpu.py says why); `summed_products` the whole kernel
+    for sums of products with B transposed (the input projections' dx).
 
 Interpretation (`kernels._gpu.mosaic_gpu_interpret`) and the version shim for loads
 (`kernels._gpu.mosaic_load`) are in kernels/_gpu.py with the rest of the GPU settings.
@@ -35,7 +34,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels._gpu import mosaic_load
 
 # Registers per thread after `set_max_registers` (a multiple of 8, 24..256): consumers hold
 # f32 accumulators of up to [64, 256] (128 registers) plus their operands; the producer only
@@ -193,7 +191,7 @@ def meet(barrier) -> None:
     plgpu.barrier_wait(barrier)
 
 
-# ---- The LayerNorm-prologue projection (norm_swiglu's and norm_qkv_rope's forwards) ----------
+# ---- Tiles ----------------------------------------------------------------------------------
 
 # wgmma's M: the rows one consumer warpgroup owns.
 WG_ROWS = 64
@@ -225,84 +223,7 @@ def check_block_sizes(blocks, *, rows: str, depth: str, columns=(), flags=()) ->
             raise ValueError(f"{owner}: {name}={getattr(blocks, name)!r} must be a bool")
 
 
-def projection_ring_bytes(rows: int, widths: Sequence[int], itemsize: int, buffers: int) -> int:
-    """Shared memory of `projection_scratch`'s ring: per slot the x slice [rows, SLICE], the
-    scale slice (f32) and a weight slice [SLICE, w] per width."""
-    return buffers * ((rows * SLICE + SLICE * sum(widths)) * itemsize + 4 * SLICE)
-
-
-def projection_scratch(rows: int, widths: Sequence[int], dtype, buffers: int, staging,
-                       extra=()) -> tuple:
-    """The scratch of a `projection` thread block of `rows` rows (64 per consumer) with weight
-    slices of `widths` columns: the ring (`buffers` slots), unioned with `staging` (the
-    epilogue's shared memory, a tuple of SMEM specs, used once the ring is done); each
-    consumer's mean and rstd; the ring's ready and free barriers, the statistics' and the
-    consumers' meeting barrier; then `extra` (the epilogue's own, e.g. barriers)."""
-    consumers = rows // WG_ROWS
-    ring = (swizzled((buffers, rows, SLICE), dtype), plgpu.SMEM((buffers, SLICE), jnp.float32),
-            *(swizzled((buffers, SLICE, width), dtype) for width in widths))
-    return (plgpu.RefUnion(ring, staging),
-            (plgpu.SMEM((consumers, WG_ROWS), jnp.float32),) * 2,  # mean, rstd
-            (plgpu.Barrier(num_barriers=buffers),) * len(ring),  # each ring's slot ready
-            plgpu.Barrier(num_arrivals=consumers, num_barriers=buffers),  # slot free
-            plgpu.Barrier(num_barriers=2 * consumers),  # each consumer's mean, rstd ready
-            plgpu.Barrier(num_arrivals=consumers),  # done: every consumer past its last wgmma
-            *extra)
-
-
-def projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, weight_copies, scratch, *, n_d: int,
-               interpret: bool, epilogue) -> None:
-    """The body of a LayerNorm-prologue projection thread block, LN(x)[rows] @ W_i for the
-    weights W_i, inside a plgpu.kernel with a warpgroup per 64 rows plus the producer, on
-    `projection_scratch`.
-
-    The producer streams, per contraction slice k of the n_d, x[rows, k], scale[k] and the
-    weight slices [SLICE, w_i] (`weight_copies`: `produce` copies, one per weight) through the
-    ring. Consumer c loads its rows' mean and rstd once; per slice its x rows into registers,
-    normalised there ((x - mean) rstd scale, rounded to x's dtype as the references round
-    LN(x)), and then acc_i += xn @ W_i[k] by wgmma from registers, all issued together and
-    awaited once. Once
-    every consumer is past its last wgmma (the ring's memory is then free for the staging),
-    each calls `epilogue(c, accs, mine, staging, extra)`: accs the f32 [64, w_i], mine the
-    pl.ds of its rows in x, staging and extra as `projection_scratch` got them."""
-    union, (mean_smem, rstd_smem), ready, free, stats_ready, done, *extra = scratch
-    (x_ring, scale_ring, *w_rings), staging = union
-    buffers, tile_rows = x_ring.shape[:2]
-    consumers = tile_rows // WG_ROWS
-    wg = lax.axis_index("wg")
-    copies = (window_copy(lambda k: x_ref.at[rows, pl.ds(k * SLICE, SLICE)]),
-              window_copy(lambda k: scale_ref.at[pl.ds(k * SLICE, SLICE)]), *weight_copies)
-    pl.when(wg == consumers)(lambda: produce(copies, (x_ring, scale_ring, *w_rings), ready,
-                                             (free,), first=0, count=n_d))
-
-    def consumer(c: int):
-        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
-        for i, (src, dst) in enumerate(((mean_ref, mean_smem), (rstd_ref, rstd_smem))):
-            plgpu.copy_gmem_to_smem(src.at[mine], dst.at[c], stats_ready.at[2 * c + i])
-            plgpu.barrier_wait(stats_ready.at[2 * c + i])
-        by_row = plgpu.Layout.WGMMA.reduce(1)
-        mean, rstd = (mosaic_load(ref.at[c], by_row) for ref in (mean_smem, rstd_smem))
-        own_rows = pl.ds(c * WG_ROWS, WG_ROWS)
-
-        def products(at):  # the x slice normalised in registers, times each weight slice
-            x = mosaic_load(x_ring.at[at, own_rows], plgpu.Layout.WGMMA).astype(jnp.float32)
-            scale = mosaic_load(scale_ring.at[at], plgpu.Layout.WGMMA.reduce(0))
-            xn = ((x - lax.broadcast_in_dim(mean, x.shape, [0]))
-                  * lax.broadcast_in_dim(rstd, x.shape, [0])
-                  * lax.broadcast_in_dim(scale, x.shape, [1])).astype(x_ring.dtype)
-            return tuple(((xn, ring.at[at]),) for ring in w_rings)
-
-        accs = consume(n_d, buffers, ready, free, products, tuple(
-            zeros((WG_ROWS, ring.shape[-1])) for ring in w_rings), interpret)
-        meet(done)
-        epilogue(c, accs, mine, staging, extra)
-
-    for c in range(consumers):
-        pl.when(wg == c)(functools.partial(consumer, c))
-
-
-# ---- The streamed matmul (block_out's forward and backward, norm_swiglu's dx) ------------------
+# ---- The streamed matmul (every projection's forward and backward but attention) -----------
 
 
 def matmul_scratch(rows: int, cols: int, dtype, buffers: int, staging, *, n_b: int = 1,

@@ -405,12 +405,12 @@ def test_mosaic_gpu_exports_for_cuda(model):
 
 
 def test_mosaic_gpu_block_sizes_default_and_validation():
-    """PaLM shapes: 128 rows over a ring of 4 (193 KiB + the statistics), gpu.py's backward
+    """PaLM shapes: 128 rows over a ring of 4 (192 KiB), gpu.py's backward
     tiles; a short M takes one consumer; bad tiles, dtypes and head dims are refused."""
     for d, h, k in PALM.values():
         blocks = nqr_mgpu.BlockSizes.get_default((1, 2048, d), (d, h, k), jnp.bfloat16)
         assert (blocks.block_rows, blocks.block_d, blocks.buffers) == (128, 64, 4)
-        assert nqr_mgpu.forward_shared_memory_bytes(blocks, k, jnp.bfloat16) // 1024 == 194
+        assert nqr_mgpu.forward_shared_memory_bytes(blocks, k, jnp.bfloat16) == 192 * 1024
     assert nqr_mgpu.BlockSizes.get_default((1, 20, 40), (40, 2, 128),
                                            jnp.bfloat16).block_rows == 64
     for kwargs, match in [(dict(block_rows=32), "block_rows=32 must be 64 or 128"),

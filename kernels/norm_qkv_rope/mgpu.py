@@ -2,10 +2,12 @@
 backward: `impl="pallas_mosaic_gpu"`.
 
 Why: as kernels/norm_swiglu/mgpu.py, the fused projections' bar is 0.9x a bare matmul, which
-needs Hopper's whole tensor-core pipeline. The thread block is `kernels._mgpu.projection`, the
-LayerNorm-prologue projection norm_swiglu's Mosaic forward runs too: a producer streaming x,
-scale and weight slices through a ring of shared-memory buffers, consumers of 64 rows each
-normalising their x slice in registers and feeding it to wgmma from there.
+needs Hopper's whole tensor-core pipeline. The thread block is `kernels._mgpu.matmul`, as
+norm_swiglu's Mosaic forward: a producer streaming LN(x) and weight slices through a ring of
+shared-memory buffers, consumers of 64 rows each feeding wgmma from there. LN(x) is one XLA
+fusion first ([M, D] in x's dtype), for the reason norm_swiglu/mgpu.py gives: normalising in
+the consumers' registers kept the tensor cores waiting (the H200 run: this forward at 423
+TFLOP/s at PaLM-8B widths, 0.92x XLA's unfused projection).
 
 Design, as gpu.py's (M = B*T rows; "head" is one of the H query heads, the key head or the
 value head, H + 2 in all): grid (M / block_rows, H + 2), a thread block owns one [block_rows,
@@ -18,15 +20,15 @@ sin; the value head is not rotated). cos and sin are rope_angles of the rows' po
 computed in XLA ([M, K/2] f32 each, 2 MiB at PaLM-8B, as the reference computes them), and
 loaded by TMA into the ring's memory once the loop is done; the outputs leave through it too.
 
-Budget at PaLM's K = 256 (bf16, 128 rows, 4 buffers): per slot x 16 KiB, the two weight halves
-2 x 64 x 128 x 2 = 32 KiB and the scale slice: 193 KiB; the epilogue's cos and sin (2 x 128 x
-128 x 4 = 128 KiB) and the two output halves (64 KiB) reuse it. Registers: the two halves'
-accumulators 64 + 64 per thread, as norm_swiglu's gate and up. FLOPs and HBM bytes are
-gpu.py's forward's (2 M D (H+2) K; x read once per head, from L2 after the first).
+Budget at PaLM's K = 256 (bf16, 128 rows, 4 buffers): per slot LN(x) 16 KiB and the two
+weight halves 2 x 64 x 128 x 2 = 32 KiB: 192 KiB; the epilogue's cos and sin (2 x 128 x 128 x
+4 = 128 KiB) and the two output halves (64 KiB) reuse it. Registers: the two halves'
+accumulators 64 + 64 per thread, as norm_swiglu's gate and up. FLOPs are gpu.py's forward's
+(2 M D (H+2) K); LN(x) is read once per head, from L2 after the first.
 
 Shapes: K/2 must be 64 or 128 (K = 128 or 256: a half is one or two 64-column swizzled rows,
-and the accumulators fit); M and D are zero-padded to whole tiles (padded rows have rstd 0 and
-padded features scale 0, so they add nothing). bf16 only. Other K, or f32, raise an error naming
+and the accumulators fit); M and D are zero-padded to whole tiles (zero rows and features add
+nothing). bf16 only. Other K, or f32, raise an error naming
 `pallas_gpu`.
 
 The backward (the same residuals: the inputs and the row statistics) is two streamed matmuls
@@ -48,7 +50,7 @@ Shared memory: 4 x (128 + 128) x 64 x 2 = 128 KiB for either. `BlockSizes.mosaic
 runs gpu.py's Triton backward instead.
 
 What CPU checks cover is kernels/norm_swiglu/mgpu.py's: the Mosaic GPU interpreter on jax >=
-0.11 against the reference (the wgmmas from registers as plain dots), the CUDA export on both
+0.11 against the reference (the wgmmas as plain dots), the CUDA export on both
 jax versions; PTX, registers and speed need the GPU (tools/gpu_check.sh).
 """
 
@@ -68,8 +70,7 @@ from kernels._common import MOSAIC_GPU_DTYPES, layer_norm_rows, pad2, pad_to, ro
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
 from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
-from kernels._mgpu import matmul_scratch, projection, projection_ring_bytes, projection_scratch
-from kernels._mgpu import store, summed_products, swizzled, window_copy
+from kernels._mgpu import matmul_scratch, store, summed_products, swizzled, window_copy
 from kernels.norm_qkv_rope import gpu, pallas
 from kernels.rope.reference import rope_angles, rope_reference
 
@@ -111,12 +112,12 @@ class BlockSizes(gpu.BlockSizes):
 
 
 def forward_shared_memory_bytes(blocks: BlockSizes, head_dim: int, dtype) -> int:
-    """The forward's shared memory: the ring, which the epilogue's cos, sin and output halves
-    reuse, and the row statistics."""
+    """The forward's shared memory: the ring (LN(x) and the two halves' weight slices), which
+    the epilogue's cos, sin and output halves reuse."""
     item, half, rows = jnp.dtype(dtype).itemsize, head_dim // 2, blocks.block_rows
-    ring = projection_ring_bytes(rows, (half, half), item, blocks.buffers)
+    ring = matmul_ring_bytes(rows, half, item, blocks.buffers, n_b=2)
     staging = 2 * rows * half * 4 + 2 * rows * half * item
-    return max(ring, staging) + 2 * 4 * rows
+    return max(ring, staging)
 
 
 def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 10000.0,
@@ -155,16 +156,14 @@ def forward_rows(settings: pallas.Settings, x2, norm_scale, wq, wk, wv, pos, mea
     (m, d), (_, heads, k) = x2.shape, wq.shape
     half = k // 2
     mp, dp = round_up(m, rows), round_up(d, SLICE)
-    x = pad2(x2, mp, dp)
-    # Padded rows: rstd 0, so they normalise to 0; padded features: scale 0.
-    mean, rstd = (pad_to(a.reshape(m).astype(jnp.float32), (mp,)) for a in (mean, rstd))
-    scale = pad_to(norm_scale.astype(jnp.float32), (dp,))
+    xn = layer_norm_rows(x2, mean.reshape(m, 1), rstd.reshape(m, 1), norm_scale)
+    x = pad2(xn.astype(x2.dtype), mp, dp)  # LN(x) [Mp, Dp], rounded as the reference rounds it
     cos, sin = (pad2(a, mp, half) for a in rope_angles(pos, k, settings.base))  # f32 [Mp, K/2]
     wq, wk, wv = (pad_to(w, (dp, *w.shape[1:])) for w in (wq, wk, wv))
     staging = (*(swizzled((consumers, WG_ROWS, half), jnp.float32) for _ in range(2)),  # cos, sin
                *(swizzled((consumers, WG_ROWS, half), x.dtype) for _ in range(2)))  # out halves
-    scratch = projection_scratch(rows, (half, half), x.dtype, buffers, staging,
-                                 extra=(plgpu.Barrier(num_barriers=2 * consumers),))  # cos, sin
+    scratch = matmul_scratch(rows, half, x.dtype, buffers, staging, n_b=2,
+                             extra=(plgpu.Barrier(num_barriers=2 * consumers),))  # cos, sin
     kernel = functools.partial(_fwd_kernel, n_d=dp // SLICE, heads=heads,
                                interpret=bool(settings.interpret))
     out_type = [jax.ShapeDtypeStruct((mp, heads, k), x.dtype),
@@ -173,16 +172,16 @@ def forward_rows(settings: pallas.Settings, x2, norm_scale, wq, wk, wv, pos, mea
         kernel, scratch, name="palm_norm_qkv_rope_fwd_mosaic", out_type=out_type,
         grid=(mp // rows, heads + 2), grid_names=("rows", "head"), threads=consumers + 1,
         interpret=settings.interpret, scope=f"bm={rows} bd={SLICE} buffers={buffers}",
-    )(x, mean, rstd, scale, cos, sin, wq, wk, wv)
+    )(x, cos, sin, wq, wk, wv)
     return q[:m], k_out[:m], v[:m]
 
 
-def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, cos_ref, sin_ref, wq_ref, wk_ref, wv_ref,
-                q_ref, k_ref, v_ref, *scratch, n_d: int, heads: int, interpret: bool):
-    """One [block_rows, K] tile of one head (module docstring): `_mgpu.projection` of the
-    head's two halves, then RoPE (not for the value head)."""
-    (x_ring, _, lo_ring, _), _ = scratch[0]  # the ring: x, scale and the halves' slices
-    rows_per_block, half = x_ring.shape[1], lo_ring.shape[-1]
+def _fwd_kernel(xn_ref, cos_ref, sin_ref, wq_ref, wk_ref, wv_ref, q_ref, k_ref, v_ref, *scratch,
+                n_d: int, heads: int, interpret: bool):
+    """One [block_rows, K] tile of one head (module docstring): `_mgpu.matmul` of LN(x)'s rows
+    and the head's two halves, then RoPE (not for the value head)."""
+    (a_ring, lo_ring, _), _ = scratch[0]  # the ring: LN(x) and the halves' slices
+    rows_per_block, half = a_ring.shape[1], lo_ring.shape[-1]
     rows = pl.ds(lax.axis_index("rows") * rows_per_block, rows_per_block)
     head = lax.axis_index("head")
     halves = (pl.ds(0, half), pl.ds(half, half))
@@ -198,7 +197,8 @@ def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, cos_ref, sin_ref, wq_ref, 
                                                           barrier), w_ref))
         return copy
 
-    def epilogue(c, accs, mine, staging, extra):
+    def epilogue(c, accs, staging, extra):
+        mine = pl.ds(rows.start + c * WG_ROWS, WG_ROWS)
         lo, hi = accs
         cos_stage, sin_stage, lo_stage, hi_stage = staging
         (angles_ready,) = extra
@@ -228,8 +228,9 @@ def _fwd_kernel(x_ref, mean_ref, rstd_ref, scale_ref, cos_ref, sin_ref, wq_ref, 
         pl.when(head == heads + 1)(lambda: write_halves(
             lo, hi, lambda cols: v_ref.at[mine, cols]))
 
-    projection(x_ref, mean_ref, rstd_ref, scale_ref, rows, (weight_copy(0), weight_copy(1)),
-               scratch, n_d=n_d, interpret=interpret, epilogue=epilogue)
+    matmul(window_copy(lambda k: xn_ref.at[rows, pl.ds(k * SLICE, SLICE)]),
+           (weight_copy(0), weight_copy(1)), scratch, n_steps=n_d, interpret=interpret,
+           epilogue=epilogue)
 
 
 def _for_triton(settings: pallas.Settings) -> pallas.Settings:
