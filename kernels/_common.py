@@ -87,16 +87,18 @@ GPU_AUTO: dict[str, tuple[str, str]] = {
 }
 
 
-def resolve_impl(impl: str, kernel: str | None = None, dtype: Any = None) -> str:
+def resolve_impl(impl: str, kernel: str | None = None, dtype: Any = None, *,
+                 mosaic_takes: bool = True) -> str:
     """Maps `impl` to the implementation `kernel` (a kernel package's name) runs on inputs of
-    `dtype` (None: any).
+    `dtype` (None: any); `mosaic_takes` False says the kernel's Mosaic GPU version does not
+    take these inputs' shapes (norm_qkv_rope's head dims other than 128 and 256).
 
     `auto` is `pallas_tpu` on TPU and `xla` on CPU: the Pallas kernels only pay off where they
     compile natively, and interpret mode is a correctness tool, not a path to speed. On a GPU
     it is the kernel's entry in `GPU_AUTO` (what measured fastest there): its first choice for
-    16-bit inputs (and for `dtype` None), its second for others, which the Mosaic GPU kernels
-    do not take; asked for a whole model (no kernel named) it stays `auto` on a GPU, so that
-    each kernel resolves its own.
+    16-bit inputs (and for `dtype` None), its second for inputs a Mosaic GPU kernel does not
+    take (other dtypes, or `mosaic_takes` False); asked for a whole model (no kernel named) it
+    stays `auto` on a GPU, so that each kernel resolves its own.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
@@ -110,7 +112,9 @@ def resolve_impl(impl: str, kernel: str | None = None, dtype: Any = None) -> str
     if kernel is None:
         return "auto"
     sixteen_bit, other = GPU_AUTO.get(kernel, ("xla", "xla"))
-    return other if dtype is not None and jnp.dtype(dtype) not in MOSAIC_GPU_DTYPES else sixteen_bit
+    if dtype is not None and jnp.dtype(dtype) not in MOSAIC_GPU_DTYPES:
+        return other
+    return sixteen_bit if mosaic_takes or sixteen_bit != "pallas_mosaic_gpu" else other
 
 
 def pallas_impl(name: str, impl: str, table: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:

@@ -197,6 +197,33 @@ def test_auto_takes_mosaic_gpu_only_for_dtypes_it_takes(monkeypatch):
             kernels.mq_flash_attention(q, k, k, impl="pallas_gpu", interpret=True))
 
 
+def test_auto_takes_the_second_choice_for_head_dims_mosaic_lacks():
+    """norm_qkv_rope's and block_in's Mosaic GPU kernels take head dims 128 and 256: for
+    others `auto` on a GPU runs GPU_AUTO's second choice (XLA's), not an error; bf16 inputs
+    at K = 64 run (the reference, here) and equal it."""
+    from kernels import _common
+    with kernels.target_backend("gpu"):
+        assert _common.resolve_impl("auto", "norm_qkv_rope", jnp.bfloat16,
+                                    mosaic_takes=False) == _common.GPU_AUTO["norm_qkv_rope"][1]
+        assert _common.resolve_impl("auto", "rope", jnp.bfloat16, mosaic_takes=False) == "xla"
+        key = jax.random.split(jax.random.key(5), 6)
+        d, h, k = 32, 2, 64
+        x = jax.random.normal(key[0], (1, 8, d), jnp.bfloat16)
+        scale = jnp.ones((d,), jnp.bfloat16)
+        wq = jax.random.normal(key[1], (d, h, k), jnp.bfloat16)
+        wk, wv = (jax.random.normal(kk, (d, k), jnp.bfloat16) for kk in key[2:4])
+        wg, wu = (jax.random.normal(kk, (d, 48), jnp.bfloat16) for kk in key[4:6])
+        pos = jnp.arange(8, dtype=jnp.int32)[None]
+        got = kernels.norm_qkv_rope(x, scale, wq, wk, wv, pos, eps=1e-6)
+        want = kernels.norm_qkv_rope_reference(x, scale, wq, wk, wv, pos, eps=1e-6)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        got = kernels.block_in(x, scale, wq, wk, wv, wg, wu, pos, eps=1e-6)
+        want = kernels.block_in_reference(x, scale, wq, wk, wv, wg, wu, pos, eps=1e-6)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_mosaic_gpu_falls_back_to_triton_where_a_kernel_has_none():
     """`impl="pallas_mosaic_gpu"` on a kernel without a Mosaic GPU version runs its Triton
     one (so a whole model can be asked for it); an impl with no fallback still says what

@@ -20,6 +20,7 @@ from kernels.block_in.reference import block_in_reference
 from kernels.block_in.compose import BlockSizes
 from kernels.block_in.gpu import block_in_pallas_gpu, block_in_pallas_mosaic_gpu
 from kernels.block_in.tpu import block_in_pallas_tpu
+from kernels.norm_qkv_rope import mgpu as qkv_mgpu
 
 __all__ = ["BlockSizes", "block_in", "block_in_reference"]
 
@@ -61,7 +62,7 @@ def block_in(
     Returns:
       q [B, T, H, K], k [B, T, K], v [B, T, K], h [B, T, F] in x's dtype.
     """
-    impl = resolve_impl(impl, "block_in", x.dtype)
+    impl = resolve_impl(impl, "block_in", x.dtype, mosaic_takes=qkv_mgpu.mosaic_takes(wq))
     if impl == "xla":
         return block_in_reference(x, norm_scale, wq, wk, wv, w_gate, w_up, positions, eps=eps,
                                   base=base)

@@ -18,7 +18,8 @@ block_in_pallas_gpu = functools.partial(block_in_pallas, qkv_gpu, mlp_gpu)
 
 def block_in_pallas_mosaic_gpu(x, norm_scale, wq, *args, **kwargs):
     """`block_in` on the Mosaic GPU kernels: norm_qkv_rope's where it takes the head dim (128
-    or 256, `qkv_mgpu.HALVES`), its Triton kernels for others (a small model, say), so that a
-    whole model can be asked for pallas_mosaic_gpu; norm_swiglu's always."""
-    qkv = qkv_mgpu if wq.shape[-1] // 2 in qkv_mgpu.HALVES else qkv_gpu
+    or 256, `qkv_mgpu.mosaic_takes`), its Triton kernels for others (a small model, say), so
+    that a whole model can be asked for pallas_mosaic_gpu; norm_swiglu's always. (`auto`
+    runs XLA's for those head dims instead: `kernels._common.GPU_AUTO`.)"""
+    qkv = qkv_mgpu if qkv_mgpu.mosaic_takes(wq) else qkv_gpu
     return block_in_pallas(qkv, mlp_mgpu, x, norm_scale, wq, *args, **kwargs)

@@ -20,7 +20,7 @@ import jax
 
 from kernels._common import kernel_package, pallas_impl, resolve_impl
 from kernels.norm_qkv_rope.gpu import norm_qkv_rope_pallas_gpu
-from kernels.norm_qkv_rope.mgpu import norm_qkv_rope_pallas_mosaic_gpu
+from kernels.norm_qkv_rope.mgpu import mosaic_takes, norm_qkv_rope_pallas_mosaic_gpu
 from kernels.norm_qkv_rope.reference import norm_qkv_rope_reference
 from kernels.norm_qkv_rope.tpu import BlockSizes, hbm_bytes, norm_qkv_rope_pallas_tpu, vmem_bytes
 
@@ -61,7 +61,7 @@ def norm_qkv_rope(
     Returns:
       q [B, T, H, K], k [B, T, K], v [B, T, K] in x's dtype.
     """
-    impl = resolve_impl(impl, "norm_qkv_rope", x.dtype)
+    impl = resolve_impl(impl, "norm_qkv_rope", x.dtype, mosaic_takes=mosaic_takes(wq))
     if impl == "xla":
         return norm_qkv_rope_reference(x, norm_scale, wq, wk, wv, positions, eps=eps, base=base)
     fn = pallas_impl("norm_qkv_rope", impl, _PALLAS)

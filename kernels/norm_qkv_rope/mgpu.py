@@ -81,6 +81,12 @@ HALVES = (64, 128)  # K / 2: one or two swizzled rows of 64 two-byte columns
 BWD_COLUMNS = 128
 
 
+def mosaic_takes(wq) -> bool:
+    """Whether this module's kernels take a head dim of wq [D, H, K]'s (K / 2 in HALVES);
+    `auto` runs its second choice for others (`kernels._common.resolve_impl`)."""
+    return wq.shape[-1] // 2 in HALVES
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes(gpu.BlockSizes):
     """gpu.BlockSizes whose forward tiles drive the Mosaic GPU kernels: block_rows 64 or 128
@@ -129,7 +135,7 @@ def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 1
     if x.dtype not in MOSAIC_GPU_DTYPES:
         raise ValueError(f"norm_qkv_rope: impl={IMPL!r} takes bfloat16 x (wgmma operands), got "
                          f"{x.dtype}; use impl='pallas_gpu'")
-    if wq.shape[2] // 2 not in HALVES:
+    if not mosaic_takes(wq):
         raise ValueError(f"norm_qkv_rope: impl={IMPL!r} takes head dims 128 or 256 (RoPE's "
                          f"halves of 64 or 128 columns), got {wq.shape[2]}; use "
                          "impl='pallas_gpu'")
