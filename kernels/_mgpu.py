@@ -244,9 +244,11 @@ def matmul_scratch(rows: int, cols: int, dtype, buffers: int, staging, *, n_b: i
             *extra)
 
 
-def matmul_ring_bytes(rows: int, cols: int, itemsize: int, buffers: int, n_b: int = 1) -> int:
-    """Shared memory of `matmul_scratch`'s ring."""
-    return buffers * (rows + n_b * cols) * SLICE * itemsize
+def matmul_scratch_bytes(rows: int, cols: int, itemsize: int, buffers: int, staging: int,
+                         n_b: int = 1) -> int:
+    """Shared memory of `matmul_scratch`: its ring of A and B slices, unioned with the
+    epilogue's `staging` bytes (barriers aside)."""
+    return max(buffers * (rows + n_b * cols) * SLICE * itemsize, staging)
 
 
 def matmul(a_copy, b_copies, scratch, *, n_steps: int, interpret: bool, epilogue,

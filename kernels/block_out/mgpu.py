@@ -54,7 +54,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels._common import MOSAIC_GPU_DTYPES, pad2, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
-from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
+from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_scratch_bytes
 from kernels._mgpu import matmul_scratch, segments, store, swizzled, window_copy
 from kernels.block_out import gpu
 from kernels.block_out.pallas import Settings, block_out_pallas
@@ -96,8 +96,8 @@ class BlockSizes(gpu.BlockSizes):
 def forward_shared_memory_bytes(blocks: BlockSizes, dtype) -> int:
     """The forward's: the ring of activation and weight slices (the residual tiles reuse it)."""
     item = jnp.dtype(dtype).itemsize
-    ring = matmul_ring_bytes(blocks.block_t, blocks.block_d, item, blocks.buffers)
-    return max(ring, blocks.block_t * blocks.block_d * item)
+    return matmul_scratch_bytes(blocks.block_t, blocks.block_d, item, blocks.buffers,
+                                blocks.block_t * blocks.block_d * item)
 
 
 def check_tiles(block_sizes: BlockSizes, dtype) -> None:

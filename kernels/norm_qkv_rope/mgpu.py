@@ -69,7 +69,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels._common import MOSAIC_GPU_DTYPES, layer_norm_rows, pad2, pad_to, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
-from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
+from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_scratch_bytes
 from kernels._mgpu import matmul_scratch, store, summed_products, swizzled, window_copy
 from kernels.norm_qkv_rope import gpu, pallas
 from kernels.rope.reference import rope_angles, rope_reference
@@ -121,9 +121,8 @@ def forward_shared_memory_bytes(blocks: BlockSizes, head_dim: int, dtype) -> int
     """The forward's shared memory: the ring (LN(x) and the two halves' weight slices), which
     the epilogue's cos, sin and output halves reuse."""
     item, half, rows = jnp.dtype(dtype).itemsize, head_dim // 2, blocks.block_rows
-    ring = matmul_ring_bytes(rows, half, item, blocks.buffers, n_b=2)
     staging = 2 * rows * half * 4 + 2 * rows * half * item
-    return max(ring, staging)
+    return matmul_scratch_bytes(rows, half, item, blocks.buffers, staging, n_b=2)
 
 
 def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 10000.0,
@@ -141,10 +140,9 @@ def prepare(x, norm_scale, wq, wk, wv, positions, *, eps: float, base: float = 1
                          "impl='pallas_gpu'")
     sizes = {"forward": forward_shared_memory_bytes(block_sizes, wq.shape[2], x.dtype)}
     if block_sizes.mosaic_bwd:  # dh and dW: a ring of A and B slices, the output tile reusing it
-        ring = matmul_ring_bytes(block_sizes.block_rows, BWD_COLUMNS, x.dtype.itemsize,
-                                 block_sizes.buffers)
-        sizes["bwd_dx"] = sizes["bwd_dw"] = max(ring, block_sizes.block_rows * BWD_COLUMNS
-                                                * x.dtype.itemsize)
+        rows, item = block_sizes.block_rows, x.dtype.itemsize
+        sizes["bwd_dx"] = sizes["bwd_dw"] = matmul_scratch_bytes(
+            rows, BWD_COLUMNS, item, block_sizes.buffers, rows * BWD_COLUMNS * item)
     else:
         triton = gpu.shared_memory_bytes(x.shape, wq.shape, x.dtype, block_sizes)
         sizes.update(bwd_dx=triton["bwd_dx"], bwd_dw=triton["bwd_dw"])

@@ -64,8 +64,9 @@ only (wgmma's operands here: an f32 x raises, naming
 
 What CPU checks cover: on jax >= 0.11 the Mosaic GPU interpreter runs the kernel on CPU (TMA,
 barriers, the warpgroups as threads, with race detection) against the reference; the wgmmas
-are plain dots there (`_mgpu.accumulate`) and run natively only in the tests marked `gpu`. Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering on both
-jax versions. Not covered: PTX compilation, register allocation and speed (tools/gpu_check.sh).
+are plain dots there (`_mgpu.accumulate`) and run natively only in the tests marked `gpu`.
+Exporting for CUDA from CPU runs the whole Pallas-to-Mosaic-GPU lowering on both jax
+versions. Not covered: PTX compilation, register allocation and speed (tools/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels._common import MOSAIC_GPU_DTYPES, layer_norm_rows, pad2, round_up
 from kernels._gpu import SHARED_MEMORY_BYTES, check_shared_memory, mosaic_gpu_interpret
 from kernels._gpu import mosaic_load
-from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_ring_bytes
+from kernels._mgpu import SLICE, WG_ROWS, check_block_sizes, launch, matmul, matmul_scratch_bytes
 from kernels._mgpu import matmul_scratch, store, summed_products, swizzled, window_copy
 from kernels.norm_swiglu import gpu, pallas
 
@@ -126,17 +127,15 @@ def forward_shared_memory_bytes(blocks: BlockSizes, dtype, save_gate_up: bool = 
     outputs' staging reuses."""
     item = jnp.dtype(dtype).itemsize
     bt, bf = blocks.block_t, blocks.block_f
-    ring = matmul_ring_bytes(bt, bf, item, blocks.buffers, n_b=2)
     staging = (3 if save_gate_up else 1) * bt * bf * item
-    return max(ring, staging)
+    return matmul_scratch_bytes(bt, bf, item, blocks.buffers, staging, n_b=2)
 
 
 def dx_shared_memory_bytes(blocks: BlockSizes, dtype) -> int:
     """The dx kernel's: its ring of cotangent and weight slices, which the f32 output tiles
     reuse."""
-    ring = matmul_ring_bytes(blocks.block_t, blocks.block_f, jnp.dtype(dtype).itemsize,
-                             blocks.buffers)
-    return max(ring, blocks.block_t * blocks.block_f * 4)
+    return matmul_scratch_bytes(blocks.block_t, blocks.block_f, jnp.dtype(dtype).itemsize,
+                                blocks.buffers, blocks.block_t * blocks.block_f * 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +169,9 @@ def prepare(x, norm_scale, w_gate, w_up, *, eps: float, interpret=None,
     if not save_gate_up:  # the recomputing gates kernel is this module's: dh and two outputs
         used["bwd_gates"] = forward_shared_memory_bytes(block_sizes, x.dtype, True)
     used["bwd_dx"] = dx_shared_memory_bytes(block_sizes, x.dtype)
-    used["bwd_dw"] = max(matmul_ring_bytes(block_sizes.block_t, block_sizes.block_f,
-                                           x.dtype.itemsize, block_sizes.buffers, n_b=2),
-                         2 * block_sizes.block_t * block_sizes.block_f * x.dtype.itemsize)
+    tile = block_sizes.block_t * block_sizes.block_f * x.dtype.itemsize
+    used["bwd_dw"] = matmul_scratch_bytes(block_sizes.block_t, block_sizes.block_f,
+                                          x.dtype.itemsize, block_sizes.buffers, 2 * tile, n_b=2)
     for kernel, size in used.items():
         check_shared_memory(size, f"palm_norm_swiglu {kernel} {block_sizes} (impl={IMPL!r})")
     return Settings(float(eps), block_sizes, mosaic_gpu_interpret(interpret), save_gate_up)
