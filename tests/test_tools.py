@@ -345,6 +345,24 @@ def test_gpu_check_profile_tries_each_impl_with_profile_py_arguments(tmp_path):
     assert not (tmp_path / "profile.json").exists()
 
 
+def test_gpu_check_script_prints_the_second_call_for_what_its_budget_skipped(tmp_path):
+    """tools/gpu_check.sh on a budget under the 15 s a stage needs to start: every stage is
+    skipped for the budget, the bookkeeping still runs, and the last line is the second call
+    that would run them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(PYTHON=sys.executable, GPU_CHECK_BUDGET_S="14")
+    result = subprocess.run(["bash", str(TOOLS / "gpu_check.sh"), str(tmp_path), "--rehearse"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    stages = dict(line.split("\t")[:2] for line in (tmp_path / "stages.tsv").read_text().splitlines())
+    assert stages["env"] == stages["check"] == stages["bench-others"] == "skipped (budget)", stages
+    assert stages["merge"] == "1" and stages["summary"] == "0"  # no benchmark JSON to merge
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu_check: second call: GPU_CHECK_STAGES=env,check,bench-ceilings,bench-train,"
+                           "profile,bench-norm_swiglu,"), last
+    assert ",bench-others bash tools/gpu_check.sh $OUT" in last
+
+
 def test_bench_report_rejects_other_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text("{}")
