@@ -160,8 +160,8 @@ def forward_rows(settings: pallas.Settings, x2, norm_scale, wq, wk, wv, pos, mea
     (m, d), (_, heads, k) = x2.shape, wq.shape
     half = k // 2
     mp, dp = round_up(m, rows), round_up(d, SLICE)
-    xn = layer_norm_rows(x2, mean.reshape(m, 1), rstd.reshape(m, 1), norm_scale)
-    x = pad2(xn.astype(x2.dtype), mp, dp)  # LN(x) [Mp, Dp], rounded as the reference rounds it
+    # LN(x) [Mp, Dp] (mean, rstd [M, 1]), rounded as the reference rounds it.
+    x = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x2.dtype), mp, dp)
     cos, sin = (pad2(a, mp, half) for a in rope_angles(pos, k, settings.base))  # f32 [Mp, K/2]
     wq, wk, wv = (pad_to(w, (dp, *w.shape[1:])) for w in (wq, wk, wv))
     staging = (*(swizzled((consumers, WG_ROWS, half), jnp.float32) for _ in range(2)),  # cos, sin

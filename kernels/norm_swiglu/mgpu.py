@@ -10,7 +10,7 @@ mgpu.py).
 
 The math and the residuals are tpu.py's and gpu.py's: h = silu(LN(x) w_gate) * (LN(x) w_up),
 rows the flattened B*T axis (M), LN(x) rounded to x's dtype before the products, the row
-statistics (mean, rstd f32 [M]) from `kernels._common.row_stats` in XLA.
+statistics (mean, rstd f32 [M, 1]) from `kernels._common.row_stats` in XLA.
 
 LN(x) itself is one XLA fusion before the kernel ([M, D] in x's dtype), not a prologue in the
 kernel's registers. That prologue ran on an H200 (bench/results/h200-2026-11-27.md): each
@@ -187,8 +187,9 @@ def _gates_call(x2, mean, rstd, norm_scale, w_gate, w_up, settings: Settings, *,
     consumers = bt // WG_ROWS
     m, f = shape
     mp, dp, fp = round_up(m, bt), round_up(w_gate.shape[0], SLICE), round_up(f, bf)
-    xn = layer_norm_rows(x2, mean.reshape(-1, 1), rstd.reshape(-1, 1), norm_scale)
-    xn = pad2(xn.astype(x2.dtype), mp, dp)  # [Mp, Dp], rounded as the references round LN(x)
+    # LN(x) [Mp, Dp] (mean, rstd [M, 1]), rounded as the references round it: in the
+    # recomputing backward the same expression as pallas.py's dw operand, for XLA's CSE.
+    xn = pad2(layer_norm_rows(x2, mean, rstd, norm_scale).astype(x2.dtype), mp, dp)
     wg, wu = pad2(w_gate, dp, fp), pad2(w_up, dp, fp)
     outs = 2 if dh is not None else 3 if save else 1
     # The epilogue's tiles in the ring's memory: dh (backward), then the outputs.
