@@ -3,7 +3,7 @@
     python tools/gpu_check.py env
     python tools/gpu_check.py check --out DIR/kernels_check.json [--shapes paper|tiny] [--dtype D]
                                     [--impls pallas_mosaic_gpu,pallas_gpu]
-    python tools/gpu_check.py profile DIR SCRATCH [--impls pallas_gpu,xla] -- PROFILE_ARGS...
+    python tools/gpu_check.py profile DIR SCRATCH [--impls pallas_mosaic_gpu,pallas_gpu,xla] -- PROFILE_ARGS...
     python tools/gpu_check.py merge DIR/bench.json part1.json part2.json ...
     python tools/gpu_check.py summary DIR
 
@@ -18,8 +18,8 @@ neither stops the others. Tolerances: bf16 operands 2e-2 (gradients 4e-2); float
 (Triton's float32 dots use TF32 on a GPU), as bench/conftest.py's table.
 
 `env` prints the card (nvidia-smi), Python, jax and triton versions. `profile` runs
-tools/profile.py's training step with impl pallas_gpu, falling back to xla when that fails
-(`--impls`: others, in turn), and copies its summary (profile.json, the report inside), the
+tools/profile.py's training step with impl pallas_mosaic_gpu, falling back to pallas_gpu, then
+xla, when one fails (`--impls`: others, in turn), and copies its summary (profile.json, the report inside), the
 compiled HLO (compiled_hlo.txt.gz) and the Perfetto trace (when under 16 MiB, the device
 tool's limit) into DIR.
 
@@ -309,7 +309,7 @@ def profile(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check.py profile")
     parser.add_argument("outdir")
     parser.add_argument("scratch")
-    parser.add_argument("--impls", default="pallas_gpu,xla",
+    parser.add_argument("--impls", default="pallas_mosaic_gpu,pallas_gpu,xla",
                         help="the implementations to try in turn, until one profiles")
     # tools/profile.py's arguments come after `--`, split off here: argparse would hand the
     # options among them to this parser.

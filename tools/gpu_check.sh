@@ -138,7 +138,7 @@ if [ "$REHEARSE" = 0 ] && [ "${GPU_MIB:-0}" -ge 120000 ]; then
     --bench-impls pallas_mosaic_gpu,xla
 fi
 stage profile 75 0 "$PY" tools/gpu_check.py profile "$OUTDIR" "$SCRATCH/profile" \
-  --impls "${GPU_CHECK_PROFILE_IMPLS:-pallas_mosaic_gpu,pallas_gpu,xla}" -- "${PROFILE_ARGS[@]}"
+  ${GPU_CHECK_PROFILE_IMPLS:+--impls "$GPU_CHECK_PROFILE_IMPLS"} -- "${PROFILE_ARGS[@]}"
 bench_group norm_swiglu 60 15 bench/test_kernels.py -k test_norm_swiglu
 bench_group norm_qkv_rope 50 15 bench/test_kernels.py -k test_norm_qkv_rope
 bench_group block_out 45 15 bench/test_kernels.py -k test_block_out
