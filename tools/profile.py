@@ -40,7 +40,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 
 import os  # noqa: E402
 
-if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):  # before jax starts
+# Before jax starts, and only as the program (importing this module changes nothing).
+if __name__ == "__main__" and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
 import argparse  # noqa: E402
