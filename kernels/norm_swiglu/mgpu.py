@@ -15,8 +15,8 @@ statistics (mean, rstd f32 [M, 1]) from `kernels._common.row_stats` in XLA.
 LN(x) itself is one XLA fusion before the kernel ([M, D] in x's dtype), not a prologue in the
 kernel's registers. That prologue ran on an H200 (bench/results/h200-2026-11-27.md): each
 consumer loaded its x slice from shared memory, normalised it and fed the wgmma from
-registers, and the tensor cores waited for it at every slice. The recomputing forward of the
-profiled `1b` step ran at 473 TFLOP/s, the pure streamed matmuls beside it (block_out's,
+registers, and the tensor cores waited for it at every slice. The forward saving gate and
+up in the profiled `1b` step ran at 473 TFLOP/s, the pure streamed matmuls beside it (block_out's,
 this module's dx and dw) at 640-790, and at PaLM-8B widths the forward reached 0.68x the bare
 matmul. The separate pass costs 2 M D bytes of writes and reads (16 MiB at the `1b` width,
 M = 2048: a few microseconds), and the backward needs LN(x) for dw anyway.
