@@ -51,7 +51,12 @@ cd "$ROOT"
 # The device machine has our dependencies but no install of this package: use the checkout.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+# PYTHON, else the checkout's .venv (`make test` makes it: the CPU rehearsal), else python3
+# (the device machine, where .venv does not travel and python3 has the dependencies).
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python
+else PY=python3
+fi
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 # Stages compile some of the same programs (the training step in bench-train and profile).
 export JAX_COMPILATION_CACHE_DIR="$SCRATCH/jax-cache"
